@@ -1,0 +1,1 @@
+"""InfoNoise-EDM: noise-level samplers, profiles and sigma-grids (Raya et al., InfoNoise)."""

@@ -1,0 +1,1 @@
+"""PyTorch utilities: distributed set-up, training statistics, persistence and misc helpers."""
