@@ -1,0 +1,185 @@
+"""EasyDict, construct-by-name, logging tee, time formatting and a caching URL opener.
+
+The configuration of a run is a tree of plain dicts whose `class_name` entries name the class to build
+(EDM's convention); `construct_class_by_name` turns such a dict into an object.
+"""
+
+import hashlib
+import importlib
+import io
+import os
+import re
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from typing import Any
+
+
+class EasyDict(dict):
+    """A dict whose keys can also be read and written as attributes."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
+
+    def __delattr__(self, name: str) -> None:
+        del self[name]
+
+
+def get_obj_by_name(name: str) -> Any:
+    """Return the object named by a dotted path, e.g. 'training.networks.EDMPrecond'."""
+    module_name, _, attr = name.rpartition('.')
+    if not module_name:
+        raise ValueError(f'Not a dotted name: "{name}"')
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise ValueError(f'Cannot import "{module_name}" for "{name}": {e}') from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ValueError(f'Module "{module_name}" has no attribute "{attr}"') from None
+
+
+def construct_class_by_name(*args, class_name: str, **kwargs) -> Any:
+    """Build `class_name(*args, **kwargs)` from a dotted class name."""
+    return get_obj_by_name(class_name)(*args, **kwargs)
+
+
+def format_time(seconds: float) -> str:
+    """Human-readable duration: 45s, 3m 05s, 2h 03m, 1d 04h."""
+    s = int(round(seconds))
+    if s < 60:
+        return f'{s}s'
+    if s < 60 * 60:
+        return f'{s // 60}m {s % 60:02d}s'
+    if s < 24 * 60 * 60:
+        return f'{s // 3600}h {(s // 60) % 60:02d}m'
+    return f'{s // 86400}d {(s // 3600) % 24:02d}h'
+
+
+class Logger:
+    """Tee stdout and stderr into a log file (append mode) while still printing them."""
+
+    def __init__(self, file_name: str | None = None, file_mode: str = 'a', should_flush: bool = True):
+        self.file = open(file_name, file_mode) if file_name is not None else None
+        self.should_flush = should_flush
+        self.stdout = sys.stdout
+        self.stderr = sys.stderr
+        sys.stdout = self
+        sys.stderr = self
+
+    def write(self, text: str) -> None:
+        if not text:
+            return
+        if self.file is not None:
+            self.file.write(text)
+        self.stdout.write(text)
+        if self.should_flush:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+        self.stdout.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.flush()
+        if sys.stdout is self:
+            sys.stdout = self.stdout
+        if sys.stderr is self:
+            sys.stderr = self.stderr
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def make_cache_dir_path(*paths: str) -> str:
+    """Cache location: $DNNLIB_CACHE_DIR, else ~/.cache/dnnlib (EDM's convention)."""
+    if 'DNNLIB_CACHE_DIR' in os.environ:
+        return os.path.join(os.environ['DNNLIB_CACHE_DIR'], *paths)
+    return os.path.join(os.path.expanduser('~'), '.cache', 'dnnlib', *paths)
+
+
+def is_url(obj: Any) -> bool:
+    """True for http(s):// and file:// strings."""
+    return isinstance(obj, str) and re.match(r'^(https?|file)://', obj) is not None
+
+
+def open_url(
+    url: str,
+    cache_dir: str | None = None,
+    num_attempts: int = 10,
+    verbose: bool = True,
+    return_filename: bool = False,
+    cache: bool = True,
+) -> Any:
+    """Open a local path, file:// URL or http(s):// URL as a binary file object.
+
+    Downloads are cached under `cache_dir` (default make_cache_dir_path('downloads')) as
+    '<md5(url)>_<safe name>' and written atomically, so an interrupted download never leaves a partial file.
+    """
+    assert num_attempts >= 1
+    if not re.match(r'^[a-z]+://', url):
+        if not os.path.isfile(url):
+            raise FileNotFoundError(f'No such file: "{url}"')
+        return url if return_filename else open(url, 'rb')
+    if url.startswith('file://'):
+        path = urllib.request.url2pathname(urllib.parse.urlparse(url).path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'No such file: "{url}"')
+        return path if return_filename else open(path, 'rb')
+    if not url.startswith(('http://', 'https://')):
+        raise ValueError(f'Unsupported URL scheme: "{url}"')
+    assert cache or not return_filename
+
+    # Look in the cache first.
+    url_md5 = hashlib.md5(url.encode('utf-8')).hexdigest()
+    if cache_dir is None:
+        cache_dir = make_cache_dir_path('downloads')
+    if cache and os.path.isdir(cache_dir):
+        for name in sorted(os.listdir(cache_dir)):
+            if name.startswith(url_md5 + '_'):
+                path = os.path.join(cache_dir, name)
+                return path if return_filename else open(path, 'rb')
+
+    # Download, retrying on failure.
+    data = None
+    for attempt in range(num_attempts):
+        try:
+            if verbose:
+                print(f'Downloading {url} ...', end='', flush=True)
+            with urllib.request.urlopen(url, timeout=60) as response:
+                data = response.read()
+            if verbose:
+                print(' done')
+            break
+        except OSError as e:
+            if verbose:
+                print(' failed')
+            if attempt == num_attempts - 1:
+                raise OSError(f'Could not download "{url}": {e}') from e
+            time.sleep(min(2**attempt, 30))
+
+    # Save atomically to the cache.
+    if cache:
+        safe_name = re.sub(r'[^0-9a-zA-Z-._]', '_', os.path.basename(urllib.parse.urlparse(url).path))[:128]
+        os.makedirs(cache_dir, exist_ok=True)
+        path = os.path.join(cache_dir, f'{url_md5}_{safe_name}')
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix='.tmp-')
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+        os.replace(tmp, path)
+        if return_filename:
+            return path
+    return io.BytesIO(data)
