@@ -1,0 +1,85 @@
+"""Training noise samplers: where σ comes from (InfoNoise paper, Sec. 2.1: the schedule π(σ) of Eq. 5).
+
+Every sampler implements one protocol (DESIGN.md): `sample(n, device)` draws σ by the inverse CDF of uniforms,
+`observe(sigma, mse)` receives the per-sample σ and unweighted denoising error after each forward pass (a no-op
+for the fixed samplers here), and `state_dict()` / `load_state_dict()` carry what an exact resume needs. The loss
+never draws σ and the training loop never names a concrete sampler class.
+
+The fixed samplers reproduce EDM's training distributions (Karras et al. 2022, Table 1): log-normal for EDM,
+log-uniform for VE, and the VP schedule's σ(t) with t uniform on [ε_t, 1].
+"""
+
+import abc
+import math
+from typing import Any
+
+import torch
+
+# Smallest uniform draw: keeps Φ⁻¹(u) finite when torch.rand returns exactly 0.
+_U_MIN = 2.0**-40
+
+
+class NoiseSampler(abc.ABC):
+    """Base class: a density over σ given by its inverse CDF."""
+
+    @abc.abstractmethod
+    def icdf(self, u: torch.Tensor) -> torch.Tensor:
+        """Map uniforms u ∈ [0, 1) (float64) to σ values (float64)."""
+
+    def sample(self, n: int, device: torch.device | str = 'cpu') -> torch.Tensor:
+        """Draw n noise levels (float32) from torch's global RNG on `device`."""
+        u = torch.rand(n, device=device, dtype=torch.float64).clamp_(min=_U_MIN)
+        return self.icdf(u).to(torch.float32)
+
+    def observe(self, sigma: torch.Tensor, mse: torch.Tensor) -> None:  # noqa: B027
+        """Per-sample σ and unweighted MSE of the step just taken; fixed samplers ignore them."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f'{type(self).__name__} has no state, got keys {sorted(state)}')
+
+
+class LogNormal(NoiseSampler):
+    """EDM's training distribution: ln σ ~ N(P_mean, P_std²) (EDM Table 1)."""
+
+    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2):
+        if P_std <= 0:
+            raise ValueError(f'P_std must be positive, got {P_std}')
+        self.P_mean = float(P_mean)
+        self.P_std = float(P_std)
+
+    def icdf(self, u: torch.Tensor) -> torch.Tensor:
+        # Φ⁻¹(u) = √2 · erfinv(2u − 1).
+        z = math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)
+        return torch.exp(self.P_mean + self.P_std * z)
+
+
+class LogUniform(NoiseSampler):
+    """ln σ uniform on [ln σ_min, ln σ_max]; with (0.02, 100) it is EDM's VE training distribution."""
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f'Need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}')
+        self.sigma_min = float(sigma_min)
+        self.sigma_max = float(sigma_max)
+
+    def icdf(self, u: torch.Tensor) -> torch.Tensor:
+        return self.sigma_min * (self.sigma_max / self.sigma_min) ** u
+
+
+class VPSampler(NoiseSampler):
+    """EDM's VP training distribution: t ~ U[ε_t, 1], σ(t) = √(exp(½β_d t² + β_min t) − 1)."""
+
+    def __init__(self, beta_d: float = 19.9, beta_min: float = 0.1, epsilon_t: float = 1e-5):
+        if not 0 < epsilon_t < 1:
+            raise ValueError(f'epsilon_t must be in (0, 1), got {epsilon_t}')
+        self.beta_d = float(beta_d)
+        self.beta_min = float(beta_min)
+        self.epsilon_t = float(epsilon_t)
+
+    def icdf(self, u: torch.Tensor) -> torch.Tensor:
+        t = 1 + u * (self.epsilon_t - 1)
+        return torch.sqrt(torch.expm1(0.5 * self.beta_d * t**2 + self.beta_min * t))

@@ -1,0 +1,121 @@
+"""Noise samplers (exact distributions by KS tests and moments) and the loss (formulas, Bayes-optimal MSE)."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from infonoise.samplers import LogNormal, LogUniform, NoiseSampler, VPSampler
+from training.loss import DenoisingLoss, edm_weight
+
+N = 200_000
+
+
+def draw(sampler: NoiseSampler, n: int = N, seed: int = 0) -> np.ndarray:
+    torch.manual_seed(seed)
+    sigma = sampler.sample(n, 'cpu')
+    assert sigma.dtype == torch.float32 and sigma.shape == (n,)
+    return sigma.double().numpy()
+
+
+def test_lognormal_matches_edm_moments_and_law():
+    ln_sigma = np.log(draw(LogNormal()))
+    # Standard error of the mean is 1.2/sqrt(N) = 0.0027.
+    assert abs(ln_sigma.mean() - (-1.2)) < 0.011
+    assert abs(ln_sigma.std() - 1.2) < 0.008
+    assert scipy.stats.kstest(ln_sigma, 'norm', args=(-1.2, 1.2)).pvalue > 1e-3
+    # A different P_mean moves the law: the test can fail.
+    assert scipy.stats.kstest(np.log(draw(LogNormal(P_mean=-1.0))), 'norm', args=(-1.2, 1.2)).pvalue < 1e-6
+
+
+def test_loguniform_bounds_and_law():
+    sigma = draw(LogUniform(0.002, 80))
+    assert sigma.min() >= 0.002 * (1 - 1e-6) and sigma.max() <= 80 * (1 + 1e-6)
+    u = np.log(sigma / 0.002) / math.log(80 / 0.002)
+    assert scipy.stats.kstest(u, 'uniform').pvalue > 1e-3
+    # Both ends are reached: the first and last percent of log-space are populated.
+    assert (u < 0.01).mean() > 0.005 and (u > 0.99).mean() > 0.005
+
+
+def test_vp_sampler_is_uniform_in_t():
+    s = VPSampler()
+    sigma = draw(s)
+    # Invert EDM's σ(t) = sqrt(exp(β_d t²/2 + β_min t) − 1).
+    t = (np.sqrt(s.beta_min**2 + 2 * s.beta_d * np.log1p(sigma**2)) - s.beta_min) / s.beta_d
+    assert scipy.stats.kstest((t - s.epsilon_t) / (1 - s.epsilon_t), 'uniform').pvalue > 1e-3
+    assert abs(sigma.max() - 152.167) < 0.2 and sigma.min() > 0.00099
+
+
+def test_icdf_extremes_are_finite():
+    u = torch.tensor([2.0**-40, 0.5, 1 - 2.0**-30], dtype=torch.float64)
+    for s in (LogNormal(), LogUniform(), VPSampler()):
+        assert torch.isfinite(s.icdf(u)).all() and (s.icdf(u) > 0).all()
+    assert LogNormal().icdf(torch.tensor([0.5], dtype=torch.float64)).item() == pytest.approx(math.exp(-1.2))
+
+
+def test_fixed_samplers_have_empty_state():
+    s = LogNormal()
+    s.observe(torch.ones(3), torch.ones(3))
+    assert s.state_dict() == {}
+    with pytest.raises(ValueError):
+        s.load_state_dict({'x': 1})
+
+
+def test_bad_sampler_arguments():
+    with pytest.raises(ValueError):
+        LogNormal(P_std=0)
+    with pytest.raises(ValueError):
+        LogUniform(1, 0.5)
+    with pytest.raises(ValueError):
+        DenoisingLoss(weight='nope')
+
+
+def test_weights_closed_form():
+    sigma = torch.tensor([0.1, 0.5, 2.0])
+    assert torch.allclose(edm_weight(sigma, 0.5), (sigma**2 + 0.25) / (sigma * 0.5) ** 2)
+    assert edm_weight(torch.tensor(0.5), 0.5).item() == pytest.approx(8.0)
+    assert torch.allclose(DenoisingLoss('inverse-variance').weight(sigma), 1 / sigma**2)
+    assert torch.equal(DenoisingLoss('uniform').weight(sigma), torch.ones(3))
+
+
+class GaussianBayesDenoiser:
+    """Exact posterior mean for data ~ N(0, λ I): D(x; σ) = x·λ/(λ + σ²)."""
+
+    def __init__(self, lam):
+        self.lam = lam
+
+    def __call__(self, x, sigma, labels=None, augment_labels=None):
+        return x * self.lam / (self.lam + sigma**2)
+
+
+@pytest.mark.parametrize('weight', ['edm', 'uniform'])
+def test_loss_returns_weighted_loss_and_bayes_mse(weight):
+    # With the Bayes denoiser the per-sample MSE averages to mmse(σ) = λσ²/(λ+σ²).
+    lam, n = 0.25, 4096
+    torch.manual_seed(1)
+    images = torch.randn(n, 1, 8, 8) * math.sqrt(lam)
+    sigma = torch.full((n,), 0.7)
+    loss_fn = DenoisingLoss(weight=weight)
+    loss, mse = loss_fn(GaussianBayesDenoiser(lam), images, sigma)
+    assert loss.shape == mse.shape == (n,)
+    assert torch.allclose(loss, loss_fn.weight(sigma) * mse)
+    mmse = lam * 0.49 / (lam + 0.49)
+    assert mse.mean().item() == pytest.approx(mmse, rel=0.01)
+
+
+def test_loss_uses_augmented_target():
+    # The target is the augmented image, and augment labels reach the network.
+    seen = {}
+
+    def augment_pipe(images):
+        return images + 1, torch.zeros(images.shape[0], 9)
+
+    def net(x, sigma, labels=None, augment_labels=None):
+        seen['augment_labels'] = augment_labels
+        return torch.zeros_like(x)
+
+    images = torch.zeros(2, 1, 4, 4)
+    _, mse = DenoisingLoss('uniform')(net, images, torch.ones(2), augment_pipe=augment_pipe)
+    assert torch.equal(mse, torch.ones(2)) and seen['augment_labels'].shape == (2, 9)

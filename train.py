@@ -1,0 +1,450 @@
+"""Train diffusion models with EDM's recipe (Karras et al. 2022) and a pluggable training noise sampler.
+
+The command line turns into one flat config of `*_kwargs` dicts (each with a `class_name`) handed to
+`training.training_loop.training_loop`, exactly as in EDM; every EDM flag keeps its name and meaning.
+"""
+
+import json
+import os
+import re
+import secrets
+import warnings
+
+import click
+import torch
+
+import dnnlib
+from torch_utils import distributed as dist
+from training import training_loop
+
+warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')  # False warning printed by PyTorch.
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
+
+# Architecture presets of EDM's train.py.
+ARCH_KWARGS = {
+    'ddpmpp': dict(
+        model_type='SongUNet',
+        embedding_type='positional',
+        encoder_type='standard',
+        decoder_type='standard',
+        channel_mult_noise=1,
+        resample_filter=[1, 1],
+        model_channels=128,
+        channel_mult=[2, 2, 2],
+    ),
+    'ncsnpp': dict(
+        model_type='SongUNet',
+        embedding_type='fourier',
+        encoder_type='residual',
+        decoder_type='standard',
+        channel_mult_noise=2,
+        resample_filter=[1, 3, 3, 1],
+        model_channels=128,
+        channel_mult=[2, 2, 2],
+    ),
+    'adm': dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4]),
+}
+PRECOND_CLASS = {'vp': 'VPPrecond', 've': 'VEPrecond', 'edm': 'EDMPrecond'}
+
+# Each preconditioning's own training distribution and loss weight (EDM Table 1), used for 'auto'.
+PRECOND_SAMPLER = {'edm': 'lognormal', 'vp': 'vp', 've': 'loguniform'}
+PRECOND_WEIGHT = {'edm': 'edm', 'vp': 'inverse-variance', 've': 'inverse-variance'}
+PRECOND_SIGMA_RANGE = {'edm': (0.002, 80.0), 've': (0.02, 100.0), 'vp': (0.0010005, 152.167)}
+SAMPLER_KWARGS = {
+    'lognormal': lambda precond: dict(class_name='infonoise.samplers.LogNormal', P_mean=-1.2, P_std=1.2),
+    'loguniform': lambda precond: dict(
+        class_name='infonoise.samplers.LogUniform',
+        sigma_min=PRECOND_SIGMA_RANGE[precond][0],
+        sigma_max=PRECOND_SIGMA_RANGE[precond][1],
+    ),
+    'vp': lambda precond: dict(class_name='infonoise.samplers.VPSampler', beta_d=19.9, beta_min=0.1, epsilon_t=1e-5),
+}
+
+
+def parse_int_list(s):
+    """'1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10]; lists pass through."""
+    if isinstance(s, list):
+        return s
+    ranges = []
+    for p in s.split(','):
+        m = re.fullmatch(r'\s*(\d+)\s*-\s*(\d+)\s*', p)
+        ranges.extend(range(int(m.group(1)), int(m.group(2)) + 1) if m else [int(p)])
+    return ranges
+
+
+def apply_preset(ctx: click.Context, opts: dict) -> None:
+    """Fill the options the user did not set from configs/<preset>.json."""
+    path = os.path.join(CONFIGS_DIR, f'{opts["preset"]}.json')
+    if not os.path.isfile(path):
+        names = sorted(f[:-5] for f in os.listdir(CONFIGS_DIR) if f.endswith('.json'))
+        raise click.ClickException(f'Unknown preset "{opts["preset"]}"; available: {", ".join(names)}')
+    with open(path) as f:
+        preset = json.load(f)
+    params = {p.name: p for p in ctx.command.params}
+    for key, value in preset.items():
+        name = key.replace('-', '_')
+        if key.startswith('_'):
+            continue  # Comments.
+        if name not in params or name in ('preset', 'outdir', 'data'):
+            raise click.ClickException(f'Preset "{opts["preset"]}" sets unknown or non-presettable option "{key}"')
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT:
+            opts[name] = params[name].type_cast_value(ctx, value)
+
+
+def find_resume_state(path: str) -> str:
+    """A training-state-*.pt file, or the newest one in a run directory."""
+    if os.path.isdir(path):
+        states = sorted(f for f in os.listdir(path) if re.fullmatch(r'training-state-\d+\.pt', f))
+        if not states:
+            raise click.ClickException(f'--resume: no training-state-*.pt in "{path}"')
+        return os.path.join(path, states[-1])
+    if not os.path.isfile(path):
+        raise click.ClickException(f'--resume: no such file or directory "{path}"')
+    return path
+
+
+@click.command()
+# Main options.
+@click.option('--outdir', help='Where to save the results', metavar='DIR', type=str, required=True)
+@click.option('--data', help='Path to the dataset', metavar='ZIP|DIR', type=str, required=True)
+@click.option('--preset', help='Fill unset options from configs/NAME.json', metavar='NAME', type=str)
+@click.option(
+    '--cond', help='Train class-conditional model', metavar='BOOL', type=bool, default=False, show_default=True
+)
+@click.option(
+    '--arch',
+    help='Network architecture',
+    metavar='ddpmpp|ncsnpp|adm',
+    type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']),
+    default='ddpmpp',
+    show_default=True,
+)
+@click.option(
+    '--precond',
+    help='Preconditioning & loss function',
+    metavar='vp|ve|edm',
+    type=click.Choice(['vp', 've', 'edm']),
+    default='edm',
+    show_default=True,
+)
+@click.option(
+    '--sampler',
+    help="Training noise sampler (auto = the precond's own)",
+    type=click.Choice(['auto', 'lognormal', 'loguniform', 'vp']),
+    default='auto',
+    show_default=True,
+)
+@click.option(
+    '--weight',
+    help="Loss weight (auto = the precond's own)",
+    type=click.Choice(['auto', 'edm', 'inverse-variance', 'uniform']),
+    default='auto',
+    show_default=True,
+)
+# Hyperparameters.
+@click.option(
+    '--duration',
+    help='Training duration',
+    metavar='MIMG',
+    type=click.FloatRange(min=0, min_open=True),
+    default=200,
+    show_default=True,
+)
+@click.option(
+    '--batch', help='Total batch size', metavar='INT', type=click.IntRange(min=1), default=512, show_default=True
+)
+@click.option('--batch-gpu', help='Limit batch size per GPU', metavar='INT', type=click.IntRange(min=1))
+@click.option('--cbase', help='Channel multiplier  [default: varies]', metavar='INT', type=int)
+@click.option('--cres', help='Channels per resolution  [default: varies]', metavar='LIST', type=parse_int_list)
+@click.option(
+    '--blocks', help='Residual blocks per resolution  [default: varies]', metavar='INT', type=click.IntRange(min=1)
+)
+@click.option('--attn', help='Resolutions with self-attention  [default: varies]', metavar='LIST', type=parse_int_list)
+@click.option(
+    '--lr',
+    help='Learning rate',
+    metavar='FLOAT',
+    type=click.FloatRange(min=0, min_open=True),
+    default=10e-4,
+    show_default=True,
+)
+@click.option(
+    '--lr-rampup',
+    help='Learning rate ramp-up',
+    metavar='KIMG',
+    type=click.FloatRange(min=0),
+    default=10000,
+    show_default=True,
+)
+@click.option(
+    '--ema', help='EMA half-life', metavar='MIMG', type=click.FloatRange(min=0), default=0.5, show_default=True
+)
+@click.option(
+    '--dropout',
+    help='Dropout probability',
+    metavar='FLOAT',
+    type=click.FloatRange(min=0, max=1),
+    default=0.13,
+    show_default=True,
+)
+@click.option(
+    '--augment',
+    help='Augment probability',
+    metavar='FLOAT',
+    type=click.FloatRange(min=0, max=1),
+    default=0.12,
+    show_default=True,
+)
+@click.option('--xflip', help='Enable dataset x-flips', metavar='BOOL', type=bool, default=False, show_default=True)
+# Performance-related.
+@click.option(
+    '--fp16',
+    help='Enable mixed-precision training (EDM fp16 networks, CUDA only)',
+    metavar='BOOL',
+    type=bool,
+    default=False,
+    show_default=True,
+)
+@click.option(
+    '--bf16',
+    help='Run the network under bfloat16 autocast',
+    metavar='BOOL',
+    type=bool,
+    default=False,
+    show_default=True,
+)
+@click.option(
+    '--compile', help='Wrap the network in torch.compile', metavar='BOOL', type=bool, default=False, show_default=True
+)
+@click.option(
+    '--ls',
+    help='Loss scaling',
+    metavar='FLOAT',
+    type=click.FloatRange(min=0, min_open=True),
+    default=1,
+    show_default=True,
+)
+@click.option('--bench', help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True, show_default=True)
+@click.option('--cache', help='Cache dataset in CPU memory', metavar='BOOL', type=bool, default=True, show_default=True)
+@click.option(
+    '--workers',
+    help='DataLoader worker processes (0 = load in the main process)',
+    metavar='INT',
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+)
+@click.option('--device', help='Device  [default: cuda if available]', type=click.Choice(['cuda', 'cpu']))
+# I/O-related.
+@click.option('--desc', help='String to include in result dir name', metavar='STR', type=str)
+@click.option('--nosubdir', help='Do not create a subdirectory for results', is_flag=True)
+@click.option(
+    '--tick',
+    help='How often to print progress',
+    metavar='KIMG',
+    type=click.IntRange(min=1),
+    default=50,
+    show_default=True,
+)
+@click.option(
+    '--snap',
+    help='How often to save snapshots',
+    metavar='TICKS',
+    type=click.IntRange(min=1),
+    default=50,
+    show_default=True,
+)
+@click.option(
+    '--dump',
+    help='How often to dump state',
+    metavar='TICKS',
+    type=click.IntRange(min=1),
+    default=500,
+    show_default=True,
+)
+@click.option('--seed', help="Random seed  [default: random, or the resumed run's]", metavar='INT', type=int)
+@click.option(
+    '--transfer', help='Transfer learning from network snapshot or EDM pickle', metavar='PT|PKL|URL', type=str
+)
+@click.option('--resume', help='Resume from a training state or run directory', metavar='PT|DIR', type=str)
+@click.option('-n', '--dry-run', help='Print training options and exit', is_flag=True)
+def main(**kwargs):
+    """Train a diffusion model with EDM's recipe and a pluggable training noise sampler.
+
+    \b
+    Small real demo on one CPU (MNIST-5k at 16x16, built by dataset_tool.py):
+    python train.py --outdir=runs --data=datasets/mnist5k-16x16.zip --preset=demo-mnist16
+
+    \b
+    Train DDPM++ for class-conditional CIFAR-10 using 8 GPUs (EDM's command):
+    torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs \\
+        --data=datasets/cifar10-32x32.zip --cond=1 --arch=ddpmpp
+    """
+    opts = dnnlib.EasyDict(kwargs)
+    ctx = click.get_current_context()
+    if opts.preset is not None:
+        apply_preset(ctx, opts)
+    torch.multiprocessing.set_start_method('spawn', force=True)
+    try:
+        device = dist.init(opts.device)
+    except RuntimeError as e:
+        raise click.ClickException(str(e)) from None
+    world = dist.get_world_size()
+
+    # Initialize config dict.
+    c = dnnlib.EasyDict()
+    c.dataset_kwargs = dnnlib.EasyDict(
+        class_name='training.dataset.ImageFolderDataset',
+        path=opts.data,
+        use_labels=opts.cond,
+        xflip=opts.xflip,
+        cache=opts.cache,
+    )
+    c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=device.type == 'cuda', num_workers=opts.workers)
+    if opts.workers > 0:
+        c.data_loader_kwargs.prefetch_factor = 2
+    c.network_kwargs = dnnlib.EasyDict()
+    c.loss_kwargs = dnnlib.EasyDict()
+    c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
+
+    # Validate dataset options.
+    try:
+        dataset_obj = dnnlib.util.construct_class_by_name(**c.dataset_kwargs)
+        c.dataset_kwargs.resolution = dataset_obj.resolution  # Be explicit about dataset resolution.
+        c.dataset_kwargs.max_size = len(dataset_obj)  # Be explicit about dataset size.
+        if opts.cond and not dataset_obj.has_labels:
+            raise click.ClickException('--cond=True requires labels specified in dataset.json')
+        img_channels, label_dim = dataset_obj.num_channels, dataset_obj.label_dim
+        del dataset_obj  # Conserve memory.
+    except (OSError, ValueError) as err:
+        raise click.ClickException(f'--data: {err}') from None
+
+    # Network architecture.
+    c.network_kwargs.update(ARCH_KWARGS[opts.arch])
+    c.network_kwargs.class_name = f'training.networks.{PRECOND_CLASS[opts.precond]}'
+    if opts.cbase is not None:
+        c.network_kwargs.model_channels = opts.cbase
+    if opts.cres is not None:
+        c.network_kwargs.channel_mult = opts.cres
+    if opts.blocks is not None:
+        c.network_kwargs.num_blocks = opts.blocks
+    if opts.attn is not None:
+        c.network_kwargs.attn_resolutions = opts.attn
+    if opts.augment:
+        c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', p=opts.augment)
+        c.augment_kwargs.update(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+        c.network_kwargs.augment_dim = 9
+    c.network_kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16)
+
+    # Loss weight and noise sampler.
+    weight = PRECOND_WEIGHT[opts.precond] if opts.weight == 'auto' else opts.weight
+    c.loss_kwargs = dnnlib.EasyDict(class_name='training.loss.DenoisingLoss', weight=weight, sigma_data=0.5)
+    sampler = PRECOND_SAMPLER[opts.precond] if opts.sampler == 'auto' else opts.sampler
+    c.noise_kwargs = dnnlib.EasyDict(SAMPLER_KWARGS[sampler](opts.precond))
+
+    # Training options.
+    c.total_kimg = max(int(opts.duration * 1000), 1)
+    c.ema_halflife_kimg = opts.ema * 1000
+    c.lr_rampup_kimg = opts.lr_rampup
+    c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu)
+    c.update(loss_scaling=opts.ls, cudnn_benchmark=opts.bench, bf16=opts.bf16, compile=opts.compile)
+    c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump)
+    if opts.fp16 and opts.bf16:
+        raise click.ClickException('--fp16 and --bf16 are mutually exclusive')
+    batch_gpu = opts.batch_gpu or opts.batch // world
+    if opts.batch % world != 0 or (opts.batch // world) % min(batch_gpu, opts.batch // world) != 0:
+        raise click.ClickException(f'--batch={opts.batch} must be divisible by {world} ranks × --batch-gpu={batch_gpu}')
+
+    # Transfer learning and resume.
+    if opts.transfer is not None and opts.resume is not None:
+        raise click.ClickException('--transfer and --resume cannot be specified at the same time')
+    if opts.transfer is not None:
+        c.transfer = opts.transfer
+        c.ema_rampup_ratio = None
+    seed = opts.seed
+    if opts.resume is not None:
+        c.resume_state = os.path.abspath(find_resume_state(opts.resume))
+        net_kwargs = dict(
+            c.network_kwargs, img_resolution=c.dataset_kwargs.resolution, img_channels=img_channels, label_dim=label_dim
+        )
+        try:
+            state = training_loop.load_training_state(c.resume_state, net_kwargs)
+        except ValueError as e:
+            raise click.ClickException(f'--resume: {e}') from None
+        if seed is None:
+            seed = int(state['seed'])  # Continue the same random streams.
+        del state
+
+    # Random seed.
+    if seed is None:
+        seed = dist.broadcast_object(secrets.randbelow(1 << 31))
+    c.seed = seed
+
+    # Description string.
+    cond_str = 'cond' if c.dataset_kwargs.use_labels else 'uncond'
+    dtype_str = 'fp16' if opts.fp16 else 'bf16' if opts.bf16 else 'fp32'
+    desc = f'{os.path.splitext(os.path.basename(opts.data.rstrip("/")))[0]}-{cond_str}-{opts.arch}-{opts.precond}-gpus{world}-batch{c.batch_size}-{dtype_str}'
+    if opts.desc is not None:
+        desc += f'-{opts.desc}'
+
+    # Pick output directory.
+    if dist.get_rank() != 0:
+        c.run_dir = None
+    elif opts.nosubdir:
+        c.run_dir = opts.outdir
+    else:
+        prev_run_dirs = (
+            [x for x in os.listdir(opts.outdir) if os.path.isdir(os.path.join(opts.outdir, x))]
+            if os.path.isdir(opts.outdir)
+            else []
+        )
+        prev_run_ids = [int(m.group()) for m in (re.match(r'^\d+', x) for x in prev_run_dirs) if m is not None]
+        cur_run_id = max(prev_run_ids, default=-1) + 1
+        c.run_dir = os.path.join(opts.outdir, f'{cur_run_id:05d}-{desc}')
+        if os.path.exists(c.run_dir):
+            raise click.ClickException(f'Run directory already exists: {c.run_dir}')
+    c.run_dir = dist.broadcast_object(c.run_dir)
+
+    # Print options.
+    dist.print0()
+    dist.print0('Training options:')
+    dist.print0(json.dumps(c, indent=2))
+    dist.print0()
+    dist.print0(f'Output directory:        {c.run_dir}')
+    dist.print0(f'Dataset path:            {c.dataset_kwargs.path}')
+    dist.print0(f'Class-conditional:       {c.dataset_kwargs.use_labels}')
+    dist.print0(f'Network architecture:    {opts.arch}')
+    dist.print0(f'Preconditioning & loss:  {opts.precond} (weight {weight})')
+    dist.print0(f'Noise sampler:           {c.noise_kwargs.class_name}')
+    dist.print0(f'Device:                  {device} x {world}')
+    dist.print0(f'Batch size:              {c.batch_size}')
+    dist.print0(f'Precision:               {dtype_str}')
+    dist.print0()
+
+    # Dry run?
+    if opts.dry_run:
+        dist.print0('Dry run; exiting.')
+        dist.shutdown()
+        return
+
+    # Create output directory.
+    dist.print0('Creating output directory...')
+    logger = None
+    if dist.get_rank() == 0:
+        os.makedirs(c.run_dir, exist_ok=True)
+        with open(os.path.join(c.run_dir, 'training_options.json'), 'wt') as f:
+            json.dump(c, f, indent=2)
+        logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
+
+    # Train.
+    try:
+        training_loop.training_loop(**c, device=device)
+    finally:
+        if logger is not None:
+            logger.close()
+        dist.shutdown()
+
+
+if __name__ == '__main__':
+    main()

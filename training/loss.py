@@ -1,0 +1,52 @@
+"""Denoising score-matching loss at given noise levels (EDM, Karras et al. 2022, Eq. 2 and Table 1).
+
+The loss does not draw σ: the training loop asks a noise sampler (infonoise.samplers) for σ and passes it in.
+What remains is EDM's loss body: augment, add noise, denoise, and weight the squared error by λ(σ). The loss
+weight is chosen independently of the sampler (`weight`), so that InfoNoise can divide it out (paper Eq. 16).
+"""
+
+import torch
+
+
+def edm_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """EDM's λ(σ) = (σ² + σ_data²) / (σ·σ_data)² (EDM Table 1; paper Eq. 52)."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+def inverse_variance_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """EDM's VP and VE weight λ(σ) = 1/σ² (EDM Table 1)."""
+    return 1 / sigma**2
+
+
+def uniform_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """λ ≡ 1: allocation-controlled training, where the emphasis equals the schedule (paper Sec. 6)."""
+    return torch.ones_like(sigma)
+
+
+WEIGHTS = {'edm': edm_weight, 'inverse-variance': inverse_variance_weight, 'uniform': uniform_weight}
+
+
+class DenoisingLoss:
+    """λ(σ)·‖D(y + n; σ) − y‖² with y the (augmented) clean image and n ~ N(0, σ²I).
+
+    Returns the weighted per-sample loss and the raw per-sample MSE, both [N] and both means over pixels; the
+    training loop multiplies by the pixel count so that gradients equal EDM's sum over elements.
+    """
+
+    def __init__(self, weight: str = 'edm', sigma_data: float = 0.5):
+        if weight not in WEIGHTS:
+            raise ValueError(f'Unknown loss weight "{weight}"; choose from {", ".join(WEIGHTS)}')
+        self.weight_name = weight
+        self.sigma_data = float(sigma_data)
+
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        return WEIGHTS[self.weight_name](sigma, self.sigma_data)
+
+    def __call__(self, net, images, sigma, labels=None, augment_pipe=None):
+        # Same RNG order as EDM after σ: augmentation draws, then the noise.
+        y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
+        sigma = sigma.to(torch.float32).reshape(-1, 1, 1, 1)
+        n = torch.randn_like(y) * sigma
+        D_yn = net(y + n, sigma, labels, augment_labels=augment_labels)
+        mse = (D_yn.to(torch.float32) - y).square().flatten(1).mean(dim=1)
+        return self.weight(sigma.flatten()) * mse, mse
