@@ -104,171 +104,54 @@ def find_resume_state(path: str) -> str:
     return path
 
 
+# fmt: off
 @click.command()
 # Main options.
-@click.option('--outdir', help='Where to save the results', metavar='DIR', type=str, required=True)
-@click.option('--data', help='Path to the dataset', metavar='ZIP|DIR', type=str, required=True)
-@click.option('--preset', help='Fill unset options from configs/NAME.json', metavar='NAME', type=str)
-@click.option(
-    '--cond', help='Train class-conditional model', metavar='BOOL', type=bool, default=False, show_default=True
-)
-@click.option(
-    '--arch',
-    help='Network architecture',
-    metavar='ddpmpp|ncsnpp|adm',
-    type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']),
-    default='ddpmpp',
-    show_default=True,
-)
-@click.option(
-    '--precond',
-    help='Preconditioning & loss function',
-    metavar='vp|ve|edm',
-    type=click.Choice(['vp', 've', 'edm']),
-    default='edm',
-    show_default=True,
-)
-@click.option(
-    '--sampler',
-    help="Training noise sampler (auto = the precond's own)",
-    type=click.Choice(['auto', 'lognormal', 'loguniform', 'vp']),
-    default='auto',
-    show_default=True,
-)
-@click.option(
-    '--weight',
-    help="Loss weight (auto = the precond's own)",
-    type=click.Choice(['auto', 'edm', 'inverse-variance', 'uniform']),
-    default='auto',
-    show_default=True,
-)
+@click.option('--outdir',     help='Where to save the results', metavar='DIR',                       type=str, required=True)
+@click.option('--data',       help='Path to the dataset', metavar='ZIP|DIR',                         type=str, required=True)
+@click.option('--preset',     help='Fill unset options from configs/NAME.json', metavar='NAME',      type=str)
+@click.option('--cond',       help='Train class-conditional model', metavar='BOOL',                  type=bool, default=False, show_default=True)
+@click.option('--arch',       help='Network architecture',                                           type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']), default='ddpmpp', show_default=True)
+@click.option('--precond',    help='Preconditioning & loss function',                                type=click.Choice(['vp', 've', 'edm']), default='edm', show_default=True)
+@click.option('--sampler',    help="Training noise sampler (auto = the precond's own)",              type=click.Choice(['auto', 'lognormal', 'loguniform', 'vp']), default='auto', show_default=True)
+@click.option('--weight',     help="Loss weight (auto = the precond's own)",                         type=click.Choice(['auto', 'edm', 'inverse-variance', 'uniform']), default='auto', show_default=True)
+
 # Hyperparameters.
-@click.option(
-    '--duration',
-    help='Training duration',
-    metavar='MIMG',
-    type=click.FloatRange(min=0, min_open=True),
-    default=200,
-    show_default=True,
-)
-@click.option(
-    '--batch', help='Total batch size', metavar='INT', type=click.IntRange(min=1), default=512, show_default=True
-)
-@click.option('--batch-gpu', help='Limit batch size per GPU', metavar='INT', type=click.IntRange(min=1))
-@click.option('--cbase', help='Channel multiplier  [default: varies]', metavar='INT', type=int)
-@click.option('--cres', help='Channels per resolution  [default: varies]', metavar='LIST', type=parse_int_list)
-@click.option(
-    '--blocks', help='Residual blocks per resolution  [default: varies]', metavar='INT', type=click.IntRange(min=1)
-)
-@click.option('--attn', help='Resolutions with self-attention  [default: varies]', metavar='LIST', type=parse_int_list)
-@click.option(
-    '--lr',
-    help='Learning rate',
-    metavar='FLOAT',
-    type=click.FloatRange(min=0, min_open=True),
-    default=10e-4,
-    show_default=True,
-)
-@click.option(
-    '--lr-rampup',
-    help='Learning rate ramp-up',
-    metavar='KIMG',
-    type=click.FloatRange(min=0),
-    default=10000,
-    show_default=True,
-)
-@click.option(
-    '--ema', help='EMA half-life', metavar='MIMG', type=click.FloatRange(min=0), default=0.5, show_default=True
-)
-@click.option(
-    '--dropout',
-    help='Dropout probability',
-    metavar='FLOAT',
-    type=click.FloatRange(min=0, max=1),
-    default=0.13,
-    show_default=True,
-)
-@click.option(
-    '--augment',
-    help='Augment probability',
-    metavar='FLOAT',
-    type=click.FloatRange(min=0, max=1),
-    default=0.12,
-    show_default=True,
-)
-@click.option('--xflip', help='Enable dataset x-flips', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--duration',   help='Training duration', metavar='MIMG',                              type=click.FloatRange(min=0, min_open=True), default=200, show_default=True)
+@click.option('--batch',      help='Total batch size', metavar='INT',                                type=click.IntRange(min=1), default=512, show_default=True)
+@click.option('--batch-gpu',  help='Limit batch size per GPU', metavar='INT',                        type=click.IntRange(min=1))
+@click.option('--cbase',      help='Channel multiplier  [default: varies]', metavar='INT',           type=click.IntRange(min=1))
+@click.option('--cres',       help='Channels per resolution  [default: varies]', metavar='LIST',     type=parse_int_list)
+@click.option('--blocks',     help='Residual blocks per resolution  [default: varies]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--attn',       help='Resolutions with self-attention  [default: varies]', metavar='LIST', type=parse_int_list)
+@click.option('--lr',         help='Learning rate', metavar='FLOAT',                                 type=click.FloatRange(min=0, min_open=True), default=10e-4, show_default=True)
+@click.option('--lr-rampup',  help='Learning rate ramp-up', metavar='KIMG',                          type=click.FloatRange(min=0), default=10000, show_default=True)
+@click.option('--ema',        help='EMA half-life', metavar='MIMG',                                  type=click.FloatRange(min=0), default=0.5, show_default=True)
+@click.option('--dropout',    help='Dropout probability', metavar='FLOAT',                           type=click.FloatRange(min=0, max=1), default=0.13, show_default=True)
+@click.option('--augment',    help='Augment probability', metavar='FLOAT',                           type=click.FloatRange(min=0, max=1), default=0.12, show_default=True)
+@click.option('--xflip',      help='Enable dataset x-flips', metavar='BOOL',                         type=bool, default=False, show_default=True)
+
 # Performance-related.
-@click.option(
-    '--fp16',
-    help='Enable mixed-precision training (EDM fp16 networks, CUDA only)',
-    metavar='BOOL',
-    type=bool,
-    default=False,
-    show_default=True,
-)
-@click.option(
-    '--bf16',
-    help='Run the network under bfloat16 autocast',
-    metavar='BOOL',
-    type=bool,
-    default=False,
-    show_default=True,
-)
-@click.option(
-    '--compile', help='Wrap the network in torch.compile', metavar='BOOL', type=bool, default=False, show_default=True
-)
-@click.option(
-    '--ls',
-    help='Loss scaling',
-    metavar='FLOAT',
-    type=click.FloatRange(min=0, min_open=True),
-    default=1,
-    show_default=True,
-)
-@click.option('--bench', help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True, show_default=True)
-@click.option('--cache', help='Cache dataset in CPU memory', metavar='BOOL', type=bool, default=True, show_default=True)
-@click.option(
-    '--workers',
-    help='DataLoader worker processes (0 = load in the main process)',
-    metavar='INT',
-    type=click.IntRange(min=0),
-    default=1,
-    show_default=True,
-)
-@click.option('--device', help='Device  [default: cuda if available]', type=click.Choice(['cuda', 'cpu']))
+@click.option('--fp16',       help='Enable mixed-precision training (EDM fp16 nets, CUDA)', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--bf16',       help='Run the network under bfloat16 autocast', metavar='BOOL',        type=bool, default=False, show_default=True)
+@click.option('--compile',    help='Wrap the network in torch.compile', metavar='BOOL',              type=bool, default=False, show_default=True)
+@click.option('--ls',         help='Loss scaling', metavar='FLOAT',                                  type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
+@click.option('--bench',      help='Enable cuDNN benchmarking', metavar='BOOL',                      type=bool, default=True, show_default=True)
+@click.option('--cache',      help='Cache dataset in CPU memory', metavar='BOOL',                    type=bool, default=True, show_default=True)
+@click.option('--workers',    help='DataLoader worker processes (0 = main process)', metavar='INT',  type=click.IntRange(min=0), default=1, show_default=True)
+@click.option('--device',     help='Device  [default: cuda if available]',                           type=click.Choice(['cuda', 'cpu']))
+
 # I/O-related.
-@click.option('--desc', help='String to include in result dir name', metavar='STR', type=str)
-@click.option('--nosubdir', help='Do not create a subdirectory for results', is_flag=True)
-@click.option(
-    '--tick',
-    help='How often to print progress',
-    metavar='KIMG',
-    type=click.IntRange(min=1),
-    default=50,
-    show_default=True,
-)
-@click.option(
-    '--snap',
-    help='How often to save snapshots',
-    metavar='TICKS',
-    type=click.IntRange(min=1),
-    default=50,
-    show_default=True,
-)
-@click.option(
-    '--dump',
-    help='How often to dump state',
-    metavar='TICKS',
-    type=click.IntRange(min=1),
-    default=500,
-    show_default=True,
-)
-@click.option('--seed', help="Random seed  [default: random, or the resumed run's]", metavar='INT', type=int)
-@click.option(
-    '--transfer', help='Transfer learning from network snapshot or EDM pickle', metavar='PT|PKL|URL', type=str
-)
-@click.option('--resume', help='Resume from a training state or run directory', metavar='PT|DIR', type=str)
-@click.option('-n', '--dry-run', help='Print training options and exit', is_flag=True)
+@click.option('--desc',       help='String to include in result dir name', metavar='STR',            type=str)
+@click.option('--nosubdir',   help='Do not create a subdirectory for results',                       is_flag=True)
+@click.option('--tick',       help='How often to print progress', metavar='KIMG',                    type=click.IntRange(min=1), default=50, show_default=True)
+@click.option('--snap',       help='How often to save snapshots', metavar='TICKS',                   type=click.IntRange(min=1), default=50, show_default=True)
+@click.option('--dump',       help='How often to dump state', metavar='TICKS',                       type=click.IntRange(min=1), default=500, show_default=True)
+@click.option('--seed',       help="Random seed  [default: random, or the resumed run's]", metavar='INT', type=int)
+@click.option('--transfer',   help='Transfer learning from network snapshot or EDM pickle', metavar='PT|PKL|URL', type=str)
+@click.option('--resume',     help='Resume from a training state or run directory', metavar='PT|DIR', type=str)
+@click.option('-n', '--dry-run', help='Print training options and exit',                             is_flag=True)
+# fmt: on
 def main(**kwargs):
     """Train a diffusion model with EDM's recipe and a pluggable training noise sampler.
 
@@ -433,7 +316,7 @@ def main(**kwargs):
     logger = None
     if dist.get_rank() == 0:
         os.makedirs(c.run_dir, exist_ok=True)
-        with open(os.path.join(c.run_dir, 'training_options.json'), 'wt') as f:
+        with open(os.path.join(c.run_dir, 'training_options.json'), 'w') as f:
             json.dump(c, f, indent=2)
         logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
 

@@ -42,13 +42,14 @@ def load_training_state(path: str, network_kwargs: dict) -> dict:
 
 
 def training_loop(
+    *,
     run_dir='.',  # Output directory.
-    dataset_kwargs={},  # Options for the training set.
-    data_loader_kwargs={},  # Options for torch.utils.data.DataLoader.
-    network_kwargs={},  # Options for the model and its preconditioning.
-    loss_kwargs={},  # Options for the loss function.
-    noise_kwargs={},  # Options for the noise sampler that draws σ.
-    optimizer_kwargs={},  # Options for the optimizer.
+    dataset_kwargs,  # Options for the training set.
+    data_loader_kwargs,  # Options for torch.utils.data.DataLoader.
+    network_kwargs,  # Options for the model and its preconditioning.
+    loss_kwargs,  # Options for the loss function.
+    noise_kwargs,  # Options for the noise sampler that draws σ.
+    optimizer_kwargs,  # Options for the optimizer.
     augment_kwargs=None,  # Options for the augmentation pipeline, None = disable.
     seed=0,  # Global random seed.
     batch_size=512,  # Total batch size for one training iteration.
@@ -272,7 +273,7 @@ def training_loop(
         training_stats.default_collector.update()
         if rank == 0:
             if stats_jsonl is None:
-                stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at')
+                stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'a')
             stats_jsonl.write(
                 json.dumps(dict(training_stats.default_collector.as_dict(), timestamp=time.time())) + '\n'
             )
