@@ -196,8 +196,6 @@ def main(**kwargs):
         dataset_obj = dnnlib.util.construct_class_by_name(**c.dataset_kwargs)
         c.dataset_kwargs.resolution = dataset_obj.resolution  # Be explicit about dataset resolution.
         c.dataset_kwargs.max_size = len(dataset_obj)  # Be explicit about dataset size.
-        if opts.cond and not dataset_obj.has_labels:
-            raise click.ClickException('--cond=True requires labels specified in dataset.json')
         img_channels, label_dim = dataset_obj.num_channels, dataset_obj.label_dim
         del dataset_obj  # Conserve memory.
     except (OSError, ValueError) as err:

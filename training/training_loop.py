@@ -292,3 +292,4 @@ def training_loop(
         stats_jsonl.close()
     dist.print0()
     dist.print0('Exiting...')
+    return dnnlib.EasyDict(net=net, ema=ema, cur_nimg=cur_nimg)

@@ -1,0 +1,23 @@
+"""Run train.py's CLI in one torchrun rank and save that rank's final weights: ddp_worker.py OUT [train.py args]."""
+
+import os
+import sys
+
+import torch
+
+import train
+from training import training_loop
+
+if __name__ == '__main__':
+    out, args = sys.argv[1], sys.argv[2:]
+    result = {}
+    loop = training_loop.training_loop
+
+    def capture(**kwargs):
+        result.update(loop(**kwargs))
+        return result
+
+    training_loop.training_loop = capture
+    train.main(args, standalone_mode=False)
+    net, ema = result['net'].state_dict(), result['ema'].state_dict()
+    torch.save(dict(net=net, ema=ema, cur_nimg=result['cur_nimg']), os.path.join(out, f'rank{os.environ["RANK"]}.pt'))

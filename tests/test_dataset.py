@@ -1,0 +1,195 @@
+"""training.dataset.ImageFolderDataset: exact pixels and labels from EDM-format zips and folders, max_size, xflip,
+one-hot labels, pickling, DataLoader workers and clear errors."""
+
+import io
+import json
+import os
+import pickle
+import re
+import zipfile
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from training.dataset import ImageFolderDataset
+
+
+def png_bytes(img):
+    buf = io.BytesIO()
+    PIL.Image.fromarray(img).save(buf, format='png', compress_level=0)
+    return buf.getvalue()
+
+
+def make_dataset(path, images, labels=None, names=None, meta=None):
+    """Write images (NHW or NHWC uint8) in EDM's layout into a zip (path ends in .zip) or a folder."""
+    names = names or [f'{i // 1000:05d}/img{i:08d}.png' for i in range(len(images))]
+    files = {name: png_bytes(img) for name, img in zip(names, images)}
+    if meta is None and labels is not None:
+        meta = {'labels': [[name, label] for name, label in zip(names, labels)]}
+    if meta is not None:
+        files['dataset.json'] = json.dumps(meta).encode()
+    path = str(path)
+    if path.endswith('.zip'):
+        with zipfile.ZipFile(path, 'w') as z:
+            for name, data in files.items():
+                z.writestr(name, data)
+    else:
+        for name, data in files.items():
+            os.makedirs(os.path.dirname(os.path.join(path, name)), exist_ok=True)
+            with open(os.path.join(path, name), 'wb') as f:
+                f.write(data)
+    return path
+
+
+def random_images(n, res=8, channels=3, seed=0):
+    shape = (n, res, res, channels) if channels != 1 else (n, res, res)
+    return np.random.RandomState(seed).randint(0, 256, size=shape, dtype=np.uint8)
+
+
+def chw(images):
+    return images.transpose(0, 3, 1, 2) if images.ndim == 4 else images[:, np.newaxis]
+
+
+@pytest.mark.parametrize('kind', ['data.zip', 'folder'])
+@pytest.mark.parametrize('channels', [1, 3])
+def test_pixels_labels_and_properties(tmp_path, kind, channels):
+    images = random_images(7, channels=channels)
+    labels = [2, 0, 4, 4, 1, 0, 2]
+    ds = ImageFolderDataset(make_dataset(tmp_path / kind, images, labels), use_labels=True)
+    assert len(ds) == 7 and ds.name == kind.split('.')[0]
+    assert (ds.image_shape, ds.num_channels, ds.resolution) == ([channels, 8, 8], channels, 8)
+    assert (ds.label_shape, ds.label_dim, ds.has_labels, ds.has_onehot_labels) == ([5], 5, True, True)
+    for i in range(7):
+        image, label = ds[i]
+        assert image.dtype == np.uint8 and label.dtype == np.float32
+        np.testing.assert_array_equal(image, chw(images)[i])
+        np.testing.assert_array_equal(label, np.eye(5, dtype=np.float32)[labels[i]])
+
+
+def test_labels_off_by_default(tmp_path):
+    ds = ImageFolderDataset(make_dataset(tmp_path / 'd.zip', random_images(3), [1, 2, 3]))
+    assert (ds.label_shape, ds.label_dim, ds.has_labels, ds.has_onehot_labels) == ([0], 0, False, False)
+    assert ds[0][1].shape == (0,)
+
+
+def test_vector_labels_are_kept_as_float(tmp_path):
+    vectors = [[0.5, -1.0], [2.0, 0.25], [0.0, 1.5]]
+    ds = ImageFolderDataset(make_dataset(tmp_path / 'd.zip', random_images(3), vectors), use_labels=True)
+    assert (ds.label_shape, ds.has_onehot_labels) == ([2], False)
+    np.testing.assert_array_equal(np.stack([ds[i][1] for i in range(3)]), np.float32(vectors))
+
+
+def test_xflip_appends_mirrored_copies(tmp_path):
+    images = random_images(4)
+    ds = ImageFolderDataset(make_dataset(tmp_path / 'd.zip', images, [0, 1, 2, 3]), use_labels=True, xflip=True)
+    assert len(ds) == 8
+    for i in range(4):
+        np.testing.assert_array_equal(ds[i][0], chw(images)[i])
+        np.testing.assert_array_equal(ds[i + 4][0], chw(images)[i][:, :, ::-1])
+        np.testing.assert_array_equal(ds[i + 4][1], ds[i][1])
+        assert (ds.get_details(i + 4).raw_idx, ds.get_details(i + 4).xflip) == (i, True)
+
+
+@pytest.mark.parametrize('seed', [0, 7, 2**31 + 7])
+def test_max_size_is_a_seeded_sorted_subset(tmp_path, seed):
+    images = random_images(20)
+    path = make_dataset(tmp_path / 'd.zip', images)
+    ds = ImageFolderDataset(path, max_size=6, random_seed=seed, xflip=True)
+    order = np.arange(20)
+    np.random.RandomState(seed % 2**31).shuffle(order)
+    expected = np.sort(order[:6])
+    assert len(ds) == 12
+    assert [ds.get_details(i).raw_idx for i in range(12)] == list(expected) * 2
+    np.testing.assert_array_equal(np.stack([ds[i][0] for i in range(6)]), chw(images)[expected])
+    assert len(ImageFolderDataset(path, max_size=20)) == 20 and len(ImageFolderDataset(path, max_size=50)) == 20
+
+
+def test_cache_serves_copies(tmp_path):
+    images = random_images(2)
+    ds = ImageFolderDataset(make_dataset(tmp_path / 'd.zip', images), cache=True)
+    ds[0][0][:] = 0  # Changing a returned image must not change the cache.
+    os.remove(tmp_path / 'd.zip')
+    ds.close()
+    np.testing.assert_array_equal(ds[0][0], chw(images)[0])
+
+
+def test_pickle_drops_zip_handle_and_labels(tmp_path):
+    ds = ImageFolderDataset(make_dataset(tmp_path / 'd.zip', random_images(3), [0, 2, 1]), use_labels=True)
+    ds[0]
+    state = ds.__getstate__()
+    assert state['_zipfile'] is None and state['_raw_labels'] is None
+    copy = pickle.loads(pickle.dumps(ds))
+    for i in range(3):
+        np.testing.assert_array_equal(copy[i][0], ds[i][0])
+        np.testing.assert_array_equal(copy[i][1], ds[i][1])
+
+
+def test_dataloader_workers_read_the_same_data(tmp_path):
+    images = random_images(16)
+    ds = ImageFolderDataset(make_dataset(tmp_path / 'd.zip', images, list(range(16))), use_labels=True)
+    ds[0]  # Open the zip in this process before the workers start.
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2)
+    batches = list(loader)
+    np.testing.assert_array_equal(torch.cat([b[0] for b in batches]).numpy(), chw(images))
+    np.testing.assert_array_equal(torch.cat([b[1] for b in batches]).numpy(), np.eye(16, dtype=np.float32))
+
+
+def write_file(name, data):
+    def make(tmp_path):
+        (tmp_path / name).write_bytes(data)
+        return str(tmp_path / name)
+
+    return make
+
+
+def dataset_of(images, **kwargs):
+    return lambda tmp_path: make_dataset(tmp_path / 'd.zip', images, **kwargs)
+
+
+NAMES = ['00000/img00000000.png', '00000/img00000001.png']
+ERROR_CASES = {
+    'missing path': (lambda tmp_path: str(tmp_path / 'nope.zip'), {}, 'Dataset not found'),
+    'not zip or folder': (write_file('d.txt', b'hello'), {}, 'must be a zip archive or a folder'),
+    'corrupt zip': (write_file('d.zip', b'not a zip' * 20), {}, 'Corrupt zip archive'),
+    'empty zip': (dataset_of([], meta={'labels': None}), {}, 'No images found'),
+    'empty folder': (lambda tmp_path: str(tmp_path), {}, 'No images found'),
+    'not square': (dataset_of([np.zeros([8, 4], np.uint8)]), {}, 'must be square, got 4x8'),
+    'not power of two': (dataset_of(random_images(1, res=12)), {}, 'power of two, got 12x12'),
+    'resolution mismatch': (dataset_of(random_images(1)), {'resolution': 16}, 'are 8x8, but resolution=16'),
+    'no dataset.json': (dataset_of(random_images(2)), {'use_labels': True}, 'has no labels in dataset.json'),
+    'null labels': (dataset_of(random_images(2), meta={'labels': None}), {'use_labels': True}, 'has no labels'),
+    'too few labels': (
+        dataset_of(random_images(2), meta={'labels': [[NAMES[0], 1]]}),
+        {'use_labels': True},
+        '1 labels for 2 images (none for 00000/img00000001.png)',
+    ),
+    'too many labels': (
+        dataset_of(random_images(2), meta={'labels': [[NAMES[0], 1], [NAMES[1], 0], ['x.png', 2]]}),
+        {'use_labels': True},
+        '3 labels for 2 images',
+    ),
+    'negative label': (dataset_of(random_images(2), labels=[1, -1]), {'use_labels': True}, 'class indices >= 0'),
+    'malformed json': (
+        dataset_of(random_images(1), meta={'labls': []}),
+        {'use_labels': True},
+        'Malformed dataset.json',
+    ),
+    'bad max_size': (dataset_of(random_images(1)), {'max_size': 0}, 'max_size must be at least 1'),
+}
+
+
+@pytest.mark.parametrize('case', list(ERROR_CASES))
+def test_errors(tmp_path, case):
+    make, kwargs, message = ERROR_CASES[case]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ImageFolderDataset(make(tmp_path), **kwargs)
+
+
+def test_image_of_another_size_fails_on_access(tmp_path):
+    images = [np.zeros([8, 8], np.uint8), np.zeros([16, 16], np.uint8)]
+    ds = ImageFolderDataset(make_dataset(tmp_path / 'd.zip', images))
+    assert ds[0][0].shape == (1, 8, 8)
+    with pytest.raises(ValueError, match=r'00000/img00000001.png .* has shape \[1, 16, 16\], expected \[1, 8, 8\]'):
+        ds[1]

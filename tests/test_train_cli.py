@@ -1,0 +1,142 @@
+"""train.py: presets, dry run, the run-directory layout, and clear one-line errors that write nothing."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import TINY_NET_ARGS, write_edm_zip
+
+import train
+
+
+def run(*args):
+    return CliRunner().invoke(train.main, [str(a) for a in args])
+
+
+def base_args(outdir, data):
+    return ['--outdir', outdir, '--data', data, '--device=cpu', '--workers=0', *TINY_NET_ARGS]
+
+
+def test_dry_run_with_preset_fills_only_unset_options(tmp_path, digits_zip):
+    out = tmp_path / 'runs'
+    result = run(*base_args(out, digits_zip), '--preset=cifar10-cond-ncsnpp', '--lr=2e-4', '--dry-run')
+    assert result.exit_code == 0, result.output
+    config = json.loads(result.output.split('Training options:')[1].split('\n\n')[0])
+    assert config['network_kwargs']['embedding_type'] == 'fourier'  # arch from the preset
+    assert config['dataset_kwargs']['use_labels'] is True  # cond from the preset
+    assert config['optimizer_kwargs']['lr'] == 2e-4  # explicitly given beats the preset
+    assert config['noise_kwargs'] == {'class_name': 'infonoise.samplers.LogNormal', 'P_mean': -1.2, 'P_std': 1.2}
+    assert config['loss_kwargs']['weight'] == 'edm' and config['augment_kwargs']['p'] == 0.12
+    assert config['network_kwargs']['augment_dim'] == 9 and config['total_kimg'] == 200000
+    assert not out.exists()  # A dry run writes nothing.
+
+
+@pytest.mark.parametrize(
+    'args, sampler, weight',
+    [
+        (['--precond=vp'], 'VPSampler', 'inverse-variance'),
+        (['--precond=ve'], 'LogUniform', 'inverse-variance'),
+        (['--sampler=loguniform', '--weight=uniform'], 'LogUniform', 'uniform'),
+    ],
+)
+def test_precond_defaults_and_sampler_choice(tmp_path, digits_zip, args, sampler, weight):
+    result = run(*base_args(tmp_path, digits_zip), *args, '--dry-run')
+    assert result.exit_code == 0, result.output
+    config = json.loads(result.output.split('Training options:')[1].split('\n\n')[0])
+    assert config['noise_kwargs']['class_name'].endswith(sampler) and config['loss_kwargs']['weight'] == weight
+
+
+def test_every_preset_dry_runs(tmp_path, digits_zip):
+    names = sorted(f[:-5] for f in os.listdir(train.CONFIGS_DIR) if f.endswith('.json'))
+    assert {'cifar10-cond-ddpmpp', 'ffhq64-ddpmpp', 'imagenet64-adm', 'demo-mnist16'} <= set(names)
+    for name in names:
+        result = run('--outdir', tmp_path, '--data', digits_zip, '--device=cpu', f'--preset={name}', '--dry-run')
+        assert result.exit_code == 0, (name, result.output)
+
+
+def test_real_run_writes_run_directory(tmp_path, digits_zip):
+    out = tmp_path / 'runs'
+    args = [*base_args(out, digits_zip), '--batch=16', '--duration=0.001', '--tick=1', '--lr-rampup=0', '--seed=5']
+    result = run(*args, '--desc=smoke')
+    assert result.exit_code == 0, result.output
+    (run_dir,) = out.iterdir()
+    assert run_dir.name == '00000-digits-8x8-uncond-ddpmpp-edm-gpus1-batch16-fp32-smoke'
+    files = sorted(os.listdir(run_dir))
+    assert files == [
+        'log.txt',
+        'network-snapshot-000000.pt',
+        'network-snapshot-000001.pt',
+        'stats.jsonl',
+        'training-state-000001.pt',
+        'training_options.json',
+    ]
+    assert 'Exiting...' in open(run_dir / 'log.txt').read()
+    # --resume of the run directory continues the same run (same seed) until the longer duration.
+    result = run(
+        *base_args(out, digits_zip),
+        '--batch=16',
+        '--duration=0.002',
+        '--tick=1',
+        '--lr-rampup=0',
+        f'--resume={run_dir}',
+    )
+    assert result.exit_code == 0, result.output
+    run_dir2 = out / '00001-digits-8x8-uncond-ddpmpp-edm-gpus1-batch16-fp32'
+    assert json.load(open(run_dir2 / 'training_options.json'))['seed'] == 5
+    assert torch.load(run_dir2 / 'training-state-000002.pt', weights_only=True)['cur_nimg'] == 2000
+
+
+def error_cases(tmp_path, digits_zip):
+    rng = np.random.default_rng(0)
+    corrupt = tmp_path / 'corrupt.zip'
+    corrupt.write_bytes(b'this is not a zip file')
+    non_pow2 = write_edm_zip(tmp_path / 'twelve.zip', rng.integers(0, 255, (4, 12, 12), dtype=np.uint8))
+    unlabeled = write_edm_zip(tmp_path / 'unlabeled.zip', rng.integers(0, 255, (4, 8, 8), dtype=np.uint8))
+    bogus_state = tmp_path / 'training-state-000000.pt'
+    torch.save({'format': 'something else'}, bogus_state)
+    return [
+        (['--data', tmp_path / 'missing.zip'], '--data'),
+        (['--data', corrupt], '--data'),
+        (['--data', non_pow2], 'power'),
+        (['--data', unlabeled, '--cond=1'], 'labels'),
+        (['--data', digits_zip, '--batch=10', '--batch-gpu=4'], 'divisible'),
+        (['--data', digits_zip, '--resume', tmp_path / 'nothing-here.pt'], '--resume'),
+        (['--data', digits_zip, '--resume', bogus_state], 'not an InfoNoise-EDM training state'),
+        (['--data', digits_zip, '--preset=no-such-preset'], 'Unknown preset'),
+        (['--data', digits_zip, '--fp16=1', '--bf16=1'], 'mutually exclusive'),
+        (['--data', digits_zip, '--transfer=a.pt', '--resume=b.pt'], 'same time'),
+    ]
+
+
+def test_bad_input_gives_one_line_error_and_writes_nothing(tmp_path, digits_zip):
+    out = tmp_path / 'runs'
+    for args, message in error_cases(tmp_path, digits_zip):
+        result = CliRunner().invoke(train.main, [str(a) for a in ['--outdir', out, '--device=cpu', *args]])
+        assert result.exit_code != 0, (args, result.output)
+        error_lines = [line for line in result.output.splitlines() if line.startswith('Error:')]
+        assert len(error_lines) == 1 and message in error_lines[0], (args, result.output)
+        assert not out.exists(), args
+
+
+def test_resume_of_incompatible_state_is_refused(tmp_path, digits_zip):
+    out = tmp_path / 'runs'
+    result = run(*base_args(out, digits_zip), '--batch=16', '--duration=0.001', '--tick=1')
+    assert result.exit_code == 0, result.output
+    (run_dir,) = out.iterdir()
+    result = run(
+        '--outdir',
+        out,
+        '--data',
+        digits_zip,
+        '--device=cpu',
+        '--cbase=8',
+        '--cres=1,2',
+        '--blocks=1',
+        '--attn=4',
+        f'--resume={run_dir}',
+    )
+    assert result.exit_code != 0 and 'different network' in result.output
+    assert len(list(out.iterdir())) == 1
