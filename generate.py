@@ -6,7 +6,6 @@ generator, so an image depends only on its seed. Under torchrun the seeds are sp
 """
 
 import os
-import re
 
 import click
 import numpy as np
@@ -14,27 +13,11 @@ import PIL.Image
 import torch
 import tqdm
 
+from dnnlib.util import parse_int_list
 from infonoise.grids import edm_grid
 from torch_utils import distributed as dist
 from torch_utils.persistence import load_network
 from training.sampling import StackedRandomGenerator, edm_sampler, images_to_uint8, save_image, tile_images
-
-
-def parse_int_list(s: str | list[int]) -> list[int]:
-    """Parse a comma-separated list of non-negative integers and ranges: '1,2,5-10' -> [1, 2, 5, ..., 10]."""
-    if isinstance(s, list):
-        return s
-    values = []
-    for part in s.split(','):
-        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
-        if m is None:
-            raise ValueError(f'"{part}" is neither a non-negative integer nor a range like 5-10')
-        first = int(m.group(1))
-        last = int(m.group(2)) if m.group(2) is not None else first
-        if last < first:
-            raise ValueError(f'Range "{part}" is empty')
-        values.extend(range(first, last + 1))
-    return values
 
 
 def image_path(outdir: str, seed: int, subdirs: bool) -> str:

@@ -62,17 +62,6 @@ SAMPLER_KWARGS = {
 }
 
 
-def parse_int_list(s):
-    """'1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10]; lists pass through."""
-    if isinstance(s, list):
-        return s
-    ranges = []
-    for p in s.split(','):
-        m = re.fullmatch(r'\s*(\d+)\s*-\s*(\d+)\s*', p)
-        ranges.extend(range(int(m.group(1)), int(m.group(2)) + 1) if m else [int(p)])
-    return ranges
-
-
 def apply_preset(ctx: click.Context, opts: dict) -> None:
     """Fill the options the user did not set from configs/<preset>.json."""
     path = os.path.join(CONFIGS_DIR, f'{opts["preset"]}.json')
@@ -121,9 +110,9 @@ def find_resume_state(path: str) -> str:
 @click.option('--batch',      help='Total batch size', metavar='INT',                                type=click.IntRange(min=1), default=512, show_default=True)
 @click.option('--batch-gpu',  help='Limit batch size per GPU', metavar='INT',                        type=click.IntRange(min=1))
 @click.option('--cbase',      help='Channel multiplier  [default: varies]', metavar='INT',           type=click.IntRange(min=1))
-@click.option('--cres',       help='Channels per resolution  [default: varies]', metavar='LIST',     type=parse_int_list)
+@click.option('--cres',       help='Channels per resolution  [default: varies]', metavar='LIST',     type=dnnlib.util.parse_int_list)
 @click.option('--blocks',     help='Residual blocks per resolution  [default: varies]', metavar='INT', type=click.IntRange(min=1))
-@click.option('--attn',       help='Resolutions with self-attention  [default: varies]', metavar='LIST', type=parse_int_list)
+@click.option('--attn',       help='Resolutions with self-attention  [default: varies]', metavar='LIST', type=dnnlib.util.parse_int_list)
 @click.option('--lr',         help='Learning rate', metavar='FLOAT',                                 type=click.FloatRange(min=0, min_open=True), default=10e-4, show_default=True)
 @click.option('--lr-rampup',  help='Learning rate ramp-up', metavar='KIMG',                          type=click.FloatRange(min=0), default=10000, show_default=True)
 @click.option('--ema',        help='EMA half-life', metavar='MIMG',                                  type=click.FloatRange(min=0), default=0.5, show_default=True)

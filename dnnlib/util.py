@@ -53,6 +53,23 @@ def construct_class_by_name(*args, class_name: str, **kwargs) -> Any:
     return get_obj_by_name(class_name)(*args, **kwargs)
 
 
+def parse_int_list(s: str | list[int]) -> list[int]:
+    """Parse a comma-separated list of non-negative integers and ranges: '1,2,5-10' -> [1, 2, 5, ..., 10]."""
+    if isinstance(s, list):
+        return s
+    values = []
+    for part in s.split(','):
+        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
+        if m is None:
+            raise ValueError(f'"{part}" is neither a non-negative integer nor a range like 5-10')
+        first = int(m.group(1))
+        last = int(m.group(2)) if m.group(2) is not None else first
+        if last < first:
+            raise ValueError(f'Range "{part}" is empty')
+        values.extend(range(first, last + 1))
+    return values
+
+
 def format_time(seconds: float) -> str:
     """Human-readable duration: 45s, 3m 05s, 2h 03m, 1d 04h."""
     s = int(round(seconds))
