@@ -1,0 +1,116 @@
+"""Process-group set-up for single-process and `torchrun` runs (EDM's torch_utils/distributed.py, made portable).
+
+A plain `python train.py` runs as rank 0 of 1 without any process group. Under `torchrun` (RANK, LOCAL_RANK,
+WORLD_SIZE, MASTER_ADDR and MASTER_PORT in the environment) every process joins one group: NCCL when it trains on
+CUDA, Gloo otherwise, so that the same code runs multi-process on CPU-only machines.
+"""
+
+import os
+
+import torch
+
+from . import training_stats
+
+_rank = 0
+_local_rank = 0
+_world_size = 1
+_device = torch.device('cpu')
+
+
+def _resolve_device(device: str | torch.device | None, local_rank: int, launched: bool) -> torch.device:
+    """The device this process works on: auto picks CUDA when present; torchrun ranks get cuda:LOCAL_RANK."""
+    if device is None:
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    device = torch.device(device)
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise RuntimeError('Device "cuda" was requested, but CUDA is not available on this machine')
+        if launched:
+            device = torch.device('cuda', local_rank)
+        elif device.index is None:
+            device = torch.device('cuda', torch.cuda.current_device())
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RuntimeError(f'Device "{device}" does not exist; this machine has {torch.cuda.device_count()} GPUs')
+    return device
+
+
+def init(device: str | torch.device | None = None) -> torch.device:
+    """Join the torchrun process group if there is one, pick this process's device and return it.
+
+    `device=None` means CUDA if available, else CPU. Safe to call more than once in a process.
+    """
+    global _rank, _local_rank, _world_size, _device
+    launched = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
+    rank = int(os.environ.get('RANK', '0'))
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    device = _resolve_device(device, local_rank, launched)
+
+    # Join the group that torchrun described in the environment.
+    if launched and not torch.distributed.is_initialized():
+        if device.type == 'cuda':
+            torch.cuda.set_device(device)
+        backend = 'nccl' if device.type == 'cuda' else 'gloo'
+        torch.distributed.init_process_group(backend=backend, init_method='env://')
+    if torch.distributed.is_initialized():
+        rank = torch.distributed.get_rank()
+        world_size = torch.distributed.get_world_size()
+
+    _rank, _local_rank, _world_size, _device = rank, local_rank, world_size, device
+    training_stats.init_multiprocessing(rank=rank, sync_device=device if world_size > 1 else None)
+    return device
+
+
+def get_rank() -> int:
+    return _rank
+
+
+def get_local_rank() -> int:
+    return _local_rank
+
+
+def get_world_size() -> int:
+    return _world_size
+
+
+def get_device() -> torch.device:
+    """The device chosen by `init()` (CPU before it is called)."""
+    return _device
+
+
+def is_main() -> bool:
+    """True on the process that writes files and prints (rank 0)."""
+    return _rank == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """`print` on rank 0 only."""
+    if _rank == 0:
+        print(*args, **kwargs)
+
+
+def barrier() -> None:
+    """Wait for all ranks; a no-op in a single process."""
+    if _world_size > 1:
+        if _device.type == 'cuda':
+            torch.distributed.barrier(device_ids=[_device.index])
+        else:
+            torch.distributed.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Return rank `src`'s `obj` on every rank (any picklable object, e.g. a seed drawn on rank 0)."""
+    if _world_size == 1:
+        return obj
+    objects = [obj]
+    torch.distributed.broadcast_object_list(objects, src=src, device=_device)
+    return objects[0]
+
+
+def shutdown() -> None:
+    """Leave the process group, if this process joined one."""
+    global _rank, _local_rank, _world_size
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    _rank, _local_rank, _world_size = 0, 0, 1
+    training_stats.init_multiprocessing(rank=0, sync_device=None)

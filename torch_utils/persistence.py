@@ -1,0 +1,284 @@
+"""Saving and loading networks without pickled code (replaces EDM's torch_utils/persistence.py).
+
+Our network snapshots and training states are plain data (constructor kwargs + state dicts) written by
+`torch.save` and read with `torch.load(weights_only=True)`. Official EDM `.pkl` snapshots (Karras et al. 2022) are
+pickles in which every network object carries the source code of its module and is rebuilt by
+`torch_utils.persistence._reconstruct_persistent_obj`, which EDM implements by executing that source. We never do:
+a restricted unpickler admits only the handful of globals an EDM snapshot uses, turns each persistent object into
+its class name and state, and the EMA network is rebuilt from our own `training.networks` classes and loaded with
+the tensors found in that state.
+"""
+
+import collections
+import dataclasses
+import io
+import os
+import pickle
+import secrets
+
+import numpy as np
+import torch
+
+import dnnlib
+
+SNAPSHOT_FORMAT = 'infonoise-edm-snapshot'
+STATE_FORMAT = 'infonoise-edm-training-state'
+EDM_PICKLE_SOURCE = 'edm-pickle'
+_EDM_PRECONDS = ('EDMPrecond', 'VPPrecond', 'VEPrecond', 'iDDPMPrecond')
+_EDM_PERSISTENCE_VERSION = 6
+
+
+def save_atomic(obj, path: str) -> None:
+    """`torch.save(obj, path)` such that `path` holds either the old file or the complete new one, never a part."""
+    path = os.path.abspath(path)
+    directory = os.path.dirname(path)
+    tmp_path = os.path.join(directory, f'.{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp')
+    try:
+        with open(tmp_path, 'xb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.unlink(tmp_path)
+        raise
+
+    # Persist the rename itself where the platform allows it.
+    if hasattr(os, 'O_DIRECTORY'):
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _reconstruct_persistent_obj(meta):
+    """The name EDM pickles call to rebuild their objects; reached only by a plain `pickle.load`, which we refuse."""
+    raise RuntimeError(
+        'EDM network pickles embed source code; open them with torch_utils.persistence.load_network(), '
+        'which reads their weights without executing it'
+    )
+
+
+@dataclasses.dataclass
+class _PersistentObject:
+    """What the restricted unpickler makes of an EDM persistent object: its class name and `__dict__`."""
+
+    class_name: str
+    state: dict
+
+
+class _ModuleDictStub:
+    """Stand-in for `torch.nn.ModuleDict` (EDM's `enc`/`dec`), which pickles as class + `__dict__`."""
+
+    def __setstate__(self, state):
+        if not isinstance(state, dict):
+            raise ValueError('Malformed ModuleDict in EDM pickle')
+        self.state = state
+
+
+def _persistent_stub(meta) -> _PersistentObject:
+    # The embedded module source is deliberately ignored.
+    if not isinstance(meta, dict) or meta.get('type') != 'class' or not isinstance(meta.get('state'), dict):
+        raise ValueError('Malformed persistent object in EDM pickle')
+    if meta.get('version') != _EDM_PERSISTENCE_VERSION:
+        raise ValueError(f'Unsupported EDM persistence version {meta.get("version")}, expected 6')
+    return _PersistentObject(class_name=str(meta.get('class_name')), state=meta['state'])
+
+
+def _load_storage_from_bytes(data: bytes):
+    return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+
+
+def _numpy_scalar(dtype: np.dtype, data: bytes = b''):
+    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes):
+        raise ValueError('EDM pickle holds a NumPy scalar that is not plain numeric data')
+    return np.frombuffer(data, dtype=dtype)[0]
+
+
+_ALLOWED_GLOBALS = {
+    ('torch_utils.persistence', '_reconstruct_persistent_obj'): _persistent_stub,
+    ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
+    ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
+    ('torch.storage', '_load_from_bytes'): _load_storage_from_bytes,
+    ('torch.nn.modules.container', 'ModuleDict'): _ModuleDictStub,
+    ('collections', 'OrderedDict'): collections.OrderedDict,
+    ('numpy', 'dtype'): np.dtype,
+    ('numpy.core.multiarray', 'scalar'): _numpy_scalar,
+    ('numpy._core.multiarray', 'scalar'): _numpy_scalar,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only the globals of an EDM network snapshot; anything else is refused unexecuted."""
+
+    def find_class(self, module, name):
+        obj = _ALLOWED_GLOBALS.get((module, name))
+        if obj is None:
+            raise ValueError(f'Refusing to unpickle "{module}.{name}": not part of an EDM network snapshot')
+        return obj
+
+
+def _collect_state_dict(obj, prefix: str = '', out: dict | None = None) -> dict:
+    """Flatten a persistent module (or ModuleDict) into state-dict order: own parameters, buffers, then children."""
+    out = {} if out is None else out
+    if not isinstance(obj, (_PersistentObject, _ModuleDictStub)):
+        raise ValueError(f'Unexpected object of type {type(obj).__name__} at "{prefix}" in EDM pickle')
+    state = obj.state
+    non_persistent = state.get('_non_persistent_buffers_set') or set()
+    tensors = list(state.get('_parameters', {}).items())
+    tensors += [(name, t) for name, t in state.get('_buffers', {}).items() if name not in non_persistent]
+    for name, tensor in tensors:
+        if tensor is None:
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f'"{prefix}{name}" in EDM pickle is not a tensor')
+        out[prefix + name] = tensor.detach()
+    for name, child in state.get('_modules', {}).items():
+        if child is not None:
+            _collect_state_dict(child, f'{prefix}{name}.', out)
+    return out
+
+
+def _plain_attributes(state: dict) -> dict:
+    """Public number/string attributes of an EDM object (e.g. EDMLoss: P_mean, P_std, sigma_data)."""
+    attrs = {}
+    for name, value in state.items():
+        if isinstance(value, np.generic):
+            value = value.item()
+        if not name.startswith('_') and isinstance(value, (bool, int, float, str)):
+            attrs[name] = value
+    return attrs
+
+
+def _init_kwargs(obj: _PersistentObject) -> dict:
+    if obj.state.get('_init_args'):
+        raise ValueError(f'EDM pickle built {obj.class_name} with positional arguments, which cannot be mapped')
+    kwargs = obj.state.get('_init_kwargs')
+    if not isinstance(kwargs, dict):
+        raise ValueError(f'EDM pickle lacks the constructor arguments of {obj.class_name}')
+    return dict(kwargs)
+
+
+def _build_network(network_kwargs: dict, state_dict: dict, device) -> torch.nn.Module:
+    """Construct `training.networks.<class>` from its kwargs and load the weights strictly."""
+    from training import networks
+
+    kwargs = dict(network_kwargs)
+    class_name = str(kwargs.pop('class_name', ''))
+    module_name, _, short_name = class_name.rpartition('.')
+    cls = getattr(networks, short_name, None)
+    if (
+        module_name not in ('', 'training.networks')
+        or short_name.startswith('_')
+        or not (isinstance(cls, type) and issubclass(cls, torch.nn.Module))
+    ):
+        raise ValueError(f'Unknown network class "{class_name}"')
+    try:
+        net = cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f'Cannot construct {short_name} from the stored arguments: {e}') from None
+
+    # Compare keys and shapes first, for a short message instead of PyTorch's long one.
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    reshaped = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or reshaped:
+        problems = [
+            f'{len(keys)} {what} (first "{keys[0]}")'
+            for keys, what in [(missing, 'missing'), (unexpected, 'unexpected'), (reshaped, 'with a different shape')]
+            if keys
+        ]
+        raise ValueError(f'Stored weights do not match {short_name}: ' + ', '.join(problems))
+    net.load_state_dict(state_dict)
+    return net.eval().requires_grad_(False).to(device)
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0]
+
+
+def _load_ours(f, device) -> dnnlib.EasyDict:
+    try:
+        data = torch.load(f, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            'Not a plain-data PyTorch file: it holds pickled objects (as EDM training states do)'
+        ) from None
+    except Exception as e:
+        raise ValueError(f'Not a readable PyTorch file: {_first_line(e)}') from None
+    if not isinstance(data, dict) or data.get('format') not in (SNAPSHOT_FORMAT, STATE_FORMAT):
+        raise ValueError('Not an InfoNoise-EDM network snapshot or training state')
+    if data.get('version') != 1:
+        raise ValueError(f'Unsupported {data["format"]} version {data.get("version")}, expected 1')
+    if not isinstance(data.get('network_kwargs'), dict) or not isinstance(data.get('ema'), dict):
+        raise ValueError(f'{data["format"]} file lacks network_kwargs or ema weights')
+    return dnnlib.EasyDict(
+        net=_build_network(data['network_kwargs'], data['ema'], device),
+        network_kwargs=dict(data['network_kwargs']),
+        profile=data.get('profile'),
+        dataset_kwargs=data.get('dataset_kwargs'),
+        loss_kwargs=data.get('loss_kwargs'),
+        augment_kwargs=data.get('augment_kwargs'),
+        source=data['format'],
+    )
+
+
+def _load_edm_pickle(f, device) -> dnnlib.EasyDict:
+    try:
+        data = _RestrictedUnpickler(f).load()
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(f'Not a readable EDM pickle: {type(e).__name__}: {_first_line(e)}') from None
+    if not isinstance(data, dict) or not isinstance(data.get('ema'), _PersistentObject):
+        raise ValueError('Not an EDM network pickle (no "ema" network)')
+
+    # Rebuild the EMA network as our class of the same name.
+    ema = data['ema']
+    if ema.class_name not in _EDM_PRECONDS:
+        raise ValueError(f'Unknown EDM network class "{ema.class_name}", expected one of {", ".join(_EDM_PRECONDS)}')
+    network_kwargs = {'class_name': f'training.networks.{ema.class_name}', **_init_kwargs(ema)}
+    net = _build_network(network_kwargs, _collect_state_dict(ema), device)
+
+    # Describe EDM's loss by its class name and hyperparameters; our augment pipe takes EDM's kwargs unchanged.
+    loss, augment = data.get('loss_fn'), data.get('augment_pipe')
+    loss_kwargs = None
+    if isinstance(loss, _PersistentObject):
+        loss_kwargs = {'class_name': loss.class_name, **_plain_attributes(loss.state)}
+    augment_kwargs = None
+    if isinstance(augment, _PersistentObject):
+        augment_kwargs = {'class_name': f'training.augment.{augment.class_name}', **_init_kwargs(augment)}
+    dataset_kwargs = data.get('dataset_kwargs')
+    return dnnlib.EasyDict(
+        net=net,
+        network_kwargs=network_kwargs,
+        profile=None,
+        dataset_kwargs=dict(dataset_kwargs) if isinstance(dataset_kwargs, dict) else None,
+        loss_kwargs=loss_kwargs,
+        augment_kwargs=augment_kwargs,
+        source=EDM_PICKLE_SOURCE,
+    )
+
+
+def load_network(path_or_url: str, device='cpu') -> dnnlib.EasyDict:
+    """Load the EMA network of our snapshot or training state, or of an official EDM `.pkl`, without running code.
+
+    Returns EasyDict(net, network_kwargs, profile, dataset_kwargs, loss_kwargs, augment_kwargs, source): `net` is
+    the preconditioned network in eval mode with requires_grad off, on `device`; `source` names the file kind
+    ('infonoise-edm-snapshot', 'infonoise-edm-training-state' or 'edm-pickle'). Entries a file does not hold are
+    None. Raises FileNotFoundError for a missing file and ValueError for anything it cannot read.
+    """
+    with dnnlib.util.open_url(path_or_url, verbose=False) as f:
+        magic = f.read(2)
+        f.seek(0)
+        try:
+            if magic == b'PK':  # torch.save's zip format.
+                return _load_ours(f, device)
+            if magic[:1] == b'\x80':  # A binary pickle, as EDM writes.
+                return _load_edm_pickle(f, device)
+            raise ValueError('Neither a PyTorch file nor a pickle')
+        except ValueError as e:
+            raise ValueError(f'Cannot load network "{path_or_url}": {e}') from None
