@@ -140,3 +140,11 @@ def test_resume_of_incompatible_state_is_refused(tmp_path, digits_zip):
     )
     assert result.exit_code != 0 and 'different network' in result.output
     assert len(list(out.iterdir())) == 1
+
+
+@pytest.mark.parametrize('script', ['train', 'generate'])
+def test_committed_help_is_current(script):
+    module = __import__(script)
+    result = CliRunner().invoke(module.main, ['--help'], prog_name=f'{script}.py', terminal_width=80)
+    with open(os.path.join(os.path.dirname(train.CONFIGS_DIR), 'docs', f'{script}-help.txt')) as f:
+        assert result.output == f.read()
