@@ -27,7 +27,9 @@ demo: install $(DEMO_DATA)
 
 lint: install
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 test: install
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
