@@ -1,0 +1,182 @@
+"""The entropy-rate profile on InfoNoise's log-grid (InfoNoise paper, Secs. 2.2-3 and Algorithm 1).
+
+InfoNoise estimates the conditional-entropy rate r(σ) = mmse(σ)/σ³ (Eq. 11) from training losses binned on K
+log-spaced intervals, gates its low-noise tail (Eq. 17), normalises it into a target emphasis ρ (Eq. 13) with
+CDF u (Eq. 14), and samples σ from π ∝ ρ/w (Eq. 16). This module holds the grid, those formulas as short pure
+functions, and the `Profile` record that a refresh produces. All tabulated quantities are float64.
+"""
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, eq=False)
+class LogGrid:
+    """K log-spaced intervals I_k = [e_k, e_{k+1}) over [sigma_min, sigma_max] (Algorithm 1's grid)."""
+
+    edges: torch.Tensor
+    # Interior edges per device, so that binning on an accelerator copies them there only once.
+    _inner: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self):
+        if self.edges.ndim != 1 or self.edges.numel() < 2:
+            raise ValueError(f'LogGrid needs at least two edges, got shape {tuple(self.edges.shape)}')
+
+    @classmethod
+    def make(cls, num_bins: int, sigma_min: float, sigma_max: float) -> 'LogGrid':
+        if num_bins < 1:
+            raise ValueError(f'num_bins must be at least 1, got {num_bins}')
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f'Need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}')
+        log_edges = torch.linspace(math.log(sigma_min), math.log(sigma_max), num_bins + 1, dtype=torch.float64)
+        edges = log_edges.exp()
+        # Pin the ends exactly so that sigma_min and sigma_max are grid values.
+        edges[0], edges[-1] = sigma_min, sigma_max
+        return cls(edges)
+
+    @property
+    def num_bins(self) -> int:
+        return self.edges.numel() - 1
+
+    @property
+    def centers(self) -> torch.Tensor:
+        """Geometric midpoints σ_k = sqrt(e_k e_{k+1}): the midpoints in log σ."""
+        return (self.edges[:-1] * self.edges[1:]).sqrt()
+
+    @property
+    def widths(self) -> torch.Tensor:
+        """Interval lengths Δσ_k = e_{k+1} - e_k (BuildSampler's quadrature weights)."""
+        return self.edges[1:] - self.edges[:-1]
+
+    def bin_index(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Bin k of each σ (int64, on σ's device); values outside [sigma_min, sigma_max] go to the end bins.
+
+        Comparing σ with the edges is binning in log σ (log is monotone) without the rounding of a log, so a σ
+        equal to an edge e_k lands in bin k exactly.
+        """
+        inner = self._inner.get(sigma.device)
+        if inner is None:
+            inner = self._inner[sigma.device] = self.edges[1:-1].to(sigma.device)
+        # With right=True, bucketize counts the interior edges <= σ: that count is the bin of [e_k, e_{k+1}).
+        return torch.bucketize(sigma.to(torch.float64), inner, right=True)
+
+
+def entropy_rate(mse: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Conditional-entropy rate r = dH[x0|xσ]/dσ = mmse/σ³ (Eq. 11, the I-MMSE identity)."""
+    return mse / sigma**3
+
+
+def gate(sigma: torch.Tensor, c: float, n: float = 3) -> torch.Tensor:
+    """Low-noise gate g_{c,n}(σ) = σⁿ/(σⁿ + cⁿ) (Eq. 17); the paper uses n = 3 (n >= 2 vanishes at σ -> 0).
+
+    Written as sigmoid(n log(σ/c)), which equals Eq. 17 and neither overflows nor loses the (σ/c)ⁿ tail.
+    """
+    if not c > 0:
+        raise ValueError(f'The gate pivot c must be positive, got {c}')
+    if not n > 0:
+        raise ValueError(f'The gate exponent n must be positive, got {n}')
+    return torch.sigmoid(n * (torch.log(sigma) - math.log(c)))
+
+
+def smooth_log(values: torch.Tensor, width: float) -> torch.Tensor:
+    """Light Gaussian smoothing across neighbouring log-grid points that keeps the peak in place (Sec. 5).
+
+    The kernel has a standard deviation of `width` grid points, is cut at 3 widths (at most K - 1 points) and
+    reflects at the ends. If smoothing would move the argmax, the result is blended back toward the raw values
+    with the smallest weight that restores it, so argmax(smoothed) == argmax(values) always.
+    """
+    if width < 0:
+        raise ValueError(f'Smoothing width must be non-negative, got {width}')
+    num = values.numel()
+    if width == 0 or num < 2:
+        return values
+    radius = min(math.ceil(3 * width), num - 1)
+    offsets = torch.arange(-radius, radius + 1, dtype=values.dtype, device=values.device)
+    kernel = torch.exp(-0.5 * (offsets / width) ** 2)
+    kernel = kernel / kernel.sum()
+    padded = torch.nn.functional.pad(values.reshape(1, 1, num), (radius, radius), mode='reflect')
+    smoothed = torch.nn.functional.conv1d(padded, kernel.reshape(1, 1, -1)).reshape(num)
+
+    peak = int(values.argmax())
+    if int(smoothed.argmax()) == peak:
+        return smoothed
+    # (1-t)·smoothed + t·values keeps the peak above bin j once t > d_j/(d_j + e_j); ties go to the first index.
+    d = smoothed - smoothed[peak]
+    e = values[peak] - values
+    index = torch.arange(num, device=values.device)
+    binding = (d > 0) | ((d == 0) & (index < peak))
+    t = (d[binding] / (d[binding] + e[binding])).max().item()
+    t = min(1.0, t + 1e-3 * (1 - t))
+    blended = (1 - t) * smoothed + t * values
+    return blended if int(blended.argmax()) == peak else values
+
+
+def normalize_density(q: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """q / Σ_k q_k Δσ_k: tabulated values as a density over σ (BuildSampler, Sec. 5)."""
+    if q.shape != widths.shape:
+        raise ValueError(f'Density values {tuple(q.shape)} and widths {tuple(widths.shape)} differ in shape')
+    if not bool(torch.isfinite(q).all()) or bool((q < 0).any()):
+        raise ValueError('Density values must be finite and non-negative')
+    total = float((q * widths).sum())
+    if not (total > 0 and math.isfinite(total)):
+        raise ValueError(f'Density has no positive finite mass (Σ q Δσ = {total})')
+    return q / total
+
+
+def cumulative(density: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """CDF at the points: trapezoidal integral of the density over σ from points[0], scaled to end at 1 (Eq. 14)."""
+    if density.shape != points.shape or points.ndim != 1 or points.numel() < 2:
+        raise ValueError(f'Need matching 1-D density and points with >= 2 entries, got {tuple(density.shape)}')
+    steps = 0.5 * (density[1:] + density[:-1]) * (points[1:] - points[:-1])
+    cdf = torch.cat([torch.zeros(1, dtype=steps.dtype, device=steps.device), steps.cumsum(0)])
+    total = float(cdf[-1])
+    if not (total > 0 and math.isfinite(total)):
+        raise ValueError(f'Density integrates to {total} over the points; need a positive finite mass')
+    return cdf / total
+
+
+_PROFILE_TENSORS = ('sigma', 'mse', 'rate', 'gated', 'rho', 'u', 'pi', 'phi', 'weight')
+
+
+@dataclass(frozen=True, eq=False)
+class Profile:
+    """What InfoNoise knows at a refresh (all [K] float64 CPU tensors, aligned with LogGrid.centers)."""
+
+    sigma: torch.Tensor  # σ_k
+    mse: torch.Tensor  # EMA per-bin loss (Alg. 1 line 11)
+    rate: torch.Tensor  # r̂_k = mse_k/σ_k³ (Alg. 1 line 12)
+    gated: torch.Tensor  # r̃_k = r̂_k·g(σ_k), after optional smoothing (Alg. 1 line 14)
+    rho: torch.Tensor  # target emphasis ρ_k: r̃ normalised over σ (Eq. 13)
+    u: torch.Tensor  # CDF of ρ at σ_k (Eq. 14)
+    pi: torch.Tensor  # sampling density π_k ∝ ρ_k/w(σ_k), normalised over σ (Eq. 16)
+    phi: torch.Tensor  # realised emphasis φ_k = π_k·w(σ_k), normalised over σ (Eq. 7)
+    weight: torch.Tensor  # loss weight w(σ_k)
+    pivot: float  # gate pivot c
+    refreshes: int
+
+    def __post_init__(self):
+        shape = self.sigma.shape
+        if len(shape) != 1:
+            raise ValueError(f'Profile tensors must be 1-D, got sigma of shape {tuple(shape)}')
+        for name in _PROFILE_TENSORS:
+            if getattr(self, name).shape != shape:
+                raise ValueError(
+                    f'Profile.{name} has shape {tuple(getattr(self, name).shape)}, expected {tuple(shape)}'
+                )
+
+    def to_dict(self) -> dict:
+        """Plain lists and numbers, loadable with torch.load(weights_only=True)."""
+        d = {name: getattr(self, name).tolist() for name in _PROFILE_TENSORS}
+        d.update(pivot=float(self.pivot), refreshes=int(self.refreshes))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> 'Profile':
+        missing = [k for k in (*_PROFILE_TENSORS, 'pivot', 'refreshes') if k not in d]
+        if missing:
+            raise ValueError(f'Profile data lacks {", ".join(missing)}')
+        tensors = {name: torch.as_tensor(d[name], dtype=torch.float64) for name in _PROFILE_TENSORS}
+        return cls(**tensors, pivot=float(d['pivot']), refreshes=int(d['refreshes']))
