@@ -11,9 +11,11 @@ import secrets
 import warnings
 
 import click
+import numpy as np
 import torch
 
 import dnnlib
+from infonoise.pivot import is_discrete
 from torch_utils import distributed as dist
 from training import training_loop
 
@@ -81,6 +83,26 @@ def apply_preset(ctx: click.Context, opts: dict) -> None:
             opts[name] = params[name].type_cast_value(ctx, value)
 
 
+def is_discrete_dataset(dataset_obj, max_images: int = 256) -> bool:
+    """Whether the data has discrete endpoints: pixels only at the two extremes (e.g. binarised MNIST)."""
+    idx = np.linspace(0, len(dataset_obj) - 1, min(len(dataset_obj), max_images)).round().astype(np.int64)
+    return is_discrete(np.stack([dataset_obj[int(i)][0] for i in idx]))
+
+
+def infonoise_kwargs(opts: dnnlib.EasyDict, weight: str, discrete_data: bool) -> dnnlib.EasyDict:
+    """InfoNoise's constructor arguments from the --info-* options."""
+    sigma_min, sigma_max = PRECOND_SIGMA_RANGE[opts.precond]
+    endpoint = opts.info_endpoint if opts.info_endpoint != 'auto' else ('discrete' if discrete_data else 'continuous')
+    return dnnlib.EasyDict(
+        class_name='infonoise.infonoise.InfoNoise', weight=weight, sigma_data=0.5,
+        sigma_min=opts.info_sigma_min or sigma_min, sigma_max=opts.info_sigma_max or sigma_max,
+        num_bins=opts.info_bins, buffer_size=opts.info_buffer, ema_rate=opts.info_beta,
+        refresh_kimg=opts.info_refresh, warmup_kimg=opts.info_warmup, min_count=opts.info_nmin,
+        gate_n=opts.info_gate_n, onset_p=opts.info_p, smoothing=opts.info_smooth, endpoint=endpoint,
+        pivot=opts.info_pivot, base=opts.info_base, floor=opts.info_floor,
+    )  # fmt: skip
+
+
 def find_resume_state(path: str) -> str:
     """A training-state-*.pt file, or the newest one in a run directory."""
     if os.path.isdir(path):
@@ -102,8 +124,25 @@ def find_resume_state(path: str) -> str:
 @click.option('--cond',       help='Train class-conditional model', metavar='BOOL',                  type=bool, default=False, show_default=True)
 @click.option('--arch',       help='Network architecture',                                           type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']), default='ddpmpp', show_default=True)
 @click.option('--precond',    help='Preconditioning & loss function',                                type=click.Choice(['vp', 've', 'edm']), default='edm', show_default=True)
-@click.option('--sampler',    help="Training noise sampler (auto = the precond's own)",              type=click.Choice(['auto', 'lognormal', 'loguniform', 'vp']), default='auto', show_default=True)
+@click.option('--sampler',    help="Training noise sampler (auto = the precond's own)",              type=click.Choice(['auto', 'lognormal', 'loguniform', 'vp', 'infonoise']), default='auto', show_default=True)
 @click.option('--weight',     help="Loss weight (auto = the precond's own)",                         type=click.Choice(['auto', 'edm', 'inverse-variance', 'uniform']), default='auto', show_default=True)
+
+# InfoNoise (--sampler=infonoise); see the README for how the defaults were chosen.
+@click.option('--info-bins',     help='InfoNoise: log-spaced intervals K', metavar='INT',                type=click.IntRange(min=2), default=64, show_default=True)
+@click.option('--info-buffer',   help='InfoNoise: FIFO capacity B per interval', metavar='INT',          type=click.IntRange(min=1), default=256, show_default=True)
+@click.option('--info-beta',     help='InfoNoise: EMA rate of the per-interval loss', metavar='FLOAT',   type=click.FloatRange(min=0, max=1, min_open=True), default=0.25, show_default=True)
+@click.option('--info-refresh',  help='InfoNoise: refresh period M', metavar='KIMG',                     type=click.FloatRange(min=0, min_open=True), default=50, show_default=True)
+@click.option('--info-warmup',   help='InfoNoise: warm-up N_warm under the base sampler', metavar='KIMG', type=click.FloatRange(min=0), default=1000, show_default=True)
+@click.option('--info-nmin',     help='InfoNoise: losses N_min per interval before a refresh', metavar='INT', type=click.IntRange(min=1), default=16, show_default=True)
+@click.option('--info-gate-n',   help='InfoNoise: gate exponent n', metavar='FLOAT',                     type=click.FloatRange(min=0, min_open=True), default=3, show_default=True)
+@click.option('--info-p',        help='InfoNoise: onset threshold p', metavar='FLOAT',                   type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=0.002, show_default=True)
+@click.option('--info-smooth',   help='InfoNoise: peak-preserving smoothing width, 0 = off', metavar='BINS', type=click.FloatRange(min=0), default=1, show_default=True)
+@click.option('--info-endpoint', help='InfoNoise: endpoint type (auto = detect from the data)',          type=click.Choice(['auto', 'continuous', 'discrete']), default='auto', show_default=True)
+@click.option('--info-pivot',    help='InfoNoise: fixed pivot c  [default: calibrated]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--info-base',     help='InfoNoise: base sampler for the warm-up',                         type=click.Choice(['lognormal', 'loguniform']), default='lognormal', show_default=True)
+@click.option('--info-floor',    help='InfoNoise: log-uniform mixing floor', metavar='FLOAT',           type=click.FloatRange(min=0, max=1), default=0.05, show_default=True)
+@click.option('--info-sigma-min', help="InfoNoise: lowest σ  [default: the precond's]", metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--info-sigma-max', help="InfoNoise: highest σ  [default: the precond's]", metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 
 # Hyperparameters.
 @click.option('--duration',   help='Training duration', metavar='MIMG',                              type=click.FloatRange(min=0, min_open=True), default=200, show_default=True)
@@ -186,6 +225,7 @@ def main(**kwargs):
         c.dataset_kwargs.resolution = dataset_obj.resolution  # Be explicit about dataset resolution.
         c.dataset_kwargs.max_size = len(dataset_obj)  # Be explicit about dataset size.
         img_channels, label_dim = dataset_obj.num_channels, dataset_obj.label_dim
+        discrete_data = opts.sampler == 'infonoise' and opts.info_endpoint == 'auto' and is_discrete_dataset(dataset_obj)
         del dataset_obj  # Conserve memory.
     except (OSError, ValueError) as err:
         raise click.ClickException(f'--data: {err}') from None
@@ -211,7 +251,13 @@ def main(**kwargs):
     weight = PRECOND_WEIGHT[opts.precond] if opts.weight == 'auto' else opts.weight
     c.loss_kwargs = dnnlib.EasyDict(class_name='training.loss.DenoisingLoss', weight=weight, sigma_data=0.5)
     sampler = PRECOND_SAMPLER[opts.precond] if opts.sampler == 'auto' else opts.sampler
-    c.noise_kwargs = dnnlib.EasyDict(SAMPLER_KWARGS[sampler](opts.precond))
+    if sampler == 'infonoise':
+        c.noise_kwargs = infonoise_kwargs(opts, weight, discrete_data)
+    else:
+        given = [f'--{name.replace("_", "-")}' for name in opts if name.startswith('info_') and ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise click.ClickException(f'{given[0]} only applies to --sampler=infonoise')
+        c.noise_kwargs = dnnlib.EasyDict(SAMPLER_KWARGS[sampler](opts.precond))
 
     # Training options.
     c.total_kimg = max(int(opts.duration * 1000), 1)

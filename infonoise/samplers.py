@@ -18,6 +18,15 @@ import torch
 # Smallest uniform draw: keeps Φ⁻¹(u) finite when torch.rand returns exactly 0.
 _U_MIN = 2.0**-40
 
+# Strata used to describe a distribution by quantiles.
+_NUM_STRATA = 4096
+
+
+def ln_sigma_strata(icdf) -> tuple[torch.Tensor, torch.Tensor]:
+    """ln icdf(u) at the midpoints u of equal-probability strata, and the strata probabilities (CPU, float64)."""
+    u = (torch.arange(_NUM_STRATA, dtype=torch.float64) + 0.5) / _NUM_STRATA
+    return icdf(u).log(), torch.full((_NUM_STRATA,), 1 / _NUM_STRATA, dtype=torch.float64)
+
 
 class NoiseSampler(abc.ABC):
     """Base class: a density over σ given by its inverse CDF."""
@@ -33,6 +42,24 @@ class NoiseSampler(abc.ABC):
 
     def observe(self, sigma: torch.Tensor, mse: torch.Tensor) -> None:  # noqa: B027
         """Per-sample σ and unweighted MSE of the step just taken; fixed samplers ignore them."""
+
+    def profile(self) -> dict[str, Any] | None:
+        """The learned information profile (InfoNoise); fixed samplers have none."""
+        return None
+
+    def ln_sigma_points(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """ln σ at the midpoints of equal-probability strata, and their probabilities (CPU, float64)."""
+        return ln_sigma_strata(self.icdf)
+
+    def describe(self) -> dict[str, float]:
+        """Mean and 10/50/90% quantiles of ln σ under the current distribution, for the tick statistics."""
+        x, w = self.ln_sigma_points()
+        order = x.argsort()
+        x, cdf = x[order], w[order].cumsum(0)
+        stats = dict(ln_sigma_mean=float((x * w[order]).sum()))
+        for q in (10, 50, 90):
+            stats[f'ln_sigma_q{q}'] = float(x[torch.searchsorted(cdf, torch.tensor(q / 100, dtype=cdf.dtype))])
+        return stats
 
     def state_dict(self) -> dict[str, Any]:
         return {}

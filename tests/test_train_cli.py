@@ -49,6 +49,35 @@ def test_precond_defaults_and_sampler_choice(tmp_path, digits_zip, args, sampler
     assert config['noise_kwargs']['class_name'].endswith(sampler) and config['loss_kwargs']['weight'] == weight
 
 
+def test_infonoise_options_and_endpoint_detection(tmp_path, digits_zip):
+    result = run(
+        *base_args(tmp_path, digits_zip),
+        '--sampler=infonoise',
+        '--info-bins=32',
+        '--info-refresh=2',
+        '--info-warmup=10',
+        '--info-pivot=0.1',
+        '--info-base=loguniform',
+        '--weight=uniform',
+        '--dry-run',
+    )
+    assert result.exit_code == 0, result.output
+    kwargs = json.loads(result.output.split('Training options:')[1].split('\n\n')[0])['noise_kwargs']
+    assert kwargs['class_name'] == 'infonoise.infonoise.InfoNoise' and kwargs['weight'] == 'uniform'
+    assert (kwargs['num_bins'], kwargs['refresh_kimg'], kwargs['warmup_kimg']) == (32, 2, 10)
+    assert (kwargs['pivot'], kwargs['base'], kwargs['endpoint']) == (0.1, 'loguniform', 'continuous')
+    assert (kwargs['sigma_min'], kwargs['sigma_max']) == (0.002, 80)
+    # Pixels only at 0 and 255: discrete endpoints (power-law pivot).
+    binary = write_edm_zip(
+        tmp_path / 'binary.zip', (np.random.default_rng(0).random((16, 8, 8)) > 0.5).astype(np.uint8) * 255
+    )
+    result = run(*base_args(tmp_path, binary), '--sampler=infonoise', '--dry-run')
+    assert (
+        json.loads(result.output.split('Training options:')[1].split('\n\n')[0])['noise_kwargs']['endpoint']
+        == 'discrete'
+    )
+
+
 def test_every_preset_dry_runs(tmp_path, digits_zip):
     names = sorted(f[:-5] for f in os.listdir(train.CONFIGS_DIR) if f.endswith('.json'))
     assert {'cifar10-cond-ddpmpp', 'ffhq64-ddpmpp', 'imagenet64-adm', 'demo-mnist16'} <= set(names)
@@ -108,6 +137,7 @@ def error_cases(tmp_path, digits_zip):
         (['--data', digits_zip, '--preset=no-such-preset'], 'Unknown preset'),
         (['--data', digits_zip, '--fp16=1', '--bf16=1'], 'mutually exclusive'),
         (['--data', digits_zip, '--transfer=a.pt', '--resume=b.pt'], 'same time'),
+        (['--data', digits_zip, '--info-bins=8'], '--info-bins only applies to --sampler=infonoise'),
     ]
 
 

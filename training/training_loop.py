@@ -16,6 +16,8 @@ import psutil
 import torch
 
 import dnnlib
+from infonoise import plots
+from infonoise.profile import Profile
 from torch_utils import distributed as dist
 from torch_utils import misc, persistence, training_stats
 
@@ -232,10 +234,13 @@ def training_loop(
             ]
             torch.cuda.reset_peak_memory_stats()
         dist.print0(' '.join(fields))
+        for name, value in noise_sampler.describe().items():
+            training_stats.report0(f'Noise/{name}', value)
 
         # Save network snapshot.
         if snapshot_ticks is not None and (done or cur_tick % snapshot_ticks == 0):
             misc.check_ddp_consistency(ema)
+            profile = noise_sampler.profile()
             if rank == 0:
                 snapshot = dict(
                     format=SNAPSHOT_FORMAT,
@@ -247,9 +252,13 @@ def training_loop(
                     augment_kwargs=dict(augment_kwargs) if augment_kwargs is not None else None,
                     dataset_kwargs=dict(dataset_kwargs),
                     kimg=cur_nimg // 1000,
-                    profile=None,
+                    profile=profile,
                 )
                 persistence.save_atomic(snapshot, os.path.join(run_dir, f'network-snapshot-{cur_nimg // 1000:06d}.pt'))
+                if profile is not None:
+                    plots.save_profile_plot(
+                        Profile.from_dict(profile), os.path.join(run_dir, f'profile-{cur_nimg // 1000:06d}.png')
+                    )
 
         # Save full dump of the training state.
         if state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0:
