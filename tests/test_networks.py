@@ -7,32 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+import train
 from training import networks
 
-# The architecture presets of EDM's train.py (--arch).
-PRESETS = {
-    'ddpmpp': dict(
-        model_type='SongUNet',
-        embedding_type='positional',
-        encoder_type='standard',
-        decoder_type='standard',
-        channel_mult_noise=1,
-        resample_filter=[1, 1],
-        model_channels=128,
-        channel_mult=[2, 2, 2],
-    ),
-    'ncsnpp': dict(
-        model_type='SongUNet',
-        embedding_type='fourier',
-        encoder_type='residual',
-        decoder_type='standard',
-        channel_mult_noise=2,
-        resample_filter=[1, 3, 3, 1],
-        model_channels=128,
-        channel_mult=[2, 2, 2],
-    ),
-    'adm': dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4]),
-}
+# The architecture presets of EDM's train.py (--arch), as our train.py defines them.
+PRESETS = train.ARCH_KWARGS
 
 
 def build_preset(arch, img_resolution=32, label_dim=0, augment_dim=9, cres=None, use_fp16=False, dropout=0.13):

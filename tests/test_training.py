@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import TINY_NET_ARGS
 
+import train
 from torch_utils import persistence
 from training import training_loop as tl
 
@@ -24,13 +25,8 @@ def tiny_config(data, run_dir, **overrides):
         ),
         data_loader_kwargs=dict(num_workers=0),
         network_kwargs=dict(
+            train.ARCH_KWARGS['ddpmpp'],
             class_name='training.networks.EDMPrecond',
-            model_type='SongUNet',
-            embedding_type='positional',
-            encoder_type='standard',
-            decoder_type='standard',
-            channel_mult_noise=1,
-            resample_filter=[1, 1],
             model_channels=16,
             channel_mult=[1, 2],
             num_blocks=1,
