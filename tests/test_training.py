@@ -198,3 +198,16 @@ def test_infonoise_run_writes_profile(tmp_path, digits_zip):
     assert lines[0].get('Noise/pivot', {'num': 0})['num'] == 0 and lines[0]['Noise/refreshes']['mean'] == 0
     assert lines[-1]['Noise/refreshes']['mean'] == 3 and lines[-1]['Noise/pivot']['mean'] > 0
     assert {'Noise/ln_sigma_mean', 'Noise/ln_sigma_q10', 'Noise/ln_sigma_q50', 'Noise/ln_sigma_q90'} <= set(lines[-1])
+
+
+def test_transfer_initialises_from_a_snapshot(tmp_path, digits_zip):
+    tl.training_loop(**tiny_config(digits_zip, tmp_path / 'a', total_kimg=0.016))
+    snapshot = str(tmp_path / 'a' / 'network-snapshot-000000.pt')
+    # One step at learning rate 0 (the first step of the ramp-up): the weights are exactly the transferred EMA.
+    result = tl.training_loop(
+        **tiny_config(digits_zip, tmp_path / 'b', seed=9, total_kimg=0.008, transfer=snapshot, ema_rampup_ratio=None)
+    )
+    source = torch.load(snapshot, weights_only=True)['ema']
+    for name, value in result.net.state_dict().items():
+        assert torch.equal(value, source[name]), name
+    assert all(torch.equal(v, source[k]) for k, v in result.ema.state_dict().items())
