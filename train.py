@@ -216,7 +216,6 @@ def main(**kwargs):
     if opts.workers > 0:
         c.data_loader_kwargs.prefetch_factor = 2
     c.network_kwargs = dnnlib.EasyDict()
-    c.loss_kwargs = dnnlib.EasyDict()
     c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
 
     # Validate dataset options.
