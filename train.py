@@ -284,7 +284,7 @@ def main(**kwargs):
             c.network_kwargs, img_resolution=c.dataset_kwargs.resolution, img_channels=img_channels, label_dim=label_dim
         )
         try:
-            state = training_loop.load_training_state(c.resume_state, net_kwargs)
+            state = training_loop.load_training_state(c.resume_state, net_kwargs, c.noise_kwargs)
         except ValueError as e:
             raise click.ClickException(f'--resume: {e}') from None
         if seed is None:

@@ -19,5 +19,6 @@ if __name__ == '__main__':
 
     training_loop.training_loop = capture
     train.main(args, standalone_mode=False)
-    net, ema = result['net'].state_dict(), result['ema'].state_dict()
-    torch.save(dict(net=net, ema=ema, cur_nimg=result['cur_nimg']), os.path.join(out, f'rank{os.environ["RANK"]}.pt'))
+    net, ema, sampler = result['net'].state_dict(), result['ema'].state_dict(), result['noise_sampler'].state_dict()
+    state = dict(net=net, ema=ema, noise_sampler=sampler, cur_nimg=result['cur_nimg'])
+    torch.save(state, os.path.join(out, f'rank{os.environ["RANK"]}.pt'))

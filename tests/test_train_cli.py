@@ -169,6 +169,8 @@ def test_resume_of_incompatible_state_is_refused(tmp_path, digits_zip):
         f'--resume={run_dir}',
     )
     assert result.exit_code != 0 and 'different network' in result.output
+    result = run(*base_args(out, digits_zip), '--sampler=infonoise', f'--resume={run_dir}')
+    assert result.exit_code != 0 and 'written with the noise sampler infonoise.samplers.LogNormal' in result.output
     assert len(list(out.iterdir())) == 1
 
 

@@ -141,33 +141,17 @@ def test_resume_rejects_other_network(tmp_path, digits_zip):
 
 
 def test_ddp_two_gloo_ranks(tmp_path, digits_zip):
-    # Real torchrun with 2 CPU processes: identical net and EMA on both ranks, loss reduced across ranks.
+    # Real torchrun with 2 CPU processes training with InfoNoise: identical net, EMA and InfoNoise table on both
+    # ranks (each rank bins only its own losses), loss reduced across ranks.
     out = tmp_path / 'ddp'
-    cmd = [
-        sys.executable,
-        '-m',
-        'torch.distributed.run',
-        '--standalone',
-        '--nproc_per_node=2',
-        os.path.join(REPO, 'tests', 'ddp_worker.py'),
-        str(out),
-        '--outdir',
-        str(out),
-        '--data',
-        digits_zip,
-        '--cond=1',
-        '--batch=16',
-        '--batch-gpu=4',
-        '--duration=0.001',
-        '--tick=1',
-        '--snap=1',
-        '--dump=1',
-        '--lr-rampup=0',
-        '--seed=1',
-        '--workers=0',
-        '--device=cpu',
-        *TINY_NET_ARGS,
-    ]
+    train_args = (
+        '--cond=1 --batch=16 --batch-gpu=4 --duration=0.001 --tick=1 --snap=1 --dump=1 --lr-rampup=0 --seed=1 '
+        '--workers=0 --device=cpu --sampler=infonoise --info-bins=8 --info-refresh=0.128 --info-warmup=0.256 '
+        '--info-nmin=1 --info-floor=0.5 --info-base=loguniform'
+    ).split()
+    worker = os.path.join(REPO, 'tests', 'ddp_worker.py')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', worker, str(out)]
+    cmd += ['--outdir', str(out), '--data', digits_zip, *train_args, *TINY_NET_ARGS]
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -177,6 +161,10 @@ def test_ddp_two_gloo_ranks(tmp_path, digits_zip):
     for key in ('net', 'ema'):
         assert r0[key].keys() == r1[key].keys()
         assert all(torch.equal(r0[key][k], r1[key][k]) for k in r0[key]), key
+    n0, n1 = r0['noise_sampler'], r1['noise_sampler']
+    assert n0['refreshes'] == n1['refreshes'] >= 5 and n0['pivot'] == n1['pivot']
+    assert torch.equal(n0['table']['cdf'], n1['table']['cdf']) and torch.equal(n0['mse'], n1['mse'])
+    assert not torch.equal(n0['buffer'], n1['buffer'])  # The ranks saw different losses.
     run_dir = next(p for p in out.iterdir() if p.is_dir())
     assert 'gpus2-batch16' in run_dir.name
     lines = [json.loads(line) for line in open(run_dir / 'stats.jsonl')]

@@ -30,8 +30,8 @@ def step_seed(seed: int, rank: int, nimg: int) -> int:
     return int(np.random.SeedSequence([seed % 2**32, rank, nimg]).generate_state(1)[0])
 
 
-def load_training_state(path: str, network_kwargs: dict) -> dict:
-    """Read a training state and check that it was written for this network."""
+def load_training_state(path: str, network_kwargs: dict, noise_kwargs: dict) -> dict:
+    """Read a training state and check that it was written for this network and noise sampler."""
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
@@ -40,6 +40,10 @@ def load_training_state(path: str, network_kwargs: dict) -> dict:
         raise ValueError(f'"{path}" is not an InfoNoise-EDM training state')
     if state['network_kwargs'] != network_kwargs:
         raise ValueError(f'Training state "{path}" was written for a different network: {state["network_kwargs"]}')
+    if state['noise_kwargs']['class_name'] != noise_kwargs['class_name']:
+        raise ValueError(
+            f'Training state "{path}" was written with the noise sampler {state["noise_kwargs"]["class_name"]}'
+        )
     return state
 
 
@@ -130,7 +134,7 @@ def training_loop(
     cur_nimg = 0
     if resume_state is not None:
         dist.print0(f'Loading training state from "{resume_state}"...')
-        state = load_training_state(resume_state, net_kwargs)
+        state = load_training_state(resume_state, net_kwargs, noise_kwargs)
         net.load_state_dict(state['net'])
         ema.load_state_dict(state['ema'])
         optimizer.load_state_dict(state['optimizer'])
@@ -271,6 +275,7 @@ def training_loop(
                     net={k: v.detach().cpu() for k, v in net.state_dict().items()},
                     ema={k: v.detach().cpu() for k, v in ema.state_dict().items()},
                     optimizer=optimizer.state_dict(),
+                    noise_kwargs=dict(noise_kwargs),
                     noise_sampler=noise_sampler.state_dict(),
                     cur_nimg=cur_nimg,
                     seed=seed,
@@ -301,4 +306,4 @@ def training_loop(
         stats_jsonl.close()
     dist.print0()
     dist.print0('Exiting...')
-    return dnnlib.EasyDict(net=net, ema=ema, cur_nimg=cur_nimg)
+    return dnnlib.EasyDict(net=net, ema=ema, noise_sampler=noise_sampler, cur_nimg=cur_nimg)
