@@ -16,6 +16,7 @@ import torch
 
 import dnnlib
 from infonoise.pivot import is_discrete
+from infonoise.samplers import VPSampler
 from torch_utils import distributed as dist
 from training import training_loop
 
@@ -52,7 +53,12 @@ PRECOND_CLASS = {'vp': 'VPPrecond', 've': 'VEPrecond', 'edm': 'EDMPrecond'}
 # Each preconditioning's own training distribution and loss weight (EDM Table 1), used for 'auto'.
 PRECOND_SAMPLER = {'edm': 'lognormal', 'vp': 'vp', 've': 'loguniform'}
 PRECOND_WEIGHT = {'edm': 'edm', 'vp': 'inverse-variance', 've': 'inverse-variance'}
-PRECOND_SIGMA_RANGE = {'edm': (0.002, 80.0), 've': (0.02, 100.0), 'vp': (0.0010005, 152.167)}
+# EDM's σ ranges: the EDM sampling range, VEPrecond's, and VP's σ(ε_t)..σ(1) (the VP sampler's icdf at u = 1 and 0).
+PRECOND_SIGMA_RANGE = {
+    'edm': (0.002, 80.0),
+    've': (0.02, 100.0),
+    'vp': tuple(float(s) for s in VPSampler().icdf(torch.tensor([1.0, 0.0], dtype=torch.float64))),
+}
 SAMPLER_KWARGS = {
     'lognormal': lambda precond: dict(class_name='infonoise.samplers.LogNormal', P_mean=-1.2, P_std=1.2),
     'loguniform': lambda precond: dict(

@@ -114,9 +114,9 @@ class InfoNoise(NoiseSampler):
         self._to(device)
         u = torch.rand(n, device=device, dtype=torch.float64).clamp_(min=2.0**-40)
         if self.table is not None:
-            return self.table.icdf(u).to(torch.float32)
+            return self.icdf(u).to(torch.float32)
         use_floor = torch.rand(n, device=device) < self.floor
-        return torch.where(use_floor, self.floor_sampler.icdf(u), self.base.icdf(u)).to(torch.float32)
+        return torch.where(use_floor, self.floor_sampler.icdf(u), self.icdf(u)).to(torch.float32)
 
     # Alg. 1 line 8: push each loss into its interval's FIFO buffer, evicting the oldest.
     def observe(self, sigma: torch.Tensor, mse: torch.Tensor) -> None:

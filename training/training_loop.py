@@ -30,6 +30,11 @@ def step_seed(seed: int, rank: int, nimg: int) -> int:
     return int(np.random.SeedSequence([seed % 2**32, rank, nimg]).generate_state(1)[0])
 
 
+def cpu_state_dict(module: torch.nn.Module) -> dict:
+    """A module's state dict as detached CPU tensors, for snapshots and training states."""
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
 def load_training_state(path: str, network_kwargs: dict, noise_kwargs: dict) -> dict:
     """Read a training state and check that it was written for this network and noise sampler."""
     try:
@@ -250,7 +255,7 @@ def training_loop(
                     format=SNAPSHOT_FORMAT,
                     version=1,
                     network_kwargs=net_kwargs,
-                    ema={k: v.detach().cpu() for k, v in ema.state_dict().items()},
+                    ema=cpu_state_dict(ema),
                     loss_kwargs=dict(loss_kwargs),
                     noise_kwargs=dict(noise_kwargs),
                     augment_kwargs=dict(augment_kwargs) if augment_kwargs is not None else None,
@@ -272,8 +277,8 @@ def training_loop(
                     format=STATE_FORMAT,
                     version=1,
                     network_kwargs=net_kwargs,
-                    net={k: v.detach().cpu() for k, v in net.state_dict().items()},
-                    ema={k: v.detach().cpu() for k, v in ema.state_dict().items()},
+                    net=cpu_state_dict(net),
+                    ema=cpu_state_dict(ema),
                     optimizer=optimizer.state_dict(),
                     noise_kwargs=dict(noise_kwargs),
                     noise_sampler=noise_sampler.state_dict(),
