@@ -1,10 +1,16 @@
 """Generate images with a trained network, as EDM's generate.py (Karras et al. 2022, "Elucidating the Design
-Space of Diffusion-Based Generative Models").
+Space of Diffusion-Based Generative Models"), on a choice of sigma-grids.
 
-One PNG per seed, drawn with EDM's sampler (Algorithm 2) on EDM's rho-grid. Every seed has its own random
-generator, so an image depends only on its seed. Under torchrun the seeds are split across ranks as EDM does.
+One PNG per seed, drawn with EDM's sampler (Algorithm 2) on the grid chosen by `--grid`: EDM's rho-grid (the
+default), InfoGrid (InfoNoise paper, Eq. 19) from a learned or offline information profile, its closed form for
+a Gaussian source (the tangent law), log-uniform, a grid read from a file, or EDM's VP/VE/iDDPM discretizations.
+`--schedule`/`--scaling` select EDM's ablation sampler. Every seed has its own random generator, so an image
+depends only on its seed, not on the batch size or the number of ranks; under torchrun the seeds are split
+across ranks as EDM does. The grid used is written to OUTDIR/grid.json, which `--grid=OUTDIR/grid.json` reads.
 """
 
+import json
+import math
 import os
 
 import click
@@ -14,10 +20,19 @@ import torch
 import tqdm
 
 from dnnlib.util import parse_int_list
-from infonoise.grids import edm_grid
+from infonoise import grids
 from torch_utils import distributed as dist
 from torch_utils.persistence import load_network
-from training.sampling import StackedRandomGenerator, edm_sampler, images_to_uint8, save_image, tile_images
+from training.sampling import (
+    StackedRandomGenerator,
+    ablation_sampler,
+    edm_sampler,
+    images_to_uint8,
+    save_image,
+    tile_images,
+)
+
+GRID_NAMES = ('edm', 'infogrid', 'loguniform', 'tangent', 'vp', 've', 'iddpm')
 
 
 def image_path(outdir: str, seed: int, subdirs: bool) -> str:
@@ -34,13 +49,134 @@ def split_seeds(seeds: list[int], max_batch_size: int, rank: int, world_size: in
     return [batch.tolist() for batch in all_batches[rank::world_size]]
 
 
-def save_grid_png(outdir: str, seeds: list[int], subdirs: bool, grid_png: str) -> None:
-    """Tile the saved images of `seeds`, read back from disk (so every rank's images are included), into one PNG."""
+def read_images(outdir: str, seeds: list[int], subdirs: bool) -> np.ndarray:
+    """The saved images of `seeds` as uint8 NHWC, read back from disk (so every rank's images are included)."""
     images = np.stack([np.array(PIL.Image.open(image_path(outdir, seed, subdirs))) for seed in seeds])
-    images = images.reshape(*images.shape[:3], -1)
-    os.makedirs(os.path.dirname(grid_png) or '.', exist_ok=True)
-    save_image(tile_images(images), grid_png)
+    return images.reshape(*images.shape[:3], -1)
 
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Information profiles and grids.
+
+
+def read_profile(path: str) -> dict:
+    """An information profile from a JSON file or from our network snapshot / training state (its 'profile')."""
+    if not os.path.isfile(path):
+        raise click.ClickException(f'--profile: no such file "{path}"')
+    try:
+        with open(path, encoding='utf-8') as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        try:
+            data = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception:
+            raise click.ClickException(f'--profile: "{path}" is neither JSON nor a network snapshot') from None
+    if isinstance(data, dict) and isinstance(data.get('profile'), dict):
+        data = data['profile']
+    if not isinstance(data, dict) or 'sigma' not in data or not ('rate' in data or 'mse' in data):
+        raise click.ClickException(f'--profile: "{path}" holds no profile (a "sigma" list and a "rate" or "mse" list)')
+    return data
+
+
+def profile_points(profile: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma, rate) of a profile; the rate r = mmse/sigma^3 is derived from "mse" when the profile has no "rate"."""
+    try:
+        sigma = torch.as_tensor(profile['sigma'], dtype=torch.float64)
+        rate = profile.get('rate')
+        rate = sigma.new_tensor(rate) if rate is not None else sigma.new_tensor(profile['mse']) / sigma**3
+    except (TypeError, ValueError, RuntimeError):
+        raise click.ClickException('--profile: "sigma" and "rate"/"mse" must be lists of numbers') from None
+    return sigma, rate
+
+
+def gaussian_variances(spec: str | None, sigma_data: float | None) -> list[float]:
+    """Variances for the tangent grid: a number (one scale, the data's standard deviation), or a JSON file with a
+    "variances" list (e.g. the data's PCA spectrum); by default the network's sigma_data."""
+    if spec is None:
+        if sigma_data is None:
+            raise click.ClickException(
+                '--grid=tangent needs --profile (a scale or a variances file): the network has no sigma_data'
+            )
+        return [float(sigma_data) ** 2]
+    try:
+        scale = float(spec)
+    except ValueError:
+        pass
+    else:
+        if not 0 < scale < math.inf:
+            raise click.ClickException(f'--profile: the tangent scale must be a positive number, got {spec}')
+        return [scale**2]
+    if not os.path.isfile(spec):
+        raise click.ClickException(f'--profile: "{spec}" is neither a number nor a file')
+    try:
+        with open(spec, encoding='utf-8') as f:
+            data = json.load(f)
+        variances = data['variances'] if isinstance(data, dict) else data
+        return [float(v) for v in variances]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise click.ClickException(f'--profile: "{spec}" holds no "variances" list of numbers') from None
+
+
+def build_grid(
+    grid: str, num_steps: int, sigma_min: float, sigma_max: float, rho: float, profile: str | None, net, net_profile
+) -> tuple[torch.Tensor, dict]:
+    """The sigma-grid named by --grid (with the ends already clamped to the network), and how it was made."""
+    info = dict(grid=grid, sigma_min=sigma_min, sigma_max=sigma_max)
+    if grid == 'edm':
+        return grids.edm_grid(num_steps, sigma_min, sigma_max, rho), dict(info, rho=rho)
+    if grid in ('loguniform', 've'):
+        return grids.loguniform_grid(num_steps, sigma_min, sigma_max), info
+    if grid == 'vp':
+        return grids.vp_grid(num_steps, sigma_min, sigma_max), info
+    if grid == 'iddpm':
+        return grids.iddpm_grid(num_steps, sigma_min, sigma_max), info
+    if grid == 'tangent':
+        variances = gaussian_variances(profile, getattr(net, 'sigma_data', None))
+        summary = f'{len(variances)} variances' if len(variances) > 1 else f'scale {math.sqrt(variances[0]):g}'
+        return grids.tangent_grid(num_steps, variances, sigma_min, sigma_max), dict(info, profile=profile or summary)
+    if grid == 'infogrid':
+        if profile is not None:
+            data, source = read_profile(profile), profile
+        elif net_profile is not None:
+            data, source = net_profile, 'network'
+        else:
+            raise click.ClickException(
+                '--grid=infogrid needs an information profile: the network has none (it was not trained with '
+                'InfoNoise); pass --profile=FILE'
+            )
+        sigma, rate = profile_points(data)
+        return grids.infogrid(num_steps, sigma, rate, sigma_min, sigma_max), dict(info, profile=source)
+    raise AssertionError(grid)
+
+
+def resolve_grid(grid, num_steps, steps_given, sigma_min, sigma_max, rho, profile, net, net_profile):
+    """Build the grid for `--grid` (a name or a file), checking it against the network's noise range."""
+    if grid not in GRID_NAMES:
+        if not os.path.isfile(grid):
+            raise click.ClickException(f'--grid: "{grid}" is neither one of {", ".join(GRID_NAMES)} nor a file')
+        sigmas = grids.read_grid_file(grid)
+        if steps_given and num_steps != len(sigmas) - 1:
+            raise click.ClickException(f'--steps={num_steps}, but the grid file "{grid}" has {len(sigmas) - 1} steps')
+        if sigmas[-2] < net.sigma_min or sigmas[0] > net.sigma_max:
+            raise click.ClickException(
+                f'Grid file "{grid}" spans [{sigmas[-2]:g}, {sigmas[0]:g}], outside the network\'s noise range '
+                f'[{float(net.sigma_min):g}, {float(net.sigma_max):g}]'
+            )
+        return sigmas, dict(grid='file', file=grid)
+
+    # The range: the user's or the grid's default (EDM's per discretization), clamped to the network as in EDM.
+    default_min, default_max = grids.DEFAULT_RANGES.get(grid, grids.DEFAULT_RANGES['edm'])
+    sigma_min = max(default_min if sigma_min is None else sigma_min, float(net.sigma_min))
+    sigma_max = min(default_max if sigma_max is None else sigma_max, float(net.sigma_max))
+    if sigma_min >= sigma_max:
+        raise click.ClickException(
+            f'Empty noise range for this network: sigma_min={sigma_min:g} >= sigma_max={sigma_max:g}'
+        )
+    return build_grid(grid, num_steps, sigma_min, sigma_max, rho, profile, net, net_profile)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line.
 
 POSITIVE = click.FloatRange(min=0, min_open=True)
 NON_NEGATIVE = click.FloatRange(min=0)
@@ -48,26 +184,35 @@ POSITIVE_INT = click.IntRange(min=1)
 NON_NEGATIVE_INT = click.IntRange(min=0)
 
 
+# fmt: off
 @click.command(context_settings={'show_default': True})
 @click.option('--network', 'network_pkl', help='Network snapshot or EDM pickle', metavar='PATH|URL', required=True)
-@click.option('--outdir', help='Where to save the output images', metavar='DIR', required=True)
-@click.option('--seeds', help='Random seeds (e.g. 1,2,5-10)', metavar='LIST', type=parse_int_list, default='0-63')
-@click.option('--subdirs', help='Create subdirectory for every 1000 seeds', is_flag=True)
-@click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT', type=NON_NEGATIVE_INT)
+@click.option('--outdir',                 help='Where to save the output images', metavar='DIR', required=True)
+@click.option('--seeds',                  help='Random seeds (e.g. 1,2,5-10)', metavar='LIST', type=parse_int_list, default='0-63')
+@click.option('--subdirs',                help='Create subdirectory for every 1000 seeds', is_flag=True)
+@click.option('--class', 'class_idx',     help='Class label  [default: random]', metavar='INT', type=NON_NEGATIVE_INT)
 @click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=POSITIVE_INT, default=64)
-# Sampler options.
-@click.option('--steps', 'num_steps', help='Number of sampling steps', metavar='INT', type=POSITIVE_INT, default=18)
-@click.option('--sigma_min', help='Lowest noise level  [default: 0.002]', metavar='FLOAT', type=POSITIVE)
-@click.option('--sigma_max', help='Highest noise level  [default: 80]', metavar='FLOAT', type=POSITIVE)
-@click.option('--rho', help='Time step exponent', metavar='FLOAT', type=POSITIVE, default=7)
-@click.option('--S_churn', 'S_churn', help='Stochasticity strength', metavar='FLOAT', type=NON_NEGATIVE, default=0)
-@click.option('--S_min', 'S_min', help='Stoch. min noise level', metavar='FLOAT', type=NON_NEGATIVE, default=0)
-@click.option('--S_max', 'S_max', help='Stoch. max noise level', metavar='FLOAT', type=NON_NEGATIVE, default='inf')
-@click.option('--S_noise', 'S_noise', help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1)
-@click.option('--solver', help='ODE solver', type=click.Choice(['heun', 'euler']), default='heun')
-# Other options.
-@click.option('--device', help='Device  [default: cuda if available, else cpu]', type=click.Choice(['cuda', 'cpu']))
-@click.option('--grid-png', 'grid_png', help='Also save all images as one PNG grid', metavar='FILE')
+# Sigma-grid.
+@click.option('--grid',                   help='Sigma-grid: edm|infogrid|loguniform|tangent|vp|ve|iddpm or a FILE of sigmas', metavar='NAME|FILE', default='edm')
+@click.option('--profile',                help='Information profile for infogrid (JSON or snapshot); variances file or scale for tangent', metavar='FILE|FLOAT')
+@click.option('--steps', 'num_steps',     help='Number of sampling steps', metavar='INT', type=click.IntRange(min=2), default=18)
+@click.option('--sigma_min',              help='Lowest noise level  [default: varies]', metavar='FLOAT', type=POSITIVE)
+@click.option('--sigma_max',              help='Highest noise level  [default: varies]', metavar='FLOAT', type=POSITIVE)
+@click.option('--rho',                    help='Time step exponent of the edm grid', metavar='FLOAT', type=POSITIVE, default=7)
+# Sampler.
+@click.option('--S_churn', 'S_churn',     help='Stochasticity strength', metavar='FLOAT', type=NON_NEGATIVE, default=0)
+@click.option('--S_min', 'S_min',         help='Stoch. min noise level', metavar='FLOAT', type=NON_NEGATIVE, default=0)
+@click.option('--S_max', 'S_max',         help='Stoch. max noise level', metavar='FLOAT', type=NON_NEGATIVE, default='inf')
+@click.option('--S_noise', 'S_noise',     help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1)
+@click.option('--solver',                 help='Ablate ODE solver', type=click.Choice(['heun', 'euler']), default='heun')
+@click.option('--disc', 'discretization', help="Ablate time step discretization (EDM's name for --grid)", type=click.Choice(['vp', 've', 'iddpm', 'edm']))
+@click.option('--schedule',               help='Ablate noise schedule sigma(t)', type=click.Choice(['vp', 've', 'linear']), default='linear')
+@click.option('--scaling',                help='Ablate signal scaling s(t)', type=click.Choice(['vp', 'none']), default='none')
+# Output and devices.
+@click.option('--grid-png', 'grid_png',   help='Also save all images as one PNG grid', metavar='FILE')
+@click.option('--npz',                    help='Also save all images (uint8 NHWC "arr_0"), seeds and labels in one .npz', metavar='FILE')
+@click.option('--device',                 help='Device  [default: cuda if available, else cpu]', type=click.Choice(['cuda', 'cpu']))
+# fmt: on
 def main(
     network_pkl,
     outdir,
@@ -75,17 +220,24 @@ def main(
     subdirs,
     class_idx,
     max_batch_size,
+    grid,
+    profile,
     num_steps,
     sigma_min,
     sigma_max,
     rho,
     solver,
-    device,
+    discretization,
+    schedule,
+    scaling,
     grid_png,
+    npz,
+    device,
     **churn_kwargs,
 ):
     """Generate random images using the techniques described in the paper
-    "Elucidating the Design Space of Diffusion-Based Generative Models".
+    "Elucidating the Design Space of Diffusion-Based Generative Models",
+    on EDM's sigma-grid or on InfoGrid (InfoNoise paper, Eq. 19).
 
     Examples:
 
@@ -95,17 +247,27 @@ def main(
         --network=https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl
 
     \b
-    # Generate 16 images on the CPU and also tile them into one PNG
-    python generate.py --outdir=out --seeds=0-15 --device=cpu --grid-png=out/grid.png \\
-        --network=network-snapshot-000100.pt
+    # The same seeds on InfoGrid, from the profile learned by InfoNoise training
+    python generate.py --outdir=out-info --seeds=0-63 --grid=infogrid --steps=18 \\
+        --network=training-runs/00000-mnist5k-16x16-uncond-ddpmpp-edm-gpus1-batch64-fp32/network-snapshot-000120.pt
 
     \b
-    # Generate 1024 images using 2 GPUs
+    # Generate 1024 images using 2 GPUs, also as one .npz for FID tools
     torchrun --standalone --nproc_per_node=2 generate.py --outdir=out --seeds=0-1023 --batch=64 \\
-        --network=https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl
+        --npz=out.npz --network=https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl
 
-    The noise range [sigma_min, sigma_max] is always clamped to the range the network supports, as in EDM.
+    The noise range [sigma_min, sigma_max] defaults to [0.002, 80], or to EDM's range of the vp/ve/iddpm
+    discretization, and is always clamped to the range the network supports, as in EDM. With Heun's solver,
+    N steps cost 2N-1 network evaluations (NFE); with Euler's, N. The grid used is written to OUTDIR/grid.json.
     """
+    ctx = click.get_current_context()
+    steps_given = ctx.get_parameter_source('num_steps') != click.core.ParameterSource.DEFAULT
+    if discretization is not None:
+        if ctx.get_parameter_source('grid') != click.core.ParameterSource.DEFAULT and grid != discretization:
+            raise click.ClickException(f'--disc={discretization} contradicts --grid={grid}; give one of them')
+        grid = discretization
+    if profile is not None and grid not in ('infogrid', 'tangent'):
+        raise click.ClickException(f'--profile is used by --grid=infogrid or tangent, not --grid={grid}')
     try:
         device = dist.init(device)
     except RuntimeError as e:
@@ -116,11 +278,12 @@ def main(
         dist.barrier()
     dist.print0(f'Loading network from "{network_pkl}"...')
     try:
-        net = load_network(network_pkl, device=device).net
+        loaded = load_network(network_pkl, device=device)
     except (OSError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     if dist.get_rank() == 0:
         dist.barrier()
+    net = loaded.net
 
     # Check the class label against the network.
     if class_idx is not None and not net.label_dim:
@@ -128,18 +291,34 @@ def main(
     if class_idx is not None and class_idx >= net.label_dim:
         raise click.ClickException(f'--class={class_idx} is out of range; the network has {net.label_dim} classes')
 
-    # Build the sigma-grid within the range the network supports (as EDM, user values are clamped too).
-    sigma_min = max(0.002 if sigma_min is None else sigma_min, float(net.sigma_min))
-    sigma_max = min(80.0 if sigma_max is None else sigma_max, float(net.sigma_max))
-    if sigma_min >= sigma_max:
-        raise click.ClickException(
-            f'Empty noise range for this network: sigma_min={sigma_min:g} >= sigma_max={sigma_max:g}'
+    # Build the sigma-grid and record it next to the images.
+    try:
+        sigmas, grid_info = resolve_grid(
+            grid, num_steps, steps_given, sigma_min, sigma_max, rho, profile, net, loaded.profile
         )
-    sigmas = edm_grid(num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+    except ValueError as e:
+        raise click.ClickException(f'--grid={grid}: {e}') from None
+    num_steps = len(sigmas) - 1
+    nfe = 2 * num_steps - 1 if solver == 'heun' else num_steps
+    if dist.get_rank() == 0:
+        os.makedirs(outdir, exist_ok=True)
+        record = dict(
+            grid_info, network=network_pkl, solver=solver, schedule=schedule, scaling=scaling, num_steps=num_steps,
+            nfe=nfe, **churn_kwargs, sigmas=sigmas.tolist(),
+        )  # fmt: skip
+        with open(os.path.join(outdir, 'grid.json'), 'w', encoding='utf-8') as f:
+            json.dump(record, f, indent=2)
+    if schedule == 'linear' and scaling == 'none':
+        sampler_kwargs = dict(solver=solver, **churn_kwargs)
+        sampler = edm_sampler
+    else:
+        sampler_kwargs = dict(solver=solver, schedule=schedule, scaling=scaling, **churn_kwargs)
+        sampler = ablation_sampler
 
     # Loop over batches.
-    dist.print0(f'Generating {len(seeds)} images to "{outdir}" ({solver}, {num_steps} steps)...')
+    dist.print0(f'Generating {len(seeds)} images to "{outdir}" ({grid} grid, {solver}, {num_steps} steps, {nfe} NFE)...')
     rank_batches = split_seeds(seeds, max_batch_size, dist.get_rank(), dist.get_world_size())
+    rank_labels = {}
     for batch_seeds in tqdm.tqdm(rank_batches, unit='batch', disable=(dist.get_rank() != 0)):
         dist.barrier()
         batch_size = len(batch_seeds)
@@ -152,25 +331,35 @@ def main(
         class_labels = None
         if net.label_dim:
             labels = rnd.randint(net.label_dim, size=[batch_size], device=device)
+            if class_idx is not None:
+                labels[:] = class_idx
             class_labels = torch.eye(net.label_dim, device=device)[labels]
-        if class_idx is not None:
-            class_labels[:, :] = 0
-            class_labels[:, class_idx] = 1
+            rank_labels.update(zip(batch_seeds, labels.tolist()))
 
         # Generate and save images.
-        images = edm_sampler(
-            net, latents, sigmas, class_labels, randn_like=rnd.randn_like, solver=solver, **churn_kwargs
-        )
+        images = sampler(net, latents, sigmas, class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
         for seed, image in zip(batch_seeds, images_to_uint8(images)):
             path = image_path(outdir, seed, subdirs)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             save_image(image, path)
 
-    # Done.
+    # Collect all ranks' images into one PNG grid and/or one .npz.
     dist.barrier()
-    if grid_png is not None and dist.get_rank() == 0:
-        save_grid_png(outdir, seeds, subdirs, grid_png)
-        dist.print0(f'Saved image grid to "{grid_png}"')
+    labels = {seed: label for part in dist.all_gather_object(rank_labels) for seed, label in part.items()}
+    if dist.get_rank() == 0 and (grid_png is not None or npz is not None):
+        images = read_images(outdir, seeds, subdirs)
+        for path in (grid_png, npz):
+            if path is not None and os.path.dirname(path):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+        if grid_png is not None:
+            save_image(tile_images(images), grid_png)
+            dist.print0(f'Saved image grid to "{grid_png}"')
+        if npz is not None:
+            arrays = dict(arr_0=images, seeds=np.asarray(seeds, dtype=np.int64))
+            if net.label_dim:
+                arrays['labels'] = np.asarray([labels[seed] for seed in seeds], dtype=np.int64)
+            np.savez(npz, **arrays)
+            dist.print0(f'Saved {len(seeds)} images to "{npz}"')
     dist.print0('Done.')
     dist.shutdown()
 

@@ -2,32 +2,238 @@
 
 A grid is a float64 tensor of N+1 noise levels sigma_0 > sigma_1 > ... > sigma_{N-1} > sigma_N = 0 (EDM's
 convention, Karras et al. 2022, Sec. 3): the N-step sampler starts at sigma_0 and integrates down to 0. Grids
-are pure functions of their arguments; samplers (`training.sampling.edm_sampler`) take one as input and never
-build it themselves. The InfoGrid of the InfoNoise paper (Eq. 19, uniform in cumulative information) joins
-EDM's rho-grid here later.
+are pure functions of their arguments; samplers (`training.sampling`) take one as input and never build it.
+
+- `edm_grid`: EDM's rho-grid (EDM Eq. 5), the default.
+- `infogrid`: the InfoNoise paper's InfoGrid (Eq. 19), uniform in the cumulative information coordinate
+  u(sigma) = ∫ s r(s) ds / Z of an entropy-rate profile r = mmse/sigma^3.
+- `tangent_grid`: InfoGrid in closed form for a Gaussian source with variances lambda, where
+  u(sigma) ∝ Σ sqrt(lambda) arctan(sigma/sqrt(lambda)) (the "tangent law" of Poor, Sun & Zhang 2026).
+- `loguniform_grid`: geometric spacing, which is also EDM's "ve" discretization.
+- `vp_grid`, `iddpm_grid`: EDM's "vp" and "iddpm" discretizations (EDM Table 1), for its ablations.
+- `read_grid_file`: a grid from a text or JSON list of sigma values.
 """
 
+import json
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
 import torch
+
+# EDM's default noise range of each discretization (EDM's ablation sampler); the VP one is sigma_VP(1e-3), sigma_VP(1).
+_VP_BETA_D, _VP_BETA_MIN, _VP_EPSILON_S = 19.9, 0.1, 1e-3
+
+
+def _vp_sigma(t: float, beta_d: float = _VP_BETA_D, beta_min: float = _VP_BETA_MIN) -> float:
+    return math.sqrt(math.expm1(0.5 * beta_d * t**2 + beta_min * t))
+
+
+DEFAULT_RANGES = {
+    'vp': (_vp_sigma(_VP_EPSILON_S), _vp_sigma(1.0)),
+    've': (0.02, 100.0),
+    'iddpm': (0.002, 81.0),
+    'edm': (0.002, 80.0),
+}
+
+
+def _check(num_steps: int, sigma_min: float, sigma_max: float) -> None:
+    if num_steps < 2:
+        raise ValueError(f'A sigma-grid needs at least 2 steps, got {num_steps}')
+    if not 0 < sigma_min < sigma_max < math.inf:
+        raise ValueError(f'Need 0 < sigma_min < sigma_max < inf, got sigma_min={sigma_min}, sigma_max={sigma_max}')
+
+
+def _finish(sigmas: torch.Tensor, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """Pin the ends to sigma_max and sigma_min exactly and append the final 0."""
+    sigmas = sigmas.to(torch.float64).clone()
+    sigmas[0], sigmas[-1] = sigma_max, sigma_min
+    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
 
 
 def edm_grid(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
     """EDM's rho-grid (EDM Eq. 5): sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho.
 
-    Returns num_steps + 1 descending float64 values on the CPU: sigma_max, ..., sigma_min, 0. A single step
-    gives [sigma_max, 0].
+    Computed in EDM's order of operations, so the values equal EDM's bit for bit (the ends are not re-pinned).
     """
-    if num_steps < 1:
-        raise ValueError(f'num_steps must be at least 1, got {num_steps}')
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(f'Need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}')
+    _check(num_steps, sigma_min, sigma_max)
     if rho <= 0:
         raise ValueError(f'rho must be positive, got {rho}')
-    if num_steps == 1:
-        return torch.tensor([sigma_max, 0.0], dtype=torch.float64)
-
-    # Interpolate linearly in sigma^(1/rho), in EDM's order of operations.
     step_indices = torch.arange(num_steps, dtype=torch.float64)
     sigmas = (
         sigma_max ** (1 / rho) + step_indices / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))
     ) ** rho
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+
+
+def loguniform_grid(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0) -> torch.Tensor:
+    """Geometric spacing sigma_i = sigma_max (sigma_min/sigma_max)^(i/(N-1)); EDM's "ve" discretization."""
+    _check(num_steps, sigma_min, sigma_max)
+    fraction = torch.arange(num_steps, dtype=torch.float64) / (num_steps - 1)
+    return _finish(sigma_max * (sigma_min / sigma_max) ** fraction, sigma_min, sigma_max)
+
+
+def vp_grid(num_steps: int, sigma_min: float, sigma_max: float, epsilon_s: float = _VP_EPSILON_S) -> torch.Tensor:
+    """EDM's "vp" discretization: t uniform on [1, epsilon_s] mapped through the VP schedule sigma(t), with beta_d
+    and beta_min refitted so that sigma(epsilon_s) = sigma_min and sigma(1) = sigma_max (as EDM's ablation sampler).
+    """
+    _check(num_steps, sigma_min, sigma_max)
+    if not 0 < epsilon_s < 1:
+        raise ValueError(f'epsilon_s must lie in (0, 1), got {epsilon_s}')
+    beta_d, beta_min = vp_coefficients(sigma_min, sigma_max, epsilon_s)
+    t = 1 + torch.arange(num_steps, dtype=torch.float64) / (num_steps - 1) * (epsilon_s - 1)
+    return _finish(torch.expm1(0.5 * beta_d * t**2 + beta_min * t).sqrt(), sigma_min, sigma_max)
+
+
+def vp_coefficients(sigma_min: float, sigma_max: float, epsilon_s: float = _VP_EPSILON_S) -> tuple[float, float]:
+    """beta_d, beta_min of the VP schedule through sigma(epsilon_s) = sigma_min and sigma(1) = sigma_max (EDM)."""
+    beta_d = 2 * (math.log(sigma_min**2 + 1) / epsilon_s - math.log(sigma_max**2 + 1)) / (epsilon_s - 1)
+    beta_min = math.log(sigma_max**2 + 1) - 0.5 * beta_d
+    return beta_d, beta_min
+
+
+def iddpm_grid(
+    num_steps: int, sigma_min: float, sigma_max: float, C_1: float = 0.001, C_2: float = 0.008, M: int = 1000
+) -> torch.Tensor:
+    """EDM's "iddpm" discretization: the improved-DDPM noise levels u_j that lie in [sigma_min, sigma_max], of which
+    num_steps are picked at evenly spaced indices. The ends are those u_j, not sigma_min/sigma_max themselves."""
+    _check(num_steps, sigma_min, sigma_max)
+    u = torch.zeros(M + 1, dtype=torch.float64)
+    j = torch.arange(M + 1)
+    alpha_bar = (0.5 * math.pi * j / M / (C_2 + 1)).sin() ** 2
+    for i in range(M, 0, -1):
+        u[i - 1] = ((u[i] ** 2 + 1) / (alpha_bar[i - 1] / alpha_bar[i]).clip(min=C_1) - 1).sqrt()
+    u = u[(u >= sigma_min) & (u <= sigma_max)]
+    if len(u) < num_steps:
+        raise ValueError(f'Only {len(u)} iDDPM noise levels lie in [{sigma_min:g}, {sigma_max:g}]; need {num_steps}')
+    index = ((len(u) - 1) / (num_steps - 1) * torch.arange(num_steps, dtype=torch.float64)).round().to(torch.int64)
+    return torch.cat([u[index], torch.zeros(1, dtype=torch.float64)])
+
+
+def _uniform_in(u_of_log_sigma: Callable, num_steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """Points uniform in a strictly increasing coordinate u(ln sigma), found by bisection to float64 precision."""
+    lo_u, hi_u = u_of_log_sigma(np.log([sigma_min, sigma_max]))
+    targets = hi_u - np.arange(num_steps) / (num_steps - 1) * (hi_u - lo_u)
+    lo = np.full(num_steps, math.log(sigma_min))
+    hi = np.full(num_steps, math.log(sigma_max))
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        below = u_of_log_sigma(mid) < targets
+        lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+    return _finish(torch.from_numpy(np.exp(0.5 * (lo + hi))), sigma_min, sigma_max)
+
+
+def tangent_grid(
+    num_steps: int, variances: Sequence[float] | torch.Tensor, sigma_min: float = 0.002, sigma_max: float = 80.0
+) -> torch.Tensor:
+    """InfoGrid of a Gaussian source with per-component variances lambda: uniform in u ∝ Σ sqrt(lambda) arctan(sigma/sqrt(lambda)).
+
+    This is Eq. 19 in closed form (sigma r(sigma) = mmse/sigma^2 = Σ lambda/(lambda + sigma^2)). Zero variances
+    contribute nothing and are dropped; one positive variance is needed.
+    """
+    _check(num_steps, sigma_min, sigma_max)
+    lam = np.asarray(torch.as_tensor(variances, dtype=torch.float64).reshape(-1))
+    if lam.size == 0 or not np.isfinite(lam).all() or (lam < 0).any() or not (lam > 0).any():
+        raise ValueError('tangent_grid needs finite, non-negative variances, at least one of them positive')
+    scale = np.sqrt(lam[lam > 0])
+    return _uniform_in(
+        lambda log_sigma: (scale * np.arctan(np.exp(np.asarray(log_sigma))[..., None] / scale)).sum(-1),
+        num_steps,
+        sigma_min,
+        sigma_max,
+    )
+
+
+def information_coordinate(
+    sigma: Sequence[float] | torch.Tensor, rate: Sequence[float] | torch.Tensor
+) -> Callable[[np.ndarray], np.ndarray]:
+    """The unnormalised u(ln sigma) = ∫ s r(s) ds of Eq. 19 from a tabulated profile (ascending sigma, rate >= 0).
+
+    The integrand s r(s) ds = s^2 r(s) d(ln s) is interpolated linearly in log-log coordinates between the points
+    (so power laws are exact), held constant beyond them, and integrated exactly in ln s. Points with a
+    non-finite rate are skipped; rates are floored at 1e-12 of the largest so that u is strictly increasing.
+    """
+    sigma = np.asarray(torch.as_tensor(sigma, dtype=torch.float64).reshape(-1))
+    rate = np.asarray(torch.as_tensor(rate, dtype=torch.float64).reshape(-1))
+    if sigma.shape != rate.shape:
+        raise ValueError(f'Profile sigma and rate differ in length: {sigma.size} vs {rate.size}')
+    keep = np.isfinite(rate) & np.isfinite(sigma) & (sigma > 0)
+    sigma, rate = sigma[keep], rate[keep]
+    if sigma.size < 2 or (np.diff(sigma) <= 0).any():
+        raise ValueError('A profile needs at least 2 finite points at strictly increasing sigma > 0')
+    if (rate < 0).any() or not (rate > 0).any():
+        raise ValueError('A profile rate must be non-negative and positive somewhere')
+    log_sigma = np.log(sigma)
+    log_f = np.log(np.maximum(sigma**2 * rate, 1e-12 * (sigma**2 * rate).max()))
+
+    # Exact integral of exp(a + b x) over each piece, with b -> 0 handled by expm1.
+    def piece(x0, x1, f0_log, slope):
+        width = x1 - x0
+        small = np.abs(slope * width) < 1e-8
+        safe_slope = np.where(small, 1.0, slope)
+        return np.exp(f0_log) * np.where(small, width, np.expm1(safe_slope * width) / safe_slope)
+
+    slopes = np.diff(log_f) / np.diff(log_sigma)
+    nodes = np.concatenate([[0.0], np.cumsum(piece(log_sigma[:-1], log_sigma[1:], log_f[:-1], slopes))])
+
+    def u(x):
+        x = np.asarray(x, dtype=np.float64)
+        k = np.clip(np.searchsorted(log_sigma, x, side='right') - 1, 0, len(log_sigma) - 2)
+        inside = nodes[k] + piece(log_sigma[k], np.clip(x, log_sigma[0], log_sigma[-1]), log_f[k], slopes[k])
+        below = np.exp(log_f[0]) * np.minimum(x - log_sigma[0], 0)
+        above = np.exp(log_f[-1]) * np.maximum(x - log_sigma[-1], 0)
+        return inside + below + above
+
+    return u
+
+
+def infogrid(
+    num_steps: int,
+    sigma: Sequence[float] | torch.Tensor,
+    rate: Sequence[float] | torch.Tensor,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+) -> torch.Tensor:
+    """InfoGrid (InfoNoise paper, Eq. 19): uniform in u(sigma) = ∫_{sigma_min}^{sigma} s r(s) ds / Z.
+
+    `sigma`, `rate` tabulate the entropy-rate profile r = mmse/sigma^3 (e.g. InfoNoise's learned profile).
+    Returns sigma_max = sigma_0 > ... > sigma_{N-1} = sigma_min, then 0.
+    """
+    _check(num_steps, sigma_min, sigma_max)
+    return _uniform_in(information_coordinate(sigma, rate), num_steps, sigma_min, sigma_max)
+
+
+def parse_grid_values(values) -> torch.Tensor:
+    """A grid from a list of sigma values (or a dict with a "sigmas" list): descending, positive, 0 appended if absent."""
+    if isinstance(values, dict):
+        values = values.get('sigmas')
+    try:
+        sigmas = torch.as_tensor(values, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError('a grid must be a list of numbers (or a JSON object with a "sigmas" list)') from None
+    if sigmas.ndim != 1:
+        raise ValueError('a grid must be a flat list of numbers')
+    if len(sigmas) and sigmas[-1] != 0:
+        sigmas = torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+    if len(sigmas) < 3:
+        raise ValueError(f'a grid needs at least 2 positive sigma values, got {len(sigmas) - 1}')
+    if not torch.isfinite(sigmas).all() or not (sigmas[:-1] > 0).all() or not (sigmas[1:] < sigmas[:-1]).all():
+        raise ValueError('grid values must be finite, positive and strictly descending (a final 0 is optional)')
+    return sigmas
+
+
+def read_grid_file(path: str) -> torch.Tensor:
+    """A grid from a file: a JSON list (or object with "sigmas", as generate.py writes) or whitespace/comma-separated text."""
+    with open(path, encoding='utf-8') as f:
+        text = f.read()
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            values = [float(v) for v in text.replace(',', ' ').split()]
+        except ValueError:
+            raise ValueError(f'"{path}" is neither JSON nor a list of numbers') from None
+    try:
+        return parse_grid_values(values)
+    except ValueError as e:
+        raise ValueError(f'"{path}": {e}') from None

@@ -1,4 +1,4 @@
-"""Tests for sigma-grids, EDM's sampler and image output, against closed forms and exact counts."""
+"""Tests for EDM's sampler, generate.py and image output, against closed forms and exact counts."""
 
 import math
 
@@ -6,16 +6,9 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from click.testing import CliRunner
 
-import generate
 from infonoise.grids import edm_grid
-from torch_utils.persistence import load_network
-from training.networks import EDMPrecond
 from training.sampling import StackedRandomGenerator, edm_sampler, images_to_uint8, save_image_grid, tile_images
-
-# EDM's 18-step grid as printed in the reference facts (section 7).
-EDM_GRID_18 = '80 57.586 40.786 28.375 19.352 12.910 8.401 5.315 3.257 1.923 1.088 0.585 0.296 0.140 0.0600 0.0229 0.00753 0.002 0'
 
 
 class GaussianDenoiser:
@@ -65,36 +58,6 @@ def sampler_error(num_steps, solver, lam=0.25):
     sigma_last = sigmas[-2].item()
     expected = ode_solution(latents, sigmas, lam, sigma_last) * lam / (lam + sigma_last**2)
     return relative_error(out, expected)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Grids.
-
-
-def test_edm_grid_matches_edm_printed_values():
-    grid = edm_grid(18)
-    assert grid.dtype == torch.float64 and grid.shape == (19,)
-    # Within one unit of the last printed digit (0.0600 is a rounding of 0.059947).
-    for value, printed in zip(grid.tolist(), EDM_GRID_18.split()):
-        decimals = len(printed.split('.')[1]) if '.' in printed else 0
-        assert abs(value - float(printed)) <= 10**-decimals, (value, printed)
-    assert grid[0].item() == pytest.approx(80, rel=1e-14)
-    assert grid[-2].item() == pytest.approx(0.002, rel=1e-12)
-    assert grid[-1].item() == 0
-    assert (grid[1:] < grid[:-1]).all()
-
-
-def test_edm_grid_is_linear_in_sigma_to_the_one_over_rho():
-    grid = edm_grid(10, sigma_min=0.01, sigma_max=50, rho=3)
-    steps = grid[:-1] ** (1 / 3)
-    assert torch.allclose(steps[1:] - steps[:-1], (steps[1] - steps[0]).expand(9), rtol=0, atol=1e-12)
-    assert edm_grid(1, sigma_max=5).tolist() == [5, 0]
-
-
-@pytest.mark.parametrize('kwargs', [dict(num_steps=0), dict(num_steps=4, sigma_min=0), dict(num_steps=4, sigma_min=90)])
-def test_edm_grid_rejects_bad_arguments(kwargs):
-    with pytest.raises(ValueError):
-        edm_grid(**kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -240,111 +203,3 @@ def test_save_image_grid_round_trips(tmp_path, channels, mode):
     assert np.array_equal(pixels[4:8, 6:12], expected[3])
     assert np.array_equal(pixels[8:12, 0:6], expected[4])
     assert not pixels[8:12, 6:12].any()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# generate.py, end to end on a tiny network snapshot.
-
-
-def save_tiny_snapshot(path, img_channels, label_dim):
-    network_kwargs = dict(
-        class_name='training.networks.EDMPrecond',
-        img_resolution=8,
-        img_channels=img_channels,
-        label_dim=label_dim,
-        model_type='SongUNet',
-        model_channels=16,
-        channel_mult=[1, 2],
-        num_blocks=1,
-        attn_resolutions=[],
-    )
-    torch.manual_seed(0)
-    net = EDMPrecond(**{k: v for k, v in network_kwargs.items() if k != 'class_name'})
-    snapshot = dict(
-        format='infonoise-edm-snapshot',
-        version=1,
-        network_kwargs=network_kwargs,
-        ema=net.state_dict(),
-        loss_kwargs={},
-        noise_kwargs={},
-        augment_kwargs=None,
-        dataset_kwargs={},
-        kimg=0,
-        profile=None,
-    )
-    torch.save(snapshot, path)
-    return str(path)
-
-
-@pytest.fixture(scope='module')
-def cond_snapshot(tmp_path_factory):
-    return save_tiny_snapshot(tmp_path_factory.mktemp('net') / 'network-snapshot-000000.pt', 1, 3)
-
-
-def run_generate(*args):
-    result = CliRunner().invoke(generate.main, [str(arg) for arg in args])
-    return result
-
-
-def test_parse_int_list_and_split_seeds():
-    assert generate.parse_int_list('1,2,5-10') == [1, 2, 5, 6, 7, 8, 9, 10]
-    for bad in ['a', '5-3', '-3', '1,,2']:
-        with pytest.raises(ValueError):
-            generate.parse_int_list(bad)
-
-    # EDM: a multiple of world_size near-equal batches, rank r takes batches r, r + W, ...
-    seeds = list(range(10))
-    assert generate.split_seeds(seeds, 4, rank=0, world_size=2) == [[0, 1, 2], [6, 7]]
-    assert generate.split_seeds(seeds, 4, rank=1, world_size=2) == [[3, 4, 5], [8, 9]]
-    assert generate.split_seeds(seeds, 64, rank=0, world_size=1) == [seeds]
-
-
-def test_generate_writes_seed_exact_images_and_grid(tmp_path, cond_snapshot):
-    common = ['--network', cond_snapshot, '--seeds', '0-3', '--steps', 4, '--device', 'cpu']
-    result = run_generate(*common, '--outdir', tmp_path / 'a', '--batch', 2, '--grid-png', tmp_path / 'grid.png')
-    assert result.exit_code == 0, result.output
-    result = run_generate(*common, '--outdir', tmp_path / 'b', '--batch', 4)
-    assert result.exit_code == 0, result.output
-
-    for seed in range(4):
-        name = f'{seed:06d}.png'
-        with PIL.Image.open(tmp_path / 'a' / name) as image:
-            assert image.mode == 'L' and image.size == (8, 8)
-        # Same seed, different batch composition: the same file.
-        assert (tmp_path / 'a' / name).read_bytes() == (tmp_path / 'b' / name).read_bytes()
-    with PIL.Image.open(tmp_path / 'grid.png') as grid:
-        assert grid.mode == 'L' and grid.size == (16, 16)
-        grid = np.array(grid)
-    with PIL.Image.open(tmp_path / 'a' / '000003.png') as image:
-        assert np.array_equal(grid[8:, 8:], np.array(image))
-
-    # The CLI draws latents and labels per seed and samples on EDM's 4-step grid.
-    net = load_network(cond_snapshot).net
-    rnd = StackedRandomGenerator('cpu', [2, 3])
-    latents = rnd.randn([2, 1, 8, 8])
-    labels = torch.eye(3)[rnd.randint(3, size=[2])]
-    images = images_to_uint8(edm_sampler(net, latents, edm_grid(4), labels, randn_like=rnd.randn_like))
-    for seed, expected in zip([2, 3], images):
-        with PIL.Image.open(tmp_path / 'a' / f'{seed:06d}.png') as image:
-            assert np.array_equal(np.array(image), expected[:, :, 0])
-
-
-def test_generate_class_and_subdirs(tmp_path, cond_snapshot):
-    common = ['--network', cond_snapshot, '--steps', 2, '--device', 'cpu', '--outdir', tmp_path]
-    result = run_generate(*common, '--seeds', '999-1000', '--subdirs', '--class', 2)
-    assert result.exit_code == 0, result.output
-    assert (tmp_path / '000000' / '000999.png').is_file() and (tmp_path / '001000' / '001000.png').is_file()
-
-    result = run_generate(*common, '--seeds', '0', '--class', 3)
-    assert result.exit_code != 0 and 'out of range' in result.output
-
-    rgb_uncond = save_tiny_snapshot(tmp_path / 'uncond.pt', 3, 0)
-    result = run_generate(*common[2:], '--network', rgb_uncond, '--seeds', '0', '--class', 0)
-    assert result.exit_code != 0 and 'unconditional' in result.output
-    result = run_generate(*common[2:], '--network', rgb_uncond, '--seeds', '5')
-    assert result.exit_code == 0, result.output
-    with PIL.Image.open(tmp_path / '000005.png') as image:
-        assert image.mode == 'RGB' and image.size == (8, 8)
-
-    result = run_generate(*common[2:], '--network', tmp_path / 'missing.pt')
-    assert result.exit_code != 0 and 'missing.pt' in result.output

@@ -107,6 +107,15 @@ def broadcast_object(obj, src: int = 0):
     return objects[0]
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank (any picklable object)."""
+    if _world_size == 1:
+        return [obj]
+    objects = [None] * _world_size
+    torch.distributed.all_gather_object(objects, obj)
+    return objects
+
+
 def shutdown() -> None:
     """Leave the process group, if this process joined one."""
     global _rank, _local_rank, _world_size

@@ -2,11 +2,14 @@
 
 `edm_sampler` is Algorithm 2 of EDM (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based
 Generative Models"): Heun's method (or Euler's) on the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma,
-with optional "churn" that adds noise before each step. It runs on whatever sigma-grid it is given (see
-`infonoise.grids`); it never builds one. `StackedRandomGenerator` gives every sample its own seeded generator,
+with optional "churn" that adds noise before each step. `ablation_sampler` is EDM's generalization used for its
+ablations (EDM Table 1, Algorithm 1): the same ODE integrated in a time t with noise schedule sigma(t) and signal
+scaling s(t), and Heun's correction evaluated at t + alpha h. Both run on whatever sigma-grid they are given (see
+`infonoise.grids`); they never build one. `StackedRandomGenerator` gives every sample its own seeded generator,
 so an image depends only on its seed, not on the batch it was drawn in.
 """
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -14,6 +17,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import PIL.Image
 import torch
+
+from infonoise.grids import vp_coefficients
 
 
 class StackedRandomGenerator:
@@ -93,6 +98,139 @@ def edm_sampler(
             denoised = net(x_next, t_next, class_labels).to(torch.float64)
             d_prime = (x_next - denoised) / t_next
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+
+    return x_next
+
+
+@dataclasses.dataclass(frozen=True)
+class _TimeCoordinates:
+    """Noise schedule sigma(t) with its derivative and inverse, and signal scaling s(t) (EDM Table 1)."""
+
+    sigma: Callable[[torch.Tensor], torch.Tensor]
+    sigma_deriv: Callable[[torch.Tensor], torch.Tensor]
+    sigma_inv: Callable[[torch.Tensor], torch.Tensor]
+    vp_scaling: bool  # s(t) = 1 / sqrt(1 + sigma(t)^2) if set, else s(t) = 1.
+
+    def s(self, t: torch.Tensor) -> torch.Tensor | float:
+        return 1 / (1 + self.sigma(t) ** 2).sqrt() if self.vp_scaling else 1
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+        """dx/dt = (sigma'/sigma + s'/s) x - sigma' s / sigma D(x/s; sigma) (EDM Eq. 4), as sigma' (x - s D) / sigma
+        + (s'/s) x, where s'/s = -sigma sigma' s^2 for the VP scaling and 0 without scaling."""
+        sigma, sigma_deriv = self.sigma(t), self.sigma_deriv(t)
+        if not self.vp_scaling:
+            return sigma_deriv * (x - denoised) / sigma
+        s = self.s(t)
+        return sigma_deriv * (x - s * denoised) / sigma - sigma * sigma_deriv * s**2 * x
+
+
+def _vp_schedule(beta_d: float, beta_min: float) -> tuple[Callable, Callable, Callable]:
+    """sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) (EDM Table 1, VP), its derivative and its inverse."""
+
+    def sigma(t):
+        return torch.expm1(0.5 * beta_d * t**2 + beta_min * t).sqrt()
+
+    def sigma_deriv(t):
+        sigma_t = sigma(t)
+        return 0.5 * (beta_min + beta_d * t) * (sigma_t + 1 / sigma_t)
+
+    def sigma_inv(sigma):
+        return ((beta_min**2 + 2 * beta_d * torch.log1p(sigma**2)).sqrt() - beta_min) / beta_d
+
+    return sigma, sigma_deriv, sigma_inv
+
+
+# sigma(t) = sqrt(t) (VE) and sigma(t) = t (EDM's own), each with its derivative and inverse.
+_FIXED_SCHEDULES = {
+    've': (torch.sqrt, lambda t: 0.5 / t.sqrt(), lambda sigma: sigma**2),
+    'linear': (lambda t: t, lambda t: 1, lambda sigma: sigma),
+}
+
+
+def _schedule(name: str, sigma_min: float, sigma_max: float, epsilon_s: float) -> tuple[Callable, Callable, Callable]:
+    if name in _FIXED_SCHEDULES:
+        return _FIXED_SCHEDULES[name]
+    if name != 'vp':
+        raise ValueError(f'Unknown schedule "{name}"; expected "vp", "ve" or "linear"')
+    if not 0 < epsilon_s < 1:
+        raise ValueError(f'epsilon_s must lie in (0, 1), got {epsilon_s}')
+    # Refit the betas so that sigma(epsilon_s) = sigma_min and sigma(1) = sigma_max, as EDM does.
+    beta_d, beta_min = vp_coefficients(sigma_min, sigma_max, epsilon_s)
+    if not beta_d > 0:
+        raise ValueError(
+            f'schedule="vp" needs ln(1 + sigma_min^2) < epsilon_s ln(1 + sigma_max^2) for an increasing sigma(t); '
+            f'got sigma_min={sigma_min:g}, sigma_max={sigma_max:g}, epsilon_s={epsilon_s:g}'
+        )
+    return _vp_schedule(beta_d, beta_min)
+
+
+@torch.no_grad()
+def ablation_sampler(
+    net,
+    latents: torch.Tensor,
+    sigmas: torch.Tensor,
+    class_labels: torch.Tensor | None = None,
+    randn_like: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
+    solver: str = 'heun',
+    schedule: str = 'linear',
+    scaling: str = 'none',
+    alpha: float = 1,
+    epsilon_s: float = 1e-3,
+    S_churn: float = 0,
+    S_min: float = 0,
+    S_max: float = float('inf'),
+    S_noise: float = 1,
+) -> torch.Tensor:
+    """EDM's ablation sampler on the grid `sigmas` (N+1 descending values ending in 0); returns float64 images.
+
+    The grid fixes the noise levels; `schedule` ("vp", "ve", "linear") and `scaling` ("vp", "none") choose the
+    time t in which the ODE is integrated (t_i = sigma^-1(sigma_i), t_N = 0). The VP schedule is refitted to
+    sigma(epsilon_s) = sigma_{N-1} and sigma(1) = sigma_0. Heun's correction is evaluated at t_hat + alpha h,
+    alpha in (0, 1]. Churn as `edm_sampler`; with schedule "linear", scaling "none" and alpha 1 the two agree
+    bit for bit.
+    """
+    if solver not in ('heun', 'euler'):
+        raise ValueError(f'Unknown solver "{solver}"; expected "heun" or "euler"')
+    if scaling not in ('vp', 'none'):
+        raise ValueError(f'Unknown scaling "{scaling}"; expected "vp" or "none"')
+    if not 0 < alpha <= 1:
+        raise ValueError(f'alpha must lie in (0, 1], got {alpha}')
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    _check_grid(sigmas)
+    num_steps = len(sigmas) - 1
+    ode = _TimeCoordinates(*_schedule(schedule, sigmas[-2].item(), sigmas[0].item(), epsilon_s), scaling == 'vp')
+
+    # Snap the grid to levels the network supports and map it to times; t_N = 0.
+    sigmas = sigmas.to(latents.device)
+    t_steps = torch.cat([ode.sigma_inv(net.round_sigma(sigmas[:-1])), sigmas[-1:]])
+    sigma_steps = ode.sigma(t_steps)
+    sigma_host = sigma_steps.tolist()
+
+    x_next = latents.to(torch.float64) * (sigma_steps[0] * ode.s(t_steps[0]))
+    for i in range(num_steps):
+        x_cur, t_cur, t_next, sigma_cur = x_next, t_steps[i], t_steps[i + 1], sigma_steps[i]
+
+        # Increase noise temporarily; draw noise even when gamma = 0 so seeds reproduce EDM exactly.
+        gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= sigma_host[i] <= S_max else 0
+        t_hat = ode.sigma_inv(net.round_sigma(sigma_cur + gamma * sigma_cur))
+        sigma_hat, s_hat = ode.sigma(t_hat), ode.s(t_hat)
+        noise = (sigma_hat**2 - sigma_cur**2).clip(min=0).sqrt() * s_hat * S_noise * randn_like(x_cur)
+        x_hat = s_hat / ode.s(t_cur) * x_cur + noise
+
+        # Euler step.
+        h = t_next - t_hat
+        denoised = net(x_hat / s_hat, sigma_hat, class_labels).to(torch.float64)
+        d_cur = ode.velocity(x_hat, t_hat, denoised)
+        if solver == 'euler' or i == num_steps - 1:
+            x_next = x_hat + h * d_cur
+            continue
+
+        # Apply the 2nd order correction from t_hat + alpha h (which is t_next itself when alpha = 1).
+        t_prime = t_next if alpha == 1 else t_hat + alpha * h
+        x_prime = x_hat + alpha * h * d_cur
+        denoised = net(x_prime / ode.s(t_prime), ode.sigma(t_prime), class_labels).to(torch.float64)
+        d_prime = ode.velocity(x_prime, t_prime, denoised)
+        x_next = x_hat + h * ((1 - 1 / (2 * alpha)) * d_cur + 1 / (2 * alpha) * d_prime)
 
     return x_next
 
