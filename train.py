@@ -110,7 +110,7 @@ def infonoise_kwargs(opts: dnnlib.EasyDict, weight: str, discrete_data: bool) ->
 
 
 def find_resume_state(path: str) -> str:
-    """A training-state-*.pt file, or the newest one in a run directory."""
+    """A training-state-*.pt file (ours or EDM's), or the newest one in a run directory."""
     if os.path.isdir(path):
         states = sorted(f for f in os.listdir(path) if re.fullmatch(r'training-state-\d+\.pt', f))
         if not states:
@@ -183,7 +183,7 @@ def find_resume_state(path: str) -> str:
 @click.option('--dump',       help='How often to dump state', metavar='TICKS',                       type=click.IntRange(min=1), default=500, show_default=True)
 @click.option('--seed',       help="Random seed  [default: random, or the resumed run's]", metavar='INT', type=int)
 @click.option('--transfer',   help='Transfer learning from network snapshot or EDM pickle', metavar='PT|PKL|URL', type=str)
-@click.option('--resume',     help='Resume from a training state or run directory', metavar='PT|DIR', type=str)
+@click.option('--resume',     help="Resume from a training state (ours or EDM's) or run directory", metavar='PT|DIR', type=str)
 @click.option('-n', '--dry-run', help='Print training options and exit',                             is_flag=True)
 # fmt: on
 def main(**kwargs):
@@ -294,7 +294,7 @@ def main(**kwargs):
         except ValueError as e:
             raise click.ClickException(f'--resume: {e}') from None
         if seed is None:
-            seed = int(state['seed'])  # Continue the same random streams.
+            seed = state['seed']  # Continue the same random streams; EDM's states have none (random, as EDM).
         del state
 
     # Random seed.

@@ -1,4 +1,5 @@
-"""Tests for torch_utils.persistence: atomic saves, our snapshot/training-state formats, and code-free EDM pickles."""
+"""Tests for torch_utils.persistence: atomic saves, our snapshot/training-state formats, and code-free reading of EDM's
+network pickles and training states."""
 
 import collections
 import io
@@ -227,7 +228,8 @@ def as_edm(module, module_src, init_kwargs=None):
     return EDMPersistent(type(module).__name__, state, module_src)
 
 
-def edm_pickle(net, module_src, class_name='EDMPrecond'):
+def edm_pickle(net, module_src, init_kwargs=TINY_KWARGS):
+    """EDM's network snapshot: `pickle.dump` of the EMA network, loss, augment pipe and dataset kwargs."""
     loss = EDMPersistent(
         'EDMLoss',
         dict(P_mean=-1.2, P_std=np.float64(1.2), sigma_data=0.5, _init_args=(), _init_kwargs={}),
@@ -237,12 +239,19 @@ def edm_pickle(net, module_src, class_name='EDMPrecond'):
         'AugmentPipe', dict(p=0.12, _init_args=(), _init_kwargs=dict(p=0.12, xflip=1e8, yflip=1, scale=1)), module_src
     )
     data = dict(
-        ema=as_edm(net, module_src, init_kwargs=TINY_KWARGS),
+        ema=as_edm(net, module_src, init_kwargs=init_kwargs),
         loss_fn=loss,
         augment_pipe=augment,
         dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path='cifar10.zip', xflip=False),
     )
     return pickle.dumps(data, protocol=4)
+
+
+def edm_training_state(net, optimizer_state, module_src, init_kwargs=TINY_KWARGS):
+    """EDM's state dump: `torch.save` (pickle protocol 2) of the live network and the optimizer state."""
+    f = io.BytesIO()
+    torch.save(dict(net=as_edm(net, module_src, init_kwargs=init_kwargs), optimizer_state=optimizer_state), f)
+    return f.getvalue()
 
 
 def booby_trapped_source(marker):
@@ -255,7 +264,7 @@ def test_edm_pickle_loads_without_executing_code(tmp_path, class_name):
     net = make_net(class_name)
     marker = tmp_path / 'executed.txt'
     path = tmp_path / 'edm-snapshot.pkl'
-    path.write_bytes(edm_pickle(net, booby_trapped_source(marker), class_name))
+    path.write_bytes(edm_pickle(net, booby_trapped_source(marker)))
     loaded = persistence.load_network(str(path))
     assert not marker.exists()
     assert type(loaded.net) is TINY_CLASSES[class_name]
@@ -358,3 +367,100 @@ def test_edm_pickle_errors(tmp_path):
     path.write_bytes(edm_pickle(net, '')[:5000])
     with pytest.raises(ValueError, match='Not a readable EDM pickle'):
         persistence.load_network(str(path))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# EDM training states, written here the way EDM's training loop dumps them.
+
+
+def trained_net_and_adam_state():
+    """A tiny network in training mode after one Adam step, so that the optimizer state holds real moments."""
+    net = make_net().train().requires_grad_(True)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    x, sigma, labels = torch.randn([2, 2, 8, 8]), torch.tensor([0.5, 3.0]), torch.eye(3)[:2]
+    net(x, sigma, labels).square().mean().backward()
+    optimizer.step()
+    return net, optimizer.state_dict()
+
+
+def test_edm_training_state_loads_without_executing_code(tmp_path):
+    net, optimizer_state = trained_net_and_adam_state()
+    marker = tmp_path / 'executed.txt'
+    path = tmp_path / 'training-state-000100.pt'
+    path.write_bytes(edm_training_state(net, optimizer_state, booby_trapped_source(marker)))
+    loaded = persistence.load_edm_training_state(str(path))
+    assert not marker.exists()
+    assert loaded.network_kwargs == {'class_name': 'training.networks.EDMPrecond', **TINY_KWARGS}
+    expected = net.state_dict()
+    assert list(loaded.net) == list(expected)
+    assert all(torch.equal(loaded.net[k], v) and not loaded.net[k].requires_grad for k, v in expected.items())
+
+    # The Adam state restores into an optimizer over a fresh network of the same architecture.
+    optimizer = torch.optim.Adam(make_net(seed=1).parameters(), lr=1e-3)
+    optimizer.load_state_dict(loaded.optimizer_state)
+    restored = optimizer.state_dict()
+    assert restored['param_groups'] == optimizer_state['param_groups']
+    assert len(restored['state']) == len(optimizer_state['state']) == sum(p.grad is not None for p in net.parameters())
+    for index, moments in optimizer_state['state'].items():
+        assert all(torch.equal(restored['state'][index][k], v) for k, v in moments.items()), index
+
+
+def test_edm_training_state_mirror_uses_exactly_these_globals():
+    # Protocol 2 adds two globals to those of a snapshot: sets (`_non_persistent_buffers_set`) and the bytes of
+    # NumPy scalars (UNetBlock.skip_scale) are spelled as calls. Storages are resolved by torch.load itself.
+    recorded = set()
+
+    class Recorder(persistence._RestrictedUnpickler):
+        def find_class(self, module, name):
+            recorded.add(f'{module}.{name}')
+            return super().find_class(module, name)
+
+    class RecordingPickleModule:
+        Unpickler = Recorder
+
+    net, optimizer_state = trained_net_and_adam_state()
+    data = edm_training_state(net, optimizer_state, 'raise SystemExit')
+    torch.load(io.BytesIO(data), map_location='cpu', weights_only=False, pickle_module=RecordingPickleModule)
+    assert recorded == {
+        'torch_utils.persistence._reconstruct_persistent_obj',
+        'torch._utils._rebuild_tensor_v2',
+        'torch._utils._rebuild_parameter',
+        'torch.nn.modules.container.ModuleDict',
+        'collections.OrderedDict',
+        'numpy.dtype',
+        f'{np.float64(0).__reduce__()[0].__module__}.scalar',
+        '__builtin__.set',
+        '_codecs.encode',
+    }
+
+
+@pytest.mark.filterwarnings('ignore::DeprecationWarning')  # torch.jit, used here to write a TorchScript archive.
+def test_edm_training_state_errors(tmp_path):
+    marker = tmp_path / 'pwned.txt'
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f'touch {marker}',)
+
+    def saved(obj):
+        f = io.BytesIO()
+        torch.save(obj, f)
+        return f.getvalue()
+
+    script = io.BytesIO()
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), script)
+    net, optimizer_state = trained_net_and_adam_state()
+    cases = {
+        'payload': (saved({'net': Payload(), 'optimizer_state': {}}), 'Refusing to unpickle ".*system"'),
+        'torchscript': (script.getvalue(), 'TorchScript archive'),
+        'pickle': (edm_pickle(net, ''), 'not a PyTorch zip file'),
+        'ours': (saved({'format': 'infonoise-edm-training-state'}), 'no "optimizer_state"'),
+        'no_net': (saved({'net': {}, 'optimizer_state': {}}), 'no EDM "net"'),
+        'truncated': (edm_training_state(net, optimizer_state, '')[:5000], 'Not a readable EDM training state'),
+    }
+    for name, (data, message) in cases.items():
+        path = tmp_path / f'{name}.pt'
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=f'Cannot read EDM training state ".*{name}.pt": .*{message}'):
+            persistence.load_edm_training_state(str(path))
+    assert not marker.exists()

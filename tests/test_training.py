@@ -10,6 +10,7 @@ import torch
 from conftest import TINY_NET_ARGS
 
 import train
+from infonoise.grids import infogrid
 from torch_utils import persistence
 from training import training_loop as tl
 
@@ -181,6 +182,10 @@ def test_infonoise_run_writes_profile(tmp_path, digits_zip):
     assert profile is not None and profile['refreshes'] == 3
     assert set(profile) >= {'sigma', 'mse', 'rate', 'gated', 'rho', 'u', 'pi', 'phi', 'pivot'}
     assert (tmp_path / 'profile-000000.png').exists()
+    # The same profile as JSON, from which generate.py builds InfoGrid.
+    assert json.loads((tmp_path / 'profile-000000.json').read_text()) == profile
+    grid = infogrid(6, profile['sigma'], profile['rate'])
+    assert grid.shape == (7,) and (grid[1:] < grid[:-1]).all()
     lines = [json.loads(line) for line in open(tmp_path / 'stats.jsonl')]
     # Tick 0 is still warm-up: no pivot reported yet (the name may be known to the collector from earlier runs).
     assert lines[0].get('Noise/pivot', {'num': 0})['num'] == 0 and lines[0]['Noise/refreshes']['mean'] == 0

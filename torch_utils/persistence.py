@@ -6,7 +6,8 @@ pickles in which every network object carries the source code of its module and 
 `torch_utils.persistence._reconstruct_persistent_obj`, which EDM implements by executing that source. We never do:
 a restricted unpickler admits only the handful of globals an EDM snapshot uses, turns each persistent object into
 its class name and state, and the EMA network is rebuilt from our own `training.networks` classes and loaded with
-the tensors found in that state.
+the tensors found in that state. EDM's training states (`training-state-*.pt`, a `torch.save` of the live network and
+the Adam state) are read by `torch.load` through the same restricted unpickler.
 """
 
 import collections
@@ -15,6 +16,7 @@ import io
 import os
 import pickle
 import secrets
+import zipfile
 
 import numpy as np
 import torch
@@ -56,8 +58,8 @@ def save_atomic(obj, path: str) -> None:
 def _reconstruct_persistent_obj(meta):
     """The name EDM pickles call to rebuild their objects; reached only by a plain `pickle.load`, which we refuse."""
     raise RuntimeError(
-        'EDM network pickles embed source code; open them with torch_utils.persistence.load_network(), '
-        'which reads their weights without executing it'
+        'EDM pickles embed source code; open them with torch_utils.persistence.load_network() (snapshots) or '
+        'load_edm_training_state(), which read their weights without executing it'
     )
 
 
@@ -97,6 +99,13 @@ def _numpy_scalar(dtype: np.dtype, data: bytes = b''):
     return np.frombuffer(data, dtype=dtype)[0]
 
 
+def _latin1_bytes(text: str, encoding: str) -> bytes:
+    """`_codecs.encode` as protocol-2 pickles use it to spell bytes (here: NumPy scalars), and for nothing else."""
+    if not isinstance(text, str) or encoding != 'latin1':
+        raise ValueError('EDM file encodes bytes in an unexpected way')
+    return text.encode('latin1')
+
+
 _ALLOWED_GLOBALS = {
     ('torch_utils.persistence', '_reconstruct_persistent_obj'): _persistent_stub,
     ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
@@ -107,17 +116,47 @@ _ALLOWED_GLOBALS = {
     ('numpy', 'dtype'): np.dtype,
     ('numpy.core.multiarray', 'scalar'): _numpy_scalar,
     ('numpy._core.multiarray', 'scalar'): _numpy_scalar,
+    # torch.save writes protocol 2, which spells sets and bytes as calls (EDM training states).
+    ('__builtin__', 'set'): set,
+    ('_codecs', 'encode'): _latin1_bytes,
 }
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only the globals of an EDM network snapshot; anything else is refused unexecuted."""
+    """Unpickler that resolves only the globals of EDM's files; anything else is refused unexecuted."""
 
     def find_class(self, module, name):
         obj = _ALLOWED_GLOBALS.get((module, name))
         if obj is None:
-            raise ValueError(f'Refusing to unpickle "{module}.{name}": not part of an EDM network snapshot')
+            raise ValueError(f'Refusing to unpickle "{module}.{name}": not part of an EDM snapshot or training state')
         return obj
+
+
+class _RestrictedPickleModule:
+    """The `pickle_module` for torch.load: torch subclasses this Unpickler and reads the tensor storages itself."""
+
+    Unpickler = _RestrictedUnpickler
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0]
+
+
+def _unpickle_edm(f, torch_zip: bool):
+    """Unpickle an EDM snapshot (a plain pickle) or training state (a torch.save zip) with the restricted unpickler."""
+    what = 'training state' if torch_zip else 'pickle'
+    try:
+        if not torch_zip:
+            return _RestrictedUnpickler(f).load()
+        # torch.load hands TorchScript archives to torch.jit.load, bypassing the unpickler.
+        if any(name.rpartition('/')[2] == 'constants.pkl' for name in zipfile.ZipFile(f).namelist()):
+            raise ValueError(f'Not an EDM {what}: a TorchScript archive')
+        f.seek(0)
+        return torch.load(f, map_location='cpu', weights_only=False, pickle_module=_RestrictedPickleModule)
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(f'Not a readable EDM {what}: {type(e).__name__}: {_first_line(e)}') from None
 
 
 def _collect_state_dict(obj, prefix: str = '', out: dict | None = None) -> dict:
@@ -161,6 +200,13 @@ def _init_kwargs(obj: _PersistentObject) -> dict:
     return dict(kwargs)
 
 
+def _edm_network_kwargs(net: _PersistentObject) -> dict:
+    """Our network kwargs for an EDM preconditioned network: the class of the same name and its constructor kwargs."""
+    if net.class_name not in _EDM_PRECONDS:
+        raise ValueError(f'Unknown EDM network class "{net.class_name}", expected one of {", ".join(_EDM_PRECONDS)}')
+    return {'class_name': f'training.networks.{net.class_name}', **_init_kwargs(net)}
+
+
 def _build_network(network_kwargs: dict, state_dict: dict, device) -> torch.nn.Module:
     """Construct `training.networks.<class>` from its kwargs and load the weights strictly."""
     from training import networks
@@ -196,10 +242,6 @@ def _build_network(network_kwargs: dict, state_dict: dict, device) -> torch.nn.M
     return net.eval().requires_grad_(False).to(device)
 
 
-def _first_line(error: Exception) -> str:
-    return (str(error).splitlines() or [type(error).__name__])[0]
-
-
 def _load_ours(f, device) -> dnnlib.EasyDict:
     try:
         data = torch.load(f, map_location='cpu', weights_only=True)
@@ -227,21 +269,13 @@ def _load_ours(f, device) -> dnnlib.EasyDict:
 
 
 def _load_edm_pickle(f, device) -> dnnlib.EasyDict:
-    try:
-        data = _RestrictedUnpickler(f).load()
-    except ValueError:
-        raise
-    except Exception as e:
-        raise ValueError(f'Not a readable EDM pickle: {type(e).__name__}: {_first_line(e)}') from None
+    data = _unpickle_edm(f, torch_zip=False)
     if not isinstance(data, dict) or not isinstance(data.get('ema'), _PersistentObject):
         raise ValueError('Not an EDM network pickle (no "ema" network)')
 
     # Rebuild the EMA network as our class of the same name.
-    ema = data['ema']
-    if ema.class_name not in _EDM_PRECONDS:
-        raise ValueError(f'Unknown EDM network class "{ema.class_name}", expected one of {", ".join(_EDM_PRECONDS)}')
-    network_kwargs = {'class_name': f'training.networks.{ema.class_name}', **_init_kwargs(ema)}
-    net = _build_network(network_kwargs, _collect_state_dict(ema), device)
+    network_kwargs = _edm_network_kwargs(data['ema'])
+    net = _build_network(network_kwargs, _collect_state_dict(data['ema']), device)
 
     # Describe EDM's loss by its class name and hyperparameters; our augment pipe takes EDM's kwargs unchanged.
     loss, augment = data.get('loss_fn'), data.get('augment_pipe')
@@ -282,3 +316,29 @@ def load_network(path_or_url: str, device='cpu') -> dnnlib.EasyDict:
             raise ValueError('Neither a PyTorch file nor a pickle')
         except ValueError as e:
             raise ValueError(f'Cannot load network "{path_or_url}": {e}') from None
+
+
+def load_edm_training_state(path: str) -> dnnlib.EasyDict:
+    """Read EDM's `training-state-*.pt` without running code: `torch.save(dict(net=<live network>, optimizer_state))`.
+
+    Returns EasyDict(network_kwargs, net=<state dict of the training network>, optimizer_state=<Adam state dict>);
+    EDM keeps the EMA in the snapshot beside it and the position only in the file name. Raises ValueError for a file
+    that is not such a state, or that holds anything but EDM's objects.
+    """
+    try:
+        with open(path, 'rb') as f:
+            if f.read(2) != b'PK':
+                raise ValueError('Not an EDM training state: not a PyTorch zip file')
+            f.seek(0)
+            data = _unpickle_edm(f, torch_zip=True)
+        if not isinstance(data, dict) or not isinstance(data.get('optimizer_state'), dict):
+            raise ValueError('Not an EDM training state (no "optimizer_state")')
+        if not isinstance(data.get('net'), _PersistentObject):
+            raise ValueError('Not an EDM training state (no EDM "net")')
+        return dnnlib.EasyDict(
+            network_kwargs=_edm_network_kwargs(data['net']),
+            net=_collect_state_dict(data['net']),
+            optimizer_state=data['optimizer_state'],
+        )
+    except ValueError as e:
+        raise ValueError(f'Cannot read EDM training state "{path}": {e}') from None

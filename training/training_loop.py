@@ -3,12 +3,16 @@ pluggable noise sampler that observes every step's per-sample denoising error (I
 
 Exact resume: every step reseeds torch's RNG from (seed, rank, images seen) and the data order is a random-access
 function of the global image position, so a run resumed from a training state draws exactly what the
-uninterrupted run would have drawn.
+uninterrupted run would have drawn. A run also resumes from EDM's own state dump as EDM does: network and Adam state
+from `training-state-NNNNNN.pt`, the EMA from the `network-snapshot-NNNNNN.pkl` beside it, NNNNNN kimg done (read
+without running the code these pickles embed); EDM saves no noise sampler state, so the sampler starts fresh.
 """
 
 import copy
 import json
 import os
+import pickle
+import re
 import time
 
 import numpy as np
@@ -35,12 +39,47 @@ def cpu_state_dict(module: torch.nn.Module) -> dict:
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
+def load_edm_training_state(path: str, network_kwargs: dict) -> dict:
+    """EDM's state dump plus the EMA of the snapshot beside it, as the fields of our training state (EDM's resume)."""
+    edm = persistence.load_edm_training_state(path)
+    match = re.fullmatch(r'training-state-(\d+)\.pt', os.path.basename(path))
+    if match is None:
+        raise ValueError(f'EDM training state "{path}" must be named training-state-<kimg>.pt (EDM resumes there)')
+    snapshot_path = os.path.join(os.path.dirname(path), f'network-snapshot-{match.group(1)}.pkl')
+    if not os.path.isfile(snapshot_path):
+        raise ValueError(f'EDM training state "{path}" needs its EMA from "{snapshot_path}", which does not exist')
+    snapshot = persistence.load_network(snapshot_path)
+    written = {
+        f'EDM training state "{path}"': edm.network_kwargs,
+        f'EDM snapshot "{snapshot_path}"': snapshot.network_kwargs,
+    }
+    for name, kwargs in written.items():
+        if kwargs != network_kwargs:
+            raise ValueError(f'{name} was written for a different network: {kwargs}')
+    return dict(
+        network_kwargs=edm.network_kwargs,
+        net=edm.net,
+        ema=cpu_state_dict(snapshot.net),
+        optimizer=edm.optimizer_state,
+        noise_sampler=None,
+        cur_nimg=int(match.group(1)) * 1000,
+        seed=None,
+    )
+
+
 def load_training_state(path: str, network_kwargs: dict, noise_kwargs: dict) -> dict:
-    """Read a training state and check that it was written for this network and noise sampler."""
+    """Read our training state, or EDM's, and check that it was written for this network (and noise sampler).
+
+    EDM's states give `noise_sampler=None` and `seed=None`: it saves neither.
+    """
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError:
+        state = None  # Pickled objects, as in EDM's state dumps.
     except Exception as e:
         raise ValueError(f'Cannot read training state "{path}": {e}') from None
+    if state is None:
+        return load_edm_training_state(path, network_kwargs)
     if not isinstance(state, dict) or state.get('format') != STATE_FORMAT:
         raise ValueError(f'"{path}" is not an InfoNoise-EDM training state')
     if state['network_kwargs'] != network_kwargs:
@@ -143,7 +182,10 @@ def training_loop(
         net.load_state_dict(state['net'])
         ema.load_state_dict(state['ema'])
         optimizer.load_state_dict(state['optimizer'])
-        noise_sampler.load_state_dict(state['noise_sampler'])
+        if state['noise_sampler'] is not None:
+            noise_sampler.load_state_dict(state['noise_sampler'])
+        else:
+            dist.print0('The training state holds no noise sampler state (EDM saves none); the sampler starts fresh.')
         cur_nimg = int(state['cur_nimg'])
         del state
 
@@ -265,9 +307,11 @@ def training_loop(
                 )
                 persistence.save_atomic(snapshot, os.path.join(run_dir, f'network-snapshot-{cur_nimg // 1000:06d}.pt'))
                 if profile is not None:
-                    plots.save_profile_plot(
-                        Profile.from_dict(profile), os.path.join(run_dir, f'profile-{cur_nimg // 1000:06d}.png')
-                    )
+                    # The profile also as JSON, which `generate.py --grid=infogrid --profile=FILE` reads.
+                    profile_path = os.path.join(run_dir, f'profile-{cur_nimg // 1000:06d}')
+                    plots.save_profile_plot(Profile.from_dict(profile), profile_path + '.png')
+                    with open(profile_path + '.json', 'w', encoding='utf-8') as f:
+                        json.dump(profile, f)
 
         # Save full dump of the training state.
         if state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0:
