@@ -21,7 +21,7 @@ $(DEMO_DATA): | install
 # and, at an equal 17 NFE, EDM's grid against InfoGrid from the profile InfoNoise learned in training.
 demo: install $(DEMO_DATA)
 	$(PY) train.py --outdir=$(DEMO_OUT) --data=$(DEMO_DATA) --preset=demo-mnist16
-	run=$$(ls -d $(DEMO_OUT)/*/ | tail -n 1); \
+	run=$$(ls -d $(DEMO_OUT)/*/ | tail -n 1); run=$${run%/}; \
 	snap=$$(ls $$run/network-snapshot-*.pt | tail -n 1); \
 	$(PY) generate.py --network=$$snap --outdir=$$run/samples --seeds=0-63 --grid-png=$$run/samples.png && \
 	for grid in edm infogrid; do \

@@ -302,12 +302,13 @@ def main(
     nfe = 2 * num_steps - 1 if solver == 'heun' else num_steps
     if dist.get_rank() == 0:
         os.makedirs(outdir, exist_ok=True)
+        churn = {k: v if math.isfinite(v) else str(v) for k, v in churn_kwargs.items()}  # Strict JSON has no inf.
         record = dict(
             grid_info, network=network_pkl, solver=solver, schedule=schedule, scaling=scaling, num_steps=num_steps,
-            nfe=nfe, **churn_kwargs, sigmas=sigmas.tolist(),
+            nfe=nfe, **churn, sigmas=sigmas.tolist(),
         )  # fmt: skip
         with open(os.path.join(outdir, 'grid.json'), 'w', encoding='utf-8') as f:
-            json.dump(record, f, indent=2)
+            json.dump(record, f, indent=2, allow_nan=False)
     if schedule == 'linear' and scaling == 'none':
         sampler_kwargs = dict(solver=solver, **churn_kwargs)
         sampler = edm_sampler

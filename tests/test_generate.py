@@ -159,6 +159,7 @@ def test_every_grid_generates_and_records_the_grid_it_used(tmp_path, info_snapsh
         assert result.exit_code == 0, result.output
         record = json.loads((tmp_path / name / 'grid.json').read_text())
         assert record['grid'] == name and record['num_steps'] == 5 and record['nfe'] == 9
+        assert record['S_max'] == 'inf' and 'Infinity' not in (tmp_path / name / 'grid.json').read_text()
         assert torch.equal(torch.tensor(record['sigmas'], dtype=torch.float64), grid), name
         outputs[name] = read_png(tmp_path / name / '000001.png')
     assert not np.array_equal(outputs['edm'], outputs['infogrid'])
