@@ -25,12 +25,14 @@ import torch
 _VP_BETA_D, _VP_BETA_MIN, _VP_EPSILON_S = 19.9, 0.1, 1e-3
 
 
-def _vp_sigma(t: float, beta_d: float = _VP_BETA_D, beta_min: float = _VP_BETA_MIN) -> float:
-    return math.sqrt(math.expm1(0.5 * beta_d * t**2 + beta_min * t))
+def vp_sigma(t, beta_d: float = _VP_BETA_D, beta_min: float = _VP_BETA_MIN) -> torch.Tensor:
+    """EDM's VP schedule sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1), in float64 (expm1 keeps small t exact)."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    return torch.expm1(0.5 * beta_d * t**2 + beta_min * t).sqrt()
 
 
 DEFAULT_RANGES = {
-    'vp': (_vp_sigma(_VP_EPSILON_S), _vp_sigma(1.0)),
+    'vp': (vp_sigma(_VP_EPSILON_S).item(), vp_sigma(1.0).item()),
     've': (0.02, 100.0),
     'iddpm': (0.002, 81.0),
     'edm': (0.002, 80.0),
@@ -82,7 +84,7 @@ def vp_grid(num_steps: int, sigma_min: float, sigma_max: float, epsilon_s: float
         raise ValueError(f'epsilon_s must lie in (0, 1), got {epsilon_s}')
     beta_d, beta_min = vp_coefficients(sigma_min, sigma_max, epsilon_s)
     t = 1 + torch.arange(num_steps, dtype=torch.float64) / (num_steps - 1) * (epsilon_s - 1)
-    return _finish(torch.expm1(0.5 * beta_d * t**2 + beta_min * t).sqrt(), sigma_min, sigma_max)
+    return _finish(vp_sigma(t, beta_d, beta_min), sigma_min, sigma_max)
 
 
 def vp_coefficients(sigma_min: float, sigma_max: float, epsilon_s: float = _VP_EPSILON_S) -> tuple[float, float]:

@@ -18,7 +18,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from infonoise.grids import vp_coefficients
+from infonoise.grids import vp_coefficients, vp_sigma
 
 
 class StackedRandomGenerator:
@@ -128,7 +128,7 @@ def _vp_schedule(beta_d: float, beta_min: float) -> tuple[Callable, Callable, Ca
     """sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) (EDM Table 1, VP), its derivative and its inverse."""
 
     def sigma(t):
-        return torch.expm1(0.5 * beta_d * t**2 + beta_min * t).sqrt()
+        return vp_sigma(t, beta_d, beta_min)
 
     def sigma_deriv(t):
         sigma_t = sigma(t)
