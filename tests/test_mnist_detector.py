@@ -1,0 +1,120 @@
+"""FD-MNIST detector: the committed weights, the detector protocol on every input layout, and held-out accuracy."""
+
+import pytest
+import torch
+
+from training.mnist_detector import (
+    FEATURE_DIM,
+    NUM_TRAIN,
+    MNISTFeatureNet,
+    augment,
+    binarize,
+    downsample,
+    load_mnist_detector,
+    mnist5k_split,
+    to_net_input,
+)
+
+
+@pytest.fixture(scope='module')
+def detector():
+    return load_mnist_detector()
+
+
+@pytest.fixture(scope='module')
+def split():
+    return mnist5k_split()
+
+
+def test_committed_weights_load(detector):
+    assert detector.feature_dim == FEATURE_DIM == 128
+    assert not detector.net.training
+    assert not any(p.requires_grad for p in detector.parameters())
+    meta = detector.meta
+    assert meta['command'].startswith('python -m training.mnist_detector --out ')
+    assert f'--seed {meta["seed"]} --epochs {meta["epochs"]}' in meta['command']
+
+
+def test_parameter_count(detector):
+    # Convs 1->32->64->128 (3x3, no bias) with batch norm (2 per channel), fc 128->128, classifier 128->10.
+    expected = 9 * (32 + 32 * 64 + 64 * 128) + 2 * (32 + 64 + 128) + (128 * 128 + 128) + (128 * 10 + 10)
+    assert expected == 110_698
+    assert sum(p.numel() for p in MNISTFeatureNet().parameters()) == expected
+    assert sum(p.numel() for p in detector.parameters()) == expected == detector.meta['num_params']
+
+
+@pytest.mark.parametrize('resolution', [16, 28, 32])
+def test_feature_shape_and_channels(detector, split, resolution):
+    images = split[2][:8]
+    if resolution != 32:
+        images = downsample(images, resolution)
+    features = detector(images)
+    assert features.shape == (8, 128) and features.dtype == torch.float32
+    assert torch.isfinite(features).all() and features.abs().sum() > 0
+    # Grayscale stored as RGB (three equal channels) gives exactly the same features.
+    assert torch.equal(detector(images.repeat(1, 3, 1, 1)), features)
+
+
+def test_features_deterministic(detector, split):
+    images = split[2][:16]
+    features = detector(images)
+    assert torch.equal(detector(images), features)
+    # Eval-mode batch norm: an image's features do not depend on the rest of the batch.
+    torch.testing.assert_close(detector(images[3:4]), features[3:4], rtol=1e-5, atol=1e-5)
+    # Different digits give different features.
+    assert (features[0] - features[1]).abs().max() > 1e-3
+
+
+def test_input_checks(detector):
+    with pytest.raises(ValueError, match='uint8'):
+        detector(torch.zeros(2, 1, 32, 32))
+    with pytest.raises(ValueError, match='1 or 3'):
+        detector(torch.zeros(2, 2, 32, 32, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match='python -m training.mnist_detector'):
+        load_mnist_detector(path='/nonexistent/mnist_detector.pt')
+
+
+def test_split(split):
+    train_images, train_labels, test_images, test_labels = split
+    assert train_images.shape == (NUM_TRAIN, 1, 32, 32) and test_images.shape == (1000, 1, 32, 32)
+    assert train_images.dtype == torch.uint8
+    # MNIST-5k has 500 digits of each class; padding leaves a 2-pixel black border.
+    assert (torch.bincount(train_labels, minlength=10) + torch.bincount(test_labels, minlength=10) == 500).all()
+    assert test_images[:, :, :2].max() == 0 and test_images[:, :, :, 30:].max() == 0
+
+
+def predict(detector, images):
+    with torch.no_grad():
+        return detector.net(to_net_input(images)).argmax(dim=1)
+
+
+def test_held_out_accuracy(detector, split):
+    _, _, test_images, test_labels = split
+    meta = detector.meta
+    acc = (predict(detector, test_images) == test_labels).double().mean().item()
+    acc_binary = (predict(detector, binarize(test_images)) == test_labels).double().mean().item()
+    acc_16 = (predict(detector, downsample(test_images, 16)) == test_labels).double().mean().item()
+    assert acc == meta['test_accuracy'] and acc > 0.98
+    assert acc_binary == meta['test_accuracy_binary'] and acc_binary > 0.97
+    assert acc_16 == meta['test_accuracy_16x16'] and acc_16 > 0.97
+    # Unpadded 28x28 digits (resized to 32x32, so drawn 1.14x larger) are recognised too.
+    acc_28 = (predict(detector, test_images[:, :, 2:30, 2:30]) == test_labels).double().mean().item()
+    assert acc_28 > 0.97
+
+
+def test_binarize_threshold():
+    images = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
+    out = binarize(images).flatten()
+    assert out.dtype == torch.uint8
+    assert (out[:128] == 0).all() and (out[128:] == 255).all()
+
+
+def test_augment_deterministic_and_binarises_half(split):
+    x = split[0][:200].to(torch.float32) / 127.5 - 1
+    a = augment(x.clone(), torch.Generator().manual_seed(1))
+    assert torch.equal(a, augment(x.clone(), torch.Generator().manual_seed(1)))
+    assert a.shape == x.shape and not torch.equal(a, x)
+    assert a.min() >= -1 - 1e-5 and a.max() <= 1 + 1e-5
+    # Images binarised at 32x32 keep exactly two values; about half are binarised, a third of them left at 32x32.
+    two_valued = sum(bool(((img == 1) | (img == -1)).all()) for img in a)
+    assert 15 <= two_valued <= 55
