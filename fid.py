@@ -193,12 +193,16 @@ def calc(image_path, ref_path, num_expected, seed, max_batch_size, detector_spec
 @main.command()
 @click.option('--data', 'dataset_path', help='Path to the dataset', metavar='PATH|ZIP', required=True)
 @click.option('--dest', 'dest_path',    help='Destination .npz file', metavar='NPZ', required=True)
+@click.option('--num', 'max_size',      help='Use a random subset of this many images  [default: all, as EDM]', metavar='INT', type=click.IntRange(min=2))
+@click.option('--seed',                 help='Random seed for selecting the subset', metavar='INT', type=int, default=0, show_default=True)
 @common_options
 # fmt: on
-def ref(dataset_path, dest_path, max_batch_size, detector_spec, num_workers, device):
+def ref(dataset_path, dest_path, max_size, seed, max_batch_size, detector_spec, num_workers, device):
     """Calculate dataset reference statistics needed by 'calc'."""
     device, detector = setup(device, detector_spec)
-    dataset = load_images(dataset_path)
+    dataset = load_images(dataset_path, max_size=max_size, random_seed=seed)
+    if max_size is not None and len(dataset) < max_size:
+        raise click.ClickException(f'Found {len(dataset)} images, but expected at least {max_size}')
     if len(dataset) < 2:
         raise click.ClickException(f'Found {len(dataset)} images, but need at least 2 to compute statistics')
     dist.print0(f'Calculating statistics for {len(dataset)} images...')

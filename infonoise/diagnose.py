@@ -35,7 +35,8 @@ from infonoise.empirical_bayes import EmpiricalBayesDenoiser, denoising_rows
 from infonoise.grids import information_coordinate
 from infonoise.infonoise import InfoNoise
 from infonoise.plots import save_profile_plot
-from infonoise.profile import LogGrid, Profile, cumulative, entropy_rate, gate, normalize_density, smooth_log
+from infonoise.profile import LogGrid, Profile
+from infonoise.profile import build_profile as refresh_profile
 from torch_utils.persistence import load_network
 from training.dataset import ImageFolderDataset
 from training.loss import WEIGHTS
@@ -119,26 +120,20 @@ def build_profile(
         raise ValueError(f'endpoint must be "continuous" or "discrete", got "{endpoint}"')
     if not 0 <= floor <= 1:
         raise ValueError(f'floor must lie in [0, 1], got {floor}')
-    sigma, widths = grid.centers, grid.widths
+    sigma = grid.centers
     mse = torch.as_tensor(mse, dtype=torch.float64)
     if mse.shape != sigma.shape or not bool(torch.isfinite(mse).all()) or not bool((mse > 0).any()):
         raise ValueError(f'Need {len(sigma)} finite errors, some positive, got shape {tuple(mse.shape)}')
-    rate = entropy_rate(mse, sigma)
-    if pivot is None:
-        c = (
-            pivots.discrete_pivot(sigma, rate)
-            if endpoint == 'discrete'
-            else pivots.onset_pivot(sigma, rate, ONLINE['onset_p'])
-        )
-    else:
-        c = float(pivot)
-    gated = smooth_log(rate * gate(sigma, c, ONLINE['gate_n']), smoothing)
-    rho = normalize_density(gated, widths)
-    # The log-uniform floor of online InfoNoise, mixed into the emphasis (see infonoise.infonoise).
-    phi = (1 - floor) * rho + floor * normalize_density(1 / sigma, widths)
-    w = WEIGHTS[weight](sigma, sigma_data)
-    pi = normalize_density(phi / w, widths)
-    return Profile(sigma, mse, rate, gated, rho, cumulative(rho, sigma), pi, phi, w, pivot=c, refreshes=1)
+
+    def rule(sigma, rate):
+        if pivot is not None:
+            return pivot
+        if endpoint == 'discrete':
+            return pivots.discrete_pivot(sigma, rate)
+        return pivots.onset_pivot(sigma, rate, ONLINE['onset_p'])
+
+    weights = WEIGHTS[weight](sigma, sigma_data)
+    return refresh_profile(grid, mse, rule, weights, ONLINE['gate_n'], smoothing, floor)
 
 
 def info_coordinate(profile: Profile, sigma_min: float, sigma_max: float) -> torch.Tensor:

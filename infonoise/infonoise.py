@@ -23,7 +23,7 @@ import torch
 
 import dnnlib
 from infonoise import pivot as pivots
-from infonoise.profile import LogGrid, Profile, cumulative, entropy_rate, gate, normalize_density, smooth_log
+from infonoise.profile import LogGrid, Profile, build_profile
 from infonoise.samplers import LogUniform, NoiseSampler, ln_sigma_strata
 from infonoise.table import InverseCDFTable
 from training.loss import WEIGHTS
@@ -159,31 +159,17 @@ class InfoNoise(NoiseSampler):
         self.mse = (1 - self.ema_rate) * self.mse + self.ema_rate * (sums / counts)
         sigma, widths = self.grid.centers, self.grid.widths
         try:
-            rate = entropy_rate(self.mse, sigma)
-            c = self.calibrate_pivot(sigma, rate)
-            gated = smooth_log(rate * gate(sigma, c, self.gate_n), self.smoothing)
-            rho = normalize_density(gated, widths)  # Eq. 13.
-            phi = (1 - self.floor) * rho + self.floor * normalize_density(1 / sigma, widths)  # Log-uniform floor.
-            weight = self.loss_weight(sigma)
-            table = InverseCDFTable.build(sigma, widths, phi / weight)  # π ∝ φ/w (Eq. 16).
+            profile = build_profile(
+                self.grid, self.mse.clone(), self.calibrate_pivot, self.loss_weight(sigma), self.gate_n,
+                self.smoothing, self.floor, refreshes=self.refreshes + 1,
+            )  # fmt: skip
+            table = InverseCDFTable.build(sigma, widths, profile.phi / profile.weight)  # π ∝ φ/w (Eq. 16).
         except ValueError as e:
             warnings.warn(f'InfoNoise: degenerate profile ({e}); keeping the previous table', stacklevel=2)
             return False
-        self.table, self.pivot = table.to(self.device), c
+        self.table, self.pivot = table.to(self.device), profile.pivot
         self.refreshes += 1
-        self.last_profile = Profile(
-            sigma=sigma,
-            mse=self.mse.clone(),
-            rate=rate,
-            gated=gated,
-            rho=rho,
-            u=cumulative(rho, sigma),
-            pi=normalize_density(phi / weight, widths),
-            phi=phi,
-            weight=weight,
-            pivot=c,
-            refreshes=self.refreshes,
-        )
+        self.last_profile = profile
         return True
 
     def calibrate_pivot(self, sigma: torch.Tensor, rate: torch.Tensor) -> float:

@@ -180,3 +180,40 @@ class Profile:
             raise ValueError(f'Profile data lacks {", ".join(missing)}')
         tensors = {name: torch.as_tensor(d[name], dtype=torch.float64) for name in _PROFILE_TENSORS}
         return cls(**tensors, pivot=float(d['pivot']), refreshes=int(d['refreshes']))
+
+
+def build_profile(
+    grid: LogGrid,
+    mse: torch.Tensor,
+    pivot_rule,
+    weight: torch.Tensor,
+    gate_n: float = 3,
+    smoothing: float = 1.0,
+    floor: float = 0.05,
+    refreshes: int = 1,
+) -> Profile:
+    """Alg. 1 lines 12-16 from per-interval losses `mse` on `grid`: the rate r̂ = mse/σ³, the pivot c =
+    pivot_rule(σ, r̂), the gated and smoothed rate, ρ (Eq. 13) and its CDF u, the emphasis φ = (1 - floor) ρ +
+    floor · (log-uniform), and π ∝ φ/w (Eq. 16) for the loss weights `weight` at the centres.
+
+    Raises ValueError for a degenerate profile (e.g. no positive mass after gating).
+    """
+    sigma, widths = grid.centers, grid.widths
+    rate = entropy_rate(mse, sigma)
+    c = float(pivot_rule(sigma, rate))
+    gated = smooth_log(rate * gate(sigma, c, gate_n), smoothing)
+    rho = normalize_density(gated, widths)
+    phi = (1 - floor) * rho + floor * normalize_density(1 / sigma, widths)
+    return Profile(
+        sigma=sigma,
+        mse=mse,
+        rate=rate,
+        gated=gated,
+        rho=rho,
+        u=cumulative(rho, sigma),
+        pi=normalize_density(phi / weight, widths),
+        phi=phi,
+        weight=weight,
+        pivot=c,
+        refreshes=refreshes,
+    )

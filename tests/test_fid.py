@@ -197,6 +197,33 @@ def test_num_and_seed_pick_edms_subset(tmp_path, data, detector_path):
     assert values[0] != values[1]
 
 
+def test_ref_num_and_seed_pick_the_same_subset_as_calc(tmp_path, data, detector_path):
+    ref = tmp_path / 'subset.npz'
+    result = run_fid('ref', '--data', data['zip'], '--dest', ref, '--num', 20, '--seed', 5, '--detector',
+                     detector_path, '--workers', 0)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    subset = np.arange(64)
+    np.random.RandomState(5).shuffle(subset)
+    features = stand_in_features(data['images'][np.sort(subset[:20])])
+    with np.load(ref) as stats:
+        np.testing.assert_allclose(stats['mu'], features.mean(axis=0), rtol=1e-12)
+    result = run_fid('calc', '--images', data['zip'], '--ref', ref, '--num', 20, '--seed', 5, '--detector',
+                     detector_path, '--workers', 0)  # fmt: skip
+    assert abs(printed_fid(result)) < 1e-6
+    result = run_fid('ref', '--data', data['zip'], '--dest', tmp_path / 'big.npz', '--num', 65, '--detector',
+                     detector_path, '--workers', 0)  # fmt: skip
+    assert result.exit_code != 0 and 'expected at least 65' in result.output
+
+
+def test_fd_mnist_benchmark_runs(digits_zip):
+    from benchmarks import fd_mnist
+
+    result = CliRunner().invoke(fd_mnist.main, ['--data', digits_zip, '--eval-size', 100, '--batch', 100])
+    assert result.exit_code == 0, result.output
+    half = float(result.output.split('FD half vs half')[1].split(':')[1].split()[0])
+    assert 0 < half < 5  # Two halves of one digit set are close in the MNIST CNN's features.
+
+
 def test_bad_inputs_give_clear_errors(tmp_path, data, detector_path):
     good_ref = tmp_path / 'good.npz'
     np.savez(good_ref, mu=np.zeros(FEATURE_DIM), sigma=np.eye(FEATURE_DIM))
