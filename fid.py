@@ -52,17 +52,9 @@ def open_images(path: str, max_size: int | None = None, random_seed: int = 0) ->
     return ImageFolderDataset(path, max_size=max_size, random_seed=random_seed)
 
 
-def rank_batches(num_items: int, max_batch_size: int, rank: int, world_size: int) -> list[list[int]]:
-    """This rank's batches of item indices, split as generate.py splits seeds (EDM): a multiple of world_size
-    near-equal batches, rank r taking batches r, r + W, ...; empty batches are dropped."""
-    num_batches = ((num_items - 1) // (max_batch_size * world_size) + 1) * world_size
-    all_batches = torch.arange(num_items).tensor_split(num_batches)
-    return [batch.tolist() for batch in all_batches[rank::world_size] if len(batch) > 0]
-
-
 def calc_stats(dataset: Dataset, detector, max_batch_size: int, num_workers: int, device: torch.device):
     """Mean [D] and unbiased covariance [D, D] (float64) of the detector features of all images, over all ranks."""
-    batches = rank_batches(len(dataset), max_batch_size, dist.get_rank(), dist.get_world_size())
+    batches = [batch for batch in dist.split_batches(list(range(len(dataset))), max_batch_size) if batch]
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=num_workers, prefetch_factor=2 if num_workers > 0 else None
     )
@@ -80,15 +72,11 @@ def setup(device: str | None, detector_spec: str):
         device = dist.init(device)
     except RuntimeError as e:
         raise click.ClickException(str(e)) from None
-    if dist.get_rank() != 0:
-        dist.barrier()
     dist.print0(f'Loading detector "{detector_spec}"...')
     try:
-        detector = load_detector(detector_spec, device)
+        detector = dist.rank0_first(lambda: load_detector(detector_spec, device))
     except (ValueError, RuntimeError) as e:
         raise click.ClickException(str(e)) from None
-    if dist.get_rank() == 0:
-        dist.barrier()
     return device, detector
 
 

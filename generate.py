@@ -43,14 +43,6 @@ def image_path(outdir: str, seed: int, subdirs: bool) -> str:
     return os.path.join(image_dir, f'{seed:06d}.png')
 
 
-def split_seeds(seeds: list[int], max_batch_size: int, rank: int, world_size: int) -> list[list[int]]:
-    """This rank's batches, as EDM: the seeds split into a multiple of world_size near-equal batches, rank r
-    taking batches r, r + W, ... (some may be empty)."""
-    num_batches = ((len(seeds) - 1) // (max_batch_size * world_size) + 1) * world_size
-    all_batches = torch.as_tensor(seeds).tensor_split(num_batches)
-    return [batch.tolist() for batch in all_batches[rank::world_size]]
-
-
 def read_images(outdir: str, seeds: list[int], subdirs: bool) -> np.ndarray:
     """The saved images of `seeds` as uint8 NHWC, read back from disk (so every rank's images are included)."""
     images = np.stack([np.array(PIL.Image.open(image_path(outdir, seed, subdirs))) for seed in seeds])
@@ -277,16 +269,11 @@ def main(
     except RuntimeError as e:
         raise click.ClickException(str(e)) from None
 
-    # Rank 0 goes first, so that a download lands in the cache once.
-    if dist.get_rank() != 0:
-        dist.barrier()
     dist.print0(f'Loading network from "{network_pkl}"...')
     try:
-        loaded = load_network(network_pkl, device=device)
+        loaded = dist.rank0_first(lambda: load_network(network_pkl, device=device))
     except (OSError, ValueError) as e:
         raise click.ClickException(str(e)) from None
-    if dist.get_rank() == 0:
-        dist.barrier()
     net = loaded.net
 
     # Check the class label against the network.
@@ -322,7 +309,7 @@ def main(
 
     # Loop over batches.
     dist.print0(f'Generating {len(seeds)} images to "{outdir}" ({grid} grid, {solver}, {num_steps} steps, {nfe} NFE)...')
-    rank_batches = split_seeds(seeds, max_batch_size, dist.get_rank(), dist.get_world_size())
+    rank_batches = dist.split_batches(seeds, max_batch_size)
     rank_labels = {}
     for batch_seeds in tqdm.tqdm(rank_batches, unit='batch', disable=(dist.get_rank() != 0)):
         dist.barrier()

@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from conftest import write_edm_zip
 
 import fid
+from torch_utils import distributed as dist
 from torch_utils.frechet import frechet_distance
 from training.detectors import load_detector, resize_bilinear
 
@@ -83,12 +84,17 @@ def data(tmp_path_factory, digits8):
 
 def test_rank_batches_cover_every_index_once():
     for num_items, batch, world in [(64, 5, 1), (64, 5, 2), (7, 64, 3), (2, 1, 4)]:
-        per_rank = [fid.rank_batches(num_items, batch, rank, world) for rank in range(world)]
+        per_rank = [
+            [b for b in dist.split_batches(list(range(num_items)), batch, rank, world) if b] for rank in range(world)
+        ]
         indices = sorted(i for batches in per_rank for b in batches for i in b)
         assert indices == list(range(num_items))
         assert all(0 < len(b) <= batch for batches in per_rank for b in batches)
-    assert fid.rank_batches(2, 1, 3, 4) == []  # More ranks than images: this rank computes nothing.
-    assert fid.rank_batches(10, 3, 1, 2) == [[3, 4, 5], [8, 9]]  # EDM's split: 4 batches of sizes 3, 3, 2, 2.
+    assert dist.split_batches([0, 1], 1, 3, 4) == [[]]  # More ranks than images: this rank computes nothing.
+    assert dist.split_batches(list(range(10)), 3, 1, 2) == [
+        [3, 4, 5],
+        [8, 9],
+    ]  # EDM's split: 4 batches of sizes 3, 3, 2, 2.
 
 
 def test_detector_by_path_and_file_url(detector_path, digits8):

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 import generate
 from infonoise import grids
+from torch_utils import distributed as dist
 from torch_utils.persistence import load_network
 from training.networks import EDMPrecond
 from training.sampling import StackedRandomGenerator, ablation_sampler, edm_sampler, images_to_uint8
@@ -76,9 +77,9 @@ def test_parse_int_list_and_split_seeds():
 
     # EDM: a multiple of world_size near-equal batches, rank r takes batches r, r + W, ...
     seeds = list(range(10))
-    assert generate.split_seeds(seeds, 4, rank=0, world_size=2) == [[0, 1, 2], [6, 7]]
-    assert generate.split_seeds(seeds, 4, rank=1, world_size=2) == [[3, 4, 5], [8, 9]]
-    assert generate.split_seeds(seeds, 64, rank=0, world_size=1) == [seeds]
+    assert dist.split_batches(seeds, 4, rank=0, world_size=2) == [[0, 1, 2], [6, 7]]
+    assert dist.split_batches(seeds, 4, rank=1, world_size=2) == [[3, 4, 5], [8, 9]]
+    assert dist.split_batches(seeds, 64, rank=0, world_size=1) == [seeds]
 
 
 def test_generate_writes_seed_exact_images_and_grid(tmp_path, cond_snapshot):

@@ -107,6 +107,30 @@ def broadcast_object(obj, src: int = 0):
     return objects[0]
 
 
+def split_batches(
+    items: list, max_batch_size: int, rank: int | None = None, world_size: int | None = None
+) -> list[list]:
+    """This rank's batches of `items`, split as EDM's generate.py splits seeds: a multiple of world_size near-equal
+    batches of at most max_batch_size, rank r taking batches r, r + W, ... (some may be empty). The rank and world
+    size default to this process's."""
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    num_batches = ((len(items) - 1) // (max_batch_size * world_size) + 1) * world_size
+    bounds = torch.arange(len(items)).tensor_split(num_batches)
+    return [[items[i] for i in batch.tolist()] for batch in bounds[rank::world_size]]
+
+
+def rank0_first(load):
+    """`load()` on rank 0 before the other ranks, e.g. so that a download lands in the cache once; its result."""
+    if _rank != 0:
+        barrier()
+    try:
+        return load()
+    finally:
+        if _rank == 0:
+            barrier()
+
+
 def all_gather_object(obj) -> list:
     """Every rank's `obj`, in rank order, on every rank (any picklable object)."""
     if _world_size == 1:
