@@ -24,7 +24,7 @@ SAMPLER_CLASS = {'auto': LOGNORMAL, 'lognormal': LOGNORMAL, 'loguniform': LOGUNI
 
 # Fake data per dataset: (resolution, channels, classes, binary pixels).
 CIFAR10, IMG64, IMAGENET64 = (32, 3, 10, False), (64, 3, 0, False), (64, 3, 1000, False)
-MNIST, BMNIST, MNIST16 = (32, 1, 10, False), (32, 1, 10, True), (16, 1, 10, False)
+MNIST, BMNIST, MNIST16, BMNIST16 = (32, 1, 10, False), (32, 1, 10, True), (16, 1, 10, False), (16, 1, 10, True)
 
 # Parameter counts: EDM's from the facts (table 3.1); MNIST (1,1,1) and the demo measured here (the demo's matches
 # the README's 748,737).
@@ -60,6 +60,9 @@ EXPECTED = {
     'bfashionmnist-infonoise': dict(data=BMNIST, params=P_MNIST_111, **CIFAR, **INFO_UNIFORM),
     'demo-mnist16': dict(
         data=MNIST16, params=P_DEMO, batch=64, lr=1e-3, kimg=120, dropout=0.0, augment=None, **INFO_EDM
+    ),
+    'demo-bmnist16': dict(
+        data=BMNIST16, params=P_DEMO, batch=64, lr=1e-3, kimg=60, dropout=0.0, augment=None, **INFO_UNIFORM
     ),
 }
 
