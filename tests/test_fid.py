@@ -222,7 +222,7 @@ def test_ref_num_and_seed_pick_the_same_subset_as_calc(tmp_path, data, detector_
 
 
 def test_fd_mnist_benchmark_runs(digits_zip):
-    from benchmarks import fd_mnist
+    from bench import fd_mnist
 
     result = CliRunner().invoke(fd_mnist.main, ['--data', digits_zip, '--eval-size', 100, '--batch', 100])
     assert result.exit_code == 0, result.output

@@ -4,8 +4,8 @@ The two covariances are sample covariances of correlated Gaussian features, like
 both have the spread of eigenvalues that real FID inputs have. Prints both times, the speed-up and the relative
 difference of the two results.
 
-    python -m benchmarks.frechet              # D = 2048, as for the Inception detector
-    python -m benchmarks.frechet --dim=512 --repeats=3
+    python -m bench.frechet              # D = 2048, as for the Inception detector
+    python -m bench.frechet --dim=512 --repeats=3
 """
 
 import statistics

@@ -4,8 +4,8 @@ Runs blocks of real training steps (σ draw, loss, backward, Adam step, observe)
 samplers, so that slow drifts of the machine hit both alike, and prints the median step times and their ratio.
 InfoNoise runs with its refresh cadence scaled to the benchmark so that refreshes are part of the measurement.
 
-    python -m benchmarks.sampler_overhead                      # the demo network at 16x16 on the CPU
-    python -m benchmarks.sampler_overhead --device=cuda --res=32 --cbase=128 --cres=2,2,2 --blocks=4 --batch=128
+    python -m bench.sampler_overhead                      # the demo network at 16x16 on the CPU
+    python -m bench.sampler_overhead --device=cuda --res=32 --cbase=128 --cres=2,2,2 --blocks=4 --batch=128
 """
 
 import statistics

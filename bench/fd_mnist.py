@@ -8,7 +8,7 @@ Prints, for a digit dataset (e.g. `make demo`'s datasets/mnist5k-16x16.zip):
 - the wall time of one FD evaluation of --eval-size images: features of the images, their statistics, and the
   distance to precomputed reference statistics (what a training-time evaluation costs).
 
-    python -m benchmarks.fd_mnist --data=datasets/mnist5k-16x16.zip --images=runs/demo/.../samples.npz
+    python -m bench.fd_mnist --data=datasets/mnist5k-16x16.zip --images=runs/demo/.../samples.npz
 """
 
 import time

@@ -1,1 +1,0 @@
-"""Benchmarks (not timed tests): run as modules from the repository root, e.g. python -m benchmarks.sampler_overhead."""
