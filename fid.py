@@ -7,6 +7,8 @@ computes the statistics of generated images (a folder or zip of PNGs, or generat
 them by `--seed` exactly as EDM does, and prints the FID against a reference file. The detector is NVIDIA's
 TorchScript Inception-v3 by default, the same network as EDM's; see training/detectors.py for the others. Under
 torchrun the images are split into rank-strided batches as in EDM and the statistics are all-reduced.
+DNA sequences (a sequence .npz of dataset_tool.py or generate.py --npz) take the same path with a TorchScript sequence
+detector given by --detector (e.g. Sei for Sei-FID; see training/detectors.py).
 """
 
 import os
@@ -18,7 +20,8 @@ import tqdm
 
 from torch_utils import distributed as dist
 from torch_utils.frechet import FeatureStats, frechet_distance, load_stats, save_stats
-from training.dataset import Dataset, ImageFolderDataset
+from training import sequences
+from training.dataset import Dataset, ImageFolderDataset, SequenceDataset
 from training.detectors import DEFAULT_DETECTOR, load_detector
 
 
@@ -47,6 +50,8 @@ class NpzImageDataset(Dataset):
 
 def open_images(path: str, max_size: int | None = None, random_seed: int = 0) -> Dataset:
     """The images at `path` (folder, zip or npz), a random subset of `max_size` if there are more, as EDM picks it."""
+    if sequences.is_sequence_file(path):
+        return SequenceDataset(path, max_size=max_size, random_seed=random_seed)
     if path.lower().endswith('.npz') and os.path.isfile(path):
         return NpzImageDataset(path, max_size=max_size, random_seed=random_seed)
     return ImageFolderDataset(path, max_size=max_size, random_seed=random_seed)
@@ -66,15 +71,27 @@ def calc_stats(dataset: Dataset, detector, max_batch_size: int, num_workers: int
     return stats.mu, stats.sigma
 
 
-def setup(device: str | None, detector_spec: str):
-    """Join the process group and load the detector, rank 0 first so that a download lands in the cache once."""
+def sequence_length(path: str) -> int | None:
+    """The length L of the sequences at `path` (a sequence .npz), or None for images."""
+    if not sequences.is_sequence_file(path):
+        return None
+    try:
+        return int(sequences.load_npz(path)[0].shape[1])
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def setup(device: str | None, detector_spec: str, data_path: str):
+    """Join the process group and load the detector for the data at `data_path` (images or sequences), rank 0 first
+    so that a download lands in the cache once."""
+    length = sequence_length(data_path)
     try:
         device = dist.init(device)
     except RuntimeError as e:
         raise click.ClickException(str(e)) from None
     dist.print0(f'Loading detector "{detector_spec}"...')
     try:
-        detector = dist.rank0_first(lambda: load_detector(detector_spec, device))
+        detector = dist.rank0_first(lambda: load_detector(detector_spec, device, sequence_length=length))
     except (ValueError, RuntimeError) as e:
         raise click.ClickException(str(e)) from None
     return device, detector
@@ -87,7 +104,7 @@ def load_images(path: str, max_size: int | None = None, random_seed: int = 0) ->
         dataset = open_images(path, max_size=max_size, random_seed=random_seed)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
-    if dataset.num_channels not in (1, 3):
+    if not isinstance(dataset, SequenceDataset) and dataset.num_channels not in (1, 3):
         raise click.ClickException(f'Images in "{path}" have {dataset.num_channels} channels; expected 1 or 3')
     return dataset
 
@@ -138,7 +155,7 @@ def main():
 
 # fmt: off
 @main.command()
-@click.option('--images', 'image_path', help='Path to the images (folder, zip or generate.py --npz)', metavar='PATH|ZIP|NPZ', required=True)
+@click.option('--images', 'image_path', help='Path to the images (folder, zip or generate.py --npz) or sequences (.npz)', metavar='PATH|ZIP|NPZ', required=True)
 @click.option('--ref', 'ref_path',      help='Dataset reference statistics', metavar='NPZ|URL', required=True)
 @click.option('--num', 'num_expected',  help='Number of images to use', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
 @click.option('--seed',                 help='Random seed for selecting the images', metavar='INT', type=int, default=0, show_default=True)
@@ -146,7 +163,7 @@ def main():
 # fmt: on
 def calc(image_path, ref_path, num_expected, seed, max_batch_size, detector_spec, num_workers, device):
     """Calculate FID for a given set of images."""
-    device, detector = setup(device, detector_spec)
+    device, detector = setup(device, detector_spec, image_path)
 
     # Every rank reads the reference, so that a bad file stops all of them alike.
     dist.print0(f'Loading dataset reference statistics from "{ref_path}"...')
@@ -179,7 +196,7 @@ def calc(image_path, ref_path, num_expected, seed, max_batch_size, detector_spec
 
 # fmt: off
 @main.command()
-@click.option('--data', 'dataset_path', help='Path to the dataset', metavar='PATH|ZIP', required=True)
+@click.option('--data', 'dataset_path', help='Path to the dataset (images, or sequences .npz)', metavar='PATH|ZIP|NPZ', required=True)
 @click.option('--dest', 'dest_path',    help='Destination .npz file', metavar='NPZ', required=True)
 @click.option('--num', 'max_size',      help='Use a random subset of this many images  [default: all, as EDM]', metavar='INT', type=click.IntRange(min=2))
 @click.option('--seed',                 help='Random seed for selecting the subset', metavar='INT', type=int, default=0, show_default=True)
@@ -187,7 +204,7 @@ def calc(image_path, ref_path, num_expected, seed, max_batch_size, detector_spec
 # fmt: on
 def ref(dataset_path, dest_path, max_size, seed, max_batch_size, detector_spec, num_workers, device):
     """Calculate dataset reference statistics needed by 'calc'."""
-    device, detector = setup(device, detector_spec)
+    device, detector = setup(device, detector_spec, dataset_path)
     dataset = load_images(dataset_path, max_size=max_size, random_seed=seed)
     if max_size is not None and len(dataset) < max_size:
         raise click.ClickException(f'Found {len(dataset)} images, but expected at least {max_size}')

@@ -8,7 +8,9 @@ a Gaussian source (the tangent law), log-uniform, a grid read from a file, or ED
 depends only on its seed, not on the batch size or the number of ranks; under torchrun the seeds are split
 across ranks as EDM does. The grid used is written to OUTDIR/grid.json, which `--grid=OUTDIR/grid.json` reads.
 `--binarize` thresholds every sample at 0 in [-1, 1] (pixels 0/255), for models of binarised data (the InfoNoise
-paper's discrete-endpoint experiments), and is recorded in grid.json.
+paper's discrete-endpoint experiments), and is recorded in grid.json. A sequence network (DNA, --arch=ddpmpp1d)
+writes OUTDIR/sequences.fasta instead of PNGs, each sample decoded to its nearest one-hot sequence (argmax over
+the four bases), and `--npz` then holds the sequences in the sequence dataset format of training/sequences.py.
 """
 
 import json
@@ -25,6 +27,8 @@ from dnnlib.util import parse_int_list
 from infonoise import grids
 from torch_utils import distributed as dist
 from torch_utils.persistence import load_network
+from training import sequences
+from training.networks import SequenceUNet
 from training.sampling import (
     StackedRandomGenerator,
     ablation_sampler,
@@ -47,6 +51,18 @@ def read_images(outdir: str, seeds: list[int], subdirs: bool) -> np.ndarray:
     """The saved images of `seeds` as uint8 NHWC, read back from disk (so every rank's images are included)."""
     images = np.stack([np.array(PIL.Image.open(image_path(outdir, seed, subdirs))) for seed in seeds])
     return images.reshape(*images.shape[:3], -1)
+
+
+def write_sequences(outdir: str, npz: str | None, seeds: list[int], tokens: dict, labels: dict | None) -> None:
+    """OUTDIR/sequences.fasta (one record per seed, in seed order) and optionally the .npz of the sequences."""
+    rows = np.stack([tokens[seed] for seed in seeds])
+    label_list = None if labels is None else [labels[seed] for seed in seeds]
+    headers = [f'seed{seed:06d}' + ('' if labels is None else f' label={labels[seed]}') for seed in seeds]
+    sequences.write_fasta(os.path.join(outdir, 'sequences.fasta'), rows, headers)
+    dist.print0(f'Saved {len(seeds)} sequences to "{os.path.join(outdir, "sequences.fasta")}"')
+    if npz is not None:
+        sequences.save_npz(npz, rows, labels=label_list, seeds=seeds)
+        dist.print0(f'Saved {len(seeds)} sequences to "{npz}"')
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -204,7 +220,7 @@ NON_NEGATIVE_INT = click.IntRange(min=0)
 @click.option('--scaling',                help='Ablate signal scaling s(t)', type=click.Choice(['vp', 'none']), default='none')
 # Output and devices.
 @click.option('--grid-png', 'grid_png',   help='Also save all images as one PNG grid', metavar='FILE')
-@click.option('--npz',                    help='Also save all images (uint8 NHWC "arr_0"), seeds and labels in one .npz', metavar='FILE')
+@click.option('--npz',                    help='Also save all images (uint8 NHWC "arr_0") or sequences, seeds and labels in one .npz', metavar='FILE')
 @click.option('--binarize',               help='Threshold samples at 0 in [-1, 1] (pixels 0/255)', is_flag=True)
 @click.option('--device',                 help='Device  [default: cuda if available, else cpu]', type=click.Choice(['cuda', 'cpu']))
 # fmt: on
@@ -275,6 +291,11 @@ def main(
     except (OSError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     net = loaded.net
+    is_sequence = isinstance(getattr(net, 'model', None), SequenceUNet)
+    if is_sequence:
+        for flag, given in (('--grid-png', grid_png is not None), ('--binarize', binarize), ('--subdirs', subdirs)):
+            if given:
+                raise click.ClickException(f'{flag} is for images; a sequence network writes sequences.fasta')
 
     # Check the class label against the network.
     if class_idx is not None and not net.label_dim:
@@ -311,6 +332,7 @@ def main(
     dist.print0(f'Generating {len(seeds)} images to "{outdir}" ({grid} grid, {solver}, {num_steps} steps, {nfe} NFE)...')
     rank_batches = dist.split_batches(seeds, max_batch_size)
     rank_labels = {}
+    rank_tokens = {}
     for batch_seeds in tqdm.tqdm(rank_batches, unit='batch', disable=(dist.get_rank() != 0)):
         dist.barrier()
         batch_size = len(batch_seeds)
@@ -319,7 +341,7 @@ def main(
 
         # Pick latents and labels; labels are drawn even with --class, so that later noise matches EDM's.
         rnd = StackedRandomGenerator(device, batch_seeds)
-        latents = rnd.randn([batch_size, net.img_channels, net.img_resolution, net.img_resolution], device=device)
+        latents = rnd.randn([batch_size, *net.img_shape], device=device)
         class_labels = None
         if net.label_dim:
             labels = rnd.randint(net.label_dim, size=[batch_size], device=device)
@@ -330,6 +352,9 @@ def main(
 
         # Generate and save images.
         images = sampler(net, latents, sigmas, class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
+        if is_sequence:
+            rank_tokens.update(zip(batch_seeds, sequences.to_tokens(images)))
+            continue
         if binarize:
             # Same rule as dataset_tool.py --binarize=threshold: x >= 0 is pixel >= 128 under EDM's x*127.5 + 128.
             images = torch.where(images >= 0, 1.0, -1.0)
@@ -341,7 +366,11 @@ def main(
     # Collect all ranks' images into one PNG grid and/or one .npz.
     dist.barrier()
     labels = {seed: label for part in dist.all_gather_object(rank_labels) for seed, label in part.items()}
-    if dist.get_rank() == 0 and (grid_png is not None or npz is not None):
+    if is_sequence:
+        tokens = {seed: row for part in dist.all_gather_object(rank_tokens) for seed, row in part.items()}
+        if dist.get_rank() == 0:
+            write_sequences(outdir, npz, seeds, tokens, labels if net.label_dim else None)
+    if dist.get_rank() == 0 and not is_sequence and (grid_png is not None or npz is not None):
         images = read_images(outdir, seeds, subdirs)
         for path in (grid_png, npz):
             if path is not None and os.path.dirname(path):

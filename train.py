@@ -47,7 +47,10 @@ ARCH_KWARGS = {
         channel_mult=[2, 2, 2],
     ),
     'adm': dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4]),
+    # Not EDM's: the 1-D DDPM++ analogue for DNA sequences (training/networks.py, SequenceUNet).
+    'ddpmpp1d': dict(model_type='SequenceUNet', model_channels=128, channel_mult=[1, 2, 2], num_blocks=2),
 }
+SEQUENCE_ARCHS = ('ddpmpp1d',)
 PRECOND_CLASS = {'vp': 'VPPrecond', 've': 'VEPrecond', 'edm': 'EDMPrecond'}
 
 # Each preconditioning's own training distribution and loss weight (EDM Table 1), used for 'auto'.
@@ -125,10 +128,10 @@ def find_resume_state(path: str) -> str:
 @click.command()
 # Main options.
 @click.option('--outdir',     help='Where to save the results', metavar='DIR',                       type=str, required=True)
-@click.option('--data',       help='Path to the dataset', metavar='ZIP|DIR',                         type=str, required=True)
+@click.option('--data',       help='Path to the dataset', metavar='ZIP|DIR|NPZ',                         type=str, required=True)
 @click.option('--preset',     help='Fill unset options from configs/NAME.json', metavar='NAME',      type=str)
 @click.option('--cond',       help='Train class-conditional model', metavar='BOOL',                  type=bool, default=False, show_default=True)
-@click.option('--arch',       help='Network architecture',                                           type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']), default='ddpmpp', show_default=True)
+@click.option('--arch',       help='Network architecture',                                           type=click.Choice(['ddpmpp', 'ncsnpp', 'adm', 'ddpmpp1d']), default='ddpmpp', show_default=True)
 @click.option('--precond',    help='Preconditioning & loss function',                                type=click.Choice(['vp', 've', 'edm']), default='edm', show_default=True)
 @click.option('--sampler',    help="Training noise sampler (auto = the precond's own)",              type=click.Choice(['auto', 'lognormal', 'loguniform', 'vp', 'infonoise']), default='auto', show_default=True)
 @click.option('--weight',     help="Loss weight (auto = the precond's own)",                         type=click.Choice(['auto', 'edm', 'inverse-variance', 'uniform']), default='auto', show_default=True)
@@ -211,8 +214,9 @@ def main(**kwargs):
 
     # Initialize config dict.
     c = dnnlib.EasyDict()
+    is_sequence_data = opts.data.lower().endswith('.npz')
     c.dataset_kwargs = dnnlib.EasyDict(
-        class_name='training.dataset.ImageFolderDataset',
+        class_name=f'training.dataset.{"SequenceDataset" if is_sequence_data else "ImageFolderDataset"}',
         path=opts.data,
         use_labels=opts.cond,
         xflip=opts.xflip,
@@ -234,6 +238,16 @@ def main(**kwargs):
         del dataset_obj  # Conserve memory.
     except (OSError, ValueError) as err:
         raise click.ClickException(f'--data: {err}') from None
+
+    # Sequences (DNA) need the 1-D network and have no geometric augmentation; their x-flip is the reverse complement.
+    if is_sequence_data != (opts.arch in SEQUENCE_ARCHS):
+        if is_sequence_data:
+            raise click.ClickException(f'--data={opts.data} holds sequences; train them with --arch=ddpmpp1d')
+        raise click.ClickException(f'--arch={opts.arch} is for sequence datasets (.npz made by dataset_tool.py)')
+    if is_sequence_data and opts.augment:
+        if ctx.get_parameter_source('augment') == click.core.ParameterSource.COMMANDLINE:
+            raise click.ClickException('--augment is for images; sequences use --xflip=1 (reverse complements)')
+        opts.augment = 0
 
     # Network architecture.
     c.network_kwargs.update(ARCH_KWARGS[opts.arch])

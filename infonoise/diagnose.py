@@ -38,7 +38,8 @@ from infonoise.plots import save_profile_plot
 from infonoise.profile import LogGrid, Profile
 from infonoise.profile import build_profile as refresh_profile
 from torch_utils.persistence import load_network
-from training.dataset import ImageFolderDataset
+from training.dataset import Dataset
+from training.dataset import open_dataset as open_any_dataset
 from training.loss import WEIGHTS
 from training.sampling import images_to_uint8, save_image, tile_images
 
@@ -46,7 +47,7 @@ from training.sampling import images_to_uint8, save_image, tile_images
 ONLINE = {name: p.default for name, p in inspect.signature(InfoNoise).parameters.items()}
 
 
-def read_images(dataset: ImageFolderDataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def read_images(dataset: Dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """uint8 images [S, C, H, W] at `indices` (each file decoded once) and their labels [S, L] (None if unused)."""
     unique, inverse = torch.unique(indices, return_inverse=True)
     items = [dataset[i] for i in unique.tolist()]
@@ -167,10 +168,10 @@ def profile_record(profile: Profile, grid: LogGrid, stderr: torch.Tensor, **extr
 # Command line.
 
 
-def open_dataset(path: str, use_labels: bool = False, max_size: int | None = None) -> ImageFolderDataset:
+def open_dataset(path: str, use_labels: bool = False, max_size: int | None = None) -> Dataset:
     if not os.path.exists(path):
         raise click.ClickException(f'--data: no such file or directory "{path}"')
-    return ImageFolderDataset(path, use_labels=use_labels, max_size=max_size)
+    return open_any_dataset(path, use_labels=use_labels, max_size=max_size)
 
 
 def to_float(pixels: torch.Tensor) -> torch.Tensor:
@@ -190,7 +191,7 @@ def pick_device(device: str | None) -> str:
     return device or ('cuda' if torch.cuda.is_available() else 'cpu')
 
 
-def run_profile(net, dataset: ImageFolderDataset, source: str, sigma_data: float, opts: dict) -> None:
+def run_profile(net, dataset: Dataset, source: str, sigma_data: float, opts: dict) -> None:
     """Measure, build, write and summarise the profile of `net` on `dataset` (shared by `profile` and `bayes`)."""
     check_output(opts['out'], '--out')
     check_output(opts['plot'], '--plot')
@@ -198,7 +199,7 @@ def run_profile(net, dataset: ImageFolderDataset, source: str, sigma_data: float
         raise click.ClickException(
             f'Need 0 < --sigma-min < --sigma-max, got {opts["sigma_min"]} and {opts["sigma_max"]}'
         )
-    shape = [net.img_channels, net.img_resolution, net.img_resolution]
+    shape = list(getattr(net, 'img_shape', [net.img_channels, net.img_resolution, net.img_resolution]))
     if dataset.image_shape != shape:
         raise click.ClickException(f'--data has images of shape {dataset.image_shape}, the denoiser expects {shape}')
     grid = LogGrid.make(opts['points'], opts['sigma_min'], opts['sigma_max'])

@@ -313,7 +313,7 @@ def corrupt_gzip_idx(src):
 
 ERROR_CASES = {
     'missing source': (lambda src: src / 'nope', [], 'Missing input file or directory'),
-    'unknown source': (write_bytes('a.txt', b'hello'), [], 'Unknown source type'),
+    'unknown source': (write_bytes('a.dat', b'hello'), [], 'Unknown source type'),
     'corrupt zip': (write_bytes('data.zip'), [], 'Corrupt zip archive'),
     'corrupt tarball': (write_bytes('cifar-10-python.tar.gz'), [], 'Corrupt CIFAR-10 tarball'),
     'corrupt gzip idx': (corrupt_gzip_idx, [], 'Cannot read'),

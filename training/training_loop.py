@@ -10,6 +10,7 @@ without running the code these pickles embed); EDM saves no noise sampler state,
 
 import copy
 import json
+import math
 import os
 import pickle
 import re
@@ -153,7 +154,7 @@ def training_loop(
     net.train().requires_grad_(True).to(device)
     if rank == 0:
         with torch.no_grad():
-            images = torch.zeros([batch_gpu, net.img_channels, net.img_resolution, net.img_resolution], device=device)
+            images = torch.zeros([batch_gpu, *net.img_shape], device=device)
             sigma = torch.ones([batch_gpu], device=device)
             labels = torch.zeros([batch_gpu, net.label_dim], device=device)
             misc.print_module_summary(net, [images, sigma, labels], max_nesting=2)
@@ -204,7 +205,7 @@ def training_loop(
             dataset=dataset_obj, sampler=dataset_sampler, batch_size=batch_gpu, **data_loader_kwargs
         )
     )
-    pixels_per_image = net.img_channels * net.img_resolution**2
+    pixels_per_image = math.prod(net.img_shape)
 
     # Train.
     dist.print0(f'Training for {total_kimg} kimg...')

@@ -1,0 +1,187 @@
+"""DNA sequences as diffusion data: reading FASTA/TSV, the one-hot encoding, and the dataset file.
+
+The InfoNoise paper's third discrete domain is DNA (regulatory elements of DNA-Diffusion, DaSilva et al. 2024): a
+sequence of L bases is a 4 x L one-hot matrix with entries in {-1, +1} (A, C, G, T rows). In this code base a
+sequence travels as a 4-channel "image" of height 1 and width L, [4, 1, L], so that the training loop, the loss, the
+preconditioners and the samplers, which broadcast sigma over [N, C, H, W], handle sequences unchanged; the 1-D U-Net
+(`training.networks.SequenceUNet`) treats the width as the sequence axis.
+
+Dataset file (`dataset_tool.py --source=X.fasta|X.tsv --dest=Y.npz`, read by `training.dataset.SequenceDataset`):
+an .npz with
+- `sequences`: uint8 [N, L], base indices into ALPHABET ('ACGT');
+- `labels` (optional): int64 [N], class indices; `label_names`: str [K], the class of each index;
+- `seeds` (optional): int64 [N], written by generate.py --npz for generated sequences.
+Reverse complement is the flip of both axes of the one-hot matrix, because ALPHABET lists complements mirrored.
+"""
+
+import gzip
+import os
+
+import numpy as np
+
+ALPHABET = 'ACGT'
+FASTA_SUFFIXES = ('.fa', '.fasta', '.fna', '.fa.gz', '.fasta.gz', '.fna.gz')
+TABLE_SUFFIXES = ('.tsv', '.txt', '.tsv.gz', '.txt.gz')
+_CODES = np.full(256, 255, dtype=np.uint8)
+for _i, _base in enumerate(ALPHABET):
+    _CODES[ord(_base)] = _CODES[ord(_base.lower())] = _i
+
+
+def is_sequence_source(path: str) -> bool:
+    """Whether dataset_tool.py should read `path` as sequences (FASTA or TSV, optionally gzipped)."""
+    return path.lower().endswith(FASTA_SUFFIXES + TABLE_SUFFIXES)
+
+
+def _open_text(path: str):
+    return gzip.open(path, 'rt', encoding='utf-8') if path.lower().endswith('.gz') else open(path, encoding='utf-8')
+
+
+def read_fasta(path: str) -> tuple[list[str], list[str], list[str] | None]:
+    """(names, sequences, labels) of a FASTA file. A record's label is the value of a `label=VALUE` word in its
+    header; labels are returned only if every record has one (a mixture is an error)."""
+    names, seqs, labels = [], [], []
+    with _open_text(path) as f:
+        for line_no, line in enumerate(f, start=1):
+            line = line.strip()
+            if not line or line.startswith(';'):
+                continue
+            if line.startswith('>'):
+                words = line[1:].split()
+                names.append(words[0] if words else f'record{len(names)}')
+                found = [w[len('label=') :] for w in words[1:] if w.startswith('label=')]
+                labels.append(found[0] if found else None)
+                seqs.append([])
+            elif not names:
+                raise ValueError(f'{path}:{line_no}: sequence data before the first ">" header')
+            else:
+                seqs[-1].append(line)
+    if not names:
+        raise ValueError(f'No FASTA records in {path}')
+    if any(x is None for x in labels) and any(x is not None for x in labels):
+        missing = names[labels.index(None)]
+        raise ValueError(f'{path}: some records have a label=VALUE in their header and some do not (e.g. {missing})')
+    return names, [''.join(s) for s in seqs], None if labels[0] is None else labels
+
+
+def read_table(path: str, seq_column: str, label_column: str | None) -> tuple[list[str], list[str], list[str] | None]:
+    """(names, sequences, labels) of a tab-separated table with a header row (DNA-Diffusion's data files are such
+    tables: a `sequence` column and a cell-type column `TAG`)."""
+    with _open_text(path) as f:
+        rows = [line.rstrip('\r\n').split('\t') for line in f if line.strip()]
+    if not rows:
+        raise ValueError(f'{path} is empty')
+    header = rows[0]
+    for column in [seq_column] + ([label_column] if label_column else []):
+        if column not in header:
+            raise ValueError(f'{path} has no column "{column}"; its columns are {", ".join(header)}')
+    seq_idx = header.index(seq_column)
+    label_idx = header.index(label_column) if label_column else None
+    names, seqs, labels = [], [], []
+    for line_no, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise ValueError(f'{path}:{line_no}: {len(row)} fields, but the header has {len(header)}')
+        names.append(f'row{line_no}')
+        seqs.append(row[seq_idx].strip())
+        if label_idx is not None:
+            labels.append(row[label_idx].strip())
+    if not seqs:
+        raise ValueError(f'{path} has a header but no rows')
+    return names, seqs, labels if label_idx is not None else None
+
+
+def encode(seqs: list[str], names: list[str] | None = None, length: int | None = None) -> np.ndarray:
+    """Base indices uint8 [N, L] of equal-length ACGT strings (either case); `length` centre-crops longer ones."""
+    names = names if names is not None else [f'#{i}' for i in range(len(seqs))]
+    if not seqs:
+        raise ValueError('No sequences')
+    target = length if length is not None else len(seqs[0])
+    out = np.empty([len(seqs), target], dtype=np.uint8)
+    for i, (name, seq) in enumerate(zip(names, seqs)):
+        if len(seq) < target or (length is None and len(seq) != target):
+            what = (
+                f'shorter than --length={length}' if length is not None else f"not of the first one's length {target}"
+            )
+            raise ValueError(f'Sequence {name} has length {len(seq)}, {what}')
+        start = (len(seq) - target) // 2
+        codes = _CODES[np.frombuffer(seq[start : start + target].encode('ascii', 'replace'), dtype=np.uint8)]
+        if (codes == 255).any():
+            bad = seq[start + int(np.argmax(codes == 255))]
+            raise ValueError(f'Sequence {name} contains "{bad}"; only A, C, G, T (either case) are allowed')
+        out[i] = codes
+    return out
+
+
+def decode(tokens: np.ndarray) -> list[str]:
+    """ACGT strings of base indices [N, L]."""
+    letters = np.frombuffer(ALPHABET.encode('ascii'), dtype=np.uint8)
+    return [letters[row].tobytes().decode('ascii') for row in np.asarray(tokens, dtype=np.int64)]
+
+
+def one_hot(tokens: np.ndarray) -> np.ndarray:
+    """uint8 [N, 4, 1, L] with 255 at each base and 0 elsewhere: the dataset's "pixels", +-1 after x / 127.5 - 1."""
+    tokens = np.asarray(tokens)
+    out = np.zeros([tokens.shape[0], len(ALPHABET), 1, tokens.shape[1]], dtype=np.uint8)
+    np.put_along_axis(out, tokens[:, np.newaxis, np.newaxis, :].astype(np.int64), 255, axis=1)
+    return out
+
+
+def to_tokens(x) -> np.ndarray:
+    """Base indices [N, L] of continuous samples [N, 4, 1, L] (numpy or torch): the nearest one-hot vector, i.e. the
+    argmax over the 4 channels at each position."""
+    x = x.detach().cpu().numpy() if hasattr(x, 'detach') else np.asarray(x)
+    if x.ndim != 4 or x.shape[1] != len(ALPHABET) or x.shape[2] != 1:
+        raise ValueError(f'Expected sequences of shape [N, {len(ALPHABET)}, 1, L], got {list(x.shape)}')
+    return x[:, :, 0, :].argmax(axis=1).astype(np.uint8)
+
+
+def save_npz(path: str, tokens: np.ndarray, labels: np.ndarray | None = None, label_names=None, seeds=None) -> None:
+    """Write the dataset file described in the module docstring."""
+    arrays = dict(sequences=np.asarray(tokens, dtype=np.uint8))
+    if labels is not None:
+        arrays['labels'] = np.asarray(labels, dtype=np.int64)
+        if label_names is not None:
+            arrays['label_names'] = np.asarray(label_names, dtype=str)
+    if seeds is not None:
+        arrays['seeds'] = np.asarray(seeds, dtype=np.int64)
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'wb') as f:
+        np.savez(f, **arrays)
+
+
+def load_npz(path: str) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
+    """(tokens [N, L], labels [N] or None, label_names or None) of a sequence dataset file, checked."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if 'sequences' not in data:
+                raise ValueError(f'{path} holds no "sequences" array; make it with dataset_tool.py')
+            tokens = data['sequences']
+            labels = data['labels'] if 'labels' in data else None
+            names = data['label_names'].tolist() if 'label_names' in data else None
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f'Cannot read sequence dataset {path}: {e}') from None
+    if tokens.ndim != 2 or tokens.dtype != np.uint8 or tokens.size == 0 or tokens.max() >= len(ALPHABET):
+        raise ValueError(f'{path}: "sequences" must be non-empty uint8 [N, L] with values 0..{len(ALPHABET) - 1}')
+    if labels is not None and (labels.shape != tokens.shape[:1] or labels.min() < 0):
+        raise ValueError(f'{path}: "labels" must be [N] class indices >= 0 for the N = {tokens.shape[0]} sequences')
+    return tokens, labels, names
+
+
+def is_sequence_file(path: str) -> bool:
+    """Whether `path` is an .npz with a "sequences" array (a sequence dataset or generated sequences)."""
+    if not (os.path.isfile(path) and path.lower().endswith('.npz')):
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return 'sequences' in data.files
+    except (OSError, ValueError, EOFError):
+        return False
+
+
+def write_fasta(path: str, tokens: np.ndarray, headers: list[str]) -> None:
+    """One record per row of `tokens`, 80 bases per line."""
+    with open(path, 'w', encoding='utf-8') as f:
+        for header, seq in zip(headers, decode(tokens)):
+            f.write(f'>{header}\n')
+            for start in range(0, len(seq), 80):
+                f.write(seq[start : start + 80] + '\n')
