@@ -3,6 +3,7 @@
 Runs blocks of real training steps (σ draw, loss, backward, Adam step, observe) alternating between the two
 samplers, so that slow drifts of the machine hit both alike, and prints the median step times and their ratio.
 InfoNoise runs with its refresh cadence scaled to the benchmark so that refreshes are part of the measurement.
+`bench.overhead` reuses these functions for all three samplers.
 
     python -m bench.sampler_overhead                      # the demo network at 16x16 on the CPU
     python -m bench.sampler_overhead --device=cuda --res=32 --cbase=128 --cres=2,2,2 --blocks=4 --batch=128
@@ -15,15 +16,85 @@ import click
 import torch
 
 import dnnlib
+from bench.common import sync
 from infonoise.infonoise import InfoNoise
-from infonoise.samplers import LogNormal
+from infonoise.samplers import LogNormal, LogUniform
 from training.loss import DenoisingLoss
 from training.networks import EDMPrecond
 
 
-def sync(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
+def demo_network(device, res=16, cbase=32, cres=(1, 2), blocks=1, attn=(8,)) -> EDMPrecond:
+    """The demo preset's DDPM++ (EDMPrecond/SongUNet, one channel), freshly initialised with seed 0."""
+    torch.manual_seed(0)
+    return EDMPrecond(
+        img_resolution=res,
+        img_channels=1,
+        model_type='SongUNet',
+        model_channels=cbase,
+        channel_mult=list(cres),
+        num_blocks=blocks,
+        attn_resolutions=list(attn),
+        dropout=0,
+    ).to(device)
+
+
+def make_samplers(names, batch: int, refresh_steps: int) -> dict:
+    """Samplers by name; InfoNoise (EDM weight, 32 bins as the demo preset) refreshes every `refresh_steps` steps."""
+    makers = {
+        'lognormal': LogNormal,
+        'loguniform': LogUniform,
+        'infonoise': lambda: InfoNoise(
+            weight='edm', num_bins=32, refresh_kimg=refresh_steps * batch / 1000, warmup_kimg=0, min_count=1, floor=0.05
+        ),
+    }
+    return {name: makers[name]() for name in names}
+
+
+def time_training(net, samplers: dict, batch: int, steps: int, rounds: int, device) -> dict[str, list[float]]:
+    """Seconds per training step, one value per block of `steps` steps, blocks alternating between the samplers
+    after one warm-up block each (allocations, first refreshes); each round starts with the next sampler, so that
+    no sampler always runs first."""
+    net.train()
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
+    loss_fn = DenoisingLoss('edm')
+    images = torch.rand(batch, 1, net.img_resolution, net.img_resolution, device=device) * 2 - 1
+
+    def run_block(sampler) -> float:
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            sigma = sampler.sample(batch, device)
+            loss, mse = loss_fn(net, images, sigma)
+            sampler.observe(sigma, mse.detach())
+            optimizer.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            optimizer.step()
+        sync(device)
+        return (time.perf_counter() - start) / steps
+
+    for sampler in samplers.values():
+        run_block(sampler)
+    names = list(samplers)
+    times = {name: [] for name in names}
+    for round_idx in range(rounds):
+        shift = round_idx % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(run_block(samplers[name]))
+    return times
+
+
+def time_sampler_work(samplers: dict, batch: int, num_steps: int, device) -> dict[str, float]:
+    """Seconds per step of each sampler's own work (draw + observe, with whatever refreshes fall due)."""
+    mse = torch.rand(batch, device=device)
+    seconds = {}
+    for name, sampler in samplers.items():
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(num_steps):
+            sampler.observe(sampler.sample(batch, device), mse)
+        sync(device)
+        seconds[name] = (time.perf_counter() - start) / num_steps
+    return seconds
 
 
 @click.command()
@@ -41,61 +112,10 @@ def sync(device: torch.device) -> None:
 @click.option('--refresh-steps', help='InfoNoise refresh period in steps', type=int, default=10, show_default=True)
 def main(device, res, cbase, cres, blocks, attn, batch, steps, rounds, refresh_steps):
     device = torch.device(device)
-    torch.manual_seed(0)
-    net = (
-        EDMPrecond(
-            img_resolution=res,
-            img_channels=1,
-            model_type='SongUNet',
-            model_channels=cbase,
-            channel_mult=cres,
-            num_blocks=blocks,
-            attn_resolutions=attn,
-            dropout=0,
-        )
-        .to(device)
-        .train()
-    )
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
-    loss_fn = DenoisingLoss('edm')
-    images = torch.rand(batch, 1, res, res, device=device) * 2 - 1
-    samplers = {
-        'lognormal': LogNormal(),
-        'infonoise': InfoNoise(
-            weight='edm', num_bins=32, refresh_kimg=refresh_steps * batch / 1000, warmup_kimg=0, min_count=1, floor=0.05
-        ),
-    }
-
-    def run_block(sampler) -> float:
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            sigma = sampler.sample(batch, device)
-            loss, mse = loss_fn(net, images, sigma)
-            sampler.observe(sigma, mse.detach())
-            optimizer.zero_grad(set_to_none=True)
-            loss.sum().backward()
-            optimizer.step()
-        sync(device)
-        return (time.perf_counter() - start) / steps
-
-    for sampler in samplers.values():  # Warm up both paths (allocations, first refreshes).
-        run_block(sampler)
-    times = {name: [] for name in samplers}
-    for _ in range(rounds):
-        for name, sampler in samplers.items():
-            times[name].append(run_block(sampler))
-
-    # The sampler's own per-step work (draw + observe with refreshes), without the network.
-    mse = torch.rand(batch, device=device)
-    overhead = {}
-    for name, sampler in samplers.items():
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(rounds * steps):
-            sampler.observe(sampler.sample(batch, device), mse)
-        sync(device)
-        overhead[name] = (time.perf_counter() - start) / (rounds * steps)
+    net = demo_network(device, res, cbase, cres, blocks, attn)
+    samplers = make_samplers(['lognormal', 'infonoise'], batch, refresh_steps)
+    times = time_training(net, samplers, batch, steps, rounds, device)
+    overhead = time_sampler_work(samplers, batch, rounds * steps, device)
 
     params = sum(p.numel() for p in net.parameters())
     print(f'network: EDMPrecond/SongUNet, {params:,} parameters, {res}x{res}, batch {batch}, device {device}')

@@ -1,0 +1,176 @@
+"""Shared pieces of the benchmark scripts (issue 7): run records, strict JSON, Markdown tables, the datasets, and
+FD-MNIST of generated samples.
+
+FD-MNIST is the Fréchet distance between the features of the small MNIST CNN (`training/mnist_detector.py`) of
+generated images and of all images of the training set, as `fid.py ref/calc --detector=mnist` compute it; the
+samples come from EDM's sampler (Karras et al. 2022, Algorithm 2) with one generator per seed and are thresholded
+for binarized data exactly as `generate.py --binarize` does.
+"""
+
+import datetime
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import click
+import numpy as np
+import torch
+
+import fid
+from torch_utils.frechet import FeatureStats, frechet_distance, load_stats, save_stats
+from training.detectors import load_detector
+from training.sampling import StackedRandomGenerator, edm_sampler, images_to_uint8
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_DATA = os.path.join('datasets', 'mnist5k-16x16.zip')
+DEFAULT_BDATA = os.path.join('datasets', 'bmnist5k-16x16.zip')
+GENERATE_BATCH = 250  # Images per sampler call and per detector batch.
+
+
+def pick_device(name: str | None) -> torch.device:
+    """--device: CUDA if available unless told otherwise; a clear error for CUDA on a machine without it."""
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise click.ClickException('--device=cuda, but no CUDA device is available')
+    return torch.device(name or ('cuda' if torch.cuda.is_available() else 'cpu'))
+
+
+def apply_quick(ctx: click.Context, opts: dict, quick_values: dict) -> None:
+    """With --quick, replace the defaults of the options the user did not set by their quick values."""
+    for name, value in quick_values.items():
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT:
+            opts[name] = value
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued CUDA work, so that wall-clock timings cover it."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(['git', *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def run_record(module: str, start_time: float, device: torch.device) -> dict:
+    """Date, git commit (and whether the tree had local changes), command line, wall time and machine of a run."""
+    commit = _git('rev-parse', 'HEAD')
+    status = _git('status', '--porcelain', '--untracked-files=no')
+    return dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+        git_commit=commit.strip() if commit else None,
+        git_dirty=bool(status.strip()) if status is not None else None,
+        command=shlex.join(['python', '-m', module, *sys.argv[1:]]),
+        wall_seconds=time.time() - start_time,
+        device=str(device),
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        cpus=os.cpu_count(),
+    )
+
+
+def finite_or_none(obj):
+    """`obj` with every NaN or infinity replaced by None (strict JSON has neither), recursively."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(key): finite_or_none(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_or_none(value) for value in obj]
+    return obj
+
+
+def write_json(path: str, obj) -> None:
+    with open(path, 'w', encoding='utf-8') as f:
+        json.dump(finite_or_none(obj), f, indent=2, allow_nan=False)
+
+
+def read_json(path: str, default):
+    """The JSON in `path`, or `default` when the file is missing or unreadable (a cache that starts over)."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return default
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ['| ' + ' | '.join(headers) + ' |', '|' + '---|' * len(headers)]
+    lines += ['| ' + ' | '.join(str(cell) for cell in row) + ' |' for row in rows]
+    return '\n'.join(lines)
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    """A number with `digits` significant digits (all integer digits of a larger one), or an em dash if missing."""
+    if value is None or not math.isfinite(value):
+        return '—'
+    return f'{value:.0f}' if abs(value) >= 10**digits else f'{value:.{digits}g}'
+
+
+def ensure_dataset(path: str, binarize: bool) -> None:
+    """Build MNIST-5k at 16x16 (binarized by threshold if asked) with dataset_tool.py, unless `path` exists."""
+    if os.path.exists(path):
+        return
+    command = [sys.executable, 'dataset_tool.py', '--source=mnist5k', f'--dest={os.path.abspath(path)}']
+    command += ['--resolution=16x16'] + (['--binarize=threshold'] if binarize else [])
+    click.echo(f'Building {path}: {shlex.join(command[1:])}')
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        last = (result.stderr.strip() or result.stdout.strip() or 'no output').splitlines()[-1]
+        raise click.ClickException(f'dataset_tool.py failed to build {path}: {last}')
+
+
+@torch.no_grad()
+def generate_uint8(
+    net, seeds: list[int], sigmas: torch.Tensor, solver: str, binarize: bool, device: torch.device
+) -> torch.Tensor:
+    """uint8 NCHW images of `seeds` from EDM's deterministic sampler on the grid `sigmas`, as generate.py draws them."""
+    if net.label_dim:
+        raise ValueError('The benchmarks evaluate unconditional networks only')
+    batches = []
+    for start in range(0, len(seeds), GENERATE_BATCH):
+        batch_seeds = seeds[start : start + GENERATE_BATCH]
+        rnd = StackedRandomGenerator(device, batch_seeds)
+        shape = [len(batch_seeds), net.img_channels, net.img_resolution, net.img_resolution]
+        images = edm_sampler(net, rnd.randn(shape, device=device), sigmas, randn_like=rnd.randn_like, solver=solver)
+        if binarize:
+            # generate.py --binarize: x >= 0 is pixel >= 128, the threshold dataset_tool.py binarized the data with.
+            images = torch.where(images >= 0, 1.0, -1.0)
+        batches.append(torch.from_numpy(images_to_uint8(images)).permute(0, 3, 1, 2))
+    return torch.cat(batches)
+
+
+class FDMnist:
+    """FD-MNIST against all images of one dataset; the reference statistics are cached in an npz file."""
+
+    def __init__(self, data: str, cache_path: str, device: torch.device):
+        self.device = device
+        self.detector = load_detector('mnist', device)
+        dataset = fid.open_images(data)
+        self.images = torch.from_numpy(np.stack([dataset[i][0] for i in range(len(dataset))]))
+        if not os.path.isfile(cache_path) or os.path.getmtime(cache_path) < os.path.getmtime(data):
+            save_stats(cache_path, *self.stats(self.images))
+        self.ref = load_stats(cache_path)
+
+    def stats(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and unbiased covariance (float64) of the detector features of uint8 NCHW images, as fid.py."""
+        stats = FeatureStats()
+        for chunk in images.split(GENERATE_BATCH):
+            stats.append(self.detector(chunk.to(self.device)))
+        return stats.mu, stats.sigma
+
+    def __call__(self, images: torch.Tensor) -> float:
+        """FD-MNIST of uint8 NCHW images."""
+        return frechet_distance(*self.stats(images), *self.ref)
+
+    def real_floor(self, num_images: int, seed: int = 0) -> float:
+        """FD-MNIST of `num_images` random real images: what a perfect generator scores at that sample size."""
+        order = np.random.RandomState(seed).permutation(len(self.images))[:num_images]
+        return self(self.images[torch.from_numpy(order)])

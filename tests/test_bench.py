@@ -1,0 +1,153 @@
+"""The benchmark scripts of bench/ (issue 7): the time-to-quality report logic on handcrafted curves, and one run of
+every script's --quick mode from scratch, so that none of them can rot."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import click
+import pytest
+
+from bench.time_to_quality import RECIPES, curve_summary, first_reach, parse_seeds, time_to_target
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_curve_summary_keeps_common_kimg():
+    summary = curve_summary([{10: 4.0, 20: 2.0, 30: 1.0}, {10: 6.0, 20: 3.0}])
+    assert summary == dict(kimg=[10, 20], mean=[5.0, 2.5], min=[4.0, 2.0], max=[6.0, 3.0])
+    assert curve_summary([]) == dict(kimg=[], mean=[], min=[], max=[])
+
+
+def test_first_reach():
+    assert first_reach([10, 20, 30], [5.0, 3.0, 1.0], 3.0) == 20  # At the target counts.
+    assert first_reach([10, 20, 30], [5.0, 3.0, 1.0], 0.5) is None
+    assert first_reach([10, 20, 30], [2.0, 3.0, 1.0], 2.5) == 10  # The first crossing, not the last.
+
+
+def test_time_to_target_handcrafted():
+    kimg = [10, 20, 30, 40]
+    summaries = {
+        'slow': dict(kimg=kimg, mean=[9.0, 6.0, 5.0, 4.0]),  # baseline, best FD 4.0 at 40
+        'worse': dict(kimg=kimg, mean=[9.0, 8.0, 7.0, 6.5]),  # baseline that never gets there
+        'fast': dict(kimg=kimg, mean=[8.0, 3.9, 3.0, 2.5]),  # reaches 4.0 at 20: 2x
+        'never': dict(kimg=kimg, mean=[8.0, 7.0, 6.0, 5.0]),
+    }
+    report = time_to_target(summaries, ['slow', 'worse'])
+    assert report['m_star'] == 4.0 and report['best_baseline'] == 'slow' and report['baseline_kimg'] == 40
+    assert report['recipes']['fast'] == dict(kimg_to_target=20, speedup=2.0)
+    assert report['recipes']['slow'] == dict(kimg_to_target=40, speedup=1.0)
+    assert report['recipes']['worse'] == dict(kimg_to_target=None, speedup=None)
+    assert report['recipes']['never'] == dict(kimg_to_target=None, speedup=None)
+    # A baseline whose best point is not its last one: m* is reached at 20, InfoNoise's 10 is a 2x speed-up.
+    report = time_to_target(
+        {'b': dict(kimg=[10, 20, 30], mean=[5.0, 2.0, 3.0]), 'i': dict(kimg=[10], mean=[1.0])}, ['b']
+    )
+    assert (report['m_star'], report['baseline_kimg'], report['recipes']['i']['speedup']) == (2.0, 20, 2.0)
+    # No baseline, no target.
+    assert time_to_target({'i': dict(kimg=[10], mean=[1.0])}, [])['recipes']['i'] == dict(
+        kimg_to_target=None, speedup=None
+    )
+
+
+def test_parse_seeds():
+    assert parse_seeds('3') == [0, 1, 2]
+    assert parse_seeds('4,1') == [1, 4]
+    assert parse_seeds('3-5') == [3, 4, 5]
+    with pytest.raises(click.ClickException, match='--seeds'):
+        parse_seeds('a')
+
+
+def run_module(module: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, '-m', module, '--quick', '--device=cpu', *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def load_results(outdir) -> dict:
+    with open(outdir / 'results.json', encoding='utf-8') as f:
+        results = json.load(f, parse_constant=lambda name: pytest.fail(f'non-strict JSON constant {name}'))
+    run = results['run']
+    assert run['wall_seconds'] > 0 and run['date'] and run['command'].startswith('python -m bench.')
+    return results
+
+
+def all_finite(values) -> bool:
+    return all(isinstance(v, float | int) and math.isfinite(v) for v in values)
+
+
+def test_quick_modes(tmp_path):
+    """time_to_quality, grids (on time_to_quality's networks) and overhead, each --quick, from scratch."""
+    data, bdata = tmp_path / 'mnist.zip', tmp_path / 'bmnist.zip'
+    ttq_dir, grids_dir, overhead_dir = tmp_path / 'ttq', tmp_path / 'grids', tmp_path / 'overhead'
+
+    ttq_args = f'--outdir={ttq_dir}', f'--data={data}', f'--bdata={bdata}'
+    out = run_module('bench.time_to_quality', *ttq_args)
+    assert '| recipe |' in out and data.is_file() and bdata.is_file()
+    results = load_results(ttq_dir)
+    assert results['settings']['kimg'] == 1 and results['settings']['seeds'] == [0]
+    assert sorted(results['datasets']) == ['bmnist', 'mnist']
+    for dataset, info in results['datasets'].items():
+        assert os.path.isfile(info['plot']) and info['real_floor'] > 0
+        names = [name for name, recipe in RECIPES.items() if recipe.dataset == dataset]
+        assert sorted(info['recipes']) == sorted(names)
+        assert info['best_baseline'] in names and RECIPES[info['best_baseline']].baseline
+        baselines = [r['best_mean'] for name, r in info['recipes'].items() if RECIPES[name].baseline]
+        assert info['m_star'] == min(baselines)
+        for recipe in info['recipes'].values():
+            assert recipe['kimg'] == [1] and recipe['min'] == recipe['max'] == recipe['mean']  # One seed.
+            assert all_finite(recipe['mean']) and recipe['curves'] == {'0': {'1': recipe['mean'][0]}}
+            assert (recipe['speedup'] == 1.0) == (recipe['mean'][0] <= info['m_star'])
+
+    # A second run finds everything done: the same curves, no training, no evaluation.
+    out = run_module('bench.time_to_quality', *ttq_args)
+    assert out.count('0 new evaluation(s)') == len(RECIPES)
+    again = load_results(ttq_dir)
+    for dataset, info in results['datasets'].items():
+        for name, recipe in info['recipes'].items():
+            assert again['datasets'][dataset]['recipes'][name]['curves'] == recipe['curves']
+
+    # A longer run resumes from the training state and evaluates the new snapshot (no baseline: no target).
+    out = run_module('bench.time_to_quality', *ttq_args, '--kimg=2', '--recipes=mnist-infonoise')
+    results = load_results(ttq_dir)
+    assert list(results['datasets']) == ['mnist'] and results['datasets']['mnist']['m_star'] is None
+    recipe = results['datasets']['mnist']['recipes']['mnist-infonoise']
+    assert recipe['kimg'] == [1, 2] and all_finite(recipe['mean']) and recipe['speedup'] is None
+    rdir = ttq_dir / 'runs' / 'mnist-infonoise-seed0'
+    assert 'Loading training state' in (rdir / 'log.txt').read_text()
+    assert [p.name for p in rdir.glob('training-state-*.pt')] == ['training-state-000002.pt']
+
+    out = run_module('bench.grids', f'--outdir={grids_dir}', f'--from={ttq_dir}', f'--data={data}')
+    results = load_results(grids_dir)
+    assert results['nfe'] == [5, 7] and results['solvers'] == ['heun', 'euler']
+    assert results['models']['infonoise']['learned_profile']  # The quick InfoNoise run refreshed.
+    for solver in ('heun', 'euler'):
+        rows = results['fd'][solver]
+        assert sorted(rows) == sorted(
+            [f'infonoise / {g}' for g in ('edm', 'infogrid-learned', 'infogrid-offline', 'loguniform')]
+            + [f'lognormal / {g}' for g in ('edm', 'infogrid-offline', 'loguniform')]
+        )
+        assert all(len(v) == 2 and all_finite(v) for v in rows.values())
+        for table in results['gaussian_kl'][solver].values():
+            assert sorted(table) == ['edm(rho=7)', 'infogrid', 'loguniform']
+            assert all(len(v) == 2 and all_finite(v) and min(v) > 0 for v in table.values())
+    assert os.path.isfile(results['plot']) and '| network | grid | NFE 5 | NFE 7 |' in out
+
+    out = run_module('bench.overhead', f'--outdir={overhead_dir}')
+    results = load_results(overhead_dir)
+    ratio = results['train_step']['ratio']
+    assert sorted(ratio) == ['infonoise', 'lognormal', 'loguniform'] and ratio['lognormal'] == 1.0
+    assert all_finite(ratio.values()) and min(ratio.values()) > 0
+    micro = results['sampler_only']
+    assert micro['batch_sizes'] == [64, 256, 1024, 4096] and micro['refresh_seconds'] > 0
+    assert all(len(v) == 4 and all_finite(v) for v in micro['seconds_per_step'].values())
+    assert results['generation']['images_per_sec'] > 0 and results['generation']['nfe'] == 35
+    assert results['frechet']['relative_difference'] < 1e-6
+    assert os.path.isfile(results['plot']) and '| sampler | ms/step | ratio to log-normal |' in out
