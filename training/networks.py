@@ -392,19 +392,23 @@ class SongUNet(torch.nn.Module):
                 self.dec[f'{res}x{res}_aux_norm'] = GroupNorm(num_channels=cout, eps=1e-6)
                 self.dec[f'{res}x{res}_aux_conv'] = Conv2d(cout, out_channels, kernel=3, **init_zero)
 
-    def forward(self, x, noise_labels, class_labels, augment_labels=None):
-        # Mapping; the embedding halves are swapped to [sin, cos] as in Song et al.
+    def embed(self, noise_labels, class_labels, augment_labels, batch_size):
+        """The mapping network; the embedding halves are swapped to [sin, cos] as in Song et al. (SequenceUNet,
+        whose mapping layers have the same names, shares it)."""
         emb = self.map_noise(noise_labels)
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)
         if self.map_label is not None:
             labels = class_labels
             if self.training and self.label_dropout:
-                labels = _drop_labels(labels, self.label_dropout, x.shape[0])
+                labels = _drop_labels(labels, self.label_dropout, batch_size)
             emb = emb + self.map_label(labels * np.sqrt(self.map_label.in_features))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
         emb = silu(self.map_layer0(emb))
-        emb = silu(self.map_layer1(emb))
+        return silu(self.map_layer1(emb))
+
+    def forward(self, x, noise_labels, class_labels, augment_labels=None):
+        emb = self.embed(noise_labels, class_labels, augment_labels, x.shape[0])
 
         # Encoder; every non-auxiliary output is kept for the decoder's skip connections.
         skips = []
@@ -689,16 +693,7 @@ class SequenceUNet(torch.nn.Module):
     def forward(self, x, noise_labels, class_labels, augment_labels=None):
         if x.ndim != 4 or x.shape[2] != 1:
             raise ValueError(f'SequenceUNet takes [N, C, 1, L], got {list(x.shape)}')
-        emb = self.map_noise(noise_labels)
-        emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)
-        if self.map_label is not None:
-            labels = class_labels
-            if self.training and self.label_dropout:
-                labels = _drop_labels(labels, self.label_dropout, x.shape[0])
-            emb = emb + self.map_label(labels * np.sqrt(self.map_label.in_features))
-        if self.map_augment is not None and augment_labels is not None:
-            emb = emb + self.map_augment(augment_labels)
-        emb = silu(self.map_layer1(silu(self.map_layer0(emb))))
+        emb = SongUNet.embed(self, noise_labels, class_labels, augment_labels, x.shape[0])
 
         x = x[:, :, 0, :]
         skips = []
