@@ -10,7 +10,7 @@ import sys
 import click
 import pytest
 
-from bench.time_to_quality import RECIPES, curve_summary, first_reach, parse_seeds, time_to_target
+from bench.time_to_quality import RECIPES, curve_summary, first_reach, parse_recipes, parse_seeds, time_to_target
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,6 +25,14 @@ def test_first_reach():
     assert first_reach([10, 20, 30], [5.0, 3.0, 1.0], 3.0) == 20  # At the target counts.
     assert first_reach([10, 20, 30], [5.0, 3.0, 1.0], 0.5) is None
     assert first_reach([10, 20, 30], [2.0, 3.0, 1.0], 2.5) == 10  # The first crossing, not the last.
+
+
+def test_parse_recipes():
+    extras = [name for name, recipe in RECIPES.items() if recipe.extra]
+    assert extras and parse_recipes('all') == [name for name in RECIPES if name not in extras]
+    assert parse_recipes(f'{extras[0]}, mnist-lognormal') == ['mnist-lognormal', extras[0]]  # Table order.
+    with pytest.raises(click.ClickException, match='unknown "nope"'):
+        parse_recipes('mnist-lognormal,nope')
 
 
 def test_time_to_target_handcrafted():
@@ -96,7 +104,7 @@ def test_quick_modes(tmp_path):
     assert sorted(results['datasets']) == ['bmnist', 'mnist']
     for dataset, info in results['datasets'].items():
         assert os.path.isfile(info['plot']) and info['real_floor'] > 0
-        names = [name for name, recipe in RECIPES.items() if recipe.dataset == dataset]
+        names = [name for name, recipe in RECIPES.items() if recipe.dataset == dataset and not recipe.extra]
         assert sorted(info['recipes']) == sorted(names)
         assert info['best_baseline'] in names and RECIPES[info['best_baseline']].baseline
         baselines = [r['best_mean'] for name, r in info['recipes'].items() if RECIPES[name].baseline]
