@@ -91,6 +91,7 @@ def all_finite(values) -> bool:
     return all(isinstance(v, float | int) and math.isfinite(v) for v in values)
 
 
+@pytest.mark.timeout(900)  # About 2.5 min on an idle 2-core machine; the suite's 300 s leaves too little margin.
 def test_quick_modes(tmp_path):
     """time_to_quality, grids (on time_to_quality's networks) and overhead, each --quick, from scratch."""
     data, bdata = tmp_path / 'mnist.zip', tmp_path / 'bmnist.zip'
