@@ -117,7 +117,7 @@ def test_quick_modes(tmp_path):
 
     # A second run finds everything done: the same curves, no training, no evaluation.
     out = run_module('bench.time_to_quality', *ttq_args)
-    assert out.count('0 new evaluation(s)') == len(RECIPES)
+    assert out.count('0 new evaluation(s)') == len(parse_recipes('all'))
     again = load_results(ttq_dir)
     for dataset, info in results['datasets'].items():
         for name, recipe in info['recipes'].items():
