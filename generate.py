@@ -127,8 +127,24 @@ def gaussian_variances(spec: str | None, sigma_data: float | None) -> list[float
         raise click.ClickException(f'--profile: "{spec}" holds no "variances" list of numbers') from None
 
 
+def missing_profile_error(loaded) -> click.ClickException:
+    """Why a network file holds no information profile: not trained with InfoNoise, or InfoNoise had not refreshed."""
+    noise = loaded.noise_kwargs or {}
+    if not str(noise.get('class_name', '')).endswith('InfoNoise'):
+        return click.ClickException(
+            '--grid=infogrid needs an information profile: the network has none (it was not trained with InfoNoise); '
+            'pass --profile=FILE'
+        )
+    return click.ClickException(
+        f'--grid=infogrid needs an information profile: InfoNoise trained this network but had not refreshed yet at '
+        f'{loaded.kimg:g} kimg (warm-up {noise.get("warmup_kimg")} kimg, a refresh check every '
+        f'{noise.get("refresh_kimg")} kimg; the log says why checks were skipped); use a later snapshot or pass '
+        '--profile=FILE'
+    )
+
+
 def build_grid(
-    grid: str, num_steps: int, sigma_min: float, sigma_max: float, rho: float, profile: str | None, net, net_profile
+    grid: str, num_steps: int, sigma_min: float, sigma_max: float, rho: float, profile: str | None, loaded
 ) -> tuple[torch.Tensor, dict]:
     """The sigma-grid named by --grid (with the ends already clamped to the network), and how it was made."""
     info = dict(grid=grid, sigma_min=sigma_min, sigma_max=sigma_max)
@@ -141,26 +157,24 @@ def build_grid(
     if grid == 'iddpm':
         return grids.iddpm_grid(num_steps, sigma_min, sigma_max), info
     if grid == 'tangent':
-        variances = gaussian_variances(profile, getattr(net, 'sigma_data', None))
+        variances = gaussian_variances(profile, getattr(loaded.net, 'sigma_data', None))
         summary = f'{len(variances)} variances' if len(variances) > 1 else f'scale {math.sqrt(variances[0]):g}'
         return grids.tangent_grid(num_steps, variances, sigma_min, sigma_max), dict(info, profile=profile or summary)
     if grid == 'infogrid':
         if profile is not None:
             data, source = read_profile(profile), profile
-        elif net_profile is not None:
-            data, source = net_profile, 'network'
+        elif loaded.profile is not None:
+            data, source = loaded.profile, 'network'
         else:
-            raise click.ClickException(
-                '--grid=infogrid needs an information profile: the network has none (it was not trained with '
-                'InfoNoise); pass --profile=FILE'
-            )
+            raise missing_profile_error(loaded)
         sigma, rate = profile_points(data)
         return grids.infogrid(num_steps, sigma, rate, sigma_min, sigma_max), dict(info, profile=source)
     raise AssertionError(grid)
 
 
-def resolve_grid(grid, num_steps, steps_given, sigma_min, sigma_max, rho, profile, net, net_profile):
+def resolve_grid(grid, num_steps, steps_given, sigma_min, sigma_max, rho, profile, loaded):
     """Build the grid for `--grid` (a name or a file), checking it against the network's noise range."""
+    net = loaded.net
     if grid not in GRID_NAMES:
         if not os.path.isfile(grid):
             raise click.ClickException(f'--grid: "{grid}" is neither one of {", ".join(GRID_NAMES)} nor a file')
@@ -182,7 +196,7 @@ def resolve_grid(grid, num_steps, steps_given, sigma_min, sigma_max, rho, profil
         raise click.ClickException(
             f'Empty noise range for this network: sigma_min={sigma_min:g} >= sigma_max={sigma_max:g}'
         )
-    return build_grid(grid, num_steps, sigma_min, sigma_max, rho, profile, net, net_profile)
+    return build_grid(grid, num_steps, sigma_min, sigma_max, rho, profile, loaded)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -306,7 +320,7 @@ def main(
     # Build the sigma-grid and record it next to the images.
     try:
         sigmas, grid_info = resolve_grid(
-            grid, num_steps, steps_given, sigma_min, sigma_max, rho, profile, net, loaded.profile
+            grid, num_steps, steps_given, sigma_min, sigma_max, rho, profile, loaded
         )
     except ValueError as e:
         raise click.ClickException(f'--grid={grid}: {e}') from None

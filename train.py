@@ -357,8 +357,11 @@ def main(**kwargs):
     dist.print0(f'Precision:               {dtype_str}')
     dist.print0()
 
-    # Dry run?
+    # Dry run? It also shows what the training loop would say first about the noise sampler.
     if opts.dry_run:
+        sampler = dnnlib.util.construct_class_by_name(**c.noise_kwargs)
+        for line in sampler.schedule_report(c.total_kimg * 1000, c.batch_size):
+            dist.print0(line)
         dist.print0('Dry run; exiting.')
         dist.shutdown()
         return

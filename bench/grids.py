@@ -85,10 +85,11 @@ def offline_profile(net, snapshot: str, data: str, points: int, samples: int, de
     pixels, _ = diagnose.read_images(dataset, diagnose.draw_indices(len(dataset), samples, seed=0))
     start = time.time()
     mse, stderr = diagnose.denoising_mse(net, diagnose.to_float(pixels), grid.centers, device=str(device))
-    profile = diagnose.build_profile(grid, mse, weight='edm', sigma_data=float(net.sigma_data), endpoint='continuous')
-    record = diagnose.profile_record(
-        profile, grid, stderr, source=source, num_samples=samples, seconds=time.time() - start
-    )
+    profile = diagnose.build_profile(
+        grid, mse, weight='edm', sigma_data=float(net.sigma_data), endpoint='continuous', stderr=stderr,
+        count=torch.full_like(mse, float(samples)),
+    )  # fmt: skip
+    record = diagnose.profile_record(profile, grid, source=source, num_samples=samples, seconds=time.time() - start)
     write_json(path, record)
     return record
 

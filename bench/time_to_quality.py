@@ -8,8 +8,11 @@ kEx to m* divided by the recipe's. This script makes that comparison on CPU-size
   InfoNoise; the two fixed samplers are the baselines;
 - binarized MNIST-5k at 16x16 with w ≡ 1 (`--preset=demo-bmnist16`): log-uniform, InfoNoise, and EDM's recipe
   transferred (`--sampler=lognormal --weight=edm`); log-uniform and the EDM transfer are the baselines.
-  A diagnostic variant, InfoNoise with the gate's pivot fixed at σ = 0.2 (`bmnist-infonoise-pivot0.2`), runs only
-  when --recipes names it.
+  A sensitivity study, InfoNoise with the gate's pivot fixed at σ = 0.05, 0.1, 0.2 or 0.4 instead of calibrated
+  (`bmnist-infonoise-pivot0.05`, ...), runs only when --recipes names it (`--recipes=sensitivity` names all four).
+
+InfoNoise runs also report the pivot of every refresh (from their log): its range after 20 kEx, the stability the
+calibration issue asks for.
 
 Every run is a real `train.py` subprocess with the preset's network, optimizer and batch (only the sampler and
 weight differ), snapshotting every --eval-every kimg. Each snapshot's EMA network is evaluated post hoc with the
@@ -85,11 +88,15 @@ RECIPES = {
     'bmnist-loguniform': Recipe('bmnist', 'log-uniform', ('--sampler=loguniform', '--weight=uniform'), True),
     'bmnist-infonoise': Recipe('bmnist', 'InfoNoise', ('--sampler=infonoise', '--weight=uniform'), False),
     'bmnist-edm-transfer': Recipe('bmnist', 'EDM transfer', ('--sampler=lognormal', '--weight=edm'), True),
-    # Diagnostic: the low-noise gate's pivot fixed at σ = 0.2 instead of calibrated from the profile.
-    'bmnist-infonoise-pivot0.2': Recipe(
-        'bmnist', 'InfoNoise, pivot 0.2', ('--sampler=infonoise', '--weight=uniform', '--info-pivot=0.2'), False, True
-    ),
 }
+# Sensitivity study: the low-noise gate's pivot fixed instead of calibrated from the profile.
+SENSITIVITY_PIVOTS = ('0.05', '0.1', '0.2', '0.4')
+for _pivot in SENSITIVITY_PIVOTS:
+    RECIPES[f'bmnist-infonoise-pivot{_pivot}'] = Recipe(
+        'bmnist', f'InfoNoise, pivot fixed at {_pivot}', ('--sampler=infonoise', '--weight=uniform', f'--info-pivot={_pivot}'), False, True
+    )  # fmt: skip
+# The pivot's stability is judged after this many kEx (issue 13).
+PIVOT_SETTLED_KIMG = 20
 QUICK = dict(kimg=1, eval_every=1, seeds='1', eval_images=64, steps=4)
 # In --quick runs InfoNoise must refresh within 1 kimg: 8 intervals, warm-up 0.5 kimg, a refresh every 0.25 kimg.
 QUICK_INFONOISE = ('--info-bins=8', '--info-warmup=0.5', '--info-refresh=0.25', '--info-nmin=1')
@@ -153,6 +160,32 @@ def read_json_lines(path: str) -> list[dict]:
         return []
     with open(path, encoding='utf-8') as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+REFRESH_LINE = re.compile(
+    r'InfoNoise refresh (\d+) at ([\d.]+) kimg: pivot c = ([^ ]+) \(([^;]+); this refresh ([^)]+)\)'
+)
+
+
+def pivot_history(rdir: str) -> list[dict]:
+    """Every refresh of an InfoNoise run as its log.txt reports it: kimg, the pivot in use, this refresh's own
+    calibration and the rule; a refresh logged twice (a run resumed from an older state) counts once, the last."""
+    path = os.path.join(rdir, 'log.txt')
+    refreshes = {}
+    for line in open(path, encoding='utf-8') if os.path.isfile(path) else []:
+        match = REFRESH_LINE.match(line)
+        if match:
+            number, kimg, pivot, rule, raw = match.groups()
+            refreshes[int(number)] = dict(kimg=float(kimg), pivot=float(pivot), raw_pivot=float(raw), rule=rule)
+    return [refreshes[k] for k in sorted(refreshes)]
+
+
+def pivot_stability(history: list[dict], after_kimg: float = PIVOT_SETTLED_KIMG) -> dict | None:
+    """Range of the pivot in use after `after_kimg` kEx: min, max and their ratio (None without refreshes then)."""
+    pivots = [entry['pivot'] for entry in history if entry['kimg'] > after_kimg]
+    if not pivots:
+        return None
+    return dict(after_kimg=after_kimg, min=min(pivots), max=max(pivots), ratio=max(pivots) / min(pivots))
 
 
 def median_img_per_sec(rdir: str) -> float | None:
@@ -263,12 +296,20 @@ def parse_seeds(value: str) -> list[int]:
 
 
 def parse_recipes(value: str) -> list[str]:
-    if value == 'all':
-        return [name for name, recipe in RECIPES.items() if not recipe.extra]
-    names = [name.strip() for name in value.split(',') if name.strip()]
+    """A comma-separated list of recipe names; 'all' is every recipe but the sensitivity study's, 'sensitivity' those."""
+    names = []
+    for name in (name.strip() for name in value.split(',') if name.strip()):
+        if name == 'all':
+            names += [name for name, recipe in RECIPES.items() if not recipe.extra]
+        elif name == 'sensitivity':
+            names += [name for name, recipe in RECIPES.items() if recipe.extra]
+        else:
+            names.append(name)
     unknown = [name for name in names if name not in RECIPES]
     if unknown or not names:
-        raise click.ClickException(f'--recipes: unknown "{",".join(unknown)}"; choose from all, {", ".join(RECIPES)}')
+        raise click.ClickException(
+            f'--recipes: unknown "{",".join(unknown)}"; choose from all, sensitivity, {", ".join(RECIPES)}'
+        )
     return [name for name in RECIPES if name in names]
 
 
@@ -307,12 +348,21 @@ def dataset_table(title: str, report: dict, recipes: dict, floor: float, opts, n
         rows.append([label, final, fmt(recipe['best_mean']), 'not reached' if kimg is None else kimg, speedup])
     final_kimg = max((recipe['kimg'][-1] for recipe in recipes.values() if recipe['kimg']), default='—')
     headers = ['recipe', f'final FD at {final_kimg} kEx: mean (min–max)', 'best mean FD', 'kEx to m*', 'speed-up']
-    return head + '\n\n' + markdown_table(headers, rows)
+    notes = []
+    for recipe in recipes.values():
+        ranges = [
+            f'seed {seed}: {fmt(r["min"])}–{fmt(r["max"])} (×{r["ratio"]:.2f})'
+            for seed, r in recipe['pivot_stability'].items()
+            if r is not None and '--info-pivot' not in ' '.join(recipe['train_args'])
+        ]
+        if ranges:
+            notes.append(f'{recipe["label"]}: pivot in use after {PIVOT_SETTLED_KIMG} kEx, {"; ".join(ranges)}')
+    return head + '\n\n' + markdown_table(headers, rows) + ''.join(f'\n\n{note}' for note in notes)
 
 
 def run_recipe(name: str, seeds: list[int], opts, data: str, fd_mnist: FDMnist, device) -> dict:
     """Train and evaluate every seed of one recipe; its curves, their summary over seeds, and the timings."""
-    curves, train_seconds, eval_seconds, rates = {}, {}, [], {}
+    curves, train_seconds, eval_seconds, rates, pivots = {}, {}, [], {}, {}
     for seed in seeds:
         rdir = run_dir(opts.outdir, name, seed)
         click.echo(f'{name} seed {seed}: training {opts.kimg} kimg in {rdir}...', nl=False)
@@ -323,8 +373,12 @@ def run_recipe(name: str, seeds: list[int], opts, data: str, fd_mnist: FDMnist, 
         eval_seconds += seconds
         final = fmt(curves[seed].get(opts.kimg))
         click.echo(f' {len(seconds)} new evaluation(s), {sum(seconds):.0f} s; final FD {final}')
+        if '--sampler=infonoise' in RECIPES[name].args:
+            pivots[seed] = pivot_history(rdir)
     recipe = RECIPES[name]
     return dict(
+        pivots=pivots,
+        pivot_stability={seed: pivot_stability(history) for seed, history in pivots.items()},
         label=recipe.label,
         train_args=list(recipe.args),
         baseline=recipe.baseline,

@@ -7,8 +7,8 @@ drawn from the data set and Gaussian noise n. Then, by the rules online InfoNois
 the rate r = mse/σ³ (Eq. 11), the pivot c (onset of information for continuous data, Eq. 18; power-law boundary
 for discrete data, App. B.4), the gated rate (Eq. 17), the target density ρ (Eq. 13) with its CDF u (Eq. 14),
 and the sampling density π ∝ φ/w (Eq. 16) for a loss weight w. The result is a `Profile`, written as the JSON
-training writes (`Profile.to_dict()`) plus 'u_info' (the InfoGrid coordinate of Eq. 19 at σ_k), 'mse_stderr',
-'peaks' and 'source', so that `generate.py --grid=infogrid --profile=FILE` and `plots.save_profile_plot` take it.
+training writes (`Profile.to_dict()`, whose 'stderr' is the Monte-Carlo standard error of mse and 'count' the
+samples per σ) plus 'u_info' (the InfoGrid coordinate of Eq. 19 at σ_k), 'peaks' and 'source', so that `generate.py --grid=infogrid --profile=FILE` and `plots.save_profile_plot` take it.
 
 With the exact empirical-Bayes denoiser (`infonoise.empirical_bayes`) in place of a network, mse(σ) is the
 data set's own Bayes mmse(σ) and the profile is exact up to Monte-Carlo error. A finite set of points has discrete
@@ -35,7 +35,7 @@ from infonoise.empirical_bayes import EmpiricalBayesDenoiser, denoising_rows
 from infonoise.grids import information_coordinate
 from infonoise.infonoise import InfoNoise
 from infonoise.plots import save_profile_plot
-from infonoise.profile import LogGrid, Profile
+from infonoise.profile import LogGrid, Profile, entropy_rate
 from infonoise.profile import build_profile as refresh_profile
 from torch_utils.persistence import load_network
 from training.dataset import Dataset
@@ -113,8 +113,12 @@ def build_profile(
     pivot: float | None = None,
     smoothing: float = ONLINE['smoothing'],
     floor: float = ONLINE['floor'],
+    stderr: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
 ) -> Profile:
-    """The `Profile` that an InfoNoise refresh (Alg. 1 lines 12-16) builds from per-bin losses `mse` on `grid`."""
+    """The `Profile` that an InfoNoise refresh (Alg. 1 lines 12-16) builds from per-bin losses `mse` on `grid`,
+    with their standard errors `stderr` and sample counts `count` (both optional) recorded and weighting the
+    power-law fit of the discrete pivot rule."""
     if weight not in WEIGHTS:
         raise ValueError(f'Unknown loss weight "{weight}"; choose from {", ".join(WEIGHTS)}')
     if endpoint not in ('continuous', 'discrete'):
@@ -125,16 +129,17 @@ def build_profile(
     mse = torch.as_tensor(mse, dtype=torch.float64)
     if mse.shape != sigma.shape or not bool(torch.isfinite(mse).all()) or not bool((mse > 0).any()):
         raise ValueError(f'Need {len(sigma)} finite errors, some positive, got shape {tuple(mse.shape)}')
-
-    def rule(sigma, rate):
-        if pivot is not None:
-            return pivot
-        if endpoint == 'discrete':
-            return pivots.discrete_pivot(sigma, rate)
-        return pivots.onset_pivot(sigma, rate, ONLINE['onset_p'])
-
+    if pivot is not None:
+        c = pivots.Pivot(float(pivot), 'fixed')
+    else:
+        rel_err = None if stderr is None else torch.as_tensor(stderr, dtype=torch.float64) / mse
+        sigma_ref = pivots.SIGMA_REF_PER_SIGMA_DATA * sigma_data
+        c = pivots.calibrate(sigma, entropy_rate(mse, sigma), endpoint, rel_err, ONLINE['onset_p'], sigma_ref)
     weights = WEIGHTS[weight](sigma, sigma_data)
-    return refresh_profile(grid, mse, rule, weights, ONLINE['gate_n'], smoothing, floor)
+    return refresh_profile(
+        grid, mse, c.value, weights, ONLINE['gate_n'], smoothing, floor, count=count, stderr=stderr,
+        raw_pivot=c.value, pivot_rule=c.rule,
+    )  # fmt: skip
 
 
 def info_coordinate(profile: Profile, sigma_min: float, sigma_max: float) -> torch.Tensor:
@@ -155,11 +160,11 @@ def peaks(profile: Profile) -> dict[str, float]:
     }
 
 
-def profile_record(profile: Profile, grid: LogGrid, stderr: torch.Tensor, **extra) -> dict:
-    """The JSON record: `Profile.to_dict()` plus 'u_info', 'mse_stderr', 'peaks', the grid range and `extra`."""
+def profile_record(profile: Profile, grid: LogGrid, **extra) -> dict:
+    """The JSON record: `Profile.to_dict()` plus 'u_info', 'peaks', the grid range and `extra`."""
     record = profile.to_dict()
     sigma_min, sigma_max = float(grid.edges[0]), float(grid.edges[-1])
-    record.update(u_info=info_coordinate(profile, sigma_min, sigma_max).tolist(), mse_stderr=stderr.tolist())
+    record.update(u_info=info_coordinate(profile, sigma_min, sigma_max).tolist())
     record.update(peaks=peaks(profile), sigma_min=sigma_min, sigma_max=sigma_max, **extra)
     return record
 
@@ -213,9 +218,12 @@ def run_profile(net, dataset: Dataset, source: str, sigma_data: float, opts: dic
         net, to_float(pixels), grid.centers, labels, opts['batch'], opts['seed'], opts['device'], progress=True
     )
     seconds = time.time() - start
-    profile = build_profile(grid, mse, opts['weight'], sigma_data, endpoint, None, opts['smoothing'], opts['floor'])
+    count = torch.full_like(mse, float(opts['samples']))
+    profile = build_profile(
+        grid, mse, opts['weight'], sigma_data, endpoint, None, opts['smoothing'], opts['floor'], stderr, count
+    )
     record = profile_record(
-        profile, grid, stderr, source=source, data=opts['data'], endpoint=endpoint, weight_name=opts['weight'],
+        profile, grid, source=source, data=opts['data'], endpoint=endpoint, weight_name=opts['weight'],
         sigma_data=sigma_data, num_samples=opts['samples'], seed=opts['seed'], seconds=seconds,
     )  # fmt: skip
     with open(opts['out'], 'w', encoding='utf-8') as f:
@@ -230,7 +238,7 @@ def run_profile(net, dataset: Dataset, source: str, sigma_data: float, opts: dic
     )
     click.echo(
         f'Gated density ρ peaks at σ = {p["rho"]:.4g} (σ·ρ at σ = {p["rho_per_ln_sigma"]:.4g}); '
-        f'pivot c = {profile.pivot:.4g} ({endpoint} endpoints)'
+        f'pivot c = {profile.pivot:.4g} ({endpoint} endpoints, {profile.pivot_rule})'
     )
 
 

@@ -14,19 +14,60 @@ intervals while the realised emphasis stays within ε of the target ρ.
 
 Per-step work (`sample`, `observe`) is device-side tensor code without host synchronisation; the only syncs
 (and the cross-rank all-reduce of per-bin sums and counts) happen at refresh checks.
+
+InfoNoise says what it does: every refresh check produces a `RefreshCheck` (refreshed, with the pivot, the peak of
+ρ and the quantiles of ln σ; or skipped, with the reason), handed to `callback` if one is set, and
+`schedule_report` tells before training whether and when the schedule can adapt at all.
 """
 
-import warnings
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 import dnnlib
 from infonoise import pivot as pivots
-from infonoise.profile import LogGrid, Profile, build_profile
+from infonoise.pivot import Pivot
+from infonoise.profile import LogGrid, Profile, build_profile, entropy_rate
 from infonoise.samplers import LogUniform, NoiseSampler, ln_sigma_strata
 from infonoise.table import InverseCDFTable
 from training.loss import WEIGHTS
+
+
+@dataclass(frozen=True)
+class RefreshCheck:
+    """One refresh check (Alg. 1 line 9): whether the table was rebuilt, and with what or why not."""
+
+    nimg: int  # Images seen at the check, all ranks together.
+    refreshed: bool
+    refreshes: int  # Refreshes so far, this one included.
+    reason: str = ''  # Why a check was skipped.
+    pivot: float = math.nan  # The gate pivot c in use after the check.
+    raw_pivot: float = math.nan  # c as calibrated at this check, before debouncing.
+    pivot_rule: str = ''
+    peak: float = math.nan  # σ at the peak of ρ per unit ln σ.
+    ln_sigma_quantiles: tuple[float, ...] = ()  # 10/50/90 % quantiles of ln σ under the new table.
+    since_nimg: int | None = None  # Images since the last refresh; None before the first.
+    since_seconds: float | None = None  # Wall time since the last refresh, if this process saw it.
+
+    def __str__(self) -> str:
+        if self.since_nimg is None:
+            since = 'no refresh yet'
+        else:
+            seconds = '' if self.since_seconds is None else f' ({self.since_seconds:.0f} s)'
+            since = f'{self.since_nimg / 1e3:g} kimg{seconds} since the last refresh'
+        if not self.refreshed:
+            return f'InfoNoise check at {self.nimg / 1e3:g} kimg skipped: {self.reason}; {since}'
+        q = '/'.join(f'{v:.2f}' for v in self.ln_sigma_quantiles)
+        return (
+            f'InfoNoise refresh {self.refreshes} at {self.nimg / 1e3:g} kimg: pivot c = {self.pivot:.4g} '
+            f'({self.pivot_rule}; this refresh {self.raw_pivot:.4g}), ρ peaks at σ = {self.peak:.3g}, '
+            f'ln σ q10/q50/q90 = {q}; {since}'
+        )
+
 
 BASE_SAMPLERS = {
     'lognormal': dict(class_name='infonoise.samplers.LogNormal', P_mean=-1.2, P_std=1.2),
@@ -40,7 +81,7 @@ class InfoNoise(NoiseSampler):
     def __init__(
         self,
         weight: str = 'edm',  # Loss weight w(σ) that π divides out (Eq. 16): a training.loss.WEIGHTS name.
-        sigma_data: float = 0.5,  # σ_data of the EDM weight.
+        sigma_data: float = 0.5,  # σ_data of the EDM weight; the onset pivot's reference σ is 0.004·σ_data.
         sigma_min: float = 0.002,  # Lower end of the estimation grid and of π.
         sigma_max: float = 80.0,  # Upper end.
         num_bins: int = 64,  # K log-spaced intervals.
@@ -52,7 +93,7 @@ class InfoNoise(NoiseSampler):
         gate_n: float = 3.0,  # n of the gate g_{c,n} (Eq. 17).
         onset_p: float = 0.002,  # p of the onset-of-information pivot (Eq. 18).
         smoothing: float = 1.0,  # Width (in bins) of the peak-preserving smoothing of the gated rate, 0 = off.
-        endpoint: str = 'continuous',  # 'continuous' (onset pivot) or 'discrete' (power-law pivot).
+        endpoint: str = 'continuous',  # 'continuous' (onset pivot) or 'discrete' (power-law break).
         pivot: float | None = None,  # Fixed pivot c instead of calibrating it at every refresh.
         base: str = 'lognormal',  # Base sampler during warm-up: 'lognormal' (EDM) or 'loguniform'.
         floor: float = 0.05,  # Weight ε of the log-uniform floor (warm-up draws; emphasis after refreshes).
@@ -67,18 +108,22 @@ class InfoNoise(NoiseSampler):
             raise ValueError('Need num_bins >= 2, buffer_size >= 1, min_count >= 1, 0 < ema_rate <= 1, 0 <= floor <= 1')
         if refresh_kimg <= 0 or warmup_kimg < 0 or (pivot is not None and pivot <= 0):
             raise ValueError('Need refresh_kimg > 0, warmup_kimg >= 0 and a positive pivot')
+        if not sigma_data > 0:
+            raise ValueError(f'sigma_data must be positive, got {sigma_data}')
         self.weight_name, self.sigma_data = weight, float(sigma_data)
         self.grid = LogGrid.make(num_bins, sigma_min, sigma_max)
         self.buffer_size, self.ema_rate, self.min_count = int(buffer_size), float(ema_rate), int(min_count)
         self.refresh_nimg, self.warmup_nimg = refresh_kimg * 1000, warmup_kimg * 1000
         self.gate_n, self.onset_p, self.smoothing = float(gate_n), float(onset_p), float(smoothing)
         self.endpoint, self.fixed_pivot, self.floor = endpoint, pivot, float(floor)
+        self.base_name = base
         kwargs = dict(BASE_SAMPLERS[base])
         if base == 'loguniform':
             kwargs.update(sigma_min=sigma_min, sigma_max=sigma_max)
         self.base = dnnlib.util.construct_class_by_name(**kwargs)
         self.floor_sampler = LogUniform(sigma_min, sigma_max)
         self.device = torch.device('cpu')
+        self.callback: Callable[[RefreshCheck], None] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -90,10 +135,14 @@ class InfoNoise(NoiseSampler):
         self.mse = torch.zeros(K, dtype=torch.float64)  # EMA of the per-interval mean loss.
         self.table: InverseCDFTable | None = None
         self.last_profile: Profile | None = None
+        self.last_check: RefreshCheck | None = None
         self.nimg = 0  # Images observed, all ranks together.
         self.next_check_nimg = self.refresh_nimg  # Next refresh check.
         self.refreshes = 0
         self.pivot = float('nan')
+        self.raw_pivots: list[float] = []  # Calibrated pivots of the last refreshes, for debouncing.
+        self.last_refresh_nimg: int | None = None
+        self.last_refresh_time: float | None = None  # time.monotonic() of the last refresh in this process.
 
     def _to(self, device: torch.device | str) -> None:
         device = torch.device(device)
@@ -143,44 +192,144 @@ class InfoNoise(NoiseSampler):
             if self.nimg > self.warmup_nimg:
                 self.refresh()
 
-    def _pooled_buffer_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-interval loss sums and counts over all ranks (float64, CPU)."""
+    def _pooled_buffer_stats(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-interval loss sums, sums of squares and counts over all ranks (float64, CPU)."""
         valid = torch.arange(self.buffer_size, device=self.device)[None, :] < self.count[:, None]
-        stats = torch.stack([(self.buffer[:, : self.buffer_size].double() * valid).sum(1), self.count.double()])
+        values = self.buffer[:, : self.buffer_size].double() * valid
+        stats = torch.stack([values.sum(1), values.square().sum(1), self.count.double()])
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(stats)
-        return stats[0].cpu(), stats[1].cpu()
+        return stats[0].cpu(), stats[1].cpu(), stats[2].cpu()
+
+    def _shortest_interval(self, counts: torch.Tensor) -> str:
+        """Why a refresh must wait: the interval with the fewest losses, against N_min."""
+        k = int(counts.argmin())
+        lo, hi = float(self.grid.edges[k]), float(self.grid.edges[k + 1])
+        short = int((counts < self.min_count).sum())
+        return (
+            f'interval {k + 1} of {self.grid.num_bins} (σ {lo:.3g}-{hi:.3g}) holds {int(counts[k])} of N_min = '
+            f'{self.min_count} losses ({short} interval{"s" if short > 1 else ""} short)'
+        )
 
     def refresh(self) -> bool:
-        """Alg. 1 lines 10–16; returns whether the table was rebuilt."""
-        sums, counts = self._pooled_buffer_stats()
+        """Alg. 1 lines 10–16; returns whether the table was rebuilt. Reports the check to `callback`."""
+        sums, squares, counts = self._pooled_buffer_stats()
+        since = None if self.last_refresh_nimg is None else self.nimg - self.last_refresh_nimg
+        seconds = None if self.last_refresh_time is None else time.monotonic() - self.last_refresh_time
+        check = dict(nimg=self.nimg, refreshes=self.refreshes, since_nimg=since, since_seconds=seconds)
         if counts.min() < self.min_count:
-            return False
-        self.mse = (1 - self.ema_rate) * self.mse + self.ema_rate * (sums / counts)
+            return self._report(RefreshCheck(refreshed=False, reason=self._shortest_interval(counts), **check))
+        means = sums / counts
+        stderr = ((squares / counts - means.square()).clamp(min=0) / (counts - 1).clamp(min=1)).sqrt()
+        mse = (1 - self.ema_rate) * self.mse + self.ema_rate * means
         sigma, widths = self.grid.centers, self.grid.widths
         try:
+            calibrated = self.calibrate_pivot(sigma, entropy_rate(mse, sigma), stderr / means)
+            pivot = (
+                calibrated.value
+                if calibrated.rule == 'fixed'
+                else pivots.debounce([*self.raw_pivots, calibrated.value])
+            )
             profile = build_profile(
-                self.grid, self.mse.clone(), self.calibrate_pivot, self.loss_weight(sigma), self.gate_n,
-                self.smoothing, self.floor, refreshes=self.refreshes + 1,
+                self.grid, mse, pivot, self.loss_weight(sigma), self.gate_n, self.smoothing, self.floor,
+                refreshes=self.refreshes + 1, count=counts, stderr=stderr, raw_pivot=calibrated.value,
+                pivot_rule=calibrated.rule,
             )  # fmt: skip
             table = InverseCDFTable.build(sigma, widths, profile.phi / profile.weight)  # π ∝ φ/w (Eq. 16).
         except ValueError as e:
-            warnings.warn(f'InfoNoise: degenerate profile ({e}); keeping the previous table', stacklevel=2)
-            return False
-        self.table, self.pivot = table.to(self.device), profile.pivot
+            reason = f'degenerate profile ({e}); the previous table stays'
+            return self._report(RefreshCheck(refreshed=False, reason=reason, **check))
+        self.mse, self.table, self.pivot = mse, table.to(self.device), profile.pivot
+        self.raw_pivots = [*self.raw_pivots, calibrated.value][-pivots.DEBOUNCE :]
         self.refreshes += 1
         self.last_profile = profile
-        return True
+        self.last_refresh_nimg, self.last_refresh_time = self.nimg, time.monotonic()
+        q = self.describe()
+        quantiles = tuple(q[f'ln_sigma_q{p}'] for p in (10, 50, 90))
+        check.update(refreshes=self.refreshes, pivot=profile.pivot, raw_pivot=calibrated.value)
+        check.update(pivot_rule=calibrated.rule, peak=profile.peak(), ln_sigma_quantiles=quantiles)
+        return self._report(RefreshCheck(refreshed=True, **check))
 
-    def calibrate_pivot(self, sigma: torch.Tensor, rate: torch.Tensor) -> float:
-        """Sec. 4 / App. B.4: fixed c, onset-of-information (continuous), or power-law boundary (discrete)."""
+    def _report(self, check: RefreshCheck) -> bool:
+        self.last_check = check
+        if self.callback is not None:
+            self.callback(check)
+        return check.refreshed
+
+    def calibrate_pivot(self, sigma: torch.Tensor, rate: torch.Tensor, rel_err: torch.Tensor | None = None) -> Pivot:
+        """Sec. 4 / App. B.4: a fixed c, the onset of information (continuous endpoints) or the power-law break
+        (discrete endpoints), with the onset rule anchored at σ_ref = 0.004·σ_data (`infonoise.pivot`)."""
         if self.fixed_pivot is not None:
-            return float(self.fixed_pivot)
+            return Pivot(float(self.fixed_pivot), 'fixed')
         if not torch.isfinite(rate).all() or not (rate > 0).any():
             raise ValueError('the entropy-rate estimate is not finite and positive')
-        if self.endpoint == 'discrete':
-            return pivots.discrete_pivot(sigma, rate)
-        return pivots.onset_pivot(sigma, rate, self.onset_p)
+        sigma_ref = pivots.SIGMA_REF_PER_SIGMA_DATA * self.sigma_data
+        return pivots.calibrate(sigma, rate, self.endpoint, rel_err, self.onset_p, sigma_ref)
+
+    def schedule_report(self, total_nimg: int, batch_size: int) -> list[str]:
+        """Before training: how this schedule will adapt in a run of `total_nimg` images at `batch_size` per step,
+        and warnings (lines starting 'Warning:') when it cannot: the warm-up outlasts the run, the intervals are
+        not expected to collect N_min losses in time, or the refresh period is shorter than a step.
+
+        During the warm-up interval k receives a share p_k of the draws: (1 - ε) times the base sampler's
+        probability of the interval plus ε times its share of ln σ (the floor). Counts pool over ranks and never
+        drop, so the first refresh can happen once every interval holds N_min losses: after n images with
+        probability Π_k P(Poisson(n·p_k) >= N_min), which we solve for 1/2 (the median wait; never if N_min
+        exceeds the buffers' capacity B × ranks).
+        """
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        x, w = self.base.ln_sigma_points()
+        log_edges = self.grid.edges.log()
+        base = torch.bincount(self.grid.bin_index(x.exp()), weights=w, minlength=self.grid.num_bins)
+        share = (1 - self.floor) * base + self.floor * (log_edges[1:] - log_edges[:-1]) / (log_edges[-1] - log_edges[0])
+        rarest = int(share.argmin())
+        # P(Poisson(λ) >= N) is the regularised lower incomplete gamma function P(N, λ).
+        all_full = lambda n: float(torch.special.gammainc(torch.tensor(float(self.min_count)), n * share).prod())  # noqa: E731
+        need = math.inf
+        if self.min_count <= self.buffer_size * world:
+            lo, hi = 1.0, 1e15  # Bisect in log n for the median.
+            for _ in range(100):
+                mid = math.sqrt(lo * hi)
+                lo, hi = (lo, mid) if all_full(mid) >= 0.5 else (mid, hi)
+            need = hi
+        first = max(self.warmup_nimg, need)
+        first = (first // self.refresh_nimg + 1) * self.refresh_nimg if math.isfinite(first) else math.inf
+        kimg = lambda n: f'{n / 1e3:.4g} kimg'  # noqa: E731
+        lo_edge, hi_edge = float(self.grid.edges[rarest]), float(self.grid.edges[rarest + 1])
+        rule = (
+            'fixed' if self.fixed_pivot is not None else 'onset' if self.endpoint == 'continuous' else 'power-law break'
+        )
+        lines = [
+            f'InfoNoise: {self.grid.num_bins} intervals on [{float(self.grid.edges[0]):g}, '
+            f'{float(self.grid.edges[-1]):g}], warm-up {kimg(self.warmup_nimg)} under {self.base_name} '
+            f'(+{self.floor:.0%} log-uniform), then a refresh check every {kimg(self.refresh_nimg)}; pivot: {rule}',
+            f'InfoNoise: the rarest interval (σ {lo_edge:.3g}-{hi_edge:.3g}) gets {float(share[rarest]):.3%} of the '
+            f'warm-up draws, {float(share[rarest]) * self.refresh_nimg:.1f} per refresh period; N_min = '
+            f'{self.min_count} losses in every interval take '
+            + (f'≈{kimg(need)} (median)' if math.isfinite(need) else f'forever (B × ranks = {self.buffer_size * world} < N_min)'),
+        ]  # fmt: skip
+        last_check = total_nimg // self.refresh_nimg * self.refresh_nimg  # The last check within the run.
+        chance = all_full(last_check) if math.isfinite(need) else 0.0
+        if self.warmup_nimg >= last_check:
+            lines.append(
+                f'Warning: InfoNoise will not adapt: its warm-up ({kimg(self.warmup_nimg)}) lasts until the last '
+                f'refresh check of the run ({kimg(last_check)} of {kimg(total_nimg)}), so every σ comes from the '
+                f'{self.base_name} base sampler'
+            )
+        elif chance < 0.9:
+            lines.append(
+                f'Warning: InfoNoise may not adapt: the chance that every interval holds N_min = {self.min_count} '
+                f'losses by the last refresh check ({kimg(last_check)}) is {chance:.0%}; lower N_min or the number '
+                'of intervals, or lengthen the run'
+            )
+        else:
+            lines.append(f'InfoNoise: first refresh expected at {kimg(first)} of {kimg(total_nimg)}')
+        if self.refresh_nimg < batch_size:
+            lines.append(
+                f'Warning: the InfoNoise refresh period ({self.refresh_nimg:g} images) is shorter than one step '
+                f'({batch_size} images): it checks once per step instead'
+            )
+        return lines
 
     def profile(self) -> dict[str, Any] | None:
         return self.last_profile.to_dict() if self.last_profile is not None else None
@@ -199,11 +348,16 @@ class InfoNoise(NoiseSampler):
             stats['pivot'] = self.pivot
         return stats
 
+    def summary(self) -> str:
+        pivot = f' pivot {self.pivot:<7.4g}' if self.refreshes > 0 else ''
+        return f'refreshes {self.refreshes:<4d}{pivot}'
+
     def state_dict(self) -> dict[str, Any]:
         return dict(
             buffer=self.buffer.cpu(), ptr=self.ptr.cpu(), count=self.count.cpu(), nonfinite=self.nonfinite.cpu(),
             mse=self.mse.clone(), nimg=self.nimg, next_check_nimg=self.next_check_nimg, refreshes=self.refreshes,
-            pivot=self.pivot, table=None if self.table is None else dict(sigma=self.table.sigma.cpu(), cdf=self.table.cdf.cpu()),
+            pivot=self.pivot, raw_pivots=list(self.raw_pivots), last_refresh_nimg=self.last_refresh_nimg,
+            table=None if self.table is None else dict(sigma=self.table.sigma.cpu(), cdf=self.table.cdf.cpu()),
             profile=self.profile(),
         )  # fmt: skip
 
@@ -217,6 +371,9 @@ class InfoNoise(NoiseSampler):
         self.nonfinite, self.mse = state['nonfinite'].clone(), state['mse'].clone()
         self.nimg, self.next_check_nimg = state['nimg'], state['next_check_nimg']
         self.refreshes, self.pivot = state['refreshes'], state['pivot']
+        # States written before debouncing existed hold no pivot history: it starts from the pivot in use.
+        self.raw_pivots = list(state.get('raw_pivots', [] if self.refreshes == 0 else [self.pivot]))
+        self.last_refresh_nimg = state.get('last_refresh_nimg')
         if state['table'] is not None:
             self.table = InverseCDFTable(sigma=state['table']['sigma'], cdf=state['table']['cdf'])
         self.last_profile = Profile.from_dict(state['profile']) if state['profile'] is not None else None

@@ -1,23 +1,59 @@
 """Calibrating the gate pivot c from the current entropy-rate profile (InfoNoise paper, Sec. 4 and App. B.4).
 
-The pivot c of the low-noise gate g_{c,n} (Eq. 17) is set at every refresh from the ungated profile r̂_k on the
+The pivot c of the low-noise gate g_{c,n} (Eq. 17) is set at every refresh from the ungated rate r̂_k on the
 log-grid, by a rule that depends on the endpoint type of the data:
 
-- continuous endpoints: the onset of information (Eq. 18), where the peak-normalised rate first rises to p when
-  scanning from high to low noise (`onset_pivot`);
-- discrete endpoints: the upper end of the low-noise power-law segment, where log r is linear in log σ (Eq. 49,
-  `powerlaw_pivot`), with a log-log knee detector as the fallback (`knee_pivot`).
+- continuous endpoints, the onset of information (Eq. 18, `onset_pivot`): scanning from high to low noise, the
+  first σ where the normalised rate r̂/r_ref rises to p = 0.002. The paper normalises by max r̂, which for
+  continuous data sits at the grid's lowest bin (r ∝ 1/σ there, Eq. 48), so c would move with an arbitrary grid
+  bound. We normalise by r_ref, the rate at a fixed σ_ref = 0.004·σ_data (EDM's σ_min = 0.002 for σ_data = 0.5):
+  the largest r̂ of the bin holding σ_ref and the bins above it, extended by the 1/σ law down to σ_ref when the
+  grid starts above it (`reference_rate`). On EDM's grid [0.002, 80] with σ_data = 0.5 that is max r̂: the paper's
+  rule, exactly.
+- discrete endpoints, the upper end of the low-noise power law (App. B.4, `powerlaw_break`): log r̂ is nearly
+  linear in log σ next to σ_min, with a slope that may drift slowly, and then breaks into a mid-noise bump or
+  shoulder. At every gap t of the grid a continuous two-line ("hinge") fit to the points within W = 0.5 decades
+  of t measures the local slope change D(t) (`slope_changes`). Scanning up from σ_min, the power law ends at the
+  first run of gaps with |D| >= 0.5; c is the hinge position of the best fit around that run's largest |D|.
+  A slope that drifts by s per decade gives |D| ≈ s·W, so drifts up to 1 per decade stay below the threshold,
+  while a break of 1 or more is found. Where no break exists (one power law over the whole grid, say) there is
+  no boundary to find, and c falls back to the onset rule.
 
-`is_discrete` decides the endpoint type from the data. Every rule returns a grid value σ_k.
+Both rules are invariant to the grid: c stays within one grid interval when σ_min, σ_max or the number of bins
+change, and scales with the data (mmse_k(σ) = k²·mmse_1(σ/k) with σ_data -> k·σ_data gives c -> k·c), as
+`bench/pivot_study.py` and the tests check on synthetic and learned profiles. InfoNoise then takes the median
+of the last few calibrated values (`debounce`), so that c does not jump with the noise of one refresh.
+Why these constants, measured on synthetic profiles with known breaks: README "Pivot rules" and
+`python -m bench.pivot_study`.
 """
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+# σ_ref of the onset rule relative to σ_data: EDM's σ_min = 0.002 at EDM's σ_data = 0.5.
+SIGMA_REF_PER_SIGMA_DATA = 0.004
+# Half-width, in decades of σ, of the local two-line fits that measure slope changes.
+BREAK_WINDOW = 0.5
+# Local slope change |D| that ends the low-noise power law.
+BREAK_MIN_CHANGE = 0.5
+# Floor on the relative standard error of a bin's rate in the fit weights.
+STDERR_FLOOR = 0.02
+# Refreshes whose calibrated pivots are pooled by their median.
+DEBOUNCE = 5
 
-def _profile_arrays(sigma: torch.Tensor, rate: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+
+@dataclass(frozen=True)
+class Pivot:
+    """A calibrated pivot c and the rule that gave it ('onset', 'break', 'onset, no break' or 'fixed')."""
+
+    value: float
+    rule: str
+
+
+def _profile_arrays(sigma, rate) -> tuple[np.ndarray, np.ndarray]:
     """Validated float64 numpy copies of a profile: increasing positive σ, finite non-negative rate, max > 0."""
     s = torch.as_tensor(sigma).detach().to('cpu', torch.float64).numpy()
     r = torch.as_tensor(rate).detach().to('cpu', torch.float64).numpy()
@@ -30,82 +66,125 @@ def _profile_arrays(sigma: torch.Tensor, rate: torch.Tensor) -> tuple[np.ndarray
     return s, r
 
 
-def onset_pivot(sigma: torch.Tensor, rate: torch.Tensor, p: float = 0.002) -> float:
-    """Onset-of-information pivot (Eq. 18): c = inf{σ : r̄(σ') < p for all σ' >= σ}, r̄ = rate/max(rate).
+def reference_rate(sigma, rate, sigma_ref: float) -> float:
+    """r_ref of the onset rule: the largest r̂ of the bin that holds σ_ref and of every bin above it; if the grid
+    starts above σ_ref, also the lowest bin's r̂ carried down to σ_ref by the 1/σ law of continuous endpoints
+    (Eq. 48), r̂_1·σ_min/σ_ref. Bin edges are the geometric midpoints of the (log-spaced) centres σ_k."""
+    s, r = _profile_arrays(sigma, rate)
+    if not sigma_ref > 0:
+        raise ValueError(f'sigma_ref must be positive, got {sigma_ref}')
+    log_s = np.log(s)
+    upper = np.append(0.5 * (log_s[1:] + log_s[:-1]), 1.5 * log_s[-1] - 0.5 * log_s[-2])
+    lower_edge = 1.5 * log_s[0] - 0.5 * log_s[1]
+    tol = 1e-9  # Edges rebuilt from centres are exact up to rounding.
+    ref = float(r[upper > math.log(sigma_ref) + tol].max(initial=0.0))
+    if lower_edge > math.log(sigma_ref) + tol:
+        ref = max(ref, float(r[0]) * math.exp(lower_edge) / sigma_ref)
+    return ref
 
-    Eq. 18 writes sup, but the set of σ above which r̄ stays below p is an up-set, so its supremum would always
-    be σ_max; the rule the paper describes ("scanning from high to low noise, ... the first persistent
-    crossing") is its infimum. On the grid we walk down from the top while r̄_k < p and return the last σ_k
-    still below p: the smallest grid value with r̄ < p at it and at every grid value above it. The walk stops
-    at the first value >= p, even an isolated one. If r̄ >= p already at the top grid value, that value is c.
+
+def onset_pivot(sigma, rate, p: float = 0.002, sigma_ref: float | None = None) -> float:
+    """Onset-of-information pivot (Eq. 18): c = inf{σ : r̂(σ')/r_ref < p for all σ' >= σ}.
+
+    r_ref is `reference_rate(sigma, rate, sigma_ref)`, or max r̂ (the paper's normalisation) for sigma_ref=None.
+    Eq. 18 writes sup, but the set of σ above which the normalised rate stays below p is an up-set, so its
+    supremum would always be σ_max; the rule the paper describes ("scanning from high to low noise, ... the
+    first persistent crossing") is its infimum. On the grid we walk down from the top while r̂_k/r_ref < p and
+    return the last σ_k still below p. The walk stops at the first value >= p, even an isolated one. If the top
+    grid value is already >= p, it is c; if no grid value reaches p, c is the lowest one.
     """
     if not 0 < p < 1:
         raise ValueError(f'The onset threshold p must be in (0, 1), got {p}')
     s, r = _profile_arrays(sigma, rate)
-    above = np.flatnonzero(r / r.max() >= p)
-    # The peak has r̄ = 1 >= p, so `above` is never empty.
-    return float(s[min(above[-1] + 1, s.size - 1)])
+    ref = r.max() if sigma_ref is None else reference_rate(s, r, sigma_ref)
+    above = np.flatnonzero(r >= p * ref)
+    return float(s[0] if above.size == 0 else s[min(above[-1] + 1, s.size - 1)])
 
 
-def powerlaw_pivot(sigma: torch.Tensor, rate: torch.Tensor, tol: float = 0.1, min_decades: float = 0.5) -> float | None:
-    """Upper end of the maximal stable log-log power-law segment adjacent to σ_min (App. B.4, Eq. 49).
+def _hinge_fit(x, y, w, t) -> tuple[float, float]:
+    """Weighted least squares of y ≈ a + b(x - t) + d·max(x - t, 0): the slope change d at t and the RSS."""
+    z = x - t
+    design = np.stack([np.ones_like(z), z, np.maximum(z, 0)], axis=1) * np.sqrt(w)[:, None]
+    target = y * np.sqrt(w)
+    coef, *_ = np.linalg.lstsq(design, target, rcond=None)
+    return float(coef[2]), float(np.sum((target - design @ coef) ** 2))
 
-    The segment is σ_1..σ_m grown one grid point at a time from the low-noise end. It is stable while a
-    least-squares line through (log σ_k, log r_k) over the segment leaves every residual within `tol` in log r
-    (0.1 ≈ 10%, several times the few-percent scatter of per-bin loss estimates), i.e. the slope s = d log r /
-    d log σ stays constant. Growth stops at the first point that breaks this or has r = 0; c is the last σ_m
-    kept. Returns None when no stable segment spans at least `min_decades` decades of σ and four points.
-    A profile that is one power law over the whole grid returns its top value.
-    """
-    if not tol > 0 or not min_decades > 0:
-        raise ValueError(f'tol and min_decades must be positive, got {tol} and {min_decades}')
+
+def _log_profile(sigma, rate, rel_err) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(log σ, log r̂, weights) of the bins with a positive rate; weights 1/(e² + floor²) with e the relative
+    standard error of the bin's estimate (0 where unknown or not given)."""
     s, r = _profile_arrays(sigma, rate)
-    usable = int(np.argmin(r > 0)) if np.any(r <= 0) else s.size
-    if usable < 4:
-        return None
-    x = np.log(s[:usable])
-    y = np.log(r[:usable])
-    long_enough = np.flatnonzero(x - x[0] >= min_decades * math.log(10) * (1 - 1e-9))
-    if long_enough.size == 0:
-        return None
-    first = max(4, int(long_enough[0]) + 1)
-    kept = None
-    for m in range(first, usable + 1):
-        slope, intercept = np.polyfit(x[:m], y[:m], 1)
-        if np.abs(y[:m] - (slope * x[:m] + intercept)).max() > tol:
-            break
-        kept = m
-    return None if kept is None else float(s[kept - 1])
+    e = np.zeros_like(r)
+    if rel_err is not None:
+        e = torch.as_tensor(rel_err).detach().to('cpu', torch.float64).numpy()
+        if e.shape != r.shape:
+            raise ValueError(f'rel_err has shape {e.shape}, expected {r.shape}')
+        e = np.where(np.isfinite(e), e, 0.0)
+    keep = r > 0
+    return np.log(s[keep]), np.log(r[keep]), 1 / (e[keep] ** 2 + STDERR_FLOOR**2)
 
 
-def knee_pivot(sigma: torch.Tensor, rate: torch.Tensor) -> float:
-    """Knee of the low-noise side of the profile in log-log coordinates (App. B.4's fallback, "Kneedle" style).
+def slope_changes(sigma, rate, rel_err=None, window: float = BREAK_WINDOW) -> tuple[np.ndarray, np.ndarray]:
+    """The local slope change D(t) of log r̂ against log σ at the gaps t between grid points (returned as σ).
 
-    The low-noise side runs from σ_1 to the peak of r·σ = mmse/σ², the rate per unit log-SNR (Eq. 28), which
-    stays flat along the σ⁻¹ tails of both endpoint types and so peaks at the informative window, not at σ_min.
-    (If that peak sits in the first two grid points, the whole grid is used.) The knee is the grid point
-    farthest from the chord joining the two ends of that side in (log σ, log r) - where the curve bends most
-    away from a straight line. This distance is a vertical one; it picks the same point as the perpendicular
-    distance after rescaling both axes, so the knee does not depend on the units of σ or r. Grid points with
-    r = 0 (an exact denoiser of discrete data, say) have no log-log position and are skipped.
+    At each gap, a continuous two-line fit with its hinge at t to the points within `window` decades of t
+    (weighted by the bins' standard errors) gives D = slope above t - slope below t. Gaps whose window holds
+    fewer than two points or less than half the window on either side of t get NaN. `rel_err` is the relative
+    standard error of each bin's estimate (the same for its mse and its rate), None for equal weights.
     """
-    s, r = _profile_arrays(sigma, rate)
-    s, r = s[r > 0], r[r > 0]
-    if s.size < 3:
-        raise ValueError('The knee detector needs a positive rate at three grid points or more')
-    end = int(np.argmax(r * s))
-    if end < 2:
-        end = s.size - 1
-    x = np.log(s[: end + 1])
-    y = np.log(r[: end + 1])
-    chord = y[0] + (y[-1] - y[0]) * (x - x[0]) / (x[-1] - x[0])
-    return float(s[int(np.argmax(np.abs(y - chord)))])
+    x, y, w = _log_profile(sigma, rate, rel_err)
+    half = window * math.log(10)
+    gaps = 0.5 * (x[1:] + x[:-1])
+    changes = np.full(gaps.shape, np.nan)
+    for i, t in enumerate(gaps):
+        near = np.abs(x - t) <= half
+        below, above = near & (x < t), near & (x > t)
+        if below.sum() >= 2 and above.sum() >= 2 and min(t - x[0], x[-1] - t) >= half / 2:
+            changes[i] = _hinge_fit(x[near], y[near], w[near], t)[0]
+    return np.exp(gaps), changes
 
 
-def discrete_pivot(sigma: torch.Tensor, rate: torch.Tensor) -> float:
-    """Pivot for discrete endpoints (App. B.4): the power-law boundary, else the log-log knee."""
-    c = powerlaw_pivot(sigma, rate)
-    return knee_pivot(sigma, rate) if c is None else c
+def powerlaw_break(
+    sigma, rate, rel_err=None, window: float = BREAK_WINDOW, min_change: float = BREAK_MIN_CHANGE
+) -> float | None:
+    """Upper end of the low-noise power law (App. B.4): where its slope first changes by `min_change` or more
+    within `window` decades, scanning up from σ_min; None if it never does. See the module docstring."""
+    gaps, changes = slope_changes(sigma, rate, rel_err, window)
+    big = np.abs(np.nan_to_num(changes)) >= min_change
+    if not big.any():
+        return None
+    # The first run of big changes of one sign, and its largest change.
+    first = last = int(np.argmax(big))
+    while last + 1 < big.size and big[last + 1] and np.sign(changes[last + 1]) == np.sign(changes[first]):
+        last += 1
+    peak = first + int(np.argmax(np.abs(changes[first : last + 1])))
+    # Refine: the hinge position that fits the points around the peak best, within one grid step of it.
+    x, y, w = _log_profile(sigma, rate, rel_err)
+    t0, step = math.log(gaps[peak]), float(np.median(np.diff(x)))
+    near = np.abs(x - t0) <= window * math.log(10)
+    candidates = np.linspace(t0 - step, t0 + step, 41)
+    rss = [_hinge_fit(x[near], y[near], w[near], t)[1] for t in candidates]
+    return float(math.exp(candidates[int(np.argmin(rss))]))
+
+
+def calibrate(sigma, rate, endpoint: str, rel_err=None, p: float = 0.002, sigma_ref: float | None = None) -> Pivot:
+    """The pivot for the endpoint type: the onset of information (continuous) or the power-law break (discrete,
+    with the onset rule where there is no break). `sigma_ref` (e.g. 0.004·σ_data) anchors the onset rule."""
+    if endpoint == 'continuous':
+        return Pivot(onset_pivot(sigma, rate, p, sigma_ref), 'onset')
+    if endpoint != 'discrete':
+        raise ValueError(f'endpoint must be "continuous" or "discrete", got "{endpoint}"')
+    c = powerlaw_break(sigma, rate, rel_err)
+    return Pivot(c, 'break') if c is not None else Pivot(onset_pivot(sigma, rate, p, sigma_ref), 'onset, no break')
+
+
+def debounce(values: list[float]) -> float:
+    """Median of the last `DEBOUNCE` pivots (for an even count, the geometric mean of the middle two)."""
+    recent = sorted(values[-DEBOUNCE:])
+    if not recent or not all(0 < v < math.inf for v in recent):
+        raise ValueError(f'Need positive finite pivots, got {values}')
+    middle = len(recent) // 2
+    return recent[middle] if len(recent) % 2 else math.sqrt(recent[middle - 1] * recent[middle])
 
 
 def is_discrete(pixels: np.ndarray) -> bool:

@@ -1,10 +1,11 @@
-"""Two-panel figure of an InfoNoise profile, as in the paper's Figure 3 and Figure 13.
+"""Three-panel figure of an InfoNoise profile: the two panels of the paper's Figures 3 and 13, and the estimate itself.
 
 Left, "from rate to allocation" (Sec. 3.1): the entropy-rate estimate r̂ = mse/σ³ (Eq. 11), the gated and smoothed
 rate r̃ (Eq. 17), the target density ρ (Eq. 13) and, on a twin axis, its CDF u, entropic time (Eq. 14); the
 dashed line is the pivot c of the gate (Sec. 4). Right, "realising ρ under the loss weight" (Sec. 3.2): the
 sampling density π ∝ ρ/w (Eq. 16) and the realised emphasis φ = π·w, beside EDM's log-normal training density
-(Karras et al. 2022) and the emphasis it gives under the same weight w.
+(Karras et al. 2022) and the emphasis it gives under the same weight w. Third, what the pivot rules see: r̂ on
+log-log axes with a band of ±2 standard errors of each bin's estimate, and the losses behind each bin.
 
 The σ-axis is logarithmic, so every curve is drawn per unit ln σ (σ times the density over σ; for the rates
 σ·r̂ = dH/d ln σ): equal areas then mean equal mass. All densities are renormalised over σ on the grid with the
@@ -88,10 +89,12 @@ def save_profile_plot(
         raise ValueError(f'P_std must be positive, got {P_std}')
     k = _curves(profile, P_mean, P_std)
     sigma, c = k['sigma'], profile.pivot
-    fig = Figure(figsize=(12, 5.2), layout='constrained')
+    fig = Figure(figsize=(17, 5.4), layout='constrained')
     FigureCanvasAgg(fig)
-    left, right = fig.subplots(1, 2)
-    heading = f'InfoNoise profile after {profile.refreshes} refreshes, pivot c = {c:.3g}'
+    left, right, estimate = fig.subplots(1, 3)
+    rule = f' ({profile.pivot_rule})' if profile.pivot_rule else ''
+    refreshes = f'{profile.refreshes} refresh{"" if profile.refreshes == 1 else "es"}'
+    heading = f'InfoNoise profile after {refreshes}, pivot c = {c:.3g}{rule}'
     fig.suptitle(heading if title is None else f'{title}: {heading}')
 
     # Left: rates share a max-normalised scale; ρ is a true density; u lives on [0, 1] on a twin axis.
@@ -116,7 +119,9 @@ def save_profile_plot(
     right.set_ylabel(r'density per unit $\ln\sigma$ ($\sigma\cdot$density)')
     right.set_title(r'Realising $\rho$ under the loss weight $w$')
 
-    for ax in (left, right):
+    _draw_estimate(estimate, profile)
+
+    for ax in (left, right, estimate):
         ax.set_xscale('log')
         ax.set_xlim(sigma[0], sigma[-1])
         ax.set_xlabel(r'noise level $\sigma$')
@@ -128,7 +133,33 @@ def save_profile_plot(
     below = dict(loc='upper center', bbox_to_anchor=(0.5, -0.14), ncol=3, fontsize='small', frameon=False)
     left.legend(handles + twin_handles, labels + twin_labels, **below)
     right.legend(**below)
+    estimate.legend(**dict(below, ncol=2))
     _save_atomic(fig, path)
+
+
+def _draw_estimate(ax, profile: Profile) -> None:
+    """r̂ on log-log axes with ±2 standard errors where known, and the losses per bin on a twin axis."""
+    sigma = profile.sigma.numpy()
+    rate = profile.rate.numpy()
+    rel = (profile.stderr / profile.mse).numpy()
+    positive = rate > 0
+    ax.plot(
+        sigma[positive], rate[positive], color='C3', marker='o', ms=2.5, lw=1, label=r'rate $\hat r$ = mse/$\sigma^3$'
+    )
+    known = positive & np.isfinite(rel)
+    if known.any():
+        low = rate[known] * np.clip(1 - 2 * rel[known], 1e-3, None)
+        ax.fill_between(sigma[known], low, rate[known] * (1 + 2 * rel[known]), color='C3', alpha=0.25, lw=0,
+                        label='±2 standard errors')  # fmt: skip
+    ax.set_yscale('log')
+    ax.set_ylabel(r'$\hat r$ (log scale)')
+    ax.set_title('The estimate the pivot is read from')
+    count = profile.count.numpy()
+    if np.isfinite(count).any():
+        twin = ax.twinx()
+        twin.step(sigma, count, where='mid', color='0.4', lw=1)
+        twin.set_ylim(bottom=0)
+        twin.set_ylabel('losses per bin (grey)')
 
 
 def _save_atomic(fig: Figure, path: str) -> None:

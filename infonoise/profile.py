@@ -138,7 +138,9 @@ def cumulative(density: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     return cdf / total
 
 
-_PROFILE_TENSORS = ('sigma', 'mse', 'rate', 'gated', 'rho', 'u', 'pi', 'phi', 'weight')
+_PROFILE_TENSORS = ('sigma', 'mse', 'rate', 'gated', 'rho', 'u', 'pi', 'phi', 'weight', 'count', 'stderr')
+# Fields that older profile files lack: they load as NaN (unknown).
+_OPTIONAL_TENSORS = ('count', 'stderr')
 
 
 @dataclass(frozen=True, eq=False)
@@ -154,8 +156,12 @@ class Profile:
     pi: torch.Tensor  # sampling density π_k ∝ ρ_k/w(σ_k), normalised over σ (Eq. 16)
     phi: torch.Tensor  # realised emphasis φ_k = π_k·w(σ_k), normalised over σ (Eq. 7)
     weight: torch.Tensor  # loss weight w(σ_k)
+    count: torch.Tensor  # losses behind each bin's estimate (NaN where unknown)
+    stderr: torch.Tensor  # standard error of each bin's loss estimate, in units of mse (NaN where unknown)
     pivot: float  # gate pivot c
     refreshes: int
+    raw_pivot: float = math.nan  # c as calibrated at this refresh, before debouncing (Sec. 4)
+    pivot_rule: str = ''  # 'onset', 'break', 'onset, no break' or 'fixed'
 
     def __post_init__(self):
         shape = self.sigma.shape
@@ -168,40 +174,58 @@ class Profile:
                 )
 
     def to_dict(self) -> dict:
-        """Plain lists and numbers, loadable with torch.load(weights_only=True)."""
-        d = {name: getattr(self, name).tolist() for name in _PROFILE_TENSORS}
-        d.update(pivot=float(self.pivot), refreshes=int(self.refreshes))
+        """Plain lists and numbers, loadable with torch.load(weights_only=True); unknown values are None."""
+        d = {name: [None if math.isnan(v) else v for v in getattr(self, name).tolist()] for name in _PROFILE_TENSORS}
+        d.update(pivot=float(self.pivot), refreshes=int(self.refreshes), pivot_rule=self.pivot_rule)
+        d.update(raw_pivot=None if math.isnan(self.raw_pivot) else float(self.raw_pivot))
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> 'Profile':
-        missing = [k for k in (*_PROFILE_TENSORS, 'pivot', 'refreshes') if k not in d]
+        missing = [k for k in (*_PROFILE_TENSORS, 'pivot', 'refreshes') if k not in d and k not in _OPTIONAL_TENSORS]
         if missing:
             raise ValueError(f'Profile data lacks {", ".join(missing)}')
-        tensors = {name: torch.as_tensor(d[name], dtype=torch.float64) for name in _PROFILE_TENSORS}
-        return cls(**tensors, pivot=float(d['pivot']), refreshes=int(d['refreshes']))
+        num = len(d['sigma'])
+        tensors = {
+            name: torch.tensor([math.nan if v is None else v for v in d.get(name, [None] * num)], dtype=torch.float64)
+            for name in _PROFILE_TENSORS
+        }
+        raw = d.get('raw_pivot')
+        return cls(
+            **tensors, pivot=float(d['pivot']), refreshes=int(d['refreshes']),
+            raw_pivot=math.nan if raw is None else float(raw), pivot_rule=str(d.get('pivot_rule', '')),
+        )  # fmt: skip
+
+    def peak(self) -> float:
+        """σ at the maximum of the target density per unit ln σ, σ·ρ (where the schedule puts most mass)."""
+        return float(self.sigma[(self.sigma * self.rho).argmax()])
 
 
 def build_profile(
     grid: LogGrid,
     mse: torch.Tensor,
-    pivot_rule,
+    pivot: float,
     weight: torch.Tensor,
     gate_n: float = 3,
     smoothing: float = 1.0,
     floor: float = 0.05,
     refreshes: int = 1,
+    count: torch.Tensor | None = None,
+    stderr: torch.Tensor | None = None,
+    raw_pivot: float = math.nan,
+    pivot_rule: str = '',
 ) -> Profile:
-    """Alg. 1 lines 12-16 from per-interval losses `mse` on `grid`: the rate r̂ = mse/σ³, the pivot c =
-    pivot_rule(σ, r̂), the gated and smoothed rate, ρ (Eq. 13) and its CDF u, the emphasis φ = (1 - floor) ρ +
-    floor · (log-uniform), and π ∝ φ/w (Eq. 16) for the loss weights `weight` at the centres.
+    """Alg. 1 lines 12-16 from per-interval losses `mse` on `grid`: the rate r̂ = mse/σ³, the gated rate with pivot
+    c = `pivot` and smoothing, ρ (Eq. 13) and its CDF u, the emphasis φ = (1 - floor) ρ + floor · (log-uniform),
+    and π ∝ φ/w (Eq. 16) for the loss weights `weight` at the centres. `count` and `stderr` (per bin, NaN where
+    unknown), `raw_pivot` and `pivot_rule` are recorded as given.
 
     Raises ValueError for a degenerate profile (e.g. no positive mass after gating).
     """
     sigma, widths = grid.centers, grid.widths
+    unknown = torch.full_like(sigma, math.nan)
     rate = entropy_rate(mse, sigma)
-    c = float(pivot_rule(sigma, rate))
-    gated = smooth_log(rate * gate(sigma, c, gate_n), smoothing)
+    gated = smooth_log(rate * gate(sigma, pivot, gate_n), smoothing)
     rho = normalize_density(gated, widths)
     phi = (1 - floor) * rho + floor * normalize_density(1 / sigma, widths)
     return Profile(
@@ -214,6 +238,10 @@ def build_profile(
         pi=normalize_density(phi / weight, widths),
         phi=phi,
         weight=weight,
-        pivot=c,
+        count=unknown if count is None else torch.as_tensor(count, dtype=torch.float64),
+        stderr=unknown if stderr is None else torch.as_tensor(stderr, dtype=torch.float64),
+        pivot=float(pivot),
         refreshes=refreshes,
+        raw_pivot=raw_pivot,
+        pivot_rule=pivot_rule,
     )

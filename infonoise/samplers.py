@@ -11,6 +11,7 @@ log-uniform for VE, and the VP schedule's σ(t) with t uniform on [ε_t, 1].
 
 import abc
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,6 +32,10 @@ def ln_sigma_strata(icdf) -> tuple[torch.Tensor, torch.Tensor]:
 class NoiseSampler(abc.ABC):
     """Base class: a density over σ given by its inverse CDF."""
 
+    # Called with each event of an adaptive sampler (InfoNoise: every refresh check, printable); fixed samplers
+    # have none.
+    callback: Callable[[Any], None] | None = None
+
     @abc.abstractmethod
     def icdf(self, u: torch.Tensor) -> torch.Tensor:
         """Map uniforms u ∈ [0, 1) (float64) to σ values (float64)."""
@@ -46,6 +51,15 @@ class NoiseSampler(abc.ABC):
     def profile(self) -> dict[str, Any] | None:
         """The learned information profile (InfoNoise); fixed samplers have none."""
         return None
+
+    def schedule_report(self, total_nimg: int, batch_size: int) -> list[str]:
+        """Lines to print before a run of `total_nimg` images at `batch_size` per step ('Warning: ...' for
+        settings that keep the sampler from working as intended); fixed samplers have nothing to say."""
+        return []
+
+    def summary(self) -> str:
+        """A few words of state for the training loop's tick line ('' for fixed samplers)."""
+        return ''
 
     def ln_sigma_points(self) -> tuple[torch.Tensor, torch.Tensor]:
         """ln σ at the midpoints of equal-probability strata, and their probabilities (CPU, float64)."""

@@ -10,7 +10,16 @@ import sys
 import click
 import pytest
 
-from bench.time_to_quality import RECIPES, curve_summary, first_reach, parse_recipes, parse_seeds, time_to_target
+from bench.time_to_quality import (
+    RECIPES,
+    curve_summary,
+    first_reach,
+    parse_recipes,
+    parse_seeds,
+    pivot_history,
+    pivot_stability,
+    time_to_target,
+)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,6 +40,10 @@ def test_parse_recipes():
     extras = [name for name, recipe in RECIPES.items() if recipe.extra]
     assert extras and parse_recipes('all') == [name for name in RECIPES if name not in extras]
     assert parse_recipes(f'{extras[0]}, mnist-lognormal') == ['mnist-lognormal', extras[0]]  # Table order.
+    assert (
+        parse_recipes('sensitivity') == extras == [f'bmnist-infonoise-pivot{c}' for c in ('0.05', '0.1', '0.2', '0.4')]
+    )
+    assert parse_recipes('all,sensitivity') == list(RECIPES)
     with pytest.raises(click.ClickException, match='unknown "nope"'):
         parse_recipes('mnist-lognormal,nope')
 
@@ -58,6 +71,26 @@ def test_time_to_target_handcrafted():
     assert time_to_target({'i': dict(kimg=[10], mean=[1.0])}, [])['recipes']['i'] == dict(
         kimg_to_target=None, speedup=None
     )
+
+
+def test_pivot_history_from_the_log(tmp_path):
+    # Refresh lines as InfoNoise logs them; a refresh logged twice (resumed from an older state) counts once.
+    lines = [
+        'tick 3     kimg 20.0   loss 0.1  refreshes 4',
+        'InfoNoise check at 10.048 kimg skipped: interval 1 of 32 (σ 0.002-0.0028) holds 5 of N_min = 8 losses',
+        'InfoNoise refresh 1 at 12.032 kimg: pivot c = 0.3 (break; this refresh 0.3), ρ peaks at σ = 1, ln σ ...',
+        'InfoNoise refresh 2 at 14.016 kimg: pivot c = 0.25 (break; this refresh 0.2), ρ peaks at σ = 1, ...',
+        'InfoNoise refresh 2 at 14.016 kimg: pivot c = 0.26 (break; this refresh 0.21), ρ peaks at σ = 1, ...',
+        'InfoNoise refresh 3 at 22.016 kimg: pivot c = 0.2 (onset, no break; this refresh 0.1), ρ peaks ...',
+        'InfoNoise refresh 4 at 24 kimg: pivot c = 0.24 (break; this refresh 0.24), ρ peaks ...',
+    ]
+    (tmp_path / 'log.txt').write_text('\n'.join(lines) + '\n')
+    history = pivot_history(str(tmp_path))
+    assert [h['kimg'] for h in history] == [12.032, 14.016, 22.016, 24.0]
+    assert history[1] == dict(kimg=14.016, pivot=0.26, raw_pivot=0.21, rule='break')
+    assert history[2]['rule'] == 'onset, no break'
+    assert pivot_stability(history) == dict(after_kimg=20, min=0.2, max=0.24, ratio=pytest.approx(1.2))
+    assert pivot_stability(history, after_kimg=30) is None and pivot_history(str(tmp_path / 'none')) == []
 
 
 def test_parse_seeds():

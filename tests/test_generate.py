@@ -29,7 +29,7 @@ def gaussian_profile():
     return dict(sigma=sigma.tolist(), mse=mse.tolist(), rate=(mse / sigma**3).tolist())
 
 
-def save_tiny_snapshot(path, img_channels, label_dim, profile=None):
+def save_tiny_snapshot(path, img_channels, label_dim, profile=None, noise_kwargs=None, kimg=0):
     network_kwargs = dict(
         class_name='training.networks.EDMPrecond',
         img_resolution=8,
@@ -49,10 +49,10 @@ def save_tiny_snapshot(path, img_channels, label_dim, profile=None):
         network_kwargs=network_kwargs,
         ema=net.state_dict(),
         loss_kwargs={},
-        noise_kwargs={},
+        noise_kwargs=noise_kwargs or {},
         augment_kwargs=None,
         dataset_kwargs={},
-        kimg=0,
+        kimg=kimg,
         profile=profile,
     )
     torch.save(snapshot, path)
@@ -187,8 +187,15 @@ def test_infogrid_profile_sources(tmp_path, info_snapshot, cond_snapshot):
     reference = grids.infogrid(4, *generate.profile_points(gaussian_profile()))
 
     # A network without a profile needs --profile, which may be JSON (rate or mse) or a snapshot with a profile.
+    # The error says why it has none: not trained with InfoNoise, or InfoNoise had not refreshed yet.
     result = run_generate(*common, '--network', cond_snapshot, '--outdir', tmp_path / 'none')
     assert result.exit_code != 0 and 'needs an information profile' in result.output
+    assert 'it was not trained with InfoNoise' in result.output
+    noise = dict(class_name='infonoise.infonoise.InfoNoise', warmup_kimg=10, refresh_kimg=2)
+    early = save_tiny_snapshot(tmp_path / 'early.pt', 1, 3, noise_kwargs=noise, kimg=4)
+    result = run_generate(*common, '--network', early, '--outdir', tmp_path / 'none')
+    assert result.exit_code != 0 and 'not trained' not in result.output
+    assert 'InfoNoise trained this network but had not refreshed yet at 4 kimg (warm-up 10 kimg' in result.output
     profile = gaussian_profile()
     (tmp_path / 'rate.json').write_text(json.dumps(profile))
     (tmp_path / 'mse.json').write_text(json.dumps(dict(sigma=profile['sigma'], mse=profile['mse'])))

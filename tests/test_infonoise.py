@@ -4,7 +4,6 @@ import math
 import os
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pytest
@@ -179,16 +178,77 @@ def test_degenerate_profile_keeps_previous_table():
     feed(s, gaussian_losses, steps=8)
     table, refreshes = s.table, s.refreshes
     assert table is not None
+    checks = []
+    s.callback = checks.append
     every_bin = s.grid.centers.float().repeat(16)
     for poison in ('zero', 'nan'):
         s.observe(every_bin, torch.zeros_like(every_bin))  # Every buffer now holds only zeros.
         if poison == 'nan':
             s.mse.fill_(float('nan'))
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter('always')
-            assert not s.refresh()
+        assert not s.refresh()
         assert s.table is table and s.refreshes == refreshes
-        assert any('degenerate' in str(w.message) for w in caught)
+        assert not checks[-1].refreshed and 'degenerate profile' in checks[-1].reason
+        assert 'skipped: degenerate profile' in str(checks[-1])
+
+
+def test_every_refresh_check_is_reported():
+    # Warm-up 1,024 images, a check every 512, N_min = 8 in 16 intervals, draws from a log-normal base with a 5 %
+    # floor: the first checks are skipped (the top intervals lack losses) and say which interval and how many; the
+    # first refresh says the pivot, the peak of ρ and the quantiles of ln σ, and later ones the time since the last.
+    s = InfoNoise(weight='uniform', num_bins=16, refresh_kimg=0.512, warmup_kimg=1.024, min_count=8, floor=0.05)
+    checks = []
+    s.callback = checks.append
+    feed(s, gaussian_losses, steps=100, batch=64)
+    assert [c.nimg for c in checks] == list(range(1536, 100 * 64 + 1, 512))  # One report per check, none in warm-up.
+    skipped = [c for c in checks if not c.refreshed]
+    refreshed = [c for c in checks if c.refreshed]
+    assert skipped and refreshed and checks[0] is skipped[0]
+    first = skipped[0]
+    counts = s._pooled_buffer_stats()[2]  # Counts only grow, so the short interval of then is still identifiable.
+    assert 'of N_min = 8 losses' in first.reason and str(first).startswith('InfoNoise check at 1.536 kimg skipped: ')
+    assert first.since_nimg is None and 'no refresh yet' in str(first)
+    assert int(first.reason.split('interval ')[1].split(' ')[0]) - 1 in range(16) and counts.min() >= 8
+    r0, r1 = refreshed[0], refreshed[1]
+    assert r0.refreshes == 1 and r1.refreshes == 2 and r1.since_nimg == r1.nimg - r0.nimg
+    assert r1.since_seconds is not None and r1.since_seconds >= 0
+    assert r1.pivot > 0 and r1.pivot_rule == 'onset' and len(r1.ln_sigma_quantiles) == 3
+    text = str(r1)
+    assert text.startswith('InfoNoise refresh 2 at ') and 'pivot c = ' in text and 'ρ peaks at σ = ' in text
+    assert s.last_check is checks[-1]
+
+
+def test_schedule_report_warns_when_the_run_cannot_adapt():
+    # The demo network's sampler: 32 intervals, N_min = 8, batch 64.
+    demo = dict(num_bins=32, refresh_kimg=2, warmup_kimg=10, min_count=8)
+    lines = InfoNoise(**demo).schedule_report(120_000, 64)
+    assert not any(line.startswith('Warning') for line in lines) and 'first refresh expected at 12 kimg' in lines[-1]
+    # Warm-up as long as the run: EDM plus a floor.
+    lines = InfoNoise(**dict(demo, warmup_kimg=1000)).schedule_report(10_000, 64)
+    assert any(line.startswith('Warning: InfoNoise will not adapt: its warm-up') for line in lines)
+    # The short run of issue 13: 8 kimg, warm-up 2 kimg, checks every 1 kimg.
+    lines = InfoNoise(**dict(demo, warmup_kimg=2, refresh_kimg=1)).schedule_report(8_000, 64)
+    assert any(line.startswith('Warning: InfoNoise may not adapt: the chance') for line in lines)
+    # Buffers too small for N_min, and a refresh period shorter than one step.
+    lines = InfoNoise(**dict(demo, buffer_size=4)).schedule_report(120_000, 64)
+    assert any('forever' in line for line in lines) and any(line.startswith('Warning') for line in lines)
+    lines = InfoNoise(**dict(demo, refresh_kimg=0.01)).schedule_report(120_000, 64)
+    assert lines[-1].startswith('Warning: the InfoNoise refresh period (10 images) is shorter than one step')
+
+
+def test_schedule_report_chance_matches_simulation():
+    # The report's chance that every interval holds N_min losses by the last check, against simulated warm-ups of
+    # the sampler alone: the fraction of 60 runs whose last check refreshes.
+    kwargs = dict(weight='uniform', num_bins=32, refresh_kimg=1, warmup_kimg=2, min_count=8)
+    line = next(line for line in InfoNoise(**kwargs).schedule_report(8_000, 64) if 'the chance' in line)
+    predicted = float(line.split(' losses by the last refresh check (8 kimg) is ')[1].split('%')[0]) / 100
+    refreshed = 0
+    for seed in range(60):
+        s = InfoNoise(**kwargs)
+        torch.manual_seed(seed)
+        for _ in range(125):  # 8,000 images.
+            s.observe(s.sample(64), torch.rand(64))
+        refreshed += s.refreshes > 0
+    assert abs(refreshed / 60 - predicted) < 0.2, (refreshed, predicted)
 
 
 def test_no_host_sync_in_per_step_path(monkeypatch):
@@ -213,7 +273,7 @@ def test_state_round_trip_continues_identically():
     for sampler in (a, b):
         torch.manual_seed(7)
         feed(sampler, gaussian_losses, steps=10, seed=2)
-    assert a.refreshes == b.refreshes > 0 and a.pivot == b.pivot
+    assert a.refreshes == b.refreshes > 0 and a.pivot == b.pivot and a.raw_pivots == b.raw_pivots
     assert torch.equal(a.table.cdf, b.table.cdf) and torch.equal(a.buffer, b.buffer)
     torch.manual_seed(5)
     x = a.sample(1000)

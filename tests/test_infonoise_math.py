@@ -1,4 +1,5 @@
-"""InfoNoise math: log-grid, formulas, inverse-CDF tables, pivot rules and exact oracles, against closed forms."""
+"""InfoNoise math: log-grid, formulas, inverse-CDF tables and exact oracles, against closed forms (pivot rules:
+test_pivot.py)."""
 
 import io
 import math
@@ -16,7 +17,6 @@ from infonoise.oracles import (
     two_point_denoiser,
     two_point_mmse,
 )
-from infonoise.pivot import discrete_pivot, is_discrete, knee_pivot, onset_pivot, powerlaw_pivot
 from infonoise.profile import LogGrid, Profile, cumulative, entropy_rate, gate, normalize_density, smooth_log
 from infonoise.table import InverseCDFTable
 
@@ -158,18 +158,22 @@ def test_normalize_density_and_cumulative():
 
 def test_profile_round_trips_through_weights_only_load():
     k = 16
-    tensors = {
-        name: torch.rand(k, generator=gen(i), dtype=torch.float64)
-        for i, name in enumerate(['sigma', 'mse', 'rate', 'gated', 'rho', 'u', 'pi', 'phi', 'weight'])
-    }
-    profile = Profile(**tensors, pivot=0.137, refreshes=12)
+    names = ['sigma', 'mse', 'rate', 'gated', 'rho', 'u', 'pi', 'phi', 'weight', 'count', 'stderr']
+    tensors = {name: torch.rand(k, generator=gen(i), dtype=torch.float64) for i, name in enumerate(names)}
+    tensors['stderr'][3] = math.nan  # Unknown values travel as None (strict JSON) and come back as NaN.
+    profile = Profile(**tensors, pivot=0.137, refreshes=12, raw_pivot=0.15, pivot_rule='break')
+    assert profile.to_dict()['stderr'][3] is None
     buf = io.BytesIO()
     torch.save(profile.to_dict(), buf)
     buf.seek(0)
     loaded = Profile.from_dict(torch.load(buf, weights_only=True))
     for name, value in tensors.items():
-        assert torch.equal(getattr(loaded, name), value)
-    assert loaded.pivot == 0.137 and loaded.refreshes == 12
+        torch.testing.assert_close(getattr(loaded, name), value, rtol=0, atol=0, equal_nan=True)
+    assert (loaded.pivot, loaded.refreshes, loaded.raw_pivot, loaded.pivot_rule) == (0.137, 12, 0.15, 'break')
+    # Files written before counts, standard errors and the raw pivot existed load with those unknown.
+    old = {key: v for key, v in profile.to_dict().items() if key not in ('count', 'stderr', 'raw_pivot', 'pivot_rule')}
+    loaded = Profile.from_dict(old)
+    assert loaded.count.isnan().all() and loaded.stderr.isnan().all() and math.isnan(loaded.raw_pivot)
     with pytest.raises(ValueError):
         Profile(**{**tensors, 'phi': torch.zeros(k + 1)}, pivot=0.1, refreshes=0)
     with pytest.raises(ValueError):
@@ -237,112 +241,6 @@ def test_table_with_empty_region_and_degenerate_inputs():
             InverseCDFTable.build(GRID.centers, GRID.widths, bad.double())
     with pytest.raises(ValueError):
         InverseCDFTable.build(GRID.centers.flip(0), GRID.widths, bimodal_q())
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Pivot rules.
-
-
-def bump(center: float, width: float) -> torch.Tensor:
-    """A peak-normalised profile r̄ = exp(-(log σ - log center)²/(2 width²)) on GRID."""
-    return torch.exp(-0.5 * ((GRID.centers.log() - math.log(center)) / width) ** 2)
-
-
-def test_onset_pivot_on_a_clean_rise():
-    s = GRID.centers
-    # Flat below p above σ_40, rising below it: c is the grid value σ_40 itself.
-    rate = torch.where(torch.arange(64) >= 40, 1e-4, 1 / (1 + s))
-    assert onset_pivot(s, rate) == s[40].item()
-    # Smooth bump: r̄ = p at σ* = center · exp(width √(2 ln(1/p))); c is the first grid value above σ*.
-    p, center, width = 0.002, 0.3, 0.8
-    sigma_star = center * math.exp(width * math.sqrt(2 * math.log(1 / p)))
-    c = onset_pivot(s, 7.0 * bump(center, width), p)
-    assert sigma_star <= c < sigma_star * math.exp(STEP)
-    assert onset_pivot(s, 1e6 * bump(center, width), p) == c
-    # Profile already above p at the top: c is the top grid value.
-    assert onset_pivot(s, bump(10.0, 3.0)) == s[-1].item()
-    for bad_p in (0.0, 1.0):
-        with pytest.raises(ValueError):
-            onset_pivot(s, bump(center, width), bad_p)
-    with pytest.raises(ValueError):
-        onset_pivot(s, torch.zeros(64, dtype=torch.float64))
-
-
-def test_onset_pivot_follows_eq_18_literally_with_a_blip():
-    # Eq. 18 asks r̄ < p at every σ' >= c. A single blip above p at high noise therefore sets c just above the
-    # blip, even though the profile drops back below p before the real rise.
-    s = GRID.centers
-    rate = bump(0.3, 0.8)
-    clean = onset_pivot(s, rate)
-    rate[58] = 0.01
-    assert rate[50:58].max() < 0.002 and s[58] > clean
-    assert onset_pivot(s, rate) == s[59].item()
-
-
-def powerlaw_profile(sigma_b: float) -> torch.Tensor:
-    """r ∝ σ⁻¹ below σ_b; above, a σ² rise that turns into a σ⁻³ decay at high noise."""
-    x = (GRID.centers / sigma_b).log()
-    softplus = torch.nn.functional.softplus
-    return torch.exp(torch.where(x < 0, -x, 2 * x - 5 * (softplus(x - 2) - softplus(torch.tensor(-2.0)))))
-
-
-@pytest.mark.parametrize('sigma_b', [0.02, 0.0866, 0.37, 1.3])
-def test_powerlaw_pivot_finds_the_break(sigma_b):
-    s = GRID.centers
-    rate = powerlaw_profile(sigma_b)
-    assert abs(math.log(powerlaw_pivot(s, rate) / sigma_b)) <= STEP
-    for seed in range(3):
-        noisy = rate * torch.exp(0.02 * torch.randn(64, generator=gen(seed), dtype=torch.float64))
-        assert abs(math.log(powerlaw_pivot(s, noisy) / sigma_b)) <= STEP
-        assert discrete_pivot(s, noisy) == powerlaw_pivot(s, noisy)
-
-
-def test_powerlaw_pivot_edge_cases():
-    s = GRID.centers
-    # One power law over the whole grid: the segment never ends.
-    assert powerlaw_pivot(s, s**-1.0) == s[-1].item()
-    # The tolerance is 0.1 in log r: one point 15% off the line ends the segment below it, 5% does not.
-    for factor, expected in ((1.15, s[29].item()), (1.05, s[-1].item())):
-        rate = s**-1.0
-        rate[30] *= factor
-        assert powerlaw_pivot(s, rate) == expected
-    # A log-log parabola bends everywhere: no stable segment of half a decade.
-    curved = torch.exp(-2 * (s.log() - math.log(0.5)) ** 2)
-    assert powerlaw_pivot(s, curved) is None
-    assert discrete_pivot(s, curved) == knee_pivot(s, curved)
-    # Zero rate at the low end leaves nothing to fit.
-    assert powerlaw_pivot(s, torch.where(torch.arange(64) < 2, 0.0, 1 / s)) is None
-
-
-def test_knee_pivot():
-    s = GRID.centers
-    # A sharp bend from σ⁻¹ to a rise: the knee is within a grid step of it.
-    for sigma_b in (0.05, 0.37):
-        assert abs(math.log(knee_pivot(s, powerlaw_profile(sigma_b)) / sigma_b)) <= STEP
-    # Log-log parabola y = -κ(x - x_p)²: r·σ peaks at x_p + 1/(2κ), and a parabola is farthest from its chord at
-    # the midpoint, so the knee sits halfway (in log σ) between σ_1 and that peak.
-    kappa, x_p = 2.0, math.log(0.5)
-    curved = torch.exp(-kappa * (s.log() - x_p) ** 2)
-    midpoint = math.exp(0.5 * (math.log(s[0].item()) + x_p + 1 / (2 * kappa)))
-    assert abs(math.log(knee_pivot(s, curved) / midpoint)) <= STEP
-    # Zero rates (the exact two-point profile underflows below σ ≈ 0.03a) are skipped, not fatal.
-    two_point = entropy_rate(two_point_mmse(s, 1.0), s)
-    assert two_point[:5].max() == 0 and discrete_pivot(s, two_point) == knee_pivot(s, two_point)
-    assert s[two_point > 0].min() < knee_pivot(s, two_point) < 0.815
-    with pytest.raises(ValueError):
-        knee_pivot(s, torch.where(torch.arange(64) == 5, 1.0, 0.0))
-
-
-def test_is_discrete():
-    binary = np.random.default_rng(0).choice(np.array([0, 255], dtype=np.uint8), size=(10, 8, 8))
-    assert is_discrete(binary)
-    assert is_discrete(np.full((4, 4), 128, dtype=np.uint8))
-    assert not is_discrete(np.array([0, 128, 255], dtype=np.uint8))
-    assert not is_discrete(np.array([0, 254, 255], dtype=np.uint8))
-    with pytest.raises(ValueError):
-        is_discrete(binary.astype(np.float32))
-    with pytest.raises(ValueError):
-        is_discrete(np.zeros(0, dtype=np.uint8))
 
 
 # ---------------------------------------------------------------------------------------------------------------

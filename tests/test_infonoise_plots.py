@@ -30,8 +30,9 @@ def gaussian_profile(c: float = 0.05, sigma_data: float = 0.5) -> Profile:
     weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
     pi = rho / weight / trapezoid(rho / weight, sigma)
     phi = pi * weight / trapezoid(pi * weight, sigma)
+    count, stderr = torch.full_like(sigma, 256.0), 0.03 * mse  # As a refresh records them.
     return Profile(sigma=sigma, mse=mse, rate=rate, gated=gated, rho=rho, u=u, pi=pi, phi=phi, weight=weight,
-                   pivot=c, refreshes=7)  # fmt: skip
+                   count=count, stderr=stderr, pivot=c, refreshes=7, raw_pivot=c, pivot_rule='onset')  # fmt: skip
 
 
 def test_gaussian_profile_renders_a_complete_png(tmp_path):
@@ -39,11 +40,27 @@ def test_gaussian_profile_renders_a_complete_png(tmp_path):
     save_profile_plot(gaussian_profile(), str(path), title='Gaussian source')
     assert os.listdir(tmp_path) == ['profile.png']  # No temporary file is left behind.
     with Image.open(path) as image:
-        assert image.format == 'PNG' and image.size == (1200, 520)
+        assert image.format == 'PNG' and image.size == (1700, 540)
         pixels = np.asarray(image.convert('RGB'), dtype=np.float64)
     assert pixels.std() > 20  # Not blank.
-    # The ρ / φ curves are drawn in matplotlib's C1 orange (255, 127, 14).
+    # The ρ / φ curves are drawn in matplotlib's C1 orange (255, 127, 14), the estimate in C3 red (214, 39, 40),
+    # and its ±2 standard-error band in red at 25 % over white.
     assert np.all(np.abs(pixels - [255, 127, 14]) < 2, axis=-1).sum() > 500
+    estimate = pixels[:, 1150:]
+    assert np.all(np.abs(estimate - [214, 39, 40]) < 2, axis=-1).sum() > 300
+    assert np.all(np.abs(estimate - [245, 201, 201]) < 3, axis=-1).sum() > 100
+
+
+def test_profile_without_counts_and_errors_renders(tmp_path):
+    # Profile files written before counts and standard errors existed hold NaN there: no band, no counts.
+    profile = gaussian_profile()
+    unknown = torch.full_like(profile.sigma, math.nan)
+    path = tmp_path / 'old.png'
+    save_profile_plot(dataclasses.replace(profile, count=unknown, stderr=unknown), str(path))
+    with Image.open(path) as image:
+        estimate = np.asarray(image.convert('RGB'), dtype=np.float64)[:, 1150:]
+    assert np.all(np.abs(estimate - [214, 39, 40]) < 2, axis=-1).sum() > 300
+    assert np.all(np.abs(estimate - [245, 201, 201]) < 3, axis=-1).sum() < 20
 
 
 def test_replaces_an_existing_file_and_keeps_it_when_rendering_fails(tmp_path, monkeypatch):

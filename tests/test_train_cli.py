@@ -121,6 +121,33 @@ def test_real_run_writes_run_directory(tmp_path, digits_zip):
     assert torch.load(run_dir2 / 'training-state-000002.pt', weights_only=True)['cur_nimg'] == 2000
 
 
+def test_infonoise_says_what_it_does(tmp_path, digits_zip):
+    common = [*base_args(tmp_path / 'runs', digits_zip), '--batch=16', '--tick=1', '--lr-rampup=0', '--seed=2']
+    common += ['--sampler=infonoise', '--info-bins=8']
+    # A run that cannot adapt (warm-up of 1,000 kimg in a 1-kimg run) says so in the first lines of its log.
+    result = run(*common, '--duration=0.001', '--desc=warmup')
+    assert result.exit_code == 0, result.output
+    log = (next((tmp_path / 'runs').glob('*-warmup')) / 'log.txt').read_text().splitlines()
+    assert any(line.startswith('Warning: InfoNoise will not adapt: its warm-up (1000 kimg)') for line in log[:4]), log[
+        :4
+    ]
+    assert not any('InfoNoise check' in line for line in log)  # No check happens during a warm-up.
+    # Checks every 128 images after a 256-image warm-up with N_min = 40 in 8 intervals: the first checks are
+    # skipped, each saying which interval lacks how many losses, until the intervals fill and refreshes start.
+    args = ['--duration=0.001', '--info-warmup=0.256', '--info-refresh=0.128', '--info-nmin=40', '--info-floor=0.5']
+    result = run(*common, *args, '--desc=checks')
+    assert result.exit_code == 0, result.output
+    log = (next((tmp_path / 'runs').glob('*-checks')) / 'log.txt').read_text().splitlines()
+    checks = [line for line in log if line.startswith('InfoNoise check at ') or line.startswith('InfoNoise refresh ')]
+    # 63 steps of 16 images: checks at 384, 512, ..., 896 images, one line each.
+    assert len(checks) == len(range(384, 1008, 128)), checks
+    skipped = [line for line in checks if 'skipped: interval ' in line]
+    assert skipped and checks[0] in skipped and 'of N_min = 40 losses' in skipped[0] and 'no refresh yet' in skipped[0]
+    assert any(line.startswith('InfoNoise refresh 1 at ') and 'pivot c = ' in line for line in checks)
+    ticks = [line for line in log if line.startswith('tick ')]
+    assert all(' loss ' in line and ' refreshes ' in line for line in ticks) and ' pivot ' in ticks[-1]
+
+
 def error_cases(tmp_path, digits_zip):
     rng = np.random.default_rng(0)
     corrupt = tmp_path / 'corrupt.zip'

@@ -261,6 +261,8 @@ def _load_ours(f, device) -> dnnlib.EasyDict:
         net=_build_network(data['network_kwargs'], data['ema'], device),
         network_kwargs=dict(data['network_kwargs']),
         profile=data.get('profile'),
+        noise_kwargs=data.get('noise_kwargs'),
+        kimg=data['kimg'] if 'kimg' in data else data.get('cur_nimg', 0) / 1000,
         dataset_kwargs=data.get('dataset_kwargs'),
         loss_kwargs=data.get('loss_kwargs'),
         augment_kwargs=data.get('augment_kwargs'),
@@ -290,6 +292,8 @@ def _load_edm_pickle(f, device) -> dnnlib.EasyDict:
         net=net,
         network_kwargs=network_kwargs,
         profile=None,
+        noise_kwargs=None,
+        kimg=None,
         dataset_kwargs=dict(dataset_kwargs) if isinstance(dataset_kwargs, dict) else None,
         loss_kwargs=loss_kwargs,
         augment_kwargs=augment_kwargs,
@@ -300,7 +304,8 @@ def _load_edm_pickle(f, device) -> dnnlib.EasyDict:
 def load_network(path_or_url: str, device='cpu') -> dnnlib.EasyDict:
     """Load the EMA network of our snapshot or training state, or of an official EDM `.pkl`, without running code.
 
-    Returns EasyDict(net, network_kwargs, profile, dataset_kwargs, loss_kwargs, augment_kwargs, source): `net` is
+    Returns EasyDict(net, network_kwargs, profile, noise_kwargs, kimg, dataset_kwargs, loss_kwargs, augment_kwargs,
+    source): `net` is
     the preconditioned network in eval mode with requires_grad off, on `device`; `source` names the file kind
     ('infonoise-edm-snapshot', 'infonoise-edm-training-state' or 'edm-pickle'). Entries a file does not hold are
     None. Raises FileNotFoundError for a missing file and ValueError for anything it cannot read.

@@ -138,6 +138,12 @@ def training_loop(
     if batch_size != batch_gpu * num_accumulation_rounds * world:
         raise ValueError(f'Batch size {batch_size} is not divisible by {world} ranks × batch-gpu {batch_gpu}')
 
+    # Say first whether and when the noise sampler can adapt in this run, and report each refresh check.
+    noise_sampler = dnnlib.util.construct_class_by_name(**noise_kwargs)
+    for line in noise_sampler.schedule_report(total_kimg * 1000, batch_size):
+        dist.print0(line)
+    noise_sampler.callback = lambda event: dist.print0(str(event))
+
     # Load dataset.
     dist.print0('Loading dataset...')
     dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs)
@@ -159,10 +165,9 @@ def training_loop(
             labels = torch.zeros([batch_gpu, net.label_dim], device=device)
             misc.print_module_summary(net, [images, sigma, labels], max_nesting=2)
 
-    # Set up loss, noise sampler, optimizer and augmentation.
+    # Set up loss, optimizer and augmentation.
     dist.print0('Setting up optimizer...')
     loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
-    noise_sampler = dnnlib.util.construct_class_by_name(**noise_kwargs)
     optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
     augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
     ema = copy.deepcopy(net).eval().requires_grad_(False)
@@ -215,6 +220,7 @@ def training_loop(
     tick_start_time = time.time()
     maintenance_time = tick_start_time - start_time
     stats_jsonl = None
+    tick_loss = training_stats.Collector(regex='Loss/loss')  # The loss over each tick, for the status line.
     while True:
         # Reseed so that a resumed run draws the same σ, noise, augmentation and dropout.
         torch.manual_seed(step_seed(seed, rank, cur_nimg))
@@ -274,6 +280,9 @@ def training_loop(
         fields += [f'sec/kimg {training_stats.report0("Timing/sec_per_kimg", tick_sec / tick_nimg * 1e3):<7.2f}']
         fields += [f'img/s {training_stats.report0("Timing/img_per_sec", tick_nimg / max(tick_sec, 1e-8)):<8.1f}']
         fields += [f'maintenance {training_stats.report0("Timing/maintenance_sec", maintenance_time):<6.1f}']
+        tick_loss.update()
+        fields += [f'loss {tick_loss.mean("Loss/loss"):<8.4g}']
+        fields += [noise_sampler.summary()] if noise_sampler.summary() else []
         fields += [
             f'cpumem {training_stats.report0("Resources/cpu_mem_gb", psutil.Process(os.getpid()).memory_info().rss / 2**30):<6.2f}'
         ]
