@@ -220,11 +220,12 @@ class InfoNoise(NoiseSampler):
         if counts.min() < self.min_count:
             return self._report(RefreshCheck(refreshed=False, reason=self._shortest_interval(counts), **check))
         means = sums / counts
-        stderr = ((squares / counts - means.square()).clamp(min=0) / (counts - 1).clamp(min=1)).sqrt()
+        # Relative standard error of each buffer mean; recorded at the scale of the EMA (which starts from 0).
+        rel_err = ((squares / counts - means.square()).clamp(min=0) / (counts - 1).clamp(min=1)).sqrt() / means
         mse = (1 - self.ema_rate) * self.mse + self.ema_rate * means
         sigma, widths = self.grid.centers, self.grid.widths
         try:
-            calibrated = self.calibrate_pivot(sigma, entropy_rate(mse, sigma), stderr / means)
+            calibrated = self.calibrate_pivot(sigma, entropy_rate(mse, sigma), rel_err)
             pivot = (
                 calibrated.value
                 if calibrated.rule == 'fixed'
@@ -232,7 +233,7 @@ class InfoNoise(NoiseSampler):
             )
             profile = build_profile(
                 self.grid, mse, pivot, self.loss_weight(sigma), self.gate_n, self.smoothing, self.floor,
-                refreshes=self.refreshes + 1, count=counts, stderr=stderr, raw_pivot=calibrated.value,
+                refreshes=self.refreshes + 1, count=counts, stderr=rel_err * mse, raw_pivot=calibrated.value,
                 pivot_rule=calibrated.rule,
             )  # fmt: skip
             table = InverseCDFTable.build(sigma, widths, profile.phi / profile.weight)  # π ∝ φ/w (Eq. 16).

@@ -11,13 +11,17 @@ log-grid, by a rule that depends on the endpoint type of the data:
   grid starts above it (`reference_rate`). On EDM's grid [0.002, 80] with σ_data = 0.5 that is max r̂: the paper's
   rule, exactly.
 - discrete endpoints, the upper end of the low-noise power law (App. B.4, `powerlaw_break`): log r̂ is nearly
-  linear in log σ next to σ_min, with a slope that may drift slowly, and then breaks into a mid-noise bump or
-  shoulder. At every gap t of the grid a continuous two-line ("hinge") fit to the points within W = 0.5 decades
-  of t measures the local slope change D(t) (`slope_changes`). Scanning up from σ_min, the power law ends at the
-  first run of gaps with |D| >= 0.5; c is the hinge position of the best fit around that run's largest |D|.
-  A slope that drifts by s per decade gives |D| ≈ s·W, so drifts up to 1 per decade stay below the threshold,
-  while a break of 1 or more is found. Where no break exists (one power law over the whole grid, say) there is
-  no boundary to find, and c falls back to the onset rule.
+  linear in log σ next to σ_min, with a slope that may drift slowly, and then turns up into a mid-noise bump or a
+  flatter shoulder, where information arrives faster than the power law predicts. At every gap t of the grid a
+  continuous two-line ("hinge") fit to the points within W = 0.5 decades of t measures the local slope change D(t)
+  (`slope_changes`). Scanning up from σ_min, the power law ends at the first run of gaps with D >= 0.5; c is the
+  hinge position of the best fit around that run's largest D. A slope that drifts by s per decade gives D ≈ s·W,
+  so drifts below about 0.75 per decade stay below the threshold, while a rise of 1 or more is found. A steepening
+  (D < 0, the rate falling faster than the power law, as into the σ⁻³ tail) is not the start of the informative
+  window and does not end the power law. Where no rise exists there is no boundary to find: if the rate per unit
+  ln σ still peaks at low noise (one power law over the whole grid, say), c falls back to the onset rule, and if
+  it does not (the exact profile of a two-point source, whose rate rises from 0), there is nothing to gate and c
+  is σ_ref (`calibrate`).
 
 Both rules are invariant to the grid: c stays within one grid interval when σ_min, σ_max or the number of bins
 change, and scales with the data (mmse_k(σ) = k²·mmse_1(σ/k) with σ_data -> k·σ_data gives c -> k·c), as
@@ -47,7 +51,8 @@ DEBOUNCE = 5
 
 @dataclass(frozen=True)
 class Pivot:
-    """A calibrated pivot c and the rule that gave it ('onset', 'break', 'onset, no break' or 'fixed')."""
+    """A calibrated pivot c and the rule that gave it: 'onset', 'break', 'onset, no break', 'reference, no break'
+    (`calibrate`) or 'fixed' (InfoNoise's `pivot`)."""
 
     value: float
     rule: str
@@ -147,17 +152,17 @@ def slope_changes(sigma, rate, rel_err=None, window: float = BREAK_WINDOW) -> tu
 def powerlaw_break(
     sigma, rate, rel_err=None, window: float = BREAK_WINDOW, min_change: float = BREAK_MIN_CHANGE
 ) -> float | None:
-    """Upper end of the low-noise power law (App. B.4): where its slope first changes by `min_change` or more
-    within `window` decades, scanning up from σ_min; None if it never does. See the module docstring."""
+    """Upper end of the low-noise power law (App. B.4): where its slope first rises by `min_change` or more within
+    `window` decades, scanning up from σ_min; None if it never does. See the module docstring."""
     gaps, changes = slope_changes(sigma, rate, rel_err, window)
-    big = np.abs(np.nan_to_num(changes)) >= min_change
-    if not big.any():
+    rises = np.nan_to_num(changes, nan=-np.inf) >= min_change
+    if not rises.any():
         return None
-    # The first run of big changes of one sign, and its largest change.
-    first = last = int(np.argmax(big))
-    while last + 1 < big.size and big[last + 1] and np.sign(changes[last + 1]) == np.sign(changes[first]):
+    # The first run of gaps where the slope rises, and its largest rise.
+    first = last = int(np.argmax(rises))
+    while last + 1 < rises.size and rises[last + 1]:
         last += 1
-    peak = first + int(np.argmax(np.abs(changes[first : last + 1])))
+    peak = first + int(np.argmax(changes[first : last + 1]))
     # Refine: the hinge position that fits the points around the peak best, within one grid step of it.
     x, y, w = _log_profile(sigma, rate, rel_err)
     t0, step = math.log(gaps[peak]), float(np.median(np.diff(x)))
@@ -167,15 +172,37 @@ def powerlaw_break(
     return float(math.exp(candidates[int(np.argmin(rss))]))
 
 
-def calibrate(sigma, rate, endpoint: str, rel_err=None, p: float = 0.002, sigma_ref: float | None = None) -> Pivot:
-    """The pivot for the endpoint type: the onset of information (continuous) or the power-law break (discrete,
-    with the onset rule where there is no break). `sigma_ref` (e.g. 0.004·σ_data) anchors the onset rule."""
+def concentrates_at_low_noise(sigma, rate, sigma_ref: float, window: float = BREAK_WINDOW) -> bool:
+    """Whether the rate per unit ln σ, r̂·σ (Eq. 28), peaks within `window` decades of the low end of the profile
+    (σ_ref, or the grid's lower edge if it starts above σ_ref): the boundary concentration the gate is for (App.
+    B.1). Bins below σ_ref do not count."""
+    s, r = _profile_arrays(sigma, rate)
+    log_s = np.log(s)
+    upper = np.append(0.5 * (log_s[1:] + log_s[:-1]), np.inf)
+    considered = upper > math.log(sigma_ref)
+    low = max(math.log(sigma_ref), 1.5 * log_s[0] - 0.5 * log_s[1])
+    peak = log_s[considered][int(np.argmax((r * s)[considered]))]
+    return bool(peak <= low + window * math.log(10))
+
+
+def calibrate(sigma, rate, endpoint: str, rel_err=None, p: float = 0.002, sigma_ref: float = 0.002) -> Pivot:
+    """The pivot for the endpoint type, with `sigma_ref` = 0.004·σ_data anchoring the onset rule:
+
+    - continuous endpoints: the onset of information ('onset');
+    - discrete endpoints: the power-law break ('break'). Without one, the onset rule if the profile concentrates at
+      low noise ('onset, no break'), as a power law steeper than 1/σ does; otherwise there is nothing to gate and c
+      is σ_ref ('reference, no break'), as for the exact profile of two points, whose rate rises from 0 at low noise.
+    """
     if endpoint == 'continuous':
         return Pivot(onset_pivot(sigma, rate, p, sigma_ref), 'onset')
     if endpoint != 'discrete':
         raise ValueError(f'endpoint must be "continuous" or "discrete", got "{endpoint}"')
     c = powerlaw_break(sigma, rate, rel_err)
-    return Pivot(c, 'break') if c is not None else Pivot(onset_pivot(sigma, rate, p, sigma_ref), 'onset, no break')
+    if c is not None:
+        return Pivot(c, 'break')
+    if concentrates_at_low_noise(sigma, rate, sigma_ref):
+        return Pivot(onset_pivot(sigma, rate, p, sigma_ref), 'onset, no break')
+    return Pivot(float(sigma_ref), 'reference, no break')
 
 
 def debounce(values: list[float]) -> float:

@@ -157,11 +157,11 @@ class Profile:
     phi: torch.Tensor  # realised emphasis φ_k = π_k·w(σ_k), normalised over σ (Eq. 7)
     weight: torch.Tensor  # loss weight w(σ_k)
     count: torch.Tensor  # losses behind each bin's estimate (NaN where unknown)
-    stderr: torch.Tensor  # standard error of each bin's loss estimate, in units of mse (NaN where unknown)
+    stderr: torch.Tensor  # standard error of each bin's loss estimate (relative error × mse; NaN where unknown)
     pivot: float  # gate pivot c
     refreshes: int
     raw_pivot: float = math.nan  # c as calibrated at this refresh, before debouncing (Sec. 4)
-    pivot_rule: str = ''  # 'onset', 'break', 'onset, no break' or 'fixed'
+    pivot_rule: str = ''  # infonoise.pivot.Pivot's rule: 'onset', 'break', ..., 'fixed'
 
     def __post_init__(self):
         shape = self.sigma.shape

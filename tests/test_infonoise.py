@@ -217,6 +217,24 @@ def test_every_refresh_check_is_reported():
     assert s.last_check is checks[-1]
 
 
+def test_profile_records_counts_and_standard_errors():
+    # Four losses per interval, known values: the counts, and each buffer mean's relative standard error
+    # std/(√n·mean) carried to the scale of the EMA estimate (half the mean after one refresh at β = 0.5).
+    s = InfoNoise(weight='uniform', num_bins=4, sigma_min=1, sigma_max=16, buffer_size=8, ema_rate=0.5,
+                  refresh_kimg=0.016, warmup_kimg=0, min_count=4, smoothing=0)  # fmt: skip
+    sigma = s.grid.centers.float().repeat_interleave(4)
+    losses = torch.tensor([1.0, 2.0, 3.0, 6.0] * 4) * sigma**3  # Interval k holds 1, 2, 3, 6 times σ_k³.
+    s.observe(sigma, losses)
+    profile = s.last_profile
+    assert profile is not None and profile.count.tolist() == [4.0] * 4
+    values = torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=torch.float64)
+    rel = values.std() / (2 * values.mean())
+    torch.testing.assert_close(profile.stderr / profile.mse, torch.full((4,), rel.item(), dtype=torch.float64))
+    torch.testing.assert_close(
+        profile.mse, 0.5 * values.mean() * s.grid.centers.float().double() ** 3, rtol=1e-6, atol=0
+    )
+
+
 def test_schedule_report_warns_when_the_run_cannot_adapt():
     # The demo network's sampler: 32 intervals, N_min = 8, batch 64.
     demo = dict(num_bins=32, refresh_kimg=2, warmup_kimg=10, min_count=8)

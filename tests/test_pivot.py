@@ -180,27 +180,45 @@ def test_slowly_curving_power_law_then_bump_or_shoulder(kind):
 
 
 def test_pure_power_law_falls_back_to_the_onset_rule():
-    # One power law over the whole grid (even drifting by 0.5 per decade) has no break: the rule says so, and the
-    # pivot falls back to the onset rule (the gate then trims only the far low-noise tail).
+    # One power law over the whole grid (even one whose slope drifts by ±0.5 per decade) has no break: the rule says
+    # so. Steeper than 1/σ all along, it concentrates at low noise, and the pivot falls back to the onset rule.
     for drift in (0.0, 0.5, -0.5):
+        assert powerlaw_break(*synthetic(c=1.0, slope=-1.5, drift=drift, jump=0.0)) is None
+    for drift in (0.0, -0.5):
         s, rate = synthetic(c=1.0, slope=-1.5, drift=drift, jump=0.0)
-        assert powerlaw_break(s, rate) is None
         result = calibrate(s, rate, 'discrete', sigma_ref=0.002)
         assert result == pivot.Pivot(onset_pivot(s, rate, 0.002, 0.002), 'onset, no break')
-    # A steep drift (1.5 per decade) is not a power law any more: the rule finds a bend.
+    # Flatter than 1/σ it does not concentrate at low noise: nothing to gate, c is σ_ref.
+    s, rate = synthetic(c=1.0, slope=-0.5, jump=0.0)
+    assert calibrate(s, rate, 'discrete', sigma_ref=0.002) == pivot.Pivot(0.002, 'reference, no break')
+    # A slope rising by 1.5 per decade is not a power law any more: the rule finds a break. One falling as fast is a
+    # steepening, never a break.
     assert powerlaw_break(*synthetic(c=1.0, slope=-1.5, drift=1.5, jump=0.0)) is not None
+    assert powerlaw_break(*synthetic(c=1.0, slope=-1.5, drift=-1.5, jump=0.0)) is None
+
+
+def test_a_steepening_is_not_the_break():
+    # The power law steepens by 1 at 0.04 (the rate falls faster: less information, not a window), then breaks up
+    # into a bump at 0.3: c is the bump's foot.
+    params = dict(c=0.3, slope=-1.3, jump=3.0, width=0.05, top=2.0, steepen=0.04, steepen_by=-1.0)
+    s, rate = synthetic(**params)
+    assert close(powerlaw_break(s, rate), 0.3, step())
+    hits = sum(close(powerlaw_break(*synthetic(noise=0.03, seed=i, **params)) or 1e9, 0.3, step()) for i in range(40))
+    assert hits >= 38
 
 
 def test_two_point_source_keeps_its_window():
     # The exact two-point profile has no low-noise power law: its rate underflows to 0 below σ ≈ 0.03a and rises
-    # steeply. The pivot lies below the rate's peak, and the gated density keeps the peak.
+    # steeply to its peak, bending down all the way (no rise of the slope, no break), and the rate per unit ln σ
+    # peaks in the window, not at low noise. Nothing to gate: c is σ_ref, below the peak, and the gated rate keeps
+    # the peak.
     s = centers()
     rate = entropy_rate(two_point_mmse(s, 1.0), s)
     result = calibrate(s, rate, 'discrete', sigma_ref=0.002)
+    assert result == pivot.Pivot(0.002, 'reference, no break')
     peak = s[rate.argmax()].item()
-    assert result.value < peak
     gated = rate * gate(s, result.value, 3)
-    assert s[gated.argmax()].item() == pytest.approx(peak, rel=math.exp(2 * step()) - 1)
+    assert s[gated.argmax()].item() == peak
 
 
 def test_standard_errors_weight_the_fit():
