@@ -106,13 +106,16 @@ def onset_pivot(sigma, rate, p: float = 0.002, sigma_ref: float | None = None) -
     return float(s[0] if above.size == 0 else s[min(above[-1] + 1, s.size - 1)])
 
 
-def _hinge_fit(x, y, w, t) -> tuple[float, float]:
-    """Weighted least squares of y ≈ a + b(x - t) + d·max(x - t, 0): the slope change d at t and the RSS."""
-    z = x - t
-    design = np.stack([np.ones_like(z), z, np.maximum(z, 0)], axis=1) * np.sqrt(w)[:, None]
-    target = y * np.sqrt(w)
-    coef, *_ = np.linalg.lstsq(design, target, rcond=None)
-    return float(coef[2]), float(np.sum((target - design @ coef) ** 2))
+def _hinge_fits(x, y, weights, hinges) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted least squares of y ≈ a + b(x - t) + d·max(x - t, 0), one fit per hinge t of `hinges` [G] with its
+    own weights [G, K] (0 outside its window): the slope changes d and the weighted RSS, both [G]."""
+    z = x[None, :] - hinges[:, None]
+    design = np.stack([np.ones_like(z), z, np.maximum(z, 0)], axis=-1)  # [G, K, 3]
+    weighted = design * weights[..., None]
+    normal = np.einsum('gki,gkj->gij', weighted, design)
+    coef = np.einsum('gij,gj->gi', np.linalg.pinv(normal), np.einsum('gki,k->gi', weighted, y))
+    residual = y[None, :] - np.einsum('gki,gi->gk', design, coef)
+    return coef[:, 2], (weights * residual**2).sum(1)
 
 
 def _log_profile(sigma, rate, rel_err) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -140,12 +143,12 @@ def slope_changes(sigma, rate, rel_err=None, window: float = BREAK_WINDOW) -> tu
     x, y, w = _log_profile(sigma, rate, rel_err)
     half = window * math.log(10)
     gaps = 0.5 * (x[1:] + x[:-1])
+    near = np.abs(x[None, :] - gaps[:, None]) <= half  # [G, K]
+    below, above = (near & (x[None, :] < gaps[:, None])).sum(1), (near & (x[None, :] > gaps[:, None])).sum(1)
+    valid = (below >= 2) & (above >= 2) & (np.minimum(gaps - x[0], x[-1] - gaps) >= half / 2)
     changes = np.full(gaps.shape, np.nan)
-    for i, t in enumerate(gaps):
-        near = np.abs(x - t) <= half
-        below, above = near & (x < t), near & (x > t)
-        if below.sum() >= 2 and above.sum() >= 2 and min(t - x[0], x[-1] - t) >= half / 2:
-            changes[i] = _hinge_fit(x[near], y[near], w[near], t)[0]
+    if valid.any():
+        changes[valid] = _hinge_fits(x, y, near[valid] * w[None, :], gaps[valid])[0]
     return np.exp(gaps), changes
 
 
@@ -168,7 +171,7 @@ def powerlaw_break(
     t0, step = math.log(gaps[peak]), float(np.median(np.diff(x)))
     near = np.abs(x - t0) <= window * math.log(10)
     candidates = np.linspace(t0 - step, t0 + step, 41)
-    rss = [_hinge_fit(x[near], y[near], w[near], t)[1] for t in candidates]
+    rss = _hinge_fits(x, y, np.broadcast_to(near * w, (candidates.size, x.size)), candidates)[1]
     return float(math.exp(candidates[int(np.argmin(rss))]))
 
 
