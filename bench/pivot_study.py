@@ -19,11 +19,14 @@ Continuous endpoints. Gaussian sources, whose mmse is exact: the onset pivot wit
 grids, and under a rescaling of the data (mmse_k(σ) = k²·mmse_1(σ/k), σ_data -> k·σ_data); beside it the paper's
 max-normalised rule, which moves with σ_min.
 
-Nothing here is fitted to a benchmark: no learned profile and no FD enters. About a minute on 2 cores.
+Nothing here is fitted to a benchmark: no learned profile and no FD enters the constants. A last table applies
+the rules to the learned profiles committed under tests/data/ (from the CPU benchmarks), resampled onto every grid,
+as a check. About a minute on 2 cores.
 
     python -m bench.pivot_study --outdir=bench-out/pivot-study
 """
 
+import json
 import math
 import os
 import time
@@ -38,6 +41,8 @@ from infonoise.oracles import gaussian_mmse
 from infonoise.profile import LogGrid, entropy_rate
 
 LN10 = math.log(10)
+# Learned profiles of the CPU benchmarks, committed as test fixtures.
+LEARNED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests', 'data')
 # Grids the rules must be invariant to: (K, σ_min, σ_max); the first is EDM's default with InfoNoise's K = 64.
 GRIDS = [(64, 0.002, 80.0), (32, 0.002, 80.0), (128, 0.002, 80.0), (64, 0.005, 80.0), (64, 0.01, 80.0), (64, 0.002, 200.0)]  # fmt: skip
 
@@ -87,14 +92,61 @@ def draw_profile(kind: str, rng: np.random.Generator) -> dict:
     return params
 
 
+def resample(sigma: np.ndarray, rate: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """A tabulated rate at other σ: linear in log-log between the points, and beyond them along the end segments."""
+    x, y, xs = np.log(sigma), np.log(rate), np.log(at)
+    inside = np.interp(xs, x, y)
+    low = y[0] + (xs - x[0]) * (y[1] - y[0]) / (x[1] - x[0])
+    high = y[-1] + (xs - x[-1]) * (y[-1] - y[-2]) / (x[-1] - x[-2])
+    return np.exp(np.where(xs < x[0], low, np.where(xs > x[-1], high, inside)))
+
+
+def learned_profiles(directory: str = LEARNED) -> dict[str, dict]:
+    """The learned profiles committed as test fixtures (`tests/data/profile-*.json`), by file name."""
+    profiles = {}
+    for name in sorted(os.listdir(directory)):
+        if name.startswith('profile-') and name.endswith('.json'):
+            with open(os.path.join(directory, name), encoding='utf-8') as f:
+                profiles[name] = json.load(f)
+    return profiles
+
+
+def learned_table() -> str:
+    """The rules on the learned fixture profiles, resampled (log-log) onto every grid: a check, not a fit."""
+    rows = []
+    for name, profile in learned_profiles().items():
+        sigma, rate = np.array(profile['sigma']), np.array(profile['rate'])
+        rel = np.array([math.nan if v is None else v for v in profile['stderr']]) / np.array(profile['mse'])
+        endpoint = 'continuous' if name.startswith('profile-mnist') else 'discrete'
+        rules = [('σ_ref', 0.002)] + ([('max r̂ (paper)', None)] if endpoint == 'continuous' else [])
+        for label, ref in rules:
+            cells = []
+            for grid in GRIDS:
+                s = LogGrid.make(*grid).centers
+                r = torch.from_numpy(resample(sigma, rate, s.numpy()))
+                # Losses per bin scale with the bin's width in ln σ, so standard errors with its inverse root.
+                widths = math.log(sigma[1] / sigma[0]) / (math.log(grid[2] / grid[1]) / grid[0])
+                e = torch.from_numpy(np.interp(np.log(s.numpy()), np.log(sigma), rel) * math.sqrt(widths))
+                if ref is None:
+                    cells.append(f'{pivot.onset_pivot(s, r):.3g}')
+                else:
+                    result = pivot.calibrate(s, r, endpoint, e, sigma_ref=ref)
+                    cells.append(f'{result.value:.3g}' + (' (onset)' if result.rule.startswith('onset,') else ''))
+            rows.append([name.removeprefix('profile-').removesuffix('.json'), f'{endpoint}, {label}', *cells])
+    headers = ['learned profile', 'rule', *[f'K={k} [{lo}, {hi:g}]' for k, lo, hi in GRIDS]]
+    return markdown_table(headers, rows)
+
+
 def grid_centers(num_bins: int, sigma_min: float, sigma_max: float) -> tuple[np.ndarray, float]:
     """The centres of InfoNoise's log-grid and its interval in ln σ."""
     return LogGrid.make(num_bins, sigma_min, sigma_max).centers.numpy(), math.log(sigma_max / sigma_min) / num_bins
 
 
-def discrete_c(sigma: np.ndarray, log_rate: np.ndarray, **kwargs) -> float | None:
-    """The power-law break (None: no break) of a profile given as log r."""
-    return pivot.powerlaw_break(torch.from_numpy(sigma), torch.from_numpy(np.exp(log_rate)), **kwargs)
+def discrete_c(sigma: np.ndarray, log_rate: np.ndarray, noise: float | None = None, **kwargs) -> float | None:
+    """The power-law break (None: no break) of a profile given as log r whose bins have a relative standard error
+    `noise` (known, as InfoNoise measures it; None: unknown, the floor alone)."""
+    rel_err = None if noise is None else torch.full((sigma.size,), noise, dtype=torch.float64)
+    return pivot.powerlaw_break(torch.from_numpy(sigma), torch.from_numpy(np.exp(log_rate)), rel_err, **kwargs)
 
 
 def hit_rate(kind: str, grid: tuple, draws: int, seed: int, noise: float = 0.03, **kwargs) -> float:
@@ -105,7 +157,7 @@ def hit_rate(kind: str, grid: tuple, draws: int, seed: int, noise: float = 0.03,
     for _ in range(draws):
         params = draw_profile(kind, rng)
         log_rate = synthetic_log_rate(sigma, **params) + noise * rng.standard_normal(sigma.size)
-        c = discrete_c(sigma, log_rate, **kwargs)
+        c = discrete_c(sigma, log_rate, noise, **kwargs)
         hits += c is not None and abs(math.log(c / params['c'])) <= step
     return hits / draws
 
@@ -119,7 +171,7 @@ def no_break_rate(drift: float, draws: int, seed: int, noise: float = 0.03, **kw
     for _ in range(draws):
         params = dict(draw_profile('drift', rng), drift=drift)
         log_rate = synthetic_log_rate(sigma, **params) + noise * rng.standard_normal(sigma.size)
-        clean += discrete_c(sigma, log_rate, **kwargs) is None
+        clean += discrete_c(sigma, log_rate, noise, **kwargs) is None
     return clean / draws
 
 
@@ -160,8 +212,8 @@ def debounce_ranges(draws: int, seed: int, noise: float, windows=(1, 3, 5, 9), r
         raw = []
         for _ in range(refreshes):
             log_rate = synthetic_log_rate(sigma, **params) + noise * rng.standard_normal(sigma.size)
-            rate = torch.from_numpy(np.exp(log_rate))
-            raw.append(pivot.calibrate(torch.from_numpy(sigma), rate, 'discrete', sigma_ref=0.002).value)
+            rate, rel_err = torch.from_numpy(np.exp(log_rate)), torch.full((sigma.size,), noise, dtype=torch.float64)
+            raw.append(pivot.calibrate(torch.from_numpy(sigma), rate, 'discrete', rel_err, sigma_ref=0.002).value)
         for w in windows:
             used = [float(np.exp(np.median(np.log(raw[max(0, j - w + 1) : j + 1])))) for j in range(9, refreshes)]
             ratios[w].append(max(used) / min(used))
@@ -251,6 +303,8 @@ def main(outdir: str, draws: int, seed: int, quick: bool):
 
     out.append('**Onset rule on exact Gaussian sources** (c; the last two columns divide by the data scale k)\n\n'
                + onset_table())
+    out.append('**Learned profiles** (`tests/data/`, K = 32 on [0.002, 80], resampled in log-log onto each grid; a '
+               'check of the rules, not an input to them; "(onset)": no break, the onset fallback)\n\n' + learned_table())
     results['run'] = run_record('bench.pivot_study', start, torch.device('cpu'))
     os.makedirs(outdir, exist_ok=True)
     write_json(os.path.join(outdir, 'results.json'), results)

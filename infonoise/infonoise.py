@@ -293,8 +293,8 @@ class InfoNoise(NoiseSampler):
                 mid = math.sqrt(lo * hi)
                 lo, hi = (lo, mid) if all_full(mid) >= 0.5 else (mid, hi)
             need = hi
-        first = max(self.warmup_nimg, need)
-        first = (first // self.refresh_nimg + 1) * self.refresh_nimg if math.isfinite(first) else math.inf
+        first = max(self.warmup_nimg, need)  # The first check at or after it can refresh.
+        first = math.ceil(first / self.refresh_nimg) * self.refresh_nimg if math.isfinite(first) else math.inf
         kimg = lambda n: f'{n / 1e3:.4g} kimg'  # noqa: E731
         lo_edge, hi_edge = float(self.grid.edges[rarest]), float(self.grid.edges[rarest + 1])
         rule = (

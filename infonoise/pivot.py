@@ -14,20 +14,21 @@ log-grid, by a rule that depends on the endpoint type of the data:
   linear in log σ next to σ_min, with a slope that may drift slowly, and then turns up into a mid-noise bump or a
   flatter shoulder, where information arrives faster than the power law predicts. At every gap t of the grid a
   continuous two-line ("hinge") fit to the points within W = 0.5 decades of t measures the local slope change D(t)
-  (`slope_changes`). Scanning up from σ_min, the power law ends at the first run of gaps with D >= 0.5; c is the
-  hinge position of the best fit around that run's largest D. A slope that drifts by s per decade gives D ≈ s·W,
+  (`slope_changes`). Scanning up from σ_min, the power law ends at the first run of gaps with D >= 0.5 where the
+  rate per unit ln σ is still at least p of its low-noise value (so that the far tail cannot fake a rise); c is
+  the hinge position of the best fit around that run's largest D. A slope that drifts by s per decade gives D ≈ s·W,
   so drifts below about 0.75 per decade stay below the threshold, while a rise of 1 or more is found. A steepening
   (D < 0, the rate falling faster than the power law, as into the σ⁻³ tail) is not the start of the informative
   window and does not end the power law. Where no rise exists there is no boundary to find: if the rate per unit
-  ln σ still peaks at low noise (one power law over the whole grid, say), c falls back to the onset rule, and if
-  it does not (the exact profile of a two-point source, whose rate rises from 0), there is nothing to gate and c
-  is σ_ref (`calibrate`).
+  ln σ reaches half its maximum at low noise (one power law at least as steep as 1/σ over the whole grid, say), c
+  falls back to the onset rule, and if it does not (the exact profile of a two-point source, whose rate rises
+  from 0), there is nothing to gate and c is σ_ref (`calibrate`).
 
 Both rules are invariant to the grid: c stays within one grid interval when σ_min, σ_max or the number of bins
 change, and scales with the data (mmse_k(σ) = k²·mmse_1(σ/k) with σ_data -> k·σ_data gives c -> k·c), as
 `bench/pivot_study.py` and the tests check on synthetic and learned profiles. InfoNoise then takes the median
 of the last few calibrated values (`debounce`), so that c does not jump with the noise of one refresh.
-Why these constants, measured on synthetic profiles with known breaks: README "Pivot rules" and
+Why these constants, measured on synthetic profiles with known breaks: docs/pivot-rules.md and
 `python -m bench.pivot_study`.
 """
 
@@ -41,7 +42,7 @@ import torch
 SIGMA_REF_PER_SIGMA_DATA = 0.004
 # Half-width, in decades of σ, of the local two-line fits that measure slope changes.
 BREAK_WINDOW = 0.5
-# Local slope change |D| that ends the low-noise power law.
+# Rise D of the local slope that ends the low-noise power law.
 BREAK_MIN_CHANGE = 0.5
 # Floor on the relative standard error of a bin's rate in the fit weights.
 STDERR_FLOOR = 0.02
@@ -138,7 +139,7 @@ def slope_changes(sigma, rate, rel_err=None, window: float = BREAK_WINDOW) -> tu
     At each gap, a continuous two-line fit with its hinge at t to the points within `window` decades of t
     (weighted by the bins' standard errors) gives D = slope above t - slope below t. Gaps whose window holds
     fewer than two points or less than half the window on either side of t get NaN. `rel_err` is the relative
-    standard error of each bin's estimate (the same for its mse and its rate), None for equal weights.
+    standard error of each bin's estimate (the same for its mse and its rate), None for the floor alone.
     """
     x, y, w = _log_profile(sigma, rate, rel_err)
     half = window * math.log(10)
@@ -153,12 +154,26 @@ def slope_changes(sigma, rate, rel_err=None, window: float = BREAK_WINDOW) -> tu
 
 
 def powerlaw_break(
-    sigma, rate, rel_err=None, window: float = BREAK_WINDOW, min_change: float = BREAK_MIN_CHANGE
+    sigma,
+    rate,
+    rel_err=None,
+    window: float = BREAK_WINDOW,
+    min_change: float = BREAK_MIN_CHANGE,
+    p: float = 0.002,
+    sigma_ref: float = 0.002,
 ) -> float | None:
     """Upper end of the low-noise power law (App. B.4): where its slope first rises by `min_change` or more within
-    `window` decades, scanning up from σ_min; None if it never does. See the module docstring."""
+    `window` decades, scanning up from σ_min; None if it never does. See the module docstring.
+
+    A rise only counts where the rate per unit ln σ, r̂·σ, is at least p (the onset threshold of Eq. 18) of its
+    value at the low end: no window starts where the profile carries no information, as far in the σ⁻³ tail,
+    where an early, poorly fitted network can bend the estimate either way.
+    """
     gaps, changes = slope_changes(sigma, rate, rel_err, window)
-    rises = np.nan_to_num(changes, nan=-np.inf) >= min_change
+    per_efold, low_end = _per_efold(sigma, rate, sigma_ref, window)
+    positive = _profile_arrays(sigma, rate)[1] > 0  # The bins the gaps lie between.
+    informative = (per_efold >= p * low_end)[positive][:-1]  # At the bin below each gap.
+    rises = (np.nan_to_num(changes, nan=-np.inf) >= min_change) & informative
     if not rises.any():
         return None
     # The first run of gaps where the slope rises, and its largest rise.
@@ -175,17 +190,24 @@ def powerlaw_break(
     return float(math.exp(candidates[int(np.argmin(rss))]))
 
 
-def concentrates_at_low_noise(sigma, rate, sigma_ref: float, window: float = BREAK_WINDOW) -> bool:
-    """Whether the rate per unit ln σ, r̂·σ (Eq. 28), peaks within `window` decades of the low end of the profile
-    (σ_ref, or the grid's lower edge if it starts above σ_ref): the boundary concentration the gate is for (App.
-    B.1). Bins below σ_ref do not count."""
+def _per_efold(sigma, rate, sigma_ref: float, window: float) -> tuple[np.ndarray, float]:
+    """The rate per unit ln σ, r̂·σ (Eq. 28), at every bin (0 below σ_ref), and its maximum within `window`
+    decades of the profile's low end (σ_ref, or the grid's lower edge if it starts above σ_ref)."""
     s, r = _profile_arrays(sigma, rate)
     log_s = np.log(s)
     upper = np.append(0.5 * (log_s[1:] + log_s[:-1]), np.inf)
-    considered = upper > math.log(sigma_ref)
-    low = max(math.log(sigma_ref), 1.5 * log_s[0] - 0.5 * log_s[1])
-    peak = log_s[considered][int(np.argmax((r * s)[considered]))]
-    return bool(peak <= low + window * math.log(10))
+    per_efold = np.where(upper > math.log(sigma_ref), r * s, 0.0)
+    low = max(math.log(sigma_ref), 1.5 * log_s[0] - 0.5 * log_s[1]) + window * math.log(10)
+    return per_efold, float(per_efold[log_s <= low].max(initial=0.0))
+
+
+def concentrates_at_low_noise(sigma, rate, sigma_ref: float, window: float = BREAK_WINDOW) -> bool:
+    """Whether the rate per unit ln σ, r̂·σ (Eq. 28), reaches half its maximum within `window` decades of the low
+    end of the profile (σ_ref, or the grid's lower edge if it starts above σ_ref): the boundary concentration the
+    gate is for (App. B.1). It does for the 1/σ law of continuous data (r̂·σ flat) and steeper power laws; it does
+    not where the rate rises from 0 at low noise, as for a finite set of points. Bins below σ_ref do not count."""
+    per_efold, low_end = _per_efold(sigma, rate, sigma_ref, window)
+    return low_end >= 0.5 * per_efold.max()
 
 
 def calibrate(sigma, rate, endpoint: str, rel_err=None, p: float = 0.002, sigma_ref: float = 0.002) -> Pivot:
@@ -193,14 +215,14 @@ def calibrate(sigma, rate, endpoint: str, rel_err=None, p: float = 0.002, sigma_
 
     - continuous endpoints: the onset of information ('onset');
     - discrete endpoints: the power-law break ('break'). Without one, the onset rule if the profile concentrates at
-      low noise ('onset, no break'), as a power law steeper than 1/σ does; otherwise there is nothing to gate and c
-      is σ_ref ('reference, no break'), as for the exact profile of two points, whose rate rises from 0 at low noise.
+      low noise ('onset, no break'), as a power law at least as steep as 1/σ does; otherwise there is nothing to
+      gate and c is σ_ref ('reference, no break'), as for the exact profile of two points, whose rate rises from 0.
     """
     if endpoint == 'continuous':
         return Pivot(onset_pivot(sigma, rate, p, sigma_ref), 'onset')
     if endpoint != 'discrete':
         raise ValueError(f'endpoint must be "continuous" or "discrete", got "{endpoint}"')
-    c = powerlaw_break(sigma, rate, rel_err)
+    c = powerlaw_break(sigma, rate, rel_err, p=p, sigma_ref=sigma_ref)
     if c is not None:
         return Pivot(c, 'break')
     if concentrates_at_low_noise(sigma, rate, sigma_ref):

@@ -239,7 +239,7 @@ def test_schedule_report_warns_when_the_run_cannot_adapt():
     # The demo network's sampler: 32 intervals, N_min = 8, batch 64.
     demo = dict(num_bins=32, refresh_kimg=2, warmup_kimg=10, min_count=8)
     lines = InfoNoise(**demo).schedule_report(120_000, 64)
-    assert not any(line.startswith('Warning') for line in lines) and 'first refresh expected at 12 kimg' in lines[-1]
+    assert not any(line.startswith('Warning') for line in lines) and 'first refresh expected at 10 kimg' in lines[-1]
     # Warm-up as long as the run: EDM plus a floor.
     lines = InfoNoise(**dict(demo, warmup_kimg=1000)).schedule_report(10_000, 64)
     assert any(line.startswith('Warning: InfoNoise will not adapt: its warm-up') for line in lines)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.pivot_study import draw_profile, synthetic_log_rate
+from bench.pivot_study import draw_profile, learned_profiles, resample, synthetic_log_rate
 from infonoise import pivot
 from infonoise.oracles import gaussian_mmse, two_point_mmse
 from infonoise.pivot import calibrate, debounce, is_discrete, onset_pivot, powerlaw_break, reference_rate
@@ -221,6 +221,27 @@ def test_two_point_source_keeps_its_window():
     assert s[gated.argmax()].item() == peak
 
 
+def test_no_break_in_the_far_tail():
+    # A power law turning into the σ⁻³ tail at σ = 1, with no window, whose last four bins bend up (as an early,
+    # poorly fitted network can bend them): where the rate per unit ln σ is below p of its low-noise value, a rise
+    # is no window, so there is no break and the onset fallback stands. With that guard off, the rise is taken.
+    s, rate = synthetic(c=1.0, slope=-1.2, jump=-1.8, width=0.3)
+    rate[-4:] *= torch.tensor([1.0, 1.5, 2.5, 4.0], dtype=torch.float64)
+    assert powerlaw_break(s, rate, p=1e-30) > 30
+    assert powerlaw_break(s, rate) is None
+    assert calibrate(s, rate, 'discrete', sigma_ref=0.002).rule == 'onset, no break'
+
+
+def test_a_flat_low_end_counts_as_concentrated():
+    # The 1/σ law of continuous data (rate per unit ln σ flat at low noise) into a σ⁻³ tail, 5 % noise per bin:
+    # the profile concentrates at low noise whatever the noise does to its exact maximum, so the fallback is the
+    # onset rule, never σ_ref.
+    for seed in range(20):
+        s, rate = synthetic(c=0.5, slope=-1.0, jump=-2.0, width=0.3, noise=0.05, seed=seed)
+        assert pivot.concentrates_at_low_noise(s, rate, 0.002)
+        assert calibrate(s, rate, 'discrete', sigma_ref=0.002).rule.startswith('onset')
+
+
 def test_standard_errors_weight_the_fit():
     # Two badly sampled bins 80 % too high in the middle of the power law. Unweighted they make a false break
     # below them; with their large standard errors they cannot, and the break stays where it is.
@@ -251,6 +272,58 @@ def test_power_law_break_scales_with_the_data(k):
         c1 = powerlaw_break(*synthetic(**params))
         s, rate = synthetic(**dict(params, c=params['c'] * k, top=params['top'] * k, sigma_lo=0.002 * k))
         assert close(powerlaw_break(s, rate / k), k * c1, step())
+
+
+# Learned profiles of the CPU benchmarks (tests/data/, K = 32 on [0.002, 80]) and the pivot each rule gives on
+# them, as InfoNoise calibrates it (before debouncing). bmnist16: binarized MNIST-5k 16x16, w = 1, seed 0, at 10,
+# 40 and 80 kEx; 'firstrule' is the 60-kEx profile of the run made with the first version of the rule, whose low-
+# noise slope steepens by 0.6 below the bump (docs/pivot-rules.md).
+LEARNED = {
+    'profile-bmnist16-seed0-000010.json': ('discrete', 0.3389633974419356, 'onset, no break'),
+    'profile-bmnist16-seed0-000040.json': ('discrete', 0.29203596236502466, 'break'),
+    'profile-bmnist16-seed0-000080.json': ('discrete', 0.296911523942866, 'break'),
+    'profile-bmnist16-firstrule-seed0-000060.json': ('discrete', 0.29203596236502466, 'break'),
+}
+
+
+def learned(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """σ, r̂ and the relative standard errors of a learned profile."""
+    d = learned_profiles()[name]
+    stderr = torch.tensor([math.nan if v is None else v for v in d['stderr']], dtype=torch.float64)
+    mse = torch.tensor(d['mse'], dtype=torch.float64)
+    return torch.tensor(d['sigma'], dtype=torch.float64), torch.tensor(d['rate'], dtype=torch.float64), stderr / mse
+
+
+@pytest.mark.parametrize('name', LEARNED)
+def test_learned_profiles_give_the_recorded_pivots(name):
+    endpoint, expected, rule = LEARNED[name]
+    s, rate, rel_err = learned(name)
+    assert calibrate(s, rate, endpoint, rel_err, sigma_ref=0.002) == pivot.Pivot(
+        pytest.approx(expected, rel=1e-9), rule
+    )
+    if rule == 'break':  # At the foot of the mid-noise bump: the slope rises by more than 1 across c.
+        x, y = s.log().numpy(), rate.log().numpy()
+        half = 0.5 * math.log(10)
+        below = np.polyfit(*(v[(x < math.log(expected)) & (x > math.log(expected) - half)] for v in (x, y)), 1)[0]
+        above = np.polyfit(*(v[(x > math.log(expected)) & (x < math.log(expected) + half)] for v in (x, y)), 1)[0]
+        assert above - below > 1
+
+
+@pytest.mark.parametrize('name', LEARNED)
+def test_learned_profiles_on_other_grids(name):
+    # The same learned profile resampled (log-log) onto every grid, its standard errors scaled with the bins'
+    # widths: c within one interval of the coarser grid of the pivot on its own grid.
+    endpoint, expected, _ = LEARNED[name]
+    s, rate, rel_err = learned(name)
+    own_step = math.log(s[1] / s[0])
+    for grid in GRIDS:
+        t = centers(grid)
+        r = torch.from_numpy(resample(s.numpy(), rate.numpy(), t.numpy()))
+        e = torch.from_numpy(
+            np.interp(t.log().numpy(), s.log().numpy(), rel_err.numpy()) * math.sqrt(own_step / step(grid))
+        )
+        c = calibrate(t, r, endpoint, e, sigma_ref=0.002).value
+        assert close(c, expected, max(own_step, step(grid))), (grid, c)
 
 
 def test_calibrate_and_debounce():
