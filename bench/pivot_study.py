@@ -118,8 +118,8 @@ def learned_table() -> str:
         sigma, rate = np.array(profile['sigma']), np.array(profile['rate'])
         rel = np.array([math.nan if v is None else v for v in profile['stderr']]) / np.array(profile['mse'])
         endpoint = 'continuous' if name.startswith('profile-mnist') else 'discrete'
-        rules = [('σ_ref', 0.002)] + ([('max r̂ (paper)', None)] if endpoint == 'continuous' else [])
-        for label, ref in rules:
+        rules = ['ours'] + (['max r̂ (paper)'] if endpoint == 'continuous' else [])
+        for label in rules:
             cells = []
             for grid in GRIDS:
                 s = LogGrid.make(*grid).centers
@@ -127,10 +127,10 @@ def learned_table() -> str:
                 # Losses per bin scale with the bin's width in ln σ, so standard errors with its inverse root.
                 widths = math.log(sigma[1] / sigma[0]) / (math.log(grid[2] / grid[1]) / grid[0])
                 e = torch.from_numpy(np.interp(np.log(s.numpy()), np.log(sigma), rel) * math.sqrt(widths))
-                if ref is None:
+                if label != 'ours':
                     cells.append(f'{pivot.onset_pivot(s, r):.3g}')
                 else:
-                    result = pivot.calibrate(s, r, endpoint, e, sigma_ref=ref)
+                    result = pivot.calibrate(s, r, endpoint, e, sigma_data=0.5)
                     cells.append(f'{result.value:.3g}' + (' (onset)' if result.rule.startswith('onset,') else ''))
             rows.append([name.removeprefix('profile-').removesuffix('.json'), f'{endpoint}, {label}', *cells])
     headers = ['learned profile', 'rule', *[f'K={k} [{lo}, {hi:g}]' for k, lo, hi in GRIDS]]
@@ -213,7 +213,7 @@ def debounce_ranges(draws: int, seed: int, noise: float, windows=(1, 3, 5, 9), r
         for _ in range(refreshes):
             log_rate = synthetic_log_rate(sigma, **params) + noise * rng.standard_normal(sigma.size)
             rate, rel_err = torch.from_numpy(np.exp(log_rate)), torch.full((sigma.size,), noise, dtype=torch.float64)
-            raw.append(pivot.calibrate(torch.from_numpy(sigma), rate, 'discrete', rel_err, sigma_ref=0.002).value)
+            raw.append(pivot.calibrate(torch.from_numpy(sigma), rate, 'discrete', rel_err).value)
         for w in windows:
             used = [float(np.exp(np.median(np.log(raw[max(0, j - w + 1) : j + 1])))) for j in range(9, refreshes)]
             ratios[w].append(max(used) / min(used))

@@ -133,8 +133,7 @@ def build_profile(
         c = pivots.Pivot(float(pivot), 'fixed')
     else:
         rel_err = None if stderr is None else torch.as_tensor(stderr, dtype=torch.float64) / mse
-        sigma_ref = pivots.SIGMA_REF_PER_SIGMA_DATA * sigma_data
-        c = pivots.calibrate(sigma, entropy_rate(mse, sigma), endpoint, rel_err, ONLINE['onset_p'], sigma_ref)
+        c = pivots.calibrate(sigma, entropy_rate(mse, sigma), endpoint, rel_err, ONLINE['onset_p'], sigma_data)
     weights = WEIGHTS[weight](sigma, sigma_data)
     return refresh_profile(
         grid, mse, c.value, weights, ONLINE['gate_n'], smoothing, floor, count=count, stderr=stderr,

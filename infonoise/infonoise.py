@@ -264,8 +264,7 @@ class InfoNoise(NoiseSampler):
             return Pivot(float(self.fixed_pivot), 'fixed')
         if not torch.isfinite(rate).all() or not (rate > 0).any():
             raise ValueError('the entropy-rate estimate is not finite and positive')
-        sigma_ref = pivots.SIGMA_REF_PER_SIGMA_DATA * self.sigma_data
-        return pivots.calibrate(sigma, rate, self.endpoint, rel_err, self.onset_p, sigma_ref)
+        return pivots.calibrate(sigma, rate, self.endpoint, rel_err, self.onset_p, self.sigma_data)
 
     def schedule_report(self, total_nimg: int, batch_size: int) -> list[str]:
         """Before training: how this schedule will adapt in a run of `total_nimg` images at `batch_size` per step,

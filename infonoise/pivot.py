@@ -14,9 +14,9 @@ log-grid, by a rule that depends on the endpoint type of the data:
   linear in log σ next to σ_min, with a slope that may drift slowly, and then turns up into a mid-noise bump or a
   flatter shoulder, where information arrives faster than the power law predicts. At every gap t of the grid a
   continuous two-line ("hinge") fit to the points within W = 0.5 decades of t measures the local slope change D(t)
-  (`slope_changes`). Scanning up from σ_min, the power law ends at the first run of gaps with D >= 0.5 where the
-  rate per unit ln σ is still at least p of its low-noise value (so that the far tail cannot fake a rise); c is
-  the hinge position of the best fit around that run's largest D. A slope that drifts by s per decade gives D ≈ s·W,
+  (`slope_changes`). Scanning up from σ_min, the power law ends at the first run of gaps with D >= 0.5 below
+  10·σ_data (beyond, the rate is the σ⁻³ tail); c is the hinge position of the best fit around that run's largest
+  D. A slope that drifts by s per decade gives D ≈ s·W,
   so drifts below about 0.75 per decade stay below the threshold, while a rise of 1 or more is found. A steepening
   (D < 0, the rate falling faster than the power law, as into the σ⁻³ tail) is not the start of the informative
   window and does not end the power law. Where no rise exists there is no boundary to find: if the rate per unit
@@ -44,6 +44,8 @@ SIGMA_REF_PER_SIGMA_DATA = 0.004
 BREAK_WINDOW = 0.5
 # Rise D of the local slope that ends the low-noise power law.
 BREAK_MIN_CHANGE = 0.5
+# No break above this many σ_data: there the mmse is within a few percent of the data's variance (the σ⁻³ tail).
+BREAK_MAX_SIGMA_DATA = 10.0
 # Floor on the relative standard error of a bin's rate in the fit weights.
 STDERR_FLOOR = 0.02
 # Refreshes whose calibrated pivots are pooled by their median.
@@ -159,21 +161,17 @@ def powerlaw_break(
     rel_err=None,
     window: float = BREAK_WINDOW,
     min_change: float = BREAK_MIN_CHANGE,
-    p: float = 0.002,
-    sigma_ref: float = 0.002,
+    sigma_data: float = 0.5,
 ) -> float | None:
     """Upper end of the low-noise power law (App. B.4): where its slope first rises by `min_change` or more within
     `window` decades, scanning up from σ_min; None if it never does. See the module docstring.
 
-    A rise only counts where the rate per unit ln σ, r̂·σ, is at least p (the onset threshold of Eq. 18) of its
-    value at the low end: no window starts where the profile carries no information, as far in the σ⁻³ tail,
-    where an early, poorly fitted network can bend the estimate either way.
+    Rises above 10·σ_data do not count: there mmse(σ) is within a few percent of the data's variance (for a
+    Gaussian dimension of variance λ, mmse = λσ²/(λ + σ²)), the rate is the σ⁻³ tail, and no window starts; an
+    early, poorly fitted network can bend the estimate there either way.
     """
     gaps, changes = slope_changes(sigma, rate, rel_err, window)
-    per_efold, low_end = _per_efold(sigma, rate, sigma_ref, window)
-    positive = _profile_arrays(sigma, rate)[1] > 0  # The bins the gaps lie between.
-    informative = (per_efold >= p * low_end)[positive][:-1]  # At the bin below each gap.
-    rises = (np.nan_to_num(changes, nan=-np.inf) >= min_change) & informative
+    rises = (np.nan_to_num(changes, nan=-np.inf) >= min_change) & (gaps <= BREAK_MAX_SIGMA_DATA * sigma_data)
     if not rises.any():
         return None
     # The first run of gaps where the slope rises, and its largest rise.
@@ -190,39 +188,35 @@ def powerlaw_break(
     return float(math.exp(candidates[int(np.argmin(rss))]))
 
 
-def _per_efold(sigma, rate, sigma_ref: float, window: float) -> tuple[np.ndarray, float]:
-    """The rate per unit ln σ, r̂·σ (Eq. 28), at every bin (0 below σ_ref), and its maximum within `window`
-    decades of the profile's low end (σ_ref, or the grid's lower edge if it starts above σ_ref)."""
-    s, r = _profile_arrays(sigma, rate)
-    log_s = np.log(s)
-    upper = np.append(0.5 * (log_s[1:] + log_s[:-1]), np.inf)
-    per_efold = np.where(upper > math.log(sigma_ref), r * s, 0.0)
-    low = max(math.log(sigma_ref), 1.5 * log_s[0] - 0.5 * log_s[1]) + window * math.log(10)
-    return per_efold, float(per_efold[log_s <= low].max(initial=0.0))
-
-
 def concentrates_at_low_noise(sigma, rate, sigma_ref: float, window: float = BREAK_WINDOW) -> bool:
     """Whether the rate per unit ln σ, r̂·σ (Eq. 28), reaches half its maximum within `window` decades of the low
     end of the profile (σ_ref, or the grid's lower edge if it starts above σ_ref): the boundary concentration the
     gate is for (App. B.1). It does for the 1/σ law of continuous data (r̂·σ flat) and steeper power laws; it does
     not where the rate rises from 0 at low noise, as for a finite set of points. Bins below σ_ref do not count."""
-    per_efold, low_end = _per_efold(sigma, rate, sigma_ref, window)
-    return low_end >= 0.5 * per_efold.max()
+    s, r = _profile_arrays(sigma, rate)
+    log_s = np.log(s)
+    upper = np.append(0.5 * (log_s[1:] + log_s[:-1]), np.inf)
+    per_efold = np.where(upper > math.log(sigma_ref), r * s, 0.0)
+    low = max(math.log(sigma_ref), 1.5 * log_s[0] - 0.5 * log_s[1]) + window * math.log(10)
+    return bool(per_efold[log_s <= low].max(initial=0.0) >= 0.5 * per_efold.max())
 
 
-def calibrate(sigma, rate, endpoint: str, rel_err=None, p: float = 0.002, sigma_ref: float = 0.002) -> Pivot:
-    """The pivot for the endpoint type, with `sigma_ref` = 0.004·σ_data anchoring the onset rule:
+def calibrate(sigma, rate, endpoint: str, rel_err=None, p: float = 0.002, sigma_data: float = 0.5) -> Pivot:
+    """The pivot for the endpoint type of data with scale `sigma_data` (σ_ref = 0.004·σ_data anchors the onset rule):
 
     - continuous endpoints: the onset of information ('onset');
     - discrete endpoints: the power-law break ('break'). Without one, the onset rule if the profile concentrates at
       low noise ('onset, no break'), as a power law at least as steep as 1/σ does; otherwise there is nothing to
       gate and c is σ_ref ('reference, no break'), as for the exact profile of two points, whose rate rises from 0.
     """
+    if not sigma_data > 0:
+        raise ValueError(f'sigma_data must be positive, got {sigma_data}')
+    sigma_ref = SIGMA_REF_PER_SIGMA_DATA * sigma_data
     if endpoint == 'continuous':
         return Pivot(onset_pivot(sigma, rate, p, sigma_ref), 'onset')
     if endpoint != 'discrete':
         raise ValueError(f'endpoint must be "continuous" or "discrete", got "{endpoint}"')
-    c = powerlaw_break(sigma, rate, rel_err, p=p, sigma_ref=sigma_ref)
+    c = powerlaw_break(sigma, rate, rel_err, sigma_data=sigma_data)
     if c is not None:
         return Pivot(c, 'break')
     if concentrates_at_low_noise(sigma, rate, sigma_ref):

@@ -186,11 +186,11 @@ def test_pure_power_law_falls_back_to_the_onset_rule():
         assert powerlaw_break(*synthetic(c=1.0, slope=-1.5, drift=drift, jump=0.0)) is None
     for drift in (0.0, -0.5):
         s, rate = synthetic(c=1.0, slope=-1.5, drift=drift, jump=0.0)
-        result = calibrate(s, rate, 'discrete', sigma_ref=0.002)
+        result = calibrate(s, rate, 'discrete', sigma_data=0.5)
         assert result == pivot.Pivot(onset_pivot(s, rate, 0.002, 0.002), 'onset, no break')
     # Flatter than 1/σ it does not concentrate at low noise: nothing to gate, c is σ_ref.
     s, rate = synthetic(c=1.0, slope=-0.5, jump=0.0)
-    assert calibrate(s, rate, 'discrete', sigma_ref=0.002) == pivot.Pivot(0.002, 'reference, no break')
+    assert calibrate(s, rate, 'discrete', sigma_data=0.5) == pivot.Pivot(0.002, 'reference, no break')
     # A slope rising by 1.5 per decade is not a power law any more: the rule finds a break. One falling as fast is a
     # steepening, never a break.
     assert powerlaw_break(*synthetic(c=1.0, slope=-1.5, drift=1.5, jump=0.0)) is not None
@@ -214,7 +214,7 @@ def test_two_point_source_keeps_its_window():
     # the peak.
     s = centers()
     rate = entropy_rate(two_point_mmse(s, 1.0), s)
-    result = calibrate(s, rate, 'discrete', sigma_ref=0.002)
+    result = calibrate(s, rate, 'discrete', sigma_data=0.5)
     assert result == pivot.Pivot(0.002, 'reference, no break')
     peak = s[rate.argmax()].item()
     gated = rate * gate(s, result.value, 3)
@@ -223,13 +223,13 @@ def test_two_point_source_keeps_its_window():
 
 def test_no_break_in_the_far_tail():
     # A power law turning into the σ⁻³ tail at σ = 1, with no window, whose last four bins bend up (as an early,
-    # poorly fitted network can bend them): where the rate per unit ln σ is below p of its low-noise value, a rise
-    # is no window, so there is no break and the onset fallback stands. With that guard off, the rise is taken.
+    # poorly fitted network can bend them): above 10·σ_data a rise is no window, so there is no break and the onset
+    # fallback stands. For data 20 times larger the same rise would count.
     s, rate = synthetic(c=1.0, slope=-1.2, jump=-1.8, width=0.3)
     rate[-4:] *= torch.tensor([1.0, 1.5, 2.5, 4.0], dtype=torch.float64)
-    assert powerlaw_break(s, rate, p=1e-30) > 30
+    assert powerlaw_break(s, rate, sigma_data=10.0) > 30
     assert powerlaw_break(s, rate) is None
-    assert calibrate(s, rate, 'discrete', sigma_ref=0.002).rule == 'onset, no break'
+    assert calibrate(s, rate, 'discrete', sigma_data=0.5).rule == 'onset, no break'
 
 
 def test_a_flat_low_end_counts_as_concentrated():
@@ -239,7 +239,7 @@ def test_a_flat_low_end_counts_as_concentrated():
     for seed in range(20):
         s, rate = synthetic(c=0.5, slope=-1.0, jump=-2.0, width=0.3, noise=0.05, seed=seed)
         assert pivot.concentrates_at_low_noise(s, rate, 0.002)
-        assert calibrate(s, rate, 'discrete', sigma_ref=0.002).rule.startswith('onset')
+        assert calibrate(s, rate, 'discrete', sigma_data=0.5).rule.startswith('onset')
 
 
 def test_standard_errors_weight_the_fit():
@@ -298,9 +298,7 @@ def learned(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def test_learned_profiles_give_the_recorded_pivots(name):
     endpoint, expected, rule = LEARNED[name]
     s, rate, rel_err = learned(name)
-    assert calibrate(s, rate, endpoint, rel_err, sigma_ref=0.002) == pivot.Pivot(
-        pytest.approx(expected, rel=1e-9), rule
-    )
+    assert calibrate(s, rate, endpoint, rel_err, sigma_data=0.5) == pivot.Pivot(pytest.approx(expected, rel=1e-9), rule)
     if rule == 'break':  # At the foot of the mid-noise bump: the slope rises by more than 1 across c.
         x, y = s.log().numpy(), rate.log().numpy()
         half = 0.5 * math.log(10)
@@ -322,13 +320,13 @@ def test_learned_profiles_on_other_grids(name):
         e = torch.from_numpy(
             np.interp(t.log().numpy(), s.log().numpy(), rel_err.numpy()) * math.sqrt(own_step / step(grid))
         )
-        c = calibrate(t, r, endpoint, e, sigma_ref=0.002).value
+        c = calibrate(t, r, endpoint, e, sigma_data=0.5).value
         assert close(c, expected, max(own_step, step(grid))), (grid, c)
 
 
 def test_calibrate_and_debounce():
     s, rate = synthetic(c=0.3, slope=-1.5, jump=2.5)
-    assert calibrate(s, rate, 'continuous', sigma_ref=0.002) == pivot.Pivot(onset_pivot(s, rate, 0.002, 0.002), 'onset')
+    assert calibrate(s, rate, 'continuous', sigma_data=0.5) == pivot.Pivot(onset_pivot(s, rate, 0.002, 0.002), 'onset')
     with pytest.raises(ValueError):
         calibrate(s, rate, 'binary')
     # The median of the last five in log σ: one wild value among them does not move it.
