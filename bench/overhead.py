@@ -57,10 +57,10 @@ def step_ratios(blocks: dict[str, list[float]], work: dict[str, float]) -> dict:
     )
 
 
-def refreshed_infonoise(device) -> InfoNoise:
+def refreshed_infonoise(device, endpoint: str = 'continuous') -> InfoNoise:
     """InfoNoise with default settings after one refresh from full buffers (losses of a Gaussian source with
-    σ_data = 0.5), whose next refresh never falls due."""
-    sampler = InfoNoise(weight='edm', refresh_kimg=1e9, warmup_kimg=0)
+    σ_data = 0.5), whose next refresh never falls due; `endpoint` picks the pivot rule."""
+    sampler = InfoNoise(weight='edm', refresh_kimg=1e9, warmup_kimg=0, endpoint=endpoint)
     source = LogUniform()
     for _ in range(8):
         sigma = source.sample(8192, device)
@@ -71,20 +71,24 @@ def refreshed_infonoise(device) -> InfoNoise:
 
 
 def sampler_microbench(batch_sizes: list[int], num_steps: int, device) -> dict:
-    """Seconds per `sample` + `observe` step of each sampler at each batch size, and of one InfoNoise refresh."""
+    """Seconds per `sample` + `observe` step of each sampler at each batch size, and of one InfoNoise refresh with
+    each pivot rule (onset for continuous endpoints, power-law break for discrete ones)."""
     per_step = {name: [] for name in SAMPLERS}
     for batch in batch_sizes:
         samplers = {'lognormal': LogNormal(), 'loguniform': LogUniform(), 'infonoise': refreshed_infonoise(device)}
         time_sampler_work(samplers, batch, 5, device)  # Warm up.
         for name, seconds in time_sampler_work(samplers, batch, num_steps, device).items():
             per_step[name].append(seconds)
-    sampler, refresh = refreshed_infonoise(device), []
-    for _ in range(max(num_steps // 10, 3)):
-        start = time.perf_counter()
-        sampler.refresh()
-        sync(device)
-        refresh.append(time.perf_counter() - start)
-    return dict(batch_sizes=batch_sizes, seconds_per_step=per_step, refresh_seconds=statistics.median(refresh))
+    refresh_seconds = {}
+    for endpoint in ('continuous', 'discrete'):
+        sampler, refresh = refreshed_infonoise(device, endpoint), []
+        for _ in range(max(num_steps // 10, 3)):
+            start = time.perf_counter()
+            sampler.refresh()
+            sync(device)
+            refresh.append(time.perf_counter() - start)
+        refresh_seconds[endpoint] = statistics.median(refresh)
+    return dict(batch_sizes=batch_sizes, seconds_per_step=per_step, refresh_seconds=refresh_seconds)
 
 
 def generation_speed(num_images: int, device) -> dict:
@@ -152,7 +156,8 @@ def report(train: dict, micro: dict, generation: dict, frechet: dict, device) ->
     ) + markdown_table(headers, rows)
     samplers = (
         f'**(b) Samplers alone**, `sample` + `observe` per step in µs (InfoNoise K = 64, B = 256, after a refresh); '
-        f'one InfoNoise refresh: {micro["refresh_seconds"] * 1e3:.2f} ms\n\n'
+        f'one InfoNoise refresh: {micro["refresh_seconds"]["continuous"] * 1e3:.2f} ms (onset pivot), '
+        f'{micro["refresh_seconds"]["discrete"] * 1e3:.2f} ms (power-law break)\n\n'
     ) + markdown_table(
         ['sampler', *[f'batch {b}' for b in micro['batch_sizes']]],
         [[name, *[f'{s * 1e6:.0f}' for s in micro['seconds_per_step'][name]]] for name in SAMPLERS],
