@@ -74,6 +74,13 @@ def _profile_arrays(sigma, rate) -> tuple[np.ndarray, np.ndarray]:
     return s, r
 
 
+def _log_edges(s: np.ndarray) -> tuple[float, np.ndarray]:
+    """Lower edge and upper edges (log σ) of the bins of log-spaced centres: the geometric midpoints."""
+    log_s = np.log(s)
+    upper = np.append(0.5 * (log_s[1:] + log_s[:-1]), 1.5 * log_s[-1] - 0.5 * log_s[-2])
+    return 1.5 * log_s[0] - 0.5 * log_s[1], upper
+
+
 def reference_rate(sigma, rate, sigma_ref: float) -> float:
     """r_ref of the onset rule: the largest r̂ of the bin that holds σ_ref and of every bin above it; if the grid
     starts above σ_ref, also the lowest bin's r̂ carried down to σ_ref by the 1/σ law of continuous endpoints
@@ -81,9 +88,7 @@ def reference_rate(sigma, rate, sigma_ref: float) -> float:
     s, r = _profile_arrays(sigma, rate)
     if not sigma_ref > 0:
         raise ValueError(f'sigma_ref must be positive, got {sigma_ref}')
-    log_s = np.log(s)
-    upper = np.append(0.5 * (log_s[1:] + log_s[:-1]), 1.5 * log_s[-1] - 0.5 * log_s[-2])
-    lower_edge = 1.5 * log_s[0] - 0.5 * log_s[1]
+    lower_edge, upper = _log_edges(s)
     tol = 1e-9  # Edges rebuilt from centres are exact up to rounding.
     ref = float(r[upper > math.log(sigma_ref) + tol].max(initial=0.0))
     if lower_edge > math.log(sigma_ref) + tol:
@@ -194,11 +199,10 @@ def concentrates_at_low_noise(sigma, rate, sigma_ref: float, window: float = BRE
     gate is for (App. B.1). It does for the 1/σ law of continuous data (r̂·σ flat) and steeper power laws; it does
     not where the rate rises from 0 at low noise, as for a finite set of points. Bins below σ_ref do not count."""
     s, r = _profile_arrays(sigma, rate)
-    log_s = np.log(s)
-    upper = np.append(0.5 * (log_s[1:] + log_s[:-1]), np.inf)
+    lower_edge, upper = _log_edges(s)
     per_efold = np.where(upper > math.log(sigma_ref), r * s, 0.0)
-    low = max(math.log(sigma_ref), 1.5 * log_s[0] - 0.5 * log_s[1]) + window * math.log(10)
-    return bool(per_efold[log_s <= low].max(initial=0.0) >= 0.5 * per_efold.max())
+    low = max(math.log(sigma_ref), lower_edge) + window * math.log(10)
+    return bool(per_efold[np.log(s) <= low].max(initial=0.0) >= 0.5 * per_efold.max())
 
 
 def calibrate(sigma, rate, endpoint: str, rel_err=None, p: float = 0.002, sigma_data: float = 0.5) -> Pivot:
