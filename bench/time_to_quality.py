@@ -74,7 +74,7 @@ class Recipe:
     label: str
     args: tuple[str, ...]  # train.py flags on top of the dataset's preset
     baseline: bool  # a fixed schedule, candidate for m*
-    extra: bool = False  # a diagnostic variant, run only when --recipes names it (not part of 'all')
+    extra: bool = False  # a sensitivity-study variant, run only when --recipes names it (not part of 'all')
 
 
 DATASETS = {
@@ -426,7 +426,7 @@ def run_dataset(dataset: str, names: list[str], seeds: list[int], opts, data: st
 @click.option('--kimg',        help='Training length of every run', metavar='KIMG', type=click.IntRange(min=1), default=80)
 @click.option('--eval-every',  help='Snapshot and evaluate every this many kimg', metavar='KIMG', type=click.IntRange(min=1), default=10)
 @click.option('--seeds',       help='Training seeds per recipe: a count N (0..N-1) or a list (0,1 or 3-5)', default='2')
-@click.option('--recipes',     help=f'Comma-separated recipes, or all (all but the diagnostic ones): {", ".join(RECIPES)}', default='all')
+@click.option('--recipes',     help=f'Comma-separated recipes, all (all but the sensitivity study), sensitivity: {", ".join(RECIPES)}', default='all')
 @click.option('--eval-images', help='Samples per evaluation (seeds 0..N-1)', metavar='N', type=click.IntRange(min=2), default=1000)
 @click.option('--steps',       help="Heun steps of the evaluation sampler on EDM's ρ=7 grid (2N-1 NFE)", metavar='N', type=click.IntRange(min=2), default=9)
 @click.option('--data',        help='MNIST-5k 16x16 (built if missing)', metavar='ZIP', default=DEFAULT_DATA)

@@ -276,13 +276,16 @@ def test_power_law_break_scales_with_the_data(k):
 
 # Learned profiles of the CPU benchmarks (tests/data/, K = 32 on [0.002, 80]) and the pivot each rule gives on
 # them, as InfoNoise calibrates it (before debouncing). bmnist16: binarized MNIST-5k 16x16, w = 1, seed 0, at 10,
-# 40 and 80 kEx; 'firstrule' is the 60-kEx profile of the run made with the first version of the rule, whose low-
+# 40 and 80 kEx; mnist16: MNIST-5k 16x16, EDM objective, seed 0, at 10, 40 and 80 kEx; 'firstrule' is the 60-kEx profile of the run made with the first version of the rule, whose low-
 # noise slope steepens by 0.6 below the bump (docs/pivot-rules.md).
 LEARNED = {
     'profile-bmnist16-seed0-000010.json': ('discrete', 0.3389633974419356, 'onset, no break'),
     'profile-bmnist16-seed0-000040.json': ('discrete', 0.29203596236502466, 'break'),
     'profile-bmnist16-seed0-000080.json': ('discrete', 0.296911523942866, 'break'),
     'profile-bmnist16-firstrule-seed0-000060.json': ('discrete', 0.29203596236502466, 'break'),
+    'profile-mnist16-seed0-000010.json': ('continuous', 0.24341000721717487, 'onset'),
+    'profile-mnist16-seed0-000040.json': ('continuous', 0.1747930073293957, 'onset'),
+    'profile-mnist16-seed0-000080.json': ('continuous', 0.1747930073293957, 'onset'),
 }
 
 
