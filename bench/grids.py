@@ -31,10 +31,12 @@ from matplotlib.ticker import NullLocator
 import dnnlib
 from bench import time_to_quality as ttq
 from bench.common import (
+    DATASET_SOURCES,
     DEFAULT_DATA,
-    FDMnist,
+    FrechetScore,
     apply_quick,
     ensure_dataset,
+    fd_mnist_score,
     fmt,
     generate_uint8,
     markdown_table,
@@ -141,7 +143,7 @@ def resolve_snapshots(opts, data: str, device) -> dict[str, str]:
     return paths
 
 
-def evaluate_model(model: str, path: str, opts, data: str, fd_mnist: FDMnist, cache: dict, device) -> dict:
+def evaluate_model(model: str, path: str, opts, data: str, fd_mnist: FrechetScore, cache: dict, device) -> dict:
     """FD-MNIST of one network on every grid, solver and NFE (cached in `cache`, keyed by snapshot and settings);
     returns the network's record with its rows, one list over NFE per grid and solver."""
     loaded = load_network(path, device=device)
@@ -228,11 +230,11 @@ def main(**kwargs):
     device = pick_device(opts.device)
     os.makedirs(opts.outdir, exist_ok=True)
     data = os.path.abspath(opts.data)
-    ensure_dataset(data, binarize=False)
+    ensure_dataset(data, DATASET_SOURCES['mnist'])
     paths = resolve_snapshots(opts, data, device)
 
     stem = os.path.splitext(os.path.basename(data))[0]
-    fd_mnist = FDMnist(data, os.path.join(opts.outdir, f'ref-{stem}.npz'), device)
+    fd_mnist = fd_mnist_score(data, os.path.join(opts.outdir, f'ref-{stem}.npz'), device)
     cache = read_json(os.path.join(opts.outdir, 'fd-cache.json'), {})
     models = {model: evaluate_model(model, path, opts, data, fd_mnist, cache, device) for model, path in paths.items()}
     fd = {solver: {} for solver in opts.solvers}

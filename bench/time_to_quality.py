@@ -1,4 +1,4 @@
-"""Time to quality: FD-MNIST against training examples for fixed noise schedules and InfoNoise (issue 7).
+"""Time to quality: FD-MNIST / FD-ARS against training examples for fixed noise schedules and InfoNoise (issues 7, 14).
 
 The InfoNoise paper (Table 1a) reports how many training examples each schedule needs to reach the best fixed
 schedule's quality: the target m* is the lowest FD any fixed baseline reaches, and the speed-up is the baseline's
@@ -9,7 +9,12 @@ kEx to m* divided by the recipe's. This script makes that comparison on CPU-size
 - binarized MNIST-5k at 16x16 with w ≡ 1 (`--preset=demo-bmnist16`): log-uniform, InfoNoise, and EDM's recipe
   transferred (`--sampler=lognormal --weight=edm`); log-uniform and the EDM transfer are the baselines.
   A sensitivity study, InfoNoise with the gate's pivot fixed at σ = 0.05, 0.1, 0.2 or 0.4 instead of calibrated
-  (`bmnist-infonoise-pivot0.05`, ...), runs only when --recipes names it (`--recipes=sensitivity` names all four).
+  (`bmnist-infonoise-pivot0.05`, ...), runs only when --recipes names it (`--recipes=sensitivity` names all four);
+- real yeast DNA, 128 nt (`--preset=demo-ars128`, 20,000 sequences of the ARS1 library's training split, w ≡ 1):
+  log-uniform, InfoNoise and the EDM transfer as for binarized MNIST, scored by FD-ARS (the Fréchet distance of the
+  ARS detector's features, `training/dna_detector.py`) against the training sequences, and at every evaluation by
+  exact statistics (`training/sequence_metrics.py`): per-position base-frequency error, k-mer spectrum
+  Jensen–Shannon divergence for k = 3..6, and the fraction of samples identical to a training sequence.
 
 InfoNoise runs also report the pivot of every refresh (from their log): its range after 20 kEx, the stability the
 calibration issue asks for.
@@ -50,12 +55,17 @@ from matplotlib.figure import Figure
 
 import dnnlib
 from bench.common import (
+    DATASET_SOURCES,
     DEFAULT_BDATA,
     DEFAULT_DATA,
+    DEFAULT_DNA,
     REPO_ROOT,
-    FDMnist,
+    FrechetScore,
     apply_quick,
+    ars_held_out,
     ensure_dataset,
+    fd_ars_score,
+    fd_mnist_score,
     fmt,
     generate_uint8,
     markdown_table,
@@ -66,6 +76,8 @@ from bench.common import (
 )
 from infonoise.grids import edm_grid
 from torch_utils.persistence import load_network
+from training import sequences
+from training.sequence_metrics import sequence_stats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,9 +89,29 @@ class Recipe:
     extra: bool = False  # a sensitivity-study variant, run only when --recipes names it (not part of 'all')
 
 
+# Per data set: the preset, whether samples are thresholded, the score and what it is taken against.
 DATASETS = {
-    'mnist': dict(preset='demo-mnist16', binarize=False, title='MNIST-5k 16x16, EDM objective'),
-    'bmnist': dict(preset='demo-bmnist16', binarize=True, title='binarized MNIST-5k 16x16, w = 1'),
+    'mnist': dict(
+        preset='demo-mnist16',
+        binarize=False,
+        title='MNIST-5k 16x16, EDM objective',
+        metric='FD-MNIST',
+        reference='digits',
+    ),  # fmt: skip
+    'bmnist': dict(
+        preset='demo-bmnist16',
+        binarize=True,
+        title='binarized MNIST-5k 16x16, w = 1',
+        metric='FD-MNIST',
+        reference='digits',
+    ),  # fmt: skip
+    'dna': dict(
+        preset='demo-ars128',
+        binarize=False,
+        title='ARS yeast DNA 128 nt, w = 1',
+        metric='FD-ARS',
+        reference='training sequences',
+    ),  # fmt: skip
 }
 RECIPES = {
     'mnist-lognormal': Recipe('mnist', 'EDM log-normal', ('--sampler=lognormal', '--weight=edm'), True),
@@ -88,6 +120,9 @@ RECIPES = {
     'bmnist-loguniform': Recipe('bmnist', 'log-uniform', ('--sampler=loguniform', '--weight=uniform'), True),
     'bmnist-infonoise': Recipe('bmnist', 'InfoNoise', ('--sampler=infonoise', '--weight=uniform'), False),
     'bmnist-edm-transfer': Recipe('bmnist', 'EDM transfer', ('--sampler=lognormal', '--weight=edm'), True),
+    'dna-loguniform': Recipe('dna', 'log-uniform', ('--sampler=loguniform', '--weight=uniform'), True),
+    'dna-infonoise': Recipe('dna', 'InfoNoise', ('--sampler=infonoise', '--weight=uniform'), False),
+    'dna-edm-transfer': Recipe('dna', 'EDM transfer', ('--sampler=lognormal', '--weight=edm'), True),
 }
 # Sensitivity study: the low-noise gate's pivot fixed instead of calibrated from the profile.
 SENSITIVITY_PIVOTS = ('0.05', '0.1', '0.2', '0.4')
@@ -242,13 +277,18 @@ def train(name: str, seed: int, opts: dnnlib.EasyDict, data: str, device) -> dic
     return record
 
 
-def evaluate(rdir: str, opts: dnnlib.EasyDict, fd_mnist: FDMnist, binarize: bool, device) -> tuple[dict, list]:
-    """FD-MNIST at each evaluation point (the snapshot nearest to every multiple of --eval-every), cached per run."""
-    cache_path = os.path.join(rdir, f'fd-mnist-heun{opts.steps}-n{opts.eval_images}.json')
+def evaluate(
+    rdir: str, opts: dnnlib.EasyDict, score: FrechetScore, dataset: str, device, tokens: np.ndarray | None = None
+) -> tuple[dict, dict, list]:
+    """The score at each evaluation point (the snapshot nearest to every multiple of --eval-every), cached per run;
+    for sequences also their exact statistics against the training sequences `tokens`. Returns the score curve,
+    the statistics curve (empty for images) and the seconds of the evaluations done now."""
+    info = DATASETS[dataset]
+    cache_path = os.path.join(rdir, f'{info["metric"].lower()}-heun{opts.steps}-n{opts.eval_images}.json')
     cache = read_json(cache_path, {})
     found = {k: path for k, path in snapshots(rdir).items() if k > 0}
     sigmas, seeds = edm_grid(opts.steps), list(range(opts.eval_images))
-    curve, seconds = {}, []
+    curve, stats, seconds = {}, {}, []
     for point in range(opts.eval_every, opts.kimg + 1, opts.eval_every):
         # Ticks end at the first step past each multiple, so a snapshot's kimg can run a little ahead of it.
         kimg = min(found, key=lambda k: abs(k - point), default=None)
@@ -259,15 +299,21 @@ def evaluate(rdir: str, opts: dnnlib.EasyDict, fd_mnist: FDMnist, binarize: bool
         if entry is None or entry['mtime_ns'] != mtime:
             start = time.time()
             net = load_network(found[kimg], device=device).net
-            fd = fd_mnist(generate_uint8(net, seeds, sigmas, 'heun', binarize, device))
-            entry = cache[str(kimg)] = dict(fd=fd, seconds=time.time() - start, mtime_ns=mtime)
+            samples = generate_uint8(net, seeds, sigmas, 'heun', info['binarize'], device)
+            entry = dict(fd=score(samples), mtime_ns=mtime)
+            if tokens is not None:
+                entry['stats'] = sequence_stats(sequences.to_tokens(samples.numpy()), tokens, training=tokens)
+            entry['seconds'] = time.time() - start
+            cache[str(kimg)] = entry
             write_json(cache_path, cache)
             seconds.append(entry['seconds'])
         curve[point] = entry['fd']
-    return curve, seconds
+        if 'stats' in entry:
+            stats[point] = entry['stats']
+    return curve, stats, seconds
 
 
-def plot(title: str, summaries: dict[str, dict], m_star: float | None, path: str) -> None:
+def plot(title: str, metric: str, summaries: dict[str, dict], m_star: float | None, path: str) -> None:
     """FD against kEx, mean over seeds with the min-max band, log y."""
     fig = Figure(figsize=(6.4, 4.4))
     FigureCanvasAgg(fig)
@@ -277,7 +323,7 @@ def plot(title: str, summaries: dict[str, dict], m_star: float | None, path: str
         ax.fill_between(summary['kimg'], summary['min'], summary['max'], color=line.get_color(), alpha=0.2)
     if m_star is not None:
         ax.axhline(m_star, color='gray', linestyle='--', linewidth=1, label=f'm* = {m_star:.3g}')
-    ax.set(yscale='log', xlabel='training examples (kEx)', ylabel='FD-MNIST', title=title)
+    ax.set(yscale='log', xlabel='training examples (kEx)', ylabel=metric, title=title)
     ax.grid(alpha=0.3, which='both')
     ax.legend()
     fig.tight_layout()
@@ -328,16 +374,18 @@ def timing_summary(datasets: dict) -> dict:
     )
 
 
-def dataset_table(title: str, report: dict, recipes: dict, floor: float, opts, num_seeds: int) -> str:
-    """One dataset's Markdown table, headed by m*, the real-data floor and the evaluation settings."""
-    best = report['best_baseline']
+def dataset_table(dataset: str, report: dict, recipes: dict, floors: dict, opts, num_seeds: int) -> str:
+    """One dataset's Markdown table, headed by m*, the real-data floor and the evaluation settings; for sequences
+    a second table of their statistics at the last evaluation."""
+    info, best = DATASETS[dataset], report['best_baseline']
     target = f'm* = {fmt(report["m_star"])}' + (
         f' ({recipes[best]["label"]} at {report["baseline_kimg"]} kEx)' if best else ' (no baseline)'
     )
+    real = info['reference'].removeprefix('training ')
     head = (
-        f'**{title}**: {target}; {num_seeds} seed(s) per recipe, FD-MNIST of {opts.eval_images} samples '
-        f'(Heun, {opts.steps} steps = {2 * opts.steps - 1} NFE, EDM ρ=7 grid) vs all 5,000 digits; '
-        f'{opts.eval_images} real digits score {fmt(floor)}'
+        f'**{info["title"]}**: {target}; {num_seeds} seed(s) per recipe, {info["metric"]} of {opts.eval_images} '
+        f'samples (Heun, {opts.steps} steps = {2 * opts.steps - 1} NFE, EDM ρ=7 grid) vs all {floors["count"]:,} '
+        f'{info["reference"]}; {opts.eval_images} real {real} score {fmt(floors["fd"])}'
     )
     rows = []
     for recipe in recipes.values():
@@ -357,26 +405,63 @@ def dataset_table(title: str, report: dict, recipes: dict, floor: float, opts, n
         ]
         if ranges:
             notes.append(f'{recipe["label"]}: pivot in use after {PIVOT_SETTLED_KIMG} kEx, {"; ".join(ranges)}')
-    return head + '\n\n' + markdown_table(headers, rows) + ''.join(f'\n\n{note}' for note in notes)
+    table = head + '\n\n' + markdown_table(headers, rows) + ''.join(f'\n\n{note}' for note in notes)
+    if 'stats' in floors:
+        table += '\n\n' + stats_table(recipes, floors['stats'], opts)
+    return table
 
 
-def run_recipe(name: str, seeds: list[int], opts, data: str, fd_mnist: FDMnist, device) -> dict:
+STATS_COLUMNS = {
+    'base_freq_error': 'base-frequency error',
+    **{f'kmer_js_{k}': f'{k}-mer JS (bits)' for k in (3, 4, 5, 6)},
+    'memorised': 'memorised',
+}
+
+
+def final_stats(recipe: dict) -> dict | None:
+    """Mean over seeds of the sequence statistics at the last evaluation that every seed has."""
+    common = sorted(set.intersection(*(set(s) for s in recipe['stats'].values()))) if recipe['stats'] else []
+    if not common:
+        return None
+    last = [seed_stats[common[-1]] for seed_stats in recipe['stats'].values()]
+    return dict(kimg=common[-1], **{key: statistics.mean(s[key] for s in last) for key in STATS_COLUMNS})
+
+
+def stats_table(recipes: dict, floor: dict, opts) -> str:
+    """Exact statistics of the samples at the last evaluation (mean over seeds) beside those of real sequences."""
+    rows = [[f'{opts.eval_images} held-out real sequences', *(fmt(floor[key]) for key in STATS_COLUMNS)]]
+    for recipe in recipes.values():
+        final = recipe['final_stats']
+        if final is not None:
+            rows.append([f'{recipe["label"]} at {final["kimg"]} kEx', *(fmt(final[key]) for key in STATS_COLUMNS)])
+    note = (
+        'Sequence statistics against the training sequences (training/sequence_metrics.py), mean over seeds: mean '
+        '|per-position base frequency difference|, Jensen–Shannon divergence of the k-mer spectra, and the fraction '
+        'of samples identical to a training sequence; the first row scores real sequences of the test split, which '
+        'no network trains on'
+    )
+    return note + '\n\n' + markdown_table(['samples', *STATS_COLUMNS.values()], rows)
+
+
+def run_recipe(name: str, seeds: list[int], opts, data: str, score: FrechetScore, device, tokens=None) -> dict:
     """Train and evaluate every seed of one recipe; its curves, their summary over seeds, and the timings."""
-    curves, train_seconds, eval_seconds, rates, pivots = {}, {}, [], {}, {}
+    curves, stats, train_seconds, eval_seconds, rates, pivots = {}, {}, {}, [], {}, {}
     for seed in seeds:
         rdir = run_dir(opts.outdir, name, seed)
         click.echo(f'{name} seed {seed}: training {opts.kimg} kimg in {rdir}...', nl=False)
         train_seconds[seed] = train(name, seed, opts, data, device).get('seconds')
         rates[seed] = median_img_per_sec(rdir)
         click.echo(f' {fmt(train_seconds[seed])} s in train.py; evaluating...', nl=False)
-        curves[seed], seconds = evaluate(rdir, opts, fd_mnist, DATASETS[RECIPES[name].dataset]['binarize'], device)
+        curves[seed], stats[seed], seconds = evaluate(rdir, opts, score, RECIPES[name].dataset, device, tokens)
         eval_seconds += seconds
         final = fmt(curves[seed].get(opts.kimg))
-        click.echo(f' {len(seconds)} new evaluation(s), {sum(seconds):.0f} s; final FD {final}')
+        click.echo(f' {len(seconds)} new evaluation(s), {sum(seconds):.0f} s; final score {final}')
         if '--sampler=infonoise' in RECIPES[name].args:
             pivots[seed] = pivot_history(rdir)
     recipe = RECIPES[name]
+    stats = {seed: curve for seed, curve in stats.items() if curve}
     return dict(
+        stats=stats,
         pivots=pivots,
         pivot_stability={seed: pivot_stability(history) for seed, history in pivots.items()},
         label=recipe.label,
@@ -393,29 +478,37 @@ def run_recipe(name: str, seeds: list[int], opts, data: str, fd_mnist: FDMnist, 
 def run_dataset(dataset: str, names: list[str], seeds: list[int], opts, data: str, device) -> tuple[dict, str]:
     """All recipes of one dataset: their records with the time-to-target report, the PNG and the Markdown table."""
     info = DATASETS[dataset]
-    ensure_dataset(data, info['binarize'])
+    ensure_dataset(data, DATASET_SOURCES[dataset])
     stem = os.path.splitext(os.path.basename(data))[0]
-    fd_mnist = FDMnist(data, os.path.join(opts.outdir, f'ref-{stem}.npz'), device)
-    recipes = {name: run_recipe(name, seeds, opts, data, fd_mnist, device) for name in names}
+    make_score = fd_ars_score if dataset == 'dna' else fd_mnist_score
+    score = make_score(data, os.path.join(opts.outdir, f'ref-{stem}.npz'), device)
+    tokens = sequences.load_npz(data)[0] if dataset == 'dna' else None  # The training sequences.
+    recipes = {name: run_recipe(name, seeds, opts, data, score, device, tokens) for name in names}
     report = time_to_target(recipes, [name for name in recipes if RECIPES[name].baseline])
     png = os.path.join(opts.outdir, f'fd-{dataset}.png')
-    plot(info['title'], recipes, report['m_star'], png)
+    plot(info['title'], info['metric'], recipes, report['m_star'], png)
     for name, recipe in recipes.items():
         recipe.update(report['recipes'][name], best_mean=min(recipe['mean'], default=None))
         recipe.update({f'final_{key}': recipe[key][-1] if recipe[key] else None for key in ('mean', 'min', 'max')})
-    floor = fd_mnist.real_floor(opts.eval_images)
+        recipe['final_stats'] = final_stats(recipe)
+    floors = dict(count=len(score.reference), fd=score.real_floor(opts.eval_images))
+    if dataset == 'dna':
+        held_out = ars_held_out(tokens.shape[1], opts.eval_images)
+        floors['stats'] = sequence_stats(held_out, tokens, training=tokens)
     record = dict(
         title=info['title'],
+        metric=info['metric'],
         data=data,
         preset=info['preset'],
-        real_floor=floor,
+        real_floor=floors['fd'],
+        real_floor_stats=floors.get('stats'),
         plot=png,
         m_star=report['m_star'],
         best_baseline=report['best_baseline'],
         baseline_kimg=report['baseline_kimg'],
         recipes=recipes,
     )
-    return record, dataset_table(info['title'], report, recipes, floor, opts, len(seeds))
+    return record, dataset_table(dataset, report, recipes, floors, opts, len(seeds))
 
 
 # fmt: off
@@ -431,6 +524,7 @@ def run_dataset(dataset: str, names: list[str], seeds: list[int], opts, data: st
 @click.option('--steps',       help="Heun steps of the evaluation sampler on EDM's ρ=7 grid (2N-1 NFE)", metavar='N', type=click.IntRange(min=2), default=9)
 @click.option('--data',        help='MNIST-5k 16x16 (built if missing)', metavar='ZIP', default=DEFAULT_DATA)
 @click.option('--bdata',       help='Binarized MNIST-5k 16x16 (built if missing)', metavar='ZIP', default=DEFAULT_BDATA)
+@click.option('--dnadata',     help='ARS yeast DNA, 128 nt (built if missing)', metavar='NPZ', default=DEFAULT_DNA)
 # fmt: on
 def main(**kwargs):
     """FD-MNIST against training examples for fixed noise schedules and InfoNoise (InfoNoise paper, Table 1a).
@@ -446,7 +540,7 @@ def main(**kwargs):
     seeds, names = parse_seeds(opts.seeds), parse_recipes(opts.recipes)
     device = pick_device(opts.device)
     os.makedirs(opts.outdir, exist_ok=True)
-    paths = {'mnist': os.path.abspath(opts.data), 'bmnist': os.path.abspath(opts.bdata)}
+    paths = {name: os.path.abspath(opts[key]) for name, key in (('mnist', 'data'), ('bmnist', 'bdata'), ('dna', 'dnadata'))}
 
     results = dict(benchmark='time_to_quality', datasets={})
     tables = []

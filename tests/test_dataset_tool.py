@@ -2,6 +2,7 @@
 nothing behind."""
 
 import gzip
+import importlib.util
 import io
 import json
 import os
@@ -18,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 import dataset_tool
+from training import sequences
 from training.dataset import ImageFolderDataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -379,3 +381,115 @@ def test_help_matches_committed_docs():
     )
     with open(os.path.join(ROOT, 'docs', 'dataset_tool-help.txt')) as f:
         assert out.stdout == f.read()
+
+
+# Sequences: the fixed train/test split of every sequence source, and the built-in ars set of real yeast DNA.
+
+needs_logomaker = pytest.mark.skipif(
+    importlib.util.find_spec('logomaker') is None, reason='the ars source ships in the logomaker wheel'
+)
+
+
+def write_fasta(path, seqs, labels):
+    path.write_text(''.join(f'>r{i} label={y}\n{s}\n' for i, (s, y) in enumerate(zip(seqs, labels))))
+    return path
+
+
+def test_sequence_splits_are_disjoint_fixed_and_cover_the_file(tmp_path):
+    rng = np.random.default_rng(0)
+    seqs = [''.join(rng.choice(list('ACGT'), size=8)) for _ in range(20)]
+    labels = ['b', 'a'] * 10
+    source = write_fasta(tmp_path / 'x.fa', seqs, labels)
+    got = {}
+    for split in ('train', 'test'):
+        convert('--source', source, '--dest', tmp_path / f'{split}.npz', f'--split={split}', '--test-fraction=0.25')
+        tokens, ids, names = sequences.load_npz(str(tmp_path / f'{split}.npz'))
+        rows = sequences.split_indices(20, split, 0.25)
+        assert sequences.decode(tokens) == [seqs[i] for i in rows]
+        assert names == ['a', 'b'] and ids.tolist() == [1 - i % 2 for i in rows]
+        got[split] = rows
+    assert (len(got['test']), len(got['train'])) == (5, 15)  # round(0.25 * 20) rows are held out.
+    assert sorted(got['train'].tolist() + got['test'].tolist()) == list(range(20))
+
+    # --max-images takes the first rows of the split's (shuffled) order; --split=all keeps the file's order.
+    convert(
+        '--source', source, '--dest', tmp_path / 'few.npz', '--split=train', '--test-fraction=0.25', '--max-images=4'
+    )
+    assert sequences.decode(sequences.load_npz(str(tmp_path / 'few.npz'))[0]) == [seqs[i] for i in got['train'][:4]]
+    assert got['train'][:4].tolist() != sorted(got['train'][:4].tolist())
+    convert('--source', source, '--dest', tmp_path / 'all.npz', '--split=all', '--max-images=4')
+    assert sequences.decode(sequences.load_npz(str(tmp_path / 'all.npz'))[0]) == seqs[:4]
+
+
+@pytest.mark.parametrize(
+    'args, message',
+    [
+        (['--split=test', '--test-fraction=0.01'], 'The test split of 20 sequences at --test-fraction=0.01 is empty'),
+        (['--test-fraction=0.2'], '--test-fraction applies to --split=train or --split=test'),
+        (['--split=all', '--test-fraction=0.2'], '--test-fraction applies to --split=train or --split=test'),
+        (['--split=train', '--test-fraction=0'], '0<x<1'),
+        (['--split=train', '--test-fraction=1'], '0<x<1'),
+        (['--split=valid'], "'valid' is not one of 'all', 'train', 'test'"),
+    ],
+)
+def test_sequence_split_errors(tmp_path, args, message):
+    source = write_fasta(tmp_path / 'x.fa', ['ACGT'] * 20, ['a'] * 20)
+    result = run_tool('--source', source, '--dest', tmp_path / 'x.npz', *args)
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert not (tmp_path / 'x.npz').exists()
+
+
+@pytest.mark.parametrize('args', [['--split=train'], ['--test-fraction=0.2'], ['--seq-column=seq']])
+def test_sequence_options_refused_for_images(tmp_path, args):
+    source = folder_of(random_images(1, 4, 4))(tmp_path)
+    result = run_tool('--source', source, '--dest', tmp_path / 'out.zip', *args)
+    assert result.exit_code != 0 and 'applies to sequence sources (FASTA, TSV or ars)' in result.output
+    assert not (tmp_path / 'out.zip').exists()
+
+
+@pytest.fixture(scope='module')
+def ars():
+    names, seqs, labels = sequences.read_ars()
+    assert len(seqs) == 603_569 and {len(s) for s in seqs[:1000]} == {150} and set(labels) == {'library', 'selected'}
+    return seqs, labels
+
+
+@needs_logomaker
+def test_ars_round_trip_is_reproducible(tmp_path, ars):
+    seqs, labels = ars
+    args = ['--source=ars', '--max-images=200', '--length=128']
+    convert(*args, '--split=train', '--dest', tmp_path / 'a.npz')
+    tokens, ids, names = sequences.load_npz(str(tmp_path / 'a.npz'))
+    rows = sequences.split_indices(len(seqs), 'train')[:200]
+    np.testing.assert_array_equal(tokens, sequences.encode([seqs[i][11:139] for i in rows]))  # 150 -> 128 nt.
+    assert names == ['library', 'selected'] and ids.tolist() == [int(labels[i] == 'selected') for i in rows]
+    assert 0 < ids.sum() < 200  # Both classes in a random subset (56% of the rows are 'selected').
+
+    convert(*args, '--split=train', '--dest', tmp_path / 'b.npz')
+    assert (tmp_path / 'a.npz').read_bytes() == (tmp_path / 'b.npz').read_bytes()
+
+    convert(*args, '--split=test', '--dest', tmp_path / 'test.npz')
+    test_rows = sequences.split_indices(len(seqs), 'test')[:200]
+    np.testing.assert_array_equal(
+        sequences.load_npz(str(tmp_path / 'test.npz'))[0], sequences.encode([seqs[i][11:139] for i in test_rows])
+    )
+    train_all, test_all = sequences.split_indices(len(seqs), 'train'), sequences.split_indices(len(seqs), 'test')
+    assert len(test_all) == 60_357 and not np.intersect1d(train_all, test_all).size
+
+
+def test_ars_errors(tmp_path, monkeypatch):
+    result = run_tool('--source=ars', '--dest', tmp_path / 'a.npz', '--label-column=TAG')
+    assert result.exit_code != 0 and '--label-column applies to TSV; the ars table has fixed columns' in result.output
+    result = run_tool('--source=ars', '--dest', tmp_path / 'a.zip')
+    assert result.exit_code != 0 and 'Sequences are written to one .npz' in result.output
+
+    # Without logomaker: one line saying how to install it, and no output.
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, 'find_spec', lambda name, *a: None if name == 'logomaker' else find_spec(name, *a)
+    )
+    result = run_tool('--source=ars', '--dest', tmp_path / 'a.npz')
+    assert result.exit_code != 0 and result.output.strip().splitlines() == [
+        'Error: The ARS sequences need the logomaker package: pip install --no-deps logomaker==0.8.7'
+    ]
+    assert list(tmp_path.iterdir()) == []

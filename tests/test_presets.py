@@ -27,6 +27,7 @@ SAMPLER_CLASS = {'auto': LOGNORMAL, 'lognormal': LOGNORMAL, 'loguniform': LOGUNI
 CIFAR10, IMG64, IMAGENET64 = (32, 3, 10, False), (64, 3, 0, False), (64, 3, 1000, False)
 MNIST, BMNIST, MNIST16, BMNIST16 = (32, 1, 10, False), (32, 1, 10, True), (16, 1, 10, False), (16, 1, 10, True)
 DNA = (200, 4, 4, True)  # 200-bp one-hot sequences (a sequence .npz), 4 cell types.
+ARS128 = (128, 4, 0, True)  # The ARS yeast sequences' centre 128 nt, unlabelled.
 
 # Parameter counts: EDM's from the facts (table 3.1); MNIST (1,1,1) and the demo measured here (the demo's matches
 # the README's 748,737).
@@ -35,6 +36,7 @@ P_CIFAR_COND_NCSNPP, P_CIFAR_UNCOND_NCSNPP = 56_400_643, 56_397_827
 P_64_DDPMPP, P_64_NCSNPP, P_IMAGENET_ADM = 61_805_571, 62_761_091, 295_899_267
 P_MNIST_111, P_DEMO = 15_429_889, 748_737
 P_DNA = 12_567_556  # Our SequenceUNet at the preset's size, measured here.
+P_ARS = 577_604  # The CPU DNA benchmark's SequenceUNet, measured here.
 
 # Resolved options: data, params, batch, lr, total kimg, dropout, augment p (None = off), sampler, weight.
 CIFAR = dict(batch=512, lr=1e-3, kimg=200_000, dropout=0.13, augment=0.12)
@@ -70,6 +72,9 @@ EXPECTED = {
     'demo-bmnist16': dict(
         data=BMNIST16, params=P_DEMO, batch=64, lr=1e-3, kimg=60, dropout=0.0, augment=None, **INFO_UNIFORM
     ),
+    'demo-ars128': dict(
+        data=ARS128, params=P_ARS, batch=64, lr=1e-3, kimg=80, dropout=0.0, augment=None, **INFO_UNIFORM
+    ),
 }
 
 # InfoNoise presets whose only difference from an EDM preset is the training sampler (paper Sec. 6, App. D).
@@ -93,7 +98,8 @@ def datasets(tmp_path_factory):
             rng = np.random.default_rng(0)
             if channels == 4:
                 made[spec] = str(root / f'data-{len(made)}.npz')
-                save_npz(made[spec], rng.integers(0, 4, [4, resolution]), labels=[0, classes - 1, 1, 2])
+                labels = [0, classes - 1, 1, 2] if classes else None
+                save_npz(made[spec], rng.integers(0, 4, [4, resolution]), labels=labels)
                 return made[spec]
             shape = [4, resolution, resolution] + ([channels] if channels > 1 else [])
             images = rng.integers(0, 256, shape, dtype=np.uint8)

@@ -113,7 +113,29 @@ def test_dataset_tool_tsv_and_dest_errors(tmp_path):
     result = invoke(dataset_tool.main, '--source', tmp_path / 't.tsv', '--dest', tmp_path / 't.zip')
     assert result.exit_code != 0 and 'written to one .npz' in result.output
     result = invoke(dataset_tool.main, '--source=mnist5k', '--dest', tmp_path / 'm.npz')
-    assert result.exit_code != 0 and '--source must be FASTA or TSV' in result.output
+    assert result.exit_code != 0 and '--source must be FASTA, TSV or ars' in result.output
+
+
+@pytest.mark.parametrize('num, fraction', [(1000, 0.1), (603_569, 0.1), (7, 0.5), (3, 0.1)])
+def test_split_indices_partition_the_rows(num, fraction):
+    train, test = sequences.split_indices(num, 'train', fraction), sequences.split_indices(num, 'test', fraction)
+    assert len(test) == round(fraction * num) and len(train) == num - len(test)
+    np.testing.assert_array_equal(np.sort(np.concatenate([train, test])), np.arange(num))  # Disjoint, covering.
+    np.testing.assert_array_equal(sequences.split_indices(num, 'train', fraction), train)  # Fixed.
+    np.testing.assert_array_equal(sequences.split_indices(num, 'all', fraction), np.arange(num))
+    assert train.dtype == test.dtype == np.int64
+
+
+def test_split_indices_shuffle_and_errors():
+    # One fixed shuffle: a larger test fraction moves rows from the front of the train split into the test split.
+    order = np.concatenate([sequences.split_indices(100, 'test', 0.1), sequences.split_indices(100, 'train', 0.1)])
+    np.testing.assert_array_equal(sequences.split_indices(100, 'test', 0.3), order[:30])
+    assert order.tolist() != list(range(100))
+    with pytest.raises(ValueError, match='Unknown split "valid"'):
+        sequences.split_indices(10, 'valid')
+    for fraction in (0, 1, -0.1, 1.5):
+        with pytest.raises(ValueError, match='test_fraction must lie in'):
+            sequences.split_indices(10, 'train', fraction)
 
 
 @pytest.mark.parametrize('length, mult, attn', [(16, [1, 2], [8]), (64, [1, 2, 2], [16]), (12, [2, 1, 1], [])])

@@ -17,7 +17,9 @@ returns [N, 2048] pool features when called with `return_features=True`.
   detector, then x / 128 - 1, i.e. the input range [-1, 0.9921875] of the TensorFlow graph. It is meant for offline
   machines; FIDs from it should match the NVIDIA detector's up to float rounding, which we could not check offline;
 - 'mnist': the small MNIST classifier of training/mnist_detector.py, for fast CPU-scale FIDs on digits (its
-  numbers are not comparable with Inception FIDs).
+  numbers are not comparable with Inception FIDs);
+- 'ars': the small DNA classifier of training/dna_detector.py, for fast CPU-scale Fréchet distances ("FD-ARS") on
+  one-hot DNA of length 128 (the real yeast ARS sequences), given `sequence_length=128`.
 
 Every image detector takes uint8 NCHW images with 1 or 3 channels on its device and returns float32 features
 [N, feature_dim]. For DNA sequences (`load_detector(..., sequence_length=L)`), the detector is a TorchScript archive
@@ -148,8 +150,14 @@ def fid_helper_model_path() -> str:
 
 def load_detector(spec: str, device: torch.device | str, sequence_length: int | None = None) -> Detector:
     """The detector named by `spec`: 'fid-helper', 'mnist', or a TorchScript archive's path or URL; with
-    `sequence_length`, a TorchScript sequence detector for one-hot DNA of that length."""
+    `sequence_length`, 'ars' or a TorchScript sequence detector for one-hot DNA of that length."""
     device = torch.device(device)
+    if spec == 'ars':
+        if sequence_length is None:
+            raise ValueError('Detector "ars" takes DNA sequences of length 128, not images')
+        from training.dna_detector import load_dna_detector
+
+        return load_dna_detector(device, sequence_length=sequence_length)
     if sequence_length is not None and spec in ('fid-helper', 'mnist', DEFAULT_DETECTOR):
         raise ValueError(
             f'Detector "{spec}" takes images; sequences need a TorchScript sequence detector FILE (e.g. Sei wrapped '
@@ -163,7 +171,9 @@ def load_detector(spec: str, device: torch.device | str, sequence_length: int | 
 
         return load_mnist_detector(device)
     if not dnnlib.util.is_url(spec) and not os.path.isfile(spec):
-        raise ValueError(f'Unknown detector "{spec}": expected a TorchScript file or URL, "fid-helper" or "mnist"')
+        raise ValueError(
+            f'Unknown detector "{spec}": expected a TorchScript file or URL, "fid-helper", "mnist" or "ars"'
+        )
     try:
         path = dnnlib.util.open_url(spec, return_filename=True)
     except (OSError, ValueError) as e:

@@ -6,12 +6,14 @@ sequence travels as a 4-channel "image" of height 1 and width L, [4, 1, L], so t
 preconditioners and the samplers, which broadcast sigma over [N, C, H, W], handle sequences unchanged; the 1-D U-Net
 (`training.networks.SequenceUNet`) treats the width as the sequence axis.
 
-Dataset file (`dataset_tool.py --source=X.fasta|X.tsv --dest=Y.npz`, read by `training.dataset.SequenceDataset`):
+Dataset file (`dataset_tool.py --source=X.fasta|X.tsv|ars --dest=Y.npz`, read by `training.dataset.SequenceDataset`):
 an .npz with
 - `sequences`: uint8 [N, L], base indices into ALPHABET ('ACGT');
 - `labels` (optional): int64 [N], class indices; `label_names`: str [K], the class of each index;
 - `seeds` (optional): int64 [N], written by generate.py --npz for generated sequences.
 Reverse complement is the flip of both axes of the one-hot matrix, because ALPHABET lists complements mirrored.
+`split_indices` is the train/test split of `dataset_tool.py --split`, a fixed shuffle that any other code (a detector,
+a benchmark) can redo to know which rows were held out.
 """
 
 import gzip
@@ -23,6 +25,8 @@ import numpy as np
 ALPHABET = 'ACGT'
 FASTA_SUFFIXES = ('.fa', '.fasta', '.fna', '.fa.gz', '.fasta.gz', '.fna.gz')
 TABLE_SUFFIXES = ('.tsv', '.txt', '.tsv.gz', '.txt.gz')
+SPLITS = ('all', 'train', 'test')
+SPLIT_SEED = 0  # Fixes the order behind split_indices' train/test split; changing it changes every split.
 _CODES = np.full(256, 255, dtype=np.uint8)
 for _i, _base in enumerate(ALPHABET):
     _CODES[ord(_base)] = _CODES[ord(_base.lower())] = _i
@@ -64,30 +68,32 @@ def read_fasta(path: str) -> tuple[list[str], list[str], list[str] | None]:
     return names, [''.join(s) for s in seqs], None if labels[0] is None else labels
 
 
-def read_table(path: str, seq_column: str, label_column: str | None) -> tuple[list[str], list[str], list[str] | None]:
-    """(names, sequences, labels) of a tab-separated table with a header row (DNA-Diffusion's data files are such
-    tables: a `sequence` column and a cell-type column `TAG`). Lines starting with '#' are comments."""
+def read_columns(path: str, columns: list[str]) -> tuple[list[str], list[list[str]]]:
+    """(row names, one list of values per entry of `columns`) of a tab-separated table with a header row, in one
+    pass. Lines starting with '#' are comments; rows are named row2, row3, ... counting the header as line 1 and
+    skipping comments and blank lines."""
     with _open_text(path) as f:
         rows = [line.rstrip('\r\n').split('\t') for line in f if line.strip() and not line.startswith('#')]
     if not rows:
         raise ValueError(f'{path} is empty')
     header = rows[0]
-    for column in [seq_column] + ([label_column] if label_column else []):
+    for column in columns:
         if column not in header:
             raise ValueError(f'{path} has no column "{column}"; its columns are {", ".join(header)}')
-    seq_idx = header.index(seq_column)
-    label_idx = header.index(label_column) if label_column else None
-    names, seqs, labels = [], [], []
     for line_no, row in enumerate(rows[1:], start=2):
         if len(row) != len(header):
             raise ValueError(f'{path}:{line_no}: {len(row)} fields, but the header has {len(header)}')
-        names.append(f'row{line_no}')
-        seqs.append(row[seq_idx].strip())
-        if label_idx is not None:
-            labels.append(row[label_idx].strip())
-    if not seqs:
+    if len(rows) == 1:
         raise ValueError(f'{path} has a header but no rows')
-    return names, seqs, labels if label_idx is not None else None
+    names = [f'row{line_no}' for line_no in range(2, len(rows) + 1)]
+    return names, [[row[i].strip() for row in rows[1:]] for i in [header.index(column) for column in columns]]
+
+
+def read_table(path: str, seq_column: str, label_column: str | None) -> tuple[list[str], list[str], list[str] | None]:
+    """(names, sequences, labels) of a tab-separated table with a header row (DNA-Diffusion's data files are such
+    tables: a `sequence` column and a cell-type column `TAG`). Lines starting with '#' are comments."""
+    names, values = read_columns(path, [seq_column] + ([label_column] if label_column else []))
+    return names, values[0], values[1] if label_column else None
 
 
 def ars_path() -> str:
@@ -106,10 +112,24 @@ def ars_path() -> str:
 def read_ars(path: str | None = None) -> tuple[list[str], list[str], list[str]]:
     """(names, sequences, labels) of the ARS table (`ars_path()` by default). The label is 'selected' where the
     sequence was read after selection for replication (selected_ct > 0), else 'library'."""
-    path = ars_path() if path is None else path
-    names, seqs, _ = read_table(path, 'sequence', None)
-    _, selected, _ = read_table(path, 'selected_ct', None)
+    names, (seqs, selected) = read_columns(ars_path() if path is None else path, ['sequence', 'selected_ct'])
     return names, seqs, ['selected' if int(count) > 0 else 'library' for count in selected]
+
+
+def split_indices(num: int, split: str, test_fraction: float = 0.1) -> np.ndarray:
+    """Row indices int64 [M] of a data set of `num` rows kept by `split`: 'all' is every row in file order; 'train'
+    and 'test' put the rows in one fixed random order (drawn from SPLIT_SEED, so every caller gets the same split)
+    whose first round(test_fraction * num) rows are the test split and the rest the train split. Taking the first
+    rows of a split's indices gives a random, reproducible subset of it."""
+    if split not in SPLITS:
+        raise ValueError(f'Unknown split "{split}"; expected one of {", ".join(SPLITS)}')
+    if not 0 < test_fraction < 1:
+        raise ValueError(f'test_fraction must lie in (0, 1), got {test_fraction}')
+    if split == 'all':
+        return np.arange(num, dtype=np.int64)
+    order = np.random.default_rng(SPLIT_SEED).permutation(num).astype(np.int64)
+    num_test = round(test_fraction * num)
+    return order[:num_test] if split == 'test' else order[num_test:]
 
 
 def encode(seqs: list[str], names: list[str] | None = None, length: int | None = None) -> np.ndarray:
@@ -168,8 +188,15 @@ def save_npz(path: str, tokens: np.ndarray, labels: np.ndarray | None = None, la
         arrays['seeds'] = np.asarray(seeds, dtype=np.int64)
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, 'wb') as f:
-        np.savez(f, **arrays)
+    # Write a sibling and rename it into place, so that a failed write leaves no half-written file at `path`.
+    tmp = f'{path}.{os.getpid()}.tmp'
+    try:
+        with open(tmp, 'wb') as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_npz(path: str) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
