@@ -120,7 +120,7 @@ def common_options(fn):
     # fmt: off
     fn = click.option('--device',             help='Device  [default: cuda if available, else cpu]', type=click.Choice(['cuda', 'cpu']))(fn)
     fn = click.option('--workers', 'num_workers', help='DataLoader worker processes per rank', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)(fn)
-    fn = click.option('--detector', 'detector_spec', help='Feature detector: TorchScript FILE|URL, fid-helper or mnist', metavar='SPEC', default=DEFAULT_DETECTOR, show_default="NVIDIA's inception-2015-12-05.pt")(fn)
+    fn = click.option('--detector', 'detector_spec', help='Feature detector: TorchScript FILE|URL, fid-helper, mnist, or ars (DNA)', metavar='SPEC', default=DEFAULT_DETECTOR, show_default="NVIDIA's inception-2015-12-05.pt")(fn)
     fn = click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=POSITIVE_INT, default=64, show_default=True)(fn)
     # fmt: on
     return fn
