@@ -22,15 +22,16 @@ calibration issue asks for.
 Every run is a real `train.py` subprocess with the preset's network, optimizer and batch (only the sampler and
 weight differ), snapshotting every --eval-every kimg. Each snapshot's EMA network is evaluated post hoc with the
 same seeds (0..N-1), EDM's ρ=7 grid and Heun's sampler at --steps (2·steps−1 NFE); samples of binarized data are
-thresholded as `generate.py --binarize` does. FD-MNIST is taken against all 5,000 digits of the training set
-(statistics cached in the output directory). Work already done in --outdir is reused: finished runs and
+thresholded as `generate.py --binarize` does, and sequences decoded to their nearest one-hot sequence. FD-MNIST is
+taken against all 5,000 digits of the training set, FD-ARS against all training sequences (statistics cached in
+the output directory). Work already done in --outdir is reused: finished runs and
 evaluations are skipped, an interrupted run resumes from its newest training state, and a longer --kimg extends
 shorter runs.
 
-Budget, measured on 2 CPU cores: one 80-kimg run spends about 6 minutes in train.py (≈225 images/s) and one
-evaluation (1,000 samples at 17 NFE, then FD-MNIST) about 30 s, so the defaults, 6 recipes × 2 seeds × (80 kimg
-+ 8 evaluations), take about 2 hours. --quick (1 kimg per run, 1 seed, 64 samples at 7 NFE, InfoNoise's warm-up
-and refresh shortened so that it refreshes) checks the machinery in about 80 s; its numbers mean nothing. On a
+Budget, measured on 2 CPU cores: one 80-kimg MNIST run spends about 6 minutes in train.py (≈225 images/s) and
+one evaluation (1,000 samples at 17 NFE, then FD-MNIST) about 25 s; the defaults, 9 recipes × 2 seeds × (80 kimg +
+8 evaluations), take about 3 hours. --quick (1 kimg per run, 1 seed, 64 samples at 7 NFE, InfoNoise's warm-up
+and refresh shortened so that it refreshes) checks the machinery in about 2 minutes; its numbers mean nothing. On a
 GPU scale up with e.g. --device=cuda --kimg=2000 --eval-every=100 --seeds=4.
 
     python -m bench.time_to_quality --outdir=bench-out/ttq
@@ -514,7 +515,7 @@ def run_dataset(dataset: str, names: list[str], seeds: list[int], opts, data: st
 # fmt: off
 @click.command(context_settings={'show_default': True})
 @click.option('--outdir',      help='Where runs, caches, results.json and the PNGs go', metavar='DIR', default=os.path.join('bench-out', 'ttq'))
-@click.option('--quick',       help='Tiny run that checks the machinery (about 80 s); its numbers mean nothing', is_flag=True)
+@click.option('--quick',       help='Tiny run that checks the machinery (about 2 minutes); its numbers mean nothing', is_flag=True)
 @click.option('--device',      help='Device  [default: cuda if available]', type=click.Choice(['cpu', 'cuda']))
 @click.option('--kimg',        help='Training length of every run', metavar='KIMG', type=click.IntRange(min=1), default=80)
 @click.option('--eval-every',  help='Snapshot and evaluate every this many kimg', metavar='KIMG', type=click.IntRange(min=1), default=10)
@@ -527,9 +528,9 @@ def run_dataset(dataset: str, names: list[str], seeds: list[int], opts, data: st
 @click.option('--dnadata',     help='ARS yeast DNA, 128 nt (built if missing)', metavar='NPZ', default=DEFAULT_DNA)
 # fmt: on
 def main(**kwargs):
-    """FD-MNIST against training examples for fixed noise schedules and InfoNoise (InfoNoise paper, Table 1a).
+    """FD-MNIST and FD-ARS against training examples for fixed noise schedules and InfoNoise (paper, Table 1a).
 
-    Defaults: about 2 hours on 2 CPU cores. --quick: about 80 s.
+    Defaults: about 3 hours on 2 CPU cores. --quick: about 2 minutes.
     """
     start_time = time.time()
     opts = dnnlib.EasyDict(kwargs)
