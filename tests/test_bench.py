@@ -127,15 +127,23 @@ def all_finite(values) -> bool:
 @pytest.mark.timeout(900)  # About 2.5 min on an idle 2-core machine; the suite's 300 s leaves too little margin.
 def test_quick_modes(tmp_path):
     """time_to_quality, grids (on time_to_quality's networks) and overhead, each --quick, from scratch."""
-    data, bdata = tmp_path / 'mnist.zip', tmp_path / 'bmnist.zip'
+    data, bdata, dnadata = tmp_path / 'mnist.zip', tmp_path / 'bmnist.zip', tmp_path / 'ars.npz'
     ttq_dir, grids_dir, overhead_dir = tmp_path / 'ttq', tmp_path / 'grids', tmp_path / 'overhead'
 
-    ttq_args = f'--outdir={ttq_dir}', f'--data={data}', f'--bdata={bdata}'
+    ttq_args = f'--outdir={ttq_dir}', f'--data={data}', f'--bdata={bdata}', f'--dnadata={dnadata}'
     out = run_module('bench.time_to_quality', *ttq_args)
-    assert '| recipe |' in out and data.is_file() and bdata.is_file()
+    assert '| recipe |' in out and data.is_file() and bdata.is_file() and dnadata.is_file()
     results = load_results(ttq_dir)
     assert results['settings']['kimg'] == 1 and results['settings']['seeds'] == [0]
-    assert sorted(results['datasets']) == ['bmnist', 'mnist']
+    assert sorted(results['datasets']) == ['bmnist', 'dna', 'mnist']
+    # Sequences: FD-ARS and their exact statistics at every evaluation, and those of held-out real sequences.
+    dna = results['datasets']['dna']
+    assert dna['metric'] == 'FD-ARS' and '| 64 held-out real sequences |' in out
+    assert dna['real_floor_stats']['memorised'] < 0.5 and dna['real_floor_stats']['base_freq_error'] < 0.05
+    for recipe in dna['recipes'].values():
+        final = recipe['final_stats']
+        assert final['kimg'] == 1 and all(0 < final[f'kmer_js_{k}'] <= 1 for k in (3, 4, 5, 6))
+        assert 0 <= final['memorised'] <= 1 and 0 < final['base_freq_error'] <= 0.5
     for dataset, info in results['datasets'].items():
         assert os.path.isfile(info['plot']) and info['real_floor'] > 0
         names = [name for name, recipe in RECIPES.items() if recipe.dataset == dataset and not recipe.extra]
