@@ -28,10 +28,14 @@ feeds it the sequence datasets' uint8 [N, 4, 1, L] samples. Sei-FID (Sei, Chen e
 it) is such a detector once Sei is wrapped and exported by the user; README "DNA sequences" says how.
 """
 
+import datetime
 import importlib.util
 import os
+import time
+from collections.abc import Callable
 from typing import Protocol
 
+import click
 import torch
 
 import dnnlib
@@ -182,3 +186,37 @@ def load_detector(spec: str, device: torch.device | str, sequence_length: int | 
     if sequence_length is not None:
         return SequenceDetector(net, device, sequence_length)
     return TorchScriptDetector(net, device)
+
+
+def train_and_save(
+    module: str, train: Callable[..., tuple[torch.nn.Module, dict]], out: str, seed: int, epochs: int, fmt: str, **meta
+) -> None:
+    """`python -m MODULE --out OUT --seed SEED --epochs EPOCHS` of a detector trained here (FD-MNIST, FD-ARS):
+    train deterministically, print the held-out results, and save the weights with a `meta` dict that records the
+    command, the run and the results."""
+    torch.use_deterministic_algorithms(True)
+    start = time.time()
+    try:
+        net, results = train(seed=seed, epochs=epochs)
+    except (RuntimeError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    seconds = time.time() - start
+    for name, value in results.items():
+        print(f'{name}: {value:.4f}')
+    print(f'Trained in {seconds:.0f} s on {torch.get_num_threads()} threads')
+    meta = dict(
+        command=f'python -m {module} --out {out} --seed {seed} --epochs {epochs}',
+        seed=seed,
+        epochs=epochs,
+        **meta,
+        num_params=sum(p.numel() for p in net.parameters()),
+        torch_version=str(torch.__version__),
+        num_threads=torch.get_num_threads(),
+        seconds=round(seconds, 1),
+        date=datetime.date.today().isoformat(),
+        **results,
+    )
+    if os.path.dirname(out):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+    torch.save(dict(format=fmt, state_dict=net.state_dict(), meta=meta), out)
+    print(f'Saved {out}')

@@ -49,9 +49,7 @@ sequences (`real_floor`, with the project's torch_utils.frechet), is 0.84 (1.11 
     uniform random bases                                            17,400
 """
 
-import datetime
 import os
-import time
 
 import click
 import numpy as np
@@ -60,6 +58,7 @@ import torch.nn.functional as F
 
 from torch_utils.frechet import FeatureStats, frechet_distance
 from training import sequences
+from training.detectors import train_and_save
 
 SEQUENCE_LENGTH = 128
 FEATURE_DIM = 128
@@ -298,34 +297,10 @@ def main(out: str, seed: int, epochs: int) -> None:
     \b
     python -m training.dna_detector --out training/dna_detector.pt --seed 0 --epochs 4
     """
-    torch.use_deterministic_algorithms(True)
-    start = time.time()
-    try:
-        net, results = train(seed=seed, epochs=epochs)
-    except (RuntimeError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
-    seconds = time.time() - start
-    for name, value in results.items():
-        print(f'{name}: {value:.4f}')
-    print(f'Trained in {seconds:.0f} s on {torch.get_num_threads()} threads')
-    meta = dict(
-        command=f'python -m training.dna_detector --out {out} --seed {seed} --epochs {epochs}',
-        seed=seed,
-        epochs=epochs,
-        split_seed=SPLIT_SEED,
-        num_train=3 * NUM_TRAIN,
-        num_test=3 * NUM_TEST,
-        num_params=sum(p.numel() for p in net.parameters()),
-        torch_version=str(torch.__version__),
-        num_threads=torch.get_num_threads(),
-        seconds=round(seconds, 1),
-        date=datetime.date.today().isoformat(),
-        **results,
-    )
-    if os.path.dirname(out):
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-    torch.save(dict(format=FORMAT, state_dict=net.state_dict(), meta=meta), out)
-    print(f'Saved {out}')
+    train_and_save(
+        'training.dna_detector', train, out, seed, epochs, FORMAT,
+        split_seed=SPLIT_SEED, num_train=3 * NUM_TRAIN, num_test=3 * NUM_TEST,
+    )  # fmt: skip
 
 
 if __name__ == '__main__':

@@ -20,13 +20,14 @@ binarised, 98.5% at 16x16, 98.2% as unpadded 28x28); the file's `meta` holds the
 """
 
 import os
-import time
 
 import click
 import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
+
+from training.detectors import train_and_save
 
 FEATURE_DIM = 128
 RESOLUTION = 32
@@ -241,30 +242,7 @@ def main(out: str, seed: int, epochs: int) -> None:
     \b
     python -m training.mnist_detector --out training/mnist_detector.pt --seed 0 --epochs 20
     """
-    torch.use_deterministic_algorithms(True)
-    start = time.time()
-    try:
-        net, results = train(seed=seed, epochs=epochs)
-    except RuntimeError as e:
-        raise click.ClickException(str(e)) from None
-    seconds = time.time() - start
-    for name, value in results.items():
-        print(f'{name}: {value:.4f}')
-    print(f'Trained in {seconds:.0f} s on {torch.get_num_threads()} threads')
-    meta = dict(
-        command=f'python -m training.mnist_detector --out {out} --seed {seed} --epochs {epochs}',
-        seed=seed,
-        epochs=epochs,
-        split_seed=SPLIT_SEED,
-        num_params=sum(p.numel() for p in net.parameters()),
-        torch_version=str(torch.__version__),
-        num_threads=torch.get_num_threads(),
-        **results,
-    )
-    if os.path.dirname(out):
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-    torch.save(dict(format=FORMAT, state_dict=net.state_dict(), meta=meta), out)
-    print(f'Saved {out}')
+    train_and_save('training.mnist_detector', train, out, seed, epochs, FORMAT, split_seed=SPLIT_SEED)
 
 
 if __name__ == '__main__':
