@@ -103,7 +103,7 @@ def infonoise_kwargs(opts: dnnlib.EasyDict, weight: str, discrete_data: bool) ->
     sigma_min, sigma_max = PRECOND_SIGMA_RANGE[opts.precond]
     endpoint = opts.info_endpoint if opts.info_endpoint != 'auto' else ('discrete' if discrete_data else 'continuous')
     return dnnlib.EasyDict(
-        class_name='infonoise.infonoise.InfoNoise', weight=weight, sigma_data=0.5,
+        class_name='infonoise.InfoNoise', weight=weight, sigma_data=0.5,
         sigma_min=opts.info_sigma_min or sigma_min, sigma_max=opts.info_sigma_max or sigma_max,
         num_bins=opts.info_bins, buffer_size=opts.info_buffer, ema_rate=opts.info_beta,
         refresh_kimg=opts.info_refresh, warmup_kimg=opts.info_warmup, min_count=opts.info_nmin,

@@ -4,10 +4,10 @@
 Two trained networks are compared: one trained with InfoNoise and one with EDM's log-normal schedule (by default the
 final snapshots of seed 0 of time_to_quality's continuous runs). InfoGrid (Eq. 19) needs an information profile:
 the InfoNoise network has the one it learned in training, and both networks get an offline one, measured on the
-frozen network by `infonoise.diagnose` (per-σ denoising error over data images; written here as JSON that
+frozen network by `diagnose.py` (per-σ denoising error over data images; written here as JSON that
 `generate.py --grid=infogrid --profile=FILE` reads). Every grid spans [0.002, 80] and is sampled with EDM's
 deterministic Heun and Euler solvers (Heun: N steps = 2N−1 NFE; Euler: N), the same seeds for every cell, and
-scored by FD-MNIST against all 5,000 digits. The Gaussian table is `infonoise.gaussian.compare_grids` (exact
+scored by FD-MNIST against all 5,000 digits. The Gaussian table is `bench.gaussian.compare_grids` (exact
 KL(source ‖ output) for the MNIST-5k PCA spectrum and a CIFAR-like power law), at the same NFE and solvers.
 
 Budget (2 CPU cores): about 30 minutes with the defaults (7 network/grid pairs × 2 solvers × 75 NFE in all ×
@@ -28,7 +28,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
+import diagnose
 import dnnlib
+from bench import gaussian
 from bench import time_to_quality as ttq
 from bench.common import (
     DATASET_SOURCES,
@@ -45,7 +47,6 @@ from bench.common import (
     run_record,
     write_json,
 )
-from infonoise import diagnose, gaussian
 from infonoise.grids import edm_grid, infogrid, loguniform_grid
 from infonoise.profile import LogGrid
 from torch_utils.persistence import load_network
@@ -77,7 +78,7 @@ def find_snapshot(path: str | None, from_dir: str, model: str) -> str | None:
 
 
 def offline_profile(net, snapshot: str, data: str, points: int, samples: int, device, path: str) -> dict:
-    """The frozen network's information profile (infonoise.diagnose, EDM weight, onset pivot), cached in `path`."""
+    """The frozen network's information profile (diagnose.py, EDM weight, onset pivot), cached in `path`."""
     source = dict(snapshot=os.path.abspath(snapshot), mtime_ns=os.stat(snapshot).st_mtime_ns, data=data)
     record = read_json(path, {})
     if record.get('source') == source and len(record.get('sigma', [])) == points and record['num_samples'] == samples:

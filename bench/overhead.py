@@ -30,8 +30,8 @@ from bench import frechet as fd_bench
 from bench.common import apply_quick, generate_uint8, markdown_table, pick_device, run_record, sync, write_json
 from bench.sampler_overhead import demo_network, make_samplers, time_sampler_work, time_training
 from infonoise.grids import edm_grid
-from infonoise.infonoise import InfoNoise
 from infonoise.samplers import LogNormal, LogUniform
+from infonoise.schedule import InfoNoise
 from torch_utils.frechet import frechet_distance
 
 SAMPLERS = ('lognormal', 'loguniform', 'infonoise')

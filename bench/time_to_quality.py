@@ -199,7 +199,7 @@ def read_json_lines(path: str) -> list[dict]:
 
 
 REFRESH_LINE = re.compile(
-    r'InfoNoise refresh (\d+) at ([\d.]+) kimg: pivot c = ([^ ]+) \(([^;]+); this refresh ([^)]+)\)'
+    r'InfoNoise refresh (\d+) at ([\d.]+) kimg(?: \(step \d+\))?: pivot c = ([^ ]+) \(([^;]+); this refresh ([^)]+)\)'
 )
 
 

@@ -1,1 +1,60 @@
-"""InfoNoise-EDM: noise-level samplers, profiles and sigma-grids (Raya et al., InfoNoise)."""
+"""InfoNoise: information-guided training noise schedules and InfoGrid σ-grids for diffusion models.
+
+A library for any trainer (Raya et al., "Information-Guided Noise Allocation for Efficient Diffusion Training",
+arXiv 2602.18647). It imports only torch and numpy; `infonoise.plots` needs matplotlib.
+
+    from infonoise import InfoNoise
+    noise = InfoNoise(weight='edm')                       # or weight=lambda sigma: ..., your loss's x₀-space w(σ)
+    sigma = noise.sample(batch_size, device)              # [N] VE noise levels, x = x0 + sigma * eps
+    noise.observe(sigma, per_sample_unweighted_x0_mse)    # [N], after the forward pass
+
+Other parameterisations (VP/DDPM ε- or v-prediction, discrete `alphas_cumprod`, rectified flow) convert exactly
+with `infonoise.conversions`. After training, `infogrid(n, p.sigma, p.rate)` with `p = noise.last_profile` gives
+an inference σ-grid.
+"""
+
+from infonoise.conversions import (
+    DiscreteTimesteps,
+    FlowMatching,
+    epsilon_loss_weight,
+    flow_sigma_from_t,
+    flow_t_from_sigma,
+    prediction_loss_weight,
+    sigma_from_alpha_bar,
+    v_loss_weight,
+    velocity_loss_weight,
+)
+from infonoise.grids import edm_grid, infogrid, information_coordinate, loguniform_grid
+from infonoise.profile import Profile
+from infonoise.samplers import LogNormal, LogUniform, NoiseSampler, VPSampler
+from infonoise.schedule import InfoNoise, RefreshCheck
+from infonoise.weights import WEIGHTS, edm_weight, inverse_variance_weight, uniform_weight
+
+__version__ = '0.1.0'
+
+__all__ = [
+    'WEIGHTS',
+    'DiscreteTimesteps',
+    'FlowMatching',
+    'InfoNoise',
+    'LogNormal',
+    'LogUniform',
+    'NoiseSampler',
+    'Profile',
+    'RefreshCheck',
+    'VPSampler',
+    'edm_grid',
+    'edm_weight',
+    'epsilon_loss_weight',
+    'flow_sigma_from_t',
+    'flow_t_from_sigma',
+    'infogrid',
+    'information_coordinate',
+    'inverse_variance_weight',
+    'loguniform_grid',
+    'prediction_loss_weight',
+    'sigma_from_alpha_bar',
+    'uniform_weight',
+    'v_loss_weight',
+    'velocity_loss_weight',
+]

@@ -3,7 +3,7 @@
 Under the empirical prior p(x0) = (1/N) Σ_i δ(x0 - x_i) and the channel x = x0 + σε, the posterior puts weight
 w_i(x; σ) = softmax_i(-‖x - x_i‖²/(2σ²)) on each data point (Eqs. 31 and 54), and the Bayes denoiser is the
 posterior mean D*(x; σ) = Σ_i w_i x_i (Eq. 32). Its mean squared error, averaged over x0 drawn from the data and
-over the noise, is the exact mmse(σ) of the data set, so the offline-profile code of `infonoise.diagnose` turns it
+over the noise, is the exact mmse(σ) of the data set, so the offline-profile code of `diagnose.py` turns it
 into the exact entropy-rate profile r = mmse/σ³ (Eq. 11).
 
 `EmpiricalBayesDenoiser` has the attributes and call signature of EDM's preconditioned networks, so the offline

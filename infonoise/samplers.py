@@ -40,6 +40,10 @@ class NoiseSampler(abc.ABC):
     def icdf(self, u: torch.Tensor) -> torch.Tensor:
         """Map uniforms u ∈ [0, 1) (float64) to σ values (float64)."""
 
+    def cdf(self, sigma: torch.Tensor) -> torch.Tensor:
+        """P(σ' <= σ) under the current distribution (float64, shape and device of σ)."""
+        raise NotImplementedError(f'{type(self).__name__} has no CDF')
+
     def sample(self, n: int, device: torch.device | str = 'cpu') -> torch.Tensor:
         """Draw n noise levels (float32) from torch's global RNG on `device`."""
         u = torch.rand(n, device=device, dtype=torch.float64).clamp_(min=_U_MIN)
@@ -97,6 +101,10 @@ class LogNormal(NoiseSampler):
         z = math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)
         return torch.exp(self.P_mean + self.P_std * z)
 
+    def cdf(self, sigma: torch.Tensor) -> torch.Tensor:
+        z = (sigma.to(torch.float64).log() - self.P_mean) / self.P_std
+        return 0.5 * torch.erfc(-z / math.sqrt(2.0))
+
 
 class LogUniform(NoiseSampler):
     """ln σ uniform on [ln σ_min, ln σ_max]; with (0.02, 100) it is EDM's VE training distribution."""
@@ -109,6 +117,10 @@ class LogUniform(NoiseSampler):
 
     def icdf(self, u: torch.Tensor) -> torch.Tensor:
         return self.sigma_min * (self.sigma_max / self.sigma_min) ** u
+
+    def cdf(self, sigma: torch.Tensor) -> torch.Tensor:
+        x = sigma.to(torch.float64).log()
+        return ((x - math.log(self.sigma_min)) / math.log(self.sigma_max / self.sigma_min)).clamp(0, 1)
 
 
 class VPSampler(NoiseSampler):
@@ -124,3 +136,9 @@ class VPSampler(NoiseSampler):
     def icdf(self, u: torch.Tensor) -> torch.Tensor:
         t = 1 + u * (self.epsilon_t - 1)
         return torch.sqrt(torch.expm1(0.5 * self.beta_d * t**2 + self.beta_min * t))
+
+    def cdf(self, sigma: torch.Tensor) -> torch.Tensor:
+        # t(σ) solves ½β_d t² + β_min t = ln(1 + σ²); σ increases with t, and t = 1 + u(ε_t − 1).
+        log1p = torch.log1p(sigma.to(torch.float64) ** 2)
+        t = (torch.sqrt(self.beta_min**2 + 2 * self.beta_d * log1p) - self.beta_min) / self.beta_d
+        return ((t - self.epsilon_t) / (1 - self.epsilon_t)).clamp(0, 1)

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from infonoise.infonoise import InfoNoise
+from infonoise.schedule import InfoNoise
 from torch_utils import distributed as dist
 
 KWARGS = dict(

@@ -82,7 +82,7 @@ def test_pivot_history_from_the_log(tmp_path):
         'InfoNoise refresh 2 at 14.016 kimg: pivot c = 0.25 (break; this refresh 0.2), ρ peaks at σ = 1, ...',
         'InfoNoise refresh 2 at 14.016 kimg: pivot c = 0.26 (break; this refresh 0.21), ρ peaks at σ = 1, ...',
         'InfoNoise refresh 3 at 22.016 kimg: pivot c = 0.2 (onset, no break; this refresh 0.1), ρ peaks ...',
-        'InfoNoise refresh 4 at 24 kimg: pivot c = 0.24 (break; this refresh 0.24), ρ peaks ...',
+        'InfoNoise refresh 4 at 24 kimg (step 375): pivot c = 0.24 (break; this refresh 0.24), ρ peaks ...',
     ]
     (tmp_path / 'log.txt').write_text('\n'.join(lines) + '\n')
     history = pivot_history(str(tmp_path))

@@ -1,4 +1,4 @@
-"""Offline profiles (infonoise.diagnose) and the exact empirical-Bayes denoiser (infonoise.empirical_bayes) against
+"""Offline profiles (diagnose.py) and the exact empirical-Bayes denoiser (infonoise.empirical_bayes) against
 brute force and closed forms; the profile file against its readers; the CLI's errors."""
 
 import json
@@ -9,13 +9,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import diagnose
 import generate
-from infonoise import diagnose
+from bench.gaussian import GaussianDenoiser, exact_profile
 from infonoise.empirical_bayes import EmpiricalBayesDenoiser
-from infonoise.gaussian import GaussianDenoiser, exact_profile
 from infonoise.grids import edm_grid, infogrid
-from infonoise.infonoise import InfoNoise
 from infonoise.profile import LogGrid, Profile
+from infonoise.schedule import InfoNoise
 from training.networks import EDMPrecond
 from training.sampling import edm_sampler
 

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 import dataset_tool
-from infonoise.gaussian import (
+from bench.gaussian import (
     GaussianDenoiser,
     _mnist5k_digits,
     cifar_like_spectrum,

@@ -191,7 +191,7 @@ def test_infogrid_profile_sources(tmp_path, info_snapshot, cond_snapshot):
     result = run_generate(*common, '--network', cond_snapshot, '--outdir', tmp_path / 'none')
     assert result.exit_code != 0 and 'needs an information profile' in result.output
     assert 'it was not trained with InfoNoise' in result.output
-    noise = dict(class_name='infonoise.infonoise.InfoNoise', warmup_kimg=10, refresh_kimg=2)
+    noise = dict(class_name='infonoise.InfoNoise', warmup_kimg=10, refresh_kimg=2)
     early = save_tiny_snapshot(tmp_path / 'early.pt', 1, 3, noise_kwargs=noise, kimg=4)
     result = run_generate(*common, '--network', early, '--outdir', tmp_path / 'none')
     assert result.exit_code != 0 and 'not trained' not in result.output

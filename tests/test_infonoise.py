@@ -11,9 +11,9 @@ import scipy.stats
 import torch
 
 from infonoise import oracles
-from infonoise.infonoise import InfoNoise
 from infonoise.pivot import onset_pivot
 from infonoise.profile import LogGrid, gate, normalize_density
+from infonoise.schedule import InfoNoise
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAM = torch.logspace(-2, 0, 64, dtype=torch.float64)  # Per-pixel variances of a Gaussian source.
@@ -205,7 +205,9 @@ def test_every_refresh_check_is_reported():
     assert skipped and refreshed and checks[0] is skipped[0]
     first = skipped[0]
     counts = s._pooled_buffer_stats()[2]  # Counts only grow, so the short interval of then is still identifiable.
-    assert 'of N_min = 8 losses' in first.reason and str(first).startswith('InfoNoise check at 1.536 kimg skipped: ')
+    assert 'of N_min = 8 losses' in first.reason and str(first).startswith(
+        'InfoNoise check at 1.536 kimg (step 24) skipped: '
+    )
     assert first.since_nimg is None and 'no refresh yet' in str(first)
     assert int(first.reason.split('interval ')[1].split(' ')[0]) - 1 in range(16) and counts.min() >= 8
     r0, r1 = refreshed[0], refreshed[1]

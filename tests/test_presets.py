@@ -19,7 +19,7 @@ LOGNORMAL, LOGUNIFORM, VP, INFONOISE = (
     'infonoise.samplers.LogNormal',
     'infonoise.samplers.LogUniform',
     'infonoise.samplers.VPSampler',
-    'infonoise.infonoise.InfoNoise',
+    'infonoise.InfoNoise',
 )
 SAMPLER_CLASS = {'auto': LOGNORMAL, 'lognormal': LOGNORMAL, 'loguniform': LOGUNIFORM, 'vp': VP, 'infonoise': INFONOISE}
 

@@ -8,7 +8,8 @@ import scipy.stats
 import torch
 
 from infonoise.samplers import LogNormal, LogUniform, NoiseSampler, VPSampler
-from training.loss import DenoisingLoss, edm_weight
+from infonoise.weights import edm_weight
+from training.loss import DenoisingLoss
 
 N = 200_000
 

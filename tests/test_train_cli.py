@@ -63,7 +63,7 @@ def test_infonoise_options_and_endpoint_detection(tmp_path, digits_zip):
     )
     assert result.exit_code == 0, result.output
     kwargs = json.loads(result.output.split('Training options:')[1].split('\n\n')[0])['noise_kwargs']
-    assert kwargs['class_name'] == 'infonoise.infonoise.InfoNoise' and kwargs['weight'] == 'uniform'
+    assert kwargs['class_name'] == 'infonoise.InfoNoise' and kwargs['weight'] == 'uniform'
     assert (kwargs['num_bins'], kwargs['refresh_kimg'], kwargs['warmup_kimg']) == (32, 2, 10)
     assert (kwargs['pivot'], kwargs['base'], kwargs['endpoint']) == (0.1, 'loguniform', 'continuous')
     assert (kwargs['sigma_min'], kwargs['sigma_max']) == (0.002, 80)

@@ -95,7 +95,7 @@ def test_checkpoints_load_weights_only(tmp_path, digits_zip):
     assert not [f for f in os.listdir(tmp_path) if f.startswith('.') or f.endswith('.tmp')]
 
 
-INFONOISE = dict(class_name='infonoise.infonoise.InfoNoise', weight='edm', num_bins=4, buffer_size=16,
+INFONOISE = dict(class_name='infonoise.InfoNoise', weight='edm', num_bins=4, buffer_size=16,
                  base='loguniform', refresh_kimg=0.008, warmup_kimg=0.008, min_count=1, floor=0.5)  # fmt: skip
 
 

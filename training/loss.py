@@ -7,23 +7,7 @@ weight is chosen independently of the sampler (`weight`), so that InfoNoise can 
 
 import torch
 
-
-def edm_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
-    """EDM's λ(σ) = (σ² + σ_data²) / (σ·σ_data)² (EDM Table 1; paper Eq. 52)."""
-    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
-
-
-def inverse_variance_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
-    """EDM's VP and VE weight λ(σ) = 1/σ² (EDM Table 1)."""
-    return 1 / sigma**2
-
-
-def uniform_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
-    """λ ≡ 1: allocation-controlled training, where the emphasis equals the schedule (paper Sec. 6)."""
-    return torch.ones_like(sigma)
-
-
-WEIGHTS = {'edm': edm_weight, 'inverse-variance': inverse_variance_weight, 'uniform': uniform_weight}
+from infonoise.weights import WEIGHTS
 
 
 class DenoisingLoss:

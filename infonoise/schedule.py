@@ -28,13 +28,12 @@ from typing import Any
 
 import torch
 
-import dnnlib
 from infonoise import pivot as pivots
 from infonoise.pivot import Pivot
 from infonoise.profile import LogGrid, Profile, build_profile, entropy_rate
-from infonoise.samplers import LogUniform, NoiseSampler, ln_sigma_strata
+from infonoise.samplers import LogNormal, LogUniform, NoiseSampler, ln_sigma_strata
 from infonoise.table import InverseCDFTable
-from training.loss import WEIGHTS
+from infonoise.weights import WeightFn, resolve_weight
 
 
 @dataclass(frozen=True)
@@ -42,6 +41,7 @@ class RefreshCheck:
     """One refresh check (Alg. 1 line 9): whether the table was rebuilt, and with what or why not."""
 
     nimg: int  # Images seen at the check, all ranks together.
+    step: int  # Calls of `observe` (optimiser steps) at the check.
     refreshed: bool
     refreshes: int  # Refreshes so far, this one included.
     reason: str = ''  # Why a check was skipped.
@@ -60,70 +60,96 @@ class RefreshCheck:
             seconds = '' if self.since_seconds is None else f' ({self.since_seconds:.0f} s)'
             since = f'{self.since_nimg / 1e3:g} kimg{seconds} since the last refresh'
         if not self.refreshed:
-            return f'InfoNoise check at {self.nimg / 1e3:g} kimg skipped: {self.reason}; {since}'
+            return f'InfoNoise check at {self.nimg / 1e3:g} kimg (step {self.step}) skipped: {self.reason}; {since}'
         q = '/'.join(f'{v:.2f}' for v in self.ln_sigma_quantiles)
         return (
-            f'InfoNoise refresh {self.refreshes} at {self.nimg / 1e3:g} kimg: pivot c = {self.pivot:.4g} '
+            f'InfoNoise refresh {self.refreshes} at {self.nimg / 1e3:g} kimg (step {self.step}): pivot c = {self.pivot:.4g} '
             f'({self.pivot_rule}; this refresh {self.raw_pivot:.4g}), ρ peaks at σ = {self.peak:.3g}, '
             f'ln σ q10/q50/q90 = {q}; {since}'
         )
 
 
-BASE_SAMPLERS = {
-    'lognormal': dict(class_name='infonoise.samplers.LogNormal', P_mean=-1.2, P_std=1.2),
-    'loguniform': dict(class_name='infonoise.samplers.LogUniform'),
-}
+def _base_sampler(base: str | NoiseSampler, sigma_min: float, sigma_max: float) -> NoiseSampler:
+    """The warm-up sampler: an instance as given, or 'lognormal' (EDM's) / 'loguniform' (on the estimation grid)."""
+    if isinstance(base, NoiseSampler):
+        return base
+    if base == 'lognormal':
+        return LogNormal(P_mean=-1.2, P_std=1.2)
+    if base == 'loguniform':
+        return LogUniform(sigma_min, sigma_max)
+    raise ValueError(f'Unknown base sampler "{base}"; choose "lognormal", "loguniform" or pass a NoiseSampler')
 
 
 class InfoNoise(NoiseSampler):
-    """Samples σ in proportion to the gated entropy-rate profile divided by the loss weight."""
+    """Samples σ in proportion to the gated entropy-rate profile divided by the loss weight (π ∝ ρ/w, Eq. 16).
+
+    Use it from any training loop, on every rank:
+
+        sigma = noise.sample(batch_size, device)              # [N] float32 VE noise levels
+        ...                                                   # x = x0 + sigma * eps, denoise, loss = w(sigma) * mse
+        noise.observe(sigma, mse)                             # [N] per-sample, UNweighted x0-space MSE
+
+    `observe` wants, per sample, the mean over elements of (D(x0 + σε; σ) − x0)², the denoiser's error in x0 space
+    at the VE noise level σ (another parameterisation converts with `infonoise.conversions`). Refreshes all-reduce
+    statistics, so in a distributed run every rank must call `observe` equally often with equal batch sizes.
+
+    Durations (refresh period, warm-up) are in images (`refresh_kimg`, `warmup_kimg`, counting all ranks) or in
+    optimiser steps (`refresh_steps`, `warmup_steps`: calls of `observe`); give one pair or the other.
+    """
 
     def __init__(
         self,
-        weight: str = 'edm',  # Loss weight w(σ) that π divides out (Eq. 16): a training.loss.WEIGHTS name.
+        weight: str | WeightFn = 'edm',  # w(σ) that π divides out (Eq. 16): a name in infonoise.WEIGHTS or σ -> w(σ).
         sigma_data: float = 0.5,  # σ_data of the EDM weight; the onset pivot's reference σ is 0.004·σ_data.
         sigma_min: float = 0.002,  # Lower end of the estimation grid and of π.
         sigma_max: float = 80.0,  # Upper end.
         num_bins: int = 64,  # K log-spaced intervals.
         buffer_size: int = 256,  # B: FIFO capacity per interval.
         ema_rate: float = 0.25,  # β: weight of the new buffer mean in the loss EMA (Alg. 1 line 11).
-        refresh_kimg: float = 50.0,  # M: refresh period, in thousands of images.
-        warmup_kimg: float = 1000.0,  # N_warm: images drawn from the base sampler before the first refresh.
+        refresh_kimg: float | None = None,  # M: refresh period, in thousands of images [default: 50].
+        warmup_kimg: float | None = None,  # N_warm: images drawn from the base sampler first [default: 1000].
         min_count: int = 16,  # N_min: losses every interval must hold (over all ranks) before a refresh.
         gate_n: float = 3.0,  # n of the gate g_{c,n} (Eq. 17).
         onset_p: float = 0.002,  # p of the onset-of-information pivot (Eq. 18).
         smoothing: float = 1.0,  # Width (in bins) of the peak-preserving smoothing of the gated rate, 0 = off.
         endpoint: str = 'continuous',  # 'continuous' (onset pivot) or 'discrete' (power-law break).
         pivot: float | None = None,  # Fixed pivot c instead of calibrating it at every refresh.
-        base: str = 'lognormal',  # Base sampler during warm-up: 'lognormal' (EDM) or 'loguniform'.
+        base: str | NoiseSampler = 'lognormal',  # Warm-up sampler: 'lognormal' (EDM), 'loguniform' or an instance.
         floor: float = 0.05,  # Weight ε of the log-uniform floor (warm-up draws; emphasis after refreshes).
+        refresh_steps: int | None = None,  # M in steps (calls of `observe`) instead of refresh_kimg.
+        warmup_steps: int | None = None,  # N_warm in steps instead of warmup_kimg.
+        callback: Callable[[RefreshCheck], None] | None = None,  # Called with every refresh check.
     ):
-        if weight not in WEIGHTS:
-            raise ValueError(f'Unknown loss weight "{weight}"; choose from {", ".join(WEIGHTS)}')
         if endpoint not in ('continuous', 'discrete'):
             raise ValueError(f'endpoint must be "continuous" or "discrete", got "{endpoint}"')
-        if base not in BASE_SAMPLERS:
-            raise ValueError(f'Unknown base sampler "{base}"; choose from {", ".join(BASE_SAMPLERS)}')
         if num_bins < 2 or buffer_size < 1 or min_count < 1 or not 0 < ema_rate <= 1 or not 0 <= floor <= 1:
             raise ValueError('Need num_bins >= 2, buffer_size >= 1, min_count >= 1, 0 < ema_rate <= 1, 0 <= floor <= 1')
-        if refresh_kimg <= 0 or warmup_kimg < 0 or (pivot is not None and pivot <= 0):
-            raise ValueError('Need refresh_kimg > 0, warmup_kimg >= 0 and a positive pivot')
+        if (refresh_steps is None) != (warmup_steps is None):
+            raise ValueError('Give refresh_steps and warmup_steps together (durations in steps), or neither')
+        self.in_steps = refresh_steps is not None
+        if self.in_steps and (refresh_kimg is not None or warmup_kimg is not None):
+            raise ValueError('Give durations in images (refresh_kimg, warmup_kimg) or in steps, not both')
+        if self.in_steps:
+            self.refresh_every, self.warmup = int(refresh_steps), int(warmup_steps)
+        else:
+            self.refresh_every = 1000 * (50.0 if refresh_kimg is None else refresh_kimg)
+            self.warmup = 1000 * (1000.0 if warmup_kimg is None else warmup_kimg)
+        if self.refresh_every <= 0 or self.warmup < 0 or (pivot is not None and pivot <= 0):
+            raise ValueError('Need a positive refresh period, a non-negative warm-up and a positive pivot')
         if not sigma_data > 0:
             raise ValueError(f'sigma_data must be positive, got {sigma_data}')
-        self.weight_name, self.sigma_data = weight, float(sigma_data)
+        self.weight_fn = resolve_weight(weight, float(sigma_data))
+        self.weight_name = weight if isinstance(weight, str) else getattr(weight, '__name__', 'custom')
+        self.sigma_data = float(sigma_data)
         self.grid = LogGrid.make(num_bins, sigma_min, sigma_max)
         self.buffer_size, self.ema_rate, self.min_count = int(buffer_size), float(ema_rate), int(min_count)
-        self.refresh_nimg, self.warmup_nimg = refresh_kimg * 1000, warmup_kimg * 1000
         self.gate_n, self.onset_p, self.smoothing = float(gate_n), float(onset_p), float(smoothing)
         self.endpoint, self.fixed_pivot, self.floor = endpoint, pivot, float(floor)
-        self.base_name = base
-        kwargs = dict(BASE_SAMPLERS[base])
-        if base == 'loguniform':
-            kwargs.update(sigma_min=sigma_min, sigma_max=sigma_max)
-        self.base = dnnlib.util.construct_class_by_name(**kwargs)
+        self.base = _base_sampler(base, sigma_min, sigma_max)
+        self.base_name = base if isinstance(base, str) else type(base).__name__
         self.floor_sampler = LogUniform(sigma_min, sigma_max)
         self.device = torch.device('cpu')
-        self.callback: Callable[[RefreshCheck], None] | None = None
+        self.callback = callback
         self._reset()
 
     def _reset(self) -> None:
@@ -137,12 +163,18 @@ class InfoNoise(NoiseSampler):
         self.last_profile: Profile | None = None
         self.last_check: RefreshCheck | None = None
         self.nimg = 0  # Images observed, all ranks together.
-        self.next_check_nimg = self.refresh_nimg  # Next refresh check.
+        self.steps = 0  # Calls of `observe`.
+        self.next_check = self.refresh_every  # Next refresh check, in images or steps (`in_steps`).
         self.refreshes = 0
         self.pivot = float('nan')
         self.raw_pivots: list[float] = []  # Calibrated pivots of the last refreshes, for debouncing.
         self.last_refresh_nimg: int | None = None
         self.last_refresh_time: float | None = None  # time.monotonic() of the last refresh in this process.
+
+    @property
+    def clock(self) -> int:
+        """Time as the durations count it: steps or images."""
+        return self.steps if self.in_steps else self.nimg
 
     def _to(self, device: torch.device | str) -> None:
         device = torch.device(device)
@@ -153,11 +185,18 @@ class InfoNoise(NoiseSampler):
             self.table = self.table.to(device) if self.table is not None else None
 
     def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
-        return WEIGHTS[self.weight_name](sigma, self.sigma_data)
+        """w(σ), the loss weight that π divides out."""
+        return self.weight_fn(sigma)
 
     # Sampling: the table after the first refresh; before it, the base mixed with the log-uniform floor.
     def icdf(self, u: torch.Tensor) -> torch.Tensor:
         return self.table.icdf(u) if self.table is not None else self.base.icdf(u)
+
+    def cdf(self, sigma: torch.Tensor) -> torch.Tensor:
+        """P(σ' <= σ) under the current law: the table's, or before the first refresh the warm-up mixture."""
+        if self.table is not None:
+            return self.table.cdf_at(sigma)
+        return (1 - self.floor) * self.base.cdf(sigma) + self.floor * self.floor_sampler.cdf(sigma)
 
     def sample(self, n: int, device: torch.device | str = 'cpu') -> torch.Tensor:
         self._to(device)
@@ -187,9 +226,10 @@ class InfoNoise(NoiseSampler):
         # Refresh check (Alg. 1 line 9); the image count is known on the host, so no sync is needed to decide.
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         self.nimg += sigma.numel() * world
-        if self.nimg >= self.next_check_nimg:
-            self.next_check_nimg = (self.nimg // self.refresh_nimg + 1) * self.refresh_nimg
-            if self.nimg > self.warmup_nimg:
+        self.steps += 1
+        if self.clock >= self.next_check:
+            self.next_check = (self.clock // self.refresh_every + 1) * self.refresh_every
+            if self.clock > self.warmup:
                 self.refresh()
 
     def _pooled_buffer_stats(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -216,7 +256,7 @@ class InfoNoise(NoiseSampler):
         sums, squares, counts = self._pooled_buffer_stats()
         since = None if self.last_refresh_nimg is None else self.nimg - self.last_refresh_nimg
         seconds = None if self.last_refresh_time is None else time.monotonic() - self.last_refresh_time
-        check = dict(nimg=self.nimg, refreshes=self.refreshes, since_nimg=since, since_seconds=seconds)
+        check = dict(nimg=self.nimg, step=self.steps, refreshes=self.refreshes, since_nimg=since, since_seconds=seconds)
         if counts.min() < self.min_count:
             return self._report(RefreshCheck(refreshed=False, reason=self._shortest_interval(counts), **check))
         means = sums / counts
@@ -267,9 +307,9 @@ class InfoNoise(NoiseSampler):
         return pivots.calibrate(sigma, rate, self.endpoint, rel_err, self.onset_p, self.sigma_data)
 
     def schedule_report(self, total_nimg: int, batch_size: int) -> list[str]:
-        """Before training: how this schedule will adapt in a run of `total_nimg` images at `batch_size` per step,
-        and warnings (lines starting 'Warning:') when it cannot: the warm-up outlasts the run, the intervals are
-        not expected to collect N_min losses in time, or the refresh period is shorter than a step.
+        """Before training: how this schedule will adapt in a run of `total_nimg` images at `batch_size` per step
+        (all ranks together), and warnings (lines starting 'Warning:') when it cannot: the warm-up outlasts the run,
+        the intervals are not expected to collect N_min losses in time, or the refresh period is shorter than a step.
 
         During the warm-up interval k receives a share p_k of the draws: (1 - ε) times the base sampler's
         probability of the interval plus ε times its share of ln σ (the floor). Counts pool over ranks and never
@@ -278,6 +318,8 @@ class InfoNoise(NoiseSampler):
         exceeds the buffers' capacity B × ranks).
         """
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        scale = batch_size if self.in_steps else 1  # Images per unit of the durations.
+        refresh_nimg, warmup_nimg = self.refresh_every * scale, self.warmup * scale
         x, w = self.base.ln_sigma_points()
         log_edges = self.grid.edges.log()
         base = torch.bincount(self.grid.bin_index(x.exp()), weights=w, minlength=self.grid.num_bins)
@@ -292,8 +334,8 @@ class InfoNoise(NoiseSampler):
                 mid = math.sqrt(lo * hi)
                 lo, hi = (lo, mid) if all_full(mid) >= 0.5 else (mid, hi)
             need = hi
-        first = max(self.warmup_nimg, need)  # The first check at or after it can refresh.
-        first = math.ceil(first / self.refresh_nimg) * self.refresh_nimg if math.isfinite(first) else math.inf
+        first = max(warmup_nimg, need)  # The first check at or after it can refresh.
+        first = math.ceil(first / refresh_nimg) * refresh_nimg if math.isfinite(first) else math.inf
         kimg = lambda n: f'{n / 1e3:.4g} kimg'  # noqa: E731
         lo_edge, hi_edge = float(self.grid.edges[rarest]), float(self.grid.edges[rarest + 1])
         rule = (
@@ -301,18 +343,18 @@ class InfoNoise(NoiseSampler):
         )
         lines = [
             f'InfoNoise: {self.grid.num_bins} intervals on [{float(self.grid.edges[0]):g}, '
-            f'{float(self.grid.edges[-1]):g}], warm-up {kimg(self.warmup_nimg)} under {self.base_name} '
-            f'(+{self.floor:.0%} log-uniform), then a refresh check every {kimg(self.refresh_nimg)}; pivot: {rule}',
+            f'{float(self.grid.edges[-1]):g}], warm-up {kimg(warmup_nimg)} under {self.base_name} '
+            f'(+{self.floor:.0%} log-uniform), then a refresh check every {kimg(refresh_nimg)}; pivot: {rule}',
             f'InfoNoise: the rarest interval (σ {lo_edge:.3g}-{hi_edge:.3g}) gets {float(share[rarest]):.3%} of the '
-            f'warm-up draws, {float(share[rarest]) * self.refresh_nimg:.1f} per refresh period; N_min = '
+            f'warm-up draws, {float(share[rarest]) * refresh_nimg:.1f} per refresh period; N_min = '
             f'{self.min_count} losses in every interval take '
             + (f'≈{kimg(need)} (median)' if math.isfinite(need) else f'forever (B × ranks = {self.buffer_size * world} < N_min)'),
         ]  # fmt: skip
-        last_check = total_nimg // self.refresh_nimg * self.refresh_nimg  # The last check within the run.
+        last_check = total_nimg // refresh_nimg * refresh_nimg  # The last check within the run.
         chance = all_full(last_check) if math.isfinite(need) else 0.0
-        if self.warmup_nimg >= last_check:
+        if warmup_nimg >= last_check:
             lines.append(
-                f'Warning: InfoNoise will not adapt: its warm-up ({kimg(self.warmup_nimg)}) lasts until the last '
+                f'Warning: InfoNoise will not adapt: its warm-up ({kimg(warmup_nimg)}) lasts until the last '
                 f'refresh check of the run ({kimg(last_check)} of {kimg(total_nimg)}), so every σ comes from the '
                 f'{self.base_name} base sampler'
             )
@@ -324,9 +366,9 @@ class InfoNoise(NoiseSampler):
             )
         else:
             lines.append(f'InfoNoise: first refresh expected at {kimg(first)} of {kimg(total_nimg)}')
-        if self.refresh_nimg < batch_size:
+        if refresh_nimg < batch_size:
             lines.append(
-                f'Warning: the InfoNoise refresh period ({self.refresh_nimg:g} images) is shorter than one step '
+                f'Warning: the InfoNoise refresh period ({refresh_nimg:g} images) is shorter than one step '
                 f'({batch_size} images): it checks once per step instead'
             )
         return lines
@@ -355,7 +397,7 @@ class InfoNoise(NoiseSampler):
     def state_dict(self) -> dict[str, Any]:
         return dict(
             buffer=self.buffer.cpu(), ptr=self.ptr.cpu(), count=self.count.cpu(), nonfinite=self.nonfinite.cpu(),
-            mse=self.mse.clone(), nimg=self.nimg, next_check_nimg=self.next_check_nimg, refreshes=self.refreshes,
+            mse=self.mse.clone(), nimg=self.nimg, steps=self.steps, next_check=self.next_check, refreshes=self.refreshes,
             pivot=self.pivot, raw_pivots=list(self.raw_pivots), last_refresh_nimg=self.last_refresh_nimg,
             table=None if self.table is None else dict(sigma=self.table.sigma.cpu(), cdf=self.table.cdf.cpu()),
             profile=self.profile(),
@@ -369,7 +411,8 @@ class InfoNoise(NoiseSampler):
         self.device = torch.device('cpu')
         self.buffer, self.ptr, self.count = state['buffer'].clone(), state['ptr'].clone(), state['count'].clone()
         self.nonfinite, self.mse = state['nonfinite'].clone(), state['mse'].clone()
-        self.nimg, self.next_check_nimg = state['nimg'], state['next_check_nimg']
+        self.nimg, self.steps = state['nimg'], state.get('steps', 0)
+        self.next_check = state['next_check'] if 'next_check' in state else state['next_check_nimg']
         self.refreshes, self.pivot = state['refreshes'], state['pivot']
         # States written before debouncing existed hold no pivot history: it starts from the pivot in use.
         self.raw_pivots = list(state.get('raw_pivots', [] if self.refreshes == 0 else [self.pivot]))

@@ -14,9 +14,9 @@ With the exact empirical-Bayes denoiser (`infonoise.empirical_bayes`) in place o
 data set's own Bayes mmse(σ) and the profile is exact up to Monte-Carlo error. A finite set of points has discrete
 endpoints (bounded H[x0|xσ], App. B.1), so that profile takes the power-law pivot unless told otherwise.
 
-    python -m infonoise.diagnose profile --network=NET --data=DATA.zip --out=PROFILE.json --plot=PROFILE.png
-    python -m infonoise.diagnose bayes --data=DATA.zip --out=EXACT.json
-    python -m infonoise.diagnose figure --data=DATA.zip --out=DENOISED.png
+    python diagnose.py profile --network=NET --data=DATA.zip --out=PROFILE.json --plot=PROFILE.png
+    python diagnose.py bayes --data=DATA.zip --out=EXACT.json
+    python diagnose.py figure --data=DATA.zip --out=DENOISED.png
 """
 
 import functools
@@ -33,14 +33,14 @@ import tqdm
 from infonoise import pivot as pivots
 from infonoise.empirical_bayes import EmpiricalBayesDenoiser, denoising_rows
 from infonoise.grids import information_coordinate
-from infonoise.infonoise import InfoNoise
 from infonoise.plots import save_profile_plot
 from infonoise.profile import LogGrid, Profile, entropy_rate
 from infonoise.profile import build_profile as refresh_profile
+from infonoise.schedule import InfoNoise
+from infonoise.weights import WEIGHTS
 from torch_utils.persistence import load_network
 from training.dataset import Dataset
 from training.dataset import open_dataset as open_any_dataset
-from training.loss import WEIGHTS
 from training.sampling import images_to_uint8, save_image, tile_images
 
 # Schedule settings default to online InfoNoise's, so that the same rate gives the same pivot, ρ and π.

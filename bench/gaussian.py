@@ -8,7 +8,7 @@ grid without training or Monte Carlo (Poor, Sun and Zhang 2026, "An elementary a
 generative diffusion models"). The cumulative information of Eq. 19 is Σ √λ arctan(σ/√λ) here, so InfoGrid on
 the exact profile is their tangent law.
 
-`python -m infonoise.gaussian` prints that KL for EDM's ρ-grid, InfoGrid and the log-uniform grid at several
+`python -m bench.gaussian` prints that KL for EDM's ρ-grid, InfoGrid and the log-uniform grid at several
 NFE, on the MNIST-5k PCA spectrum and on a CIFAR-like power-law spectrum. Everything is float64.
 """
 
