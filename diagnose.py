@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import tqdm
 
+from dnnlib import cli
+from dnnlib.util import atomic_write
 from infonoise import pivot as pivots
 from infonoise.empirical_bayes import EmpiricalBayesDenoiser, denoising_rows
 from infonoise.grids import information_coordinate
@@ -38,7 +40,7 @@ from infonoise.profile import LogGrid, Profile, entropy_rate
 from infonoise.profile import build_profile as refresh_profile
 from infonoise.schedule import InfoNoise
 from infonoise.weights import WEIGHTS
-from torch_utils.persistence import load_network
+from training.checkpoint import load_network
 from training.dataset import Dataset
 from training.dataset import open_dataset as open_any_dataset
 from training.sampling import images_to_uint8, save_image, tile_images
@@ -189,12 +191,6 @@ def check_output(path: str | None, option: str) -> None:
         raise click.ClickException(f'{option}: directory of "{path}" does not exist')
 
 
-def pick_device(device: str | None) -> str:
-    if device == 'cuda' and not torch.cuda.is_available():
-        raise click.ClickException('--device=cuda, but no CUDA device is available')
-    return device or ('cuda' if torch.cuda.is_available() else 'cpu')
-
-
 def run_profile(net, dataset: Dataset, source: str, sigma_data: float, opts: dict) -> None:
     """Measure, build, write and summarise the profile of `net` on `dataset` (shared by `profile` and `bayes`)."""
     check_output(opts['out'], '--out')
@@ -225,7 +221,7 @@ def run_profile(net, dataset: Dataset, source: str, sigma_data: float, opts: dic
         profile, grid, source=source, data=opts['data'], endpoint=endpoint, weight_name=opts['weight'],
         sigma_data=sigma_data, num_samples=opts['samples'], seed=opts['seed'], seconds=seconds,
     )  # fmt: skip
-    with open(opts['out'], 'w', encoding='utf-8') as f:
+    with atomic_write(opts['out'], 'w', encoding='utf-8') as f:
         json.dump(record, f, allow_nan=False)
     if opts['plot'] is not None:
         save_profile_plot(profile, opts['plot'], title=f'Offline ({source})')
@@ -249,16 +245,16 @@ def profile_options(command):
         click.option('--plot', help='Also draw the profile (PNG)', metavar='FILE'),
         click.option('--points', help='Number K of log-spaced σ', type=click.IntRange(min=2), default=128),
         click.option('--samples', help='Noisy images S per σ', type=click.IntRange(min=2), default=1024),
-        click.option('--sigma-min', help='Lower end of the σ-grid', type=float, default=ONLINE['sigma_min']),
-        click.option('--sigma-max', help='Upper end of the σ-grid', type=float, default=ONLINE['sigma_max']),
+        click.option('--sigma-min', help='Lower end of the σ-grid', type=cli.FloatRange(min=0, min_open=True), default=ONLINE['sigma_min']),
+        click.option('--sigma-max', help='Upper end of the σ-grid', type=cli.FloatRange(min=0, min_open=True), default=ONLINE['sigma_max']),
         click.option('--batch', help='Images per evaluation', type=click.IntRange(min=1), default=256),
         click.option('--seed', help='Random seed of images and noise', type=click.IntRange(min=0), default=0),
         click.option('--device', help='Device  [default: cuda if available, else cpu]', type=click.Choice(['cuda', 'cpu'])),
         click.option('--endpoint', help='Pivot rule: onset (continuous) or power law (discrete); auto: from the pixels, discrete for bayes', type=click.Choice(['auto', 'continuous', 'discrete']), default='auto'),
         click.option('--weight', help='Loss weight w that π divides out', type=click.Choice(list(WEIGHTS)), default=ONLINE['weight']),
-        click.option('--sigma-data', help='σ_data of the EDM weight  [default: the network\'s, else 0.5]', type=click.FloatRange(min=0, min_open=True)),
-        click.option('--smoothing', help='Smoothing width of the gated rate (grid points)', type=click.FloatRange(min=0), default=ONLINE['smoothing']),
-        click.option('--floor', help='Weight of the log-uniform floor in the emphasis', type=click.FloatRange(0, 1), default=ONLINE['floor']),
+        click.option('--sigma-data', help='σ_data of the EDM weight  [default: the network\'s, else 0.5]', type=cli.FloatRange(min=0, min_open=True)),
+        click.option('--smoothing', help='Smoothing width of the gated rate (grid points)', type=cli.FloatRange(min=0), default=ONLINE['smoothing']),
+        click.option('--floor', help='Weight of the log-uniform floor in the emphasis', type=cli.FloatRange(0, 1), default=ONLINE['floor']),
     ]  # fmt: skip
     return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
 
@@ -287,7 +283,7 @@ def main():
 @click_errors
 def profile(network, **opts):
     """Profile of a frozen network on a data set (labels from the data set for conditional networks)."""
-    opts['device'] = pick_device(opts['device'])
+    opts['device'] = cli.pick_device(opts['device'])
     if not os.path.exists(network) and '://' not in network:
         raise click.ClickException(f'--network: no such file "{network}"')
     net = load_network(network, device=opts['device']).net
@@ -304,7 +300,7 @@ def profile(network, **opts):
 @click_errors
 def bayes(max_size, **opts):
     """Exact profile of a data set: its empirical-Bayes denoiser (App. A.2, D.1) in place of a network."""
-    opts['device'] = pick_device(opts['device'])
+    opts['device'] = cli.pick_device(opts['device'])
     # The empirical prior is a finite set of points: H[x0|xσ] <= log N is bounded and mmse vanishes faster than any
     # power of σ, the discrete-endpoint case of App. B.1, whatever the pixel values. The onset rule would put the
     # pivot above the rate's peak and gate the informative window away.
@@ -343,7 +339,7 @@ def parse_sigmas(ctx, param, value: str) -> list[float]:
 @click_errors
 def figure(data, out, images, sigmas, max_size, seed, device):
     """Noisy inputs (upper row) and their Bayes-optimal denoised images (lower row), per image (Figures 1 and 12)."""
-    device = pick_device(device)
+    device = cli.pick_device(device)
     check_output(out, '--out')
     dataset = open_dataset(data, max_size=max_size)
     pixels = to_float(read_images(dataset, torch.arange(len(dataset)))[0])

@@ -113,13 +113,16 @@ def load_images(path: str, max_size: int | None = None, random_seed: int = 0) ->
 # Command line.
 
 POSITIVE_INT = click.IntRange(min=1)
+# DataLoader workers per rank: EDM's 3, but never more than the CPUs this process may use, less one for the main one.
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+DEFAULT_WORKERS = min(3, CPUS - 1)
 
 
 def common_options(fn):
     """Options shared by both commands."""
     # fmt: off
     fn = click.option('--device',             help='Device  [default: cuda if available, else cpu]', type=click.Choice(['cuda', 'cpu']))(fn)
-    fn = click.option('--workers', 'num_workers', help='DataLoader worker processes per rank', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)(fn)
+    fn = click.option('--workers', 'num_workers', help='DataLoader worker processes per rank', metavar='INT', type=click.IntRange(min=0), default=DEFAULT_WORKERS, show_default='min(3, CPUs - 1)')(fn)
     fn = click.option('--detector', 'detector_spec', help='Feature detector: TorchScript FILE|URL, fid-helper, mnist, or ars (DNA)', metavar='SPEC', default=DEFAULT_DETECTOR, show_default="NVIDIA's inception-2015-12-05.pt")(fn)
     fn = click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=POSITIVE_INT, default=64, show_default=True)(fn)
     # fmt: on
@@ -188,8 +191,10 @@ def calc(image_path, ref_path, num_expected, seed, max_batch_size, detector_spec
     mu, sigma = calc_stats(dataset, detector, max_batch_size, num_workers, device)
 
     dist.print0('Calculating FID...')
+    caveat = ' (fewer than 50,000: biased upwards, compare only at equal N)' if len(dataset) < 50000 else ''
+    dist.print0(f'Frechet distance, detector {detector_spec}, {len(dataset)} images{caveat}:')
     if dist.get_rank() == 0:
-        print(f'{frechet_distance(mu, sigma, mu_ref, sigma_ref):g}')
+        print(f'{frechet_distance(mu, sigma, mu_ref, sigma_ref):g}')  # The last line is the number alone, as EDM's.
     dist.barrier()
     dist.shutdown()
 

@@ -23,11 +23,12 @@ import PIL.Image
 import torch
 import tqdm
 
-from dnnlib.util import parse_int_list
+from dnnlib import cli
+from dnnlib.util import atomic_write, parse_int_list
 from infonoise import grids
 from torch_utils import distributed as dist
-from torch_utils.persistence import load_network
 from training import sequences
+from training.checkpoint import load_network
 from training.networks import SequenceUNet
 from training.sampling import (
     StackedRandomGenerator,
@@ -202,8 +203,8 @@ def resolve_grid(grid, num_steps, steps_given, sigma_min, sigma_max, rho, profil
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line.
 
-POSITIVE = click.FloatRange(min=0, min_open=True)
-NON_NEGATIVE = click.FloatRange(min=0)
+POSITIVE = cli.FloatRange(min=0, min_open=True)
+NON_NEGATIVE = cli.FloatRange(min=0)
 POSITIVE_INT = click.IntRange(min=1)
 NON_NEGATIVE_INT = click.IntRange(min=0)
 
@@ -226,8 +227,8 @@ NON_NEGATIVE_INT = click.IntRange(min=0)
 # Sampler.
 @click.option('--S_churn', 'S_churn',     help='Stochasticity strength', metavar='FLOAT', type=NON_NEGATIVE, default=0)
 @click.option('--S_min', 'S_min',         help='Stoch. min noise level', metavar='FLOAT', type=NON_NEGATIVE, default=0)
-@click.option('--S_max', 'S_max',         help='Stoch. max noise level', metavar='FLOAT', type=NON_NEGATIVE, default='inf')
-@click.option('--S_noise', 'S_noise',     help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1)
+@click.option('--S_max', 'S_max',         help='Stoch. max noise level', metavar='FLOAT', type=cli.FloatRange(min=0, allow_inf=True), default='inf')
+@click.option('--S_noise', 'S_noise',     help='Stoch. noise inflation', metavar='FLOAT', type=cli.FLOAT, default=1)
 @click.option('--solver',                 help='Ablate ODE solver', type=click.Choice(['heun', 'euler']), default='heun')
 @click.option('--disc', 'discretization', help="Ablate time step discretization (EDM's name for --grid)", type=click.Choice(['vp', 've', 'iddpm', 'edm']))
 @click.option('--schedule',               help='Ablate noise schedule sigma(t)', type=click.Choice(['vp', 've', 'linear']), default='linear')
@@ -275,7 +276,7 @@ def main(
     \b
     # The same seeds on InfoGrid, from the profile learned by InfoNoise training
     python generate.py --outdir=out-info --seeds=0-63 --grid=infogrid --steps=18 \\
-        --network=training-runs/00000-mnist5k-16x16-uncond-ddpmpp-edm-gpus1-batch64-fp32/network-snapshot-000120.pt
+        --network=training-runs/00000-mnist5k-16x16-uncond-ddpmpp-edm-infonoise-gpus1-batch64-fp32/network-snapshot-000120.pt
 
     \b
     # Generate 1024 images using 2 GPUs, also as one .npz for FID tools
@@ -294,6 +295,8 @@ def main(
         grid = discretization
     if profile is not None and grid not in ('infogrid', 'tangent'):
         raise click.ClickException(f'--profile is used by --grid=infogrid or tangent, not --grid={grid}')
+    if grid_png is not None and os.path.commonpath([os.path.abspath(grid_png), os.path.abspath(outdir)]) == os.path.abspath(outdir):
+        raise click.ClickException(f'--grid-png "{grid_png}" is inside --outdir, whose images fid.py reads; write it elsewhere')
     try:
         device = dist.init(device)
     except RuntimeError as e:
@@ -333,7 +336,7 @@ def main(
             grid_info, network=network_pkl, solver=solver, schedule=schedule, scaling=scaling, num_steps=num_steps,
             nfe=nfe, **churn, binarize=binarize, sigmas=sigmas.tolist(),
         )  # fmt: skip
-        with open(os.path.join(outdir, 'grid.json'), 'w', encoding='utf-8') as f:
+        with atomic_write(os.path.join(outdir, 'grid.json'), 'w', encoding='utf-8') as f:
             json.dump(record, f, indent=2, allow_nan=False)
     if schedule == 'linear' and scaling == 'none':
         sampler_kwargs = dict(solver=solver, **churn_kwargs)

@@ -15,10 +15,12 @@ import numpy as np
 import torch
 
 import dnnlib
+from dnnlib import cli
+from infonoise.grids import VP_BETA_D, VP_BETA_MIN, VP_EPSILON_T
 from infonoise.pivot import is_discrete
 from infonoise.samplers import VPSampler
 from torch_utils import distributed as dist
-from training import training_loop
+from training import checkpoint, training_loop
 
 warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')  # False warning printed by PyTorch.
 
@@ -69,7 +71,9 @@ SAMPLER_KWARGS = {
         sigma_min=PRECOND_SIGMA_RANGE[precond][0],
         sigma_max=PRECOND_SIGMA_RANGE[precond][1],
     ),
-    'vp': lambda precond: dict(class_name='infonoise.samplers.VPSampler', beta_d=19.9, beta_min=0.1, epsilon_t=1e-5),
+    'vp': lambda precond: dict(
+        class_name='infonoise.samplers.VPSampler', beta_d=VP_BETA_D, beta_min=VP_BETA_MIN, epsilon_t=VP_EPSILON_T
+    ),
 }
 
 
@@ -112,13 +116,34 @@ def infonoise_kwargs(opts: dnnlib.EasyDict, weight: str, discrete_data: bool) ->
     )  # fmt: skip
 
 
+def next_run_dir(outdir: str, desc: str) -> str:
+    """OUTDIR/NNNNN-DESC with NNNNN one above the highest run id in `outdir` (EDM's numbering)."""
+    names = [x for x in os.listdir(outdir) if os.path.isdir(os.path.join(outdir, x))] if os.path.isdir(outdir) else []
+    ids = [int(m.group()) for m in (re.match(r'^\d+', x) for x in names) if m is not None]
+    return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
+
+
+def create_run_dir(outdir: str, desc: str) -> str:
+    """Create the next run directory exclusively: a job that lists `outdir` at the same time as another and loses the
+    race to create the directory takes the next id, so two runs never share one."""
+    os.makedirs(outdir, exist_ok=True)
+    while True:
+        run_dir = next_run_dir(outdir, desc)
+        try:
+            os.mkdir(run_dir)
+            return run_dir
+        except FileExistsError:
+            continue
+
+
 def find_resume_state(path: str) -> str:
     """A training-state-*.pt file (ours or EDM's), or the newest one in a run directory."""
     if os.path.isdir(path):
-        states = sorted(f for f in os.listdir(path) if re.fullmatch(r'training-state-\d+\.pt', f))
+        # By kimg as a number: past 999,999 kimg the names grow a digit and text order would pick an older state.
+        states = [f for f in os.listdir(path) if re.fullmatch(r'training-state-\d+\.pt', f)]
         if not states:
             raise click.ClickException(f'--resume: no training-state-*.pt in "{path}"')
-        return os.path.join(path, states[-1])
+        return os.path.join(path, max(states, key=lambda f: int(re.sub(r'\D', '', f))))
     if not os.path.isfile(path):
         raise click.ClickException(f'--resume: no such file or directory "{path}"')
     return path
@@ -139,40 +164,40 @@ def find_resume_state(path: str) -> str:
 # InfoNoise (--sampler=infonoise); see the README for how the defaults were chosen.
 @click.option('--info-bins',     help='InfoNoise: log-spaced intervals K', metavar='INT',                type=click.IntRange(min=2), default=64, show_default=True)
 @click.option('--info-buffer',   help='InfoNoise: FIFO capacity B per interval', metavar='INT',          type=click.IntRange(min=1), default=256, show_default=True)
-@click.option('--info-beta',     help='InfoNoise: EMA rate of the per-interval loss', metavar='FLOAT',   type=click.FloatRange(min=0, max=1, min_open=True), default=0.25, show_default=True)
-@click.option('--info-refresh',  help='InfoNoise: refresh period M', metavar='KIMG',                     type=click.FloatRange(min=0, min_open=True), default=50, show_default=True)
-@click.option('--info-warmup',   help='InfoNoise: warm-up N_warm under the base sampler', metavar='KIMG', type=click.FloatRange(min=0), default=1000, show_default=True)
+@click.option('--info-beta',     help='InfoNoise: EMA rate of the per-interval loss', metavar='FLOAT',   type=cli.FloatRange(min=0, max=1, min_open=True), default=0.25, show_default=True)
+@click.option('--info-refresh',  help='InfoNoise: refresh period M', metavar='KIMG',                     type=cli.FloatRange(min=0, min_open=True), default=50, show_default=True)
+@click.option('--info-warmup',   help='InfoNoise: warm-up N_warm under the base sampler', metavar='KIMG', type=cli.FloatRange(min=0), default=1000, show_default=True)
 @click.option('--info-nmin',     help='InfoNoise: losses N_min per interval before a refresh', metavar='INT', type=click.IntRange(min=1), default=16, show_default=True)
-@click.option('--info-gate-n',   help='InfoNoise: gate exponent n', metavar='FLOAT',                     type=click.FloatRange(min=0, min_open=True), default=3, show_default=True)
-@click.option('--info-p',        help='InfoNoise: onset threshold p', metavar='FLOAT',                   type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=0.002, show_default=True)
-@click.option('--info-smooth',   help='InfoNoise: peak-preserving smoothing width, 0 = off', metavar='BINS', type=click.FloatRange(min=0), default=1, show_default=True)
+@click.option('--info-gate-n',   help='InfoNoise: gate exponent n', metavar='FLOAT',                     type=cli.FloatRange(min=0, min_open=True), default=3, show_default=True)
+@click.option('--info-p',        help='InfoNoise: onset threshold p', metavar='FLOAT',                   type=cli.FloatRange(min=0, max=1, min_open=True, max_open=True), default=0.002, show_default=True)
+@click.option('--info-smooth',   help='InfoNoise: peak-preserving smoothing width, 0 = off', metavar='BINS', type=cli.FloatRange(min=0), default=1, show_default=True)
 @click.option('--info-endpoint', help='InfoNoise: endpoint type (auto = detect from the data)',          type=click.Choice(['auto', 'continuous', 'discrete']), default='auto', show_default=True)
-@click.option('--info-pivot',    help='InfoNoise: fixed pivot c  [default: calibrated]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--info-pivot',    help='InfoNoise: fixed pivot c  [default: calibrated]', metavar='FLOAT', type=cli.FloatRange(min=0, min_open=True))
 @click.option('--info-base',     help='InfoNoise: base sampler for the warm-up',                         type=click.Choice(['lognormal', 'loguniform']), default='lognormal', show_default=True)
-@click.option('--info-floor',    help='InfoNoise: log-uniform mixing floor', metavar='FLOAT',           type=click.FloatRange(min=0, max=1), default=0.05, show_default=True)
-@click.option('--info-sigma-min', help="InfoNoise: lowest σ  [default: the precond's]", metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--info-sigma-max', help="InfoNoise: highest σ  [default: the precond's]", metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--info-floor',    help='InfoNoise: log-uniform mixing floor', metavar='FLOAT',           type=cli.FloatRange(min=0, max=1), default=0.05, show_default=True)
+@click.option('--info-sigma-min', help="InfoNoise: lowest σ  [default: the precond's]", metavar='FLOAT', type=cli.FloatRange(min=0, min_open=True))
+@click.option('--info-sigma-max', help="InfoNoise: highest σ  [default: the precond's]", metavar='FLOAT', type=cli.FloatRange(min=0, min_open=True))
 
 # Hyperparameters.
-@click.option('--duration',   help='Training duration', metavar='MIMG',                              type=click.FloatRange(min=0, min_open=True), default=200, show_default=True)
+@click.option('--duration',   help='Training duration', metavar='MIMG',                              type=cli.FloatRange(min=0, min_open=True), default=200, show_default=True)
 @click.option('--batch',      help='Total batch size', metavar='INT',                                type=click.IntRange(min=1), default=512, show_default=True)
 @click.option('--batch-gpu',  help='Limit batch size per GPU', metavar='INT',                        type=click.IntRange(min=1))
 @click.option('--cbase',      help='Channel multiplier  [default: varies]', metavar='INT',           type=click.IntRange(min=1))
 @click.option('--cres',       help='Channels per resolution  [default: varies]', metavar='LIST',     type=dnnlib.util.parse_int_list)
 @click.option('--blocks',     help='Residual blocks per resolution  [default: varies]', metavar='INT', type=click.IntRange(min=1))
 @click.option('--attn',       help='Resolutions with self-attention  [default: varies]', metavar='LIST', type=dnnlib.util.parse_int_list)
-@click.option('--lr',         help='Learning rate', metavar='FLOAT',                                 type=click.FloatRange(min=0, min_open=True), default=10e-4, show_default=True)
-@click.option('--lr-rampup',  help='Learning rate ramp-up', metavar='KIMG',                          type=click.FloatRange(min=0), default=10000, show_default=True)
-@click.option('--ema',        help='EMA half-life', metavar='MIMG',                                  type=click.FloatRange(min=0), default=0.5, show_default=True)
-@click.option('--dropout',    help='Dropout probability', metavar='FLOAT',                           type=click.FloatRange(min=0, max=1), default=0.13, show_default=True)
-@click.option('--augment',    help='Augment probability', metavar='FLOAT',                           type=click.FloatRange(min=0, max=1), default=0.12, show_default=True)
+@click.option('--lr',         help='Learning rate', metavar='FLOAT',                                 type=cli.FloatRange(min=0, min_open=True), default=10e-4, show_default=True)
+@click.option('--lr-rampup',  help='Learning rate ramp-up', metavar='KIMG',                          type=cli.FloatRange(min=0), default=10000, show_default=True)
+@click.option('--ema',        help='EMA half-life', metavar='MIMG',                                  type=cli.FloatRange(min=0), default=0.5, show_default=True)
+@click.option('--dropout',    help='Dropout probability', metavar='FLOAT',                           type=cli.FloatRange(min=0, max=1), default=0.13, show_default=True)
+@click.option('--augment',    help='Augment probability', metavar='FLOAT',                           type=cli.FloatRange(min=0, max=1), default=0.12, show_default=True)
 @click.option('--xflip',      help='Enable dataset x-flips', metavar='BOOL',                         type=bool, default=False, show_default=True)
 
 # Performance-related.
 @click.option('--fp16',       help='Enable mixed-precision training (EDM fp16 nets, CUDA)', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--bf16',       help='Run the network under bfloat16 autocast', metavar='BOOL',        type=bool, default=False, show_default=True)
 @click.option('--compile',    help='Wrap the network in torch.compile', metavar='BOOL',              type=bool, default=False, show_default=True)
-@click.option('--ls',         help='Loss scaling', metavar='FLOAT',                                  type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
+@click.option('--ls',         help='Loss scaling', metavar='FLOAT',                                  type=cli.FloatRange(min=0, min_open=True), default=1, show_default=True)
 @click.option('--bench',      help='Enable cuDNN benchmarking', metavar='BOOL',                      type=bool, default=True, show_default=True)
 @click.option('--cache',      help='Cache dataset in CPU memory', metavar='BOOL',                    type=bool, default=True, show_default=True)
 @click.option('--workers',    help='DataLoader worker processes (0 = main process)', metavar='INT',  type=click.IntRange(min=0), default=1, show_default=True)
@@ -304,7 +329,7 @@ def main(**kwargs):
             c.network_kwargs, img_resolution=c.dataset_kwargs.resolution, img_channels=img_channels, label_dim=label_dim
         )
         try:
-            state = training_loop.load_training_state(c.resume_state, net_kwargs, c.noise_kwargs)
+            state = checkpoint.load_training_state(c.resume_state, net_kwargs, c.noise_kwargs)
         except ValueError as e:
             raise click.ClickException(f'--resume: {e}') from None
         if seed is None:
@@ -319,7 +344,7 @@ def main(**kwargs):
     # Description string.
     cond_str = 'cond' if c.dataset_kwargs.use_labels else 'uncond'
     dtype_str = 'fp16' if opts.fp16 else 'bf16' if opts.bf16 else 'fp32'
-    desc = f'{os.path.splitext(os.path.basename(opts.data.rstrip("/")))[0]}-{cond_str}-{opts.arch}-{opts.precond}-gpus{world}-batch{c.batch_size}-{dtype_str}'
+    desc = f'{os.path.splitext(os.path.basename(opts.data.rstrip("/")))[0]}-{cond_str}-{opts.arch}-{opts.precond}-{sampler}-gpus{world}-batch{c.batch_size}-{dtype_str}'
     if opts.desc is not None:
         desc += f'-{opts.desc}'
 
@@ -329,16 +354,7 @@ def main(**kwargs):
     elif opts.nosubdir:
         c.run_dir = opts.outdir
     else:
-        prev_run_dirs = (
-            [x for x in os.listdir(opts.outdir) if os.path.isdir(os.path.join(opts.outdir, x))]
-            if os.path.isdir(opts.outdir)
-            else []
-        )
-        prev_run_ids = [int(m.group()) for m in (re.match(r'^\d+', x) for x in prev_run_dirs) if m is not None]
-        cur_run_id = max(prev_run_ids, default=-1) + 1
-        c.run_dir = os.path.join(opts.outdir, f'{cur_run_id:05d}-{desc}')
-        if os.path.exists(c.run_dir):
-            raise click.ClickException(f'Run directory already exists: {c.run_dir}')
+        c.run_dir = next_run_dir(opts.outdir, desc)
     c.run_dir = dist.broadcast_object(c.run_dir)
 
     # Print options.
@@ -351,9 +367,13 @@ def main(**kwargs):
     dist.print0(f'Class-conditional:       {c.dataset_kwargs.use_labels}')
     dist.print0(f'Network architecture:    {opts.arch}')
     dist.print0(f'Preconditioning & loss:  {opts.precond} (weight {weight})')
-    dist.print0(f'Noise sampler:           {c.noise_kwargs.class_name}')
+    settings = ', '.join(f'{k}={v}' for k, v in c.noise_kwargs.items() if k != 'class_name')
+    dist.print0(f'Noise sampler:           {c.noise_kwargs.class_name}' + (f' ({settings})' if settings else ''))
     dist.print0(f'Device:                  {device} x {world}')
+    dist.print0(f'Duration:                {c.total_kimg} kimg')
     dist.print0(f'Batch size:              {c.batch_size}')
+    dist.print0(f'Learning rate:           {c.optimizer_kwargs.lr:g} (ramp-up {c.lr_rampup_kimg:g} kimg)')
+    dist.print0(f'EMA half-life:           {c.ema_halflife_kimg:g} kimg')
     dist.print0(f'Precision:               {dtype_str}')
     dist.print0()
 
@@ -370,7 +390,15 @@ def main(**kwargs):
     dist.print0('Creating output directory...')
     logger = None
     if dist.get_rank() == 0:
-        os.makedirs(c.run_dir, exist_ok=True)
+        if opts.nosubdir:
+            os.makedirs(c.run_dir, exist_ok=True)
+        else:
+            run_dir = create_run_dir(opts.outdir, desc)
+            if run_dir != c.run_dir:
+                dist.print0(f'{c.run_dir} was taken meanwhile; output directory: {run_dir}')
+            c.run_dir = run_dir
+    c.run_dir = dist.broadcast_object(c.run_dir)
+    if dist.get_rank() == 0:
         with open(os.path.join(c.run_dir, 'training_options.json'), 'w') as f:
             json.dump(c, f, indent=2)
         logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)

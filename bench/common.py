@@ -43,11 +43,15 @@ DATASET_SOURCES = {
 GENERATE_BATCH = 250  # Images per sampler call and per detector batch.
 
 
-def pick_device(name: str | None) -> torch.device:
-    """--device: CUDA if available unless told otherwise; a clear error for CUDA on a machine without it."""
-    if name == 'cuda' and not torch.cuda.is_available():
-        raise click.ClickException('--device=cuda, but no CUDA device is available')
-    return torch.device(name or ('cuda' if torch.cuda.is_available() else 'cpu'))
+def parse_nfe(ctx, param, value: str) -> list[int]:
+    """--nfe: comma-separated network-evaluation budgets, sorted and unique; `num_steps_for` checks each per solver."""
+    try:
+        nfe = sorted({int(v) for v in value.split(',') if v.strip()})
+    except ValueError:
+        raise click.BadParameter(f'expected comma-separated integers, got "{value}"') from None
+    if not nfe or nfe[0] < 1:
+        raise click.BadParameter('need at least one NFE, all positive')
+    return nfe
 
 
 def apply_quick(ctx: click.Context, opts: dict, quick_values: dict) -> None:

@@ -33,6 +33,7 @@ from bench.common import (
     run_record,
     write_json,
 )
+from dnnlib.cli import pick_device
 from examples import rectified_flow as rf
 from infonoise import flow_sigma_from_t
 
@@ -40,6 +41,7 @@ QUICK = dict(kimg=0.768, eval_every=0.384, samples=64, steps=4, seeds='0')
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Float NCHW images in [-1, 1] to uint8 NCHW, the rounding of EDM's images_to_uint8 (x·127.5 + 128, truncated)."""
     return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
@@ -66,6 +68,7 @@ def t_densities(noise, t: np.ndarray) -> dict[str, np.ndarray]:
 @click.option('--eval-every', help='kimg between evaluations', type=float, default=20.0, show_default=True)
 @click.option('--samples', help='Samples per evaluation', type=click.IntRange(min=2), default=1000, show_default=True)
 @click.option('--steps', help='Euler steps of the sampler', type=click.IntRange(min=1), default=32, show_default=True)
+@click.option('--device', help='Device  [default: cuda if available, else cpu]', type=click.Choice(['cuda', 'cpu']))
 @click.option('--quick', help='Smoke run: tiny budgets', is_flag=True)
 @click.pass_context
 def main(ctx, **opts):
@@ -79,7 +82,7 @@ def main(ctx, **opts):
             raise click.ClickException(f'--schedules: unknown "{name}"; choose from {", ".join(rf.SCHEDULES)}')
     os.makedirs(opts['out'], exist_ok=True)
     ensure_dataset(opts['data'], DATASET_SOURCES['mnist'])
-    device = torch.device('cpu')
+    device = pick_device(opts['device'])
     score = fd_mnist_score(opts['data'], os.path.join(opts['out'], 'fd-ref.npz'), device)
     floor = score.real_floor(opts['samples'])
     cache_path = os.path.join(opts['out'], 'runs.json')
@@ -96,13 +99,19 @@ def main(ctx, **opts):
             def evaluate(kimg_done, ema, evals=evals, key=key, seed=seed):
                 x = rf.sample(ema, opts['samples'], opts['steps'], seed=1000 + seed)
                 evals[f'{kimg_done:g}'] = score(to_uint8(x))
-                click.echo(f'{key}: FD-MNIST {evals[f"{kimg_done:g}"]:.2f} at {kimg_done:g} kimg', err=True)
+                click.echo(f'{key}: FD-MNIST {evals[f"{kimg_done:g}"]:.2f} at {kimg_done:g} kimg')
 
             if key in runs:
                 continue
             t0 = time.time()
             ema, noise = rf.train(
-                opts['data'], name, opts['kimg'], seed=seed, on_kimg=evaluate, eval_kimg=opts['eval_every']
+                opts['data'],
+                name,
+                opts['kimg'],
+                seed=seed,
+                on_kimg=evaluate,
+                eval_kimg=opts['eval_every'],
+                device=device,
             )
             record = dict(fd=evals, seconds=time.time() - t0)
             if noise is not None:

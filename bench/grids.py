@@ -42,29 +42,20 @@ from bench.common import (
     fmt,
     generate_uint8,
     markdown_table,
-    pick_device,
+    parse_nfe,
     read_json,
     run_record,
     write_json,
 )
+from dnnlib.cli import pick_device
 from infonoise.grids import edm_grid, infogrid, loguniform_grid
 from infonoise.profile import LogGrid
-from torch_utils.persistence import load_network
+from training.checkpoint import load_network
 
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
 MODELS = {'infonoise': 'mnist-infonoise', 'lognormal': 'mnist-lognormal'}  # Model -> time_to_quality recipe.
 GRID_COLORS = {'edm': 'C0', 'infogrid-learned': 'C1', 'infogrid-offline': 'C2', 'loguniform': 'C3'}
 QUICK = dict(nfe='5,7', eval_images=64, profile_points=16, profile_samples=32)
-
-
-def parse_nfe(ctx, param, value: str) -> list[int]:
-    try:
-        nfe = sorted({int(v) for v in value.split(',') if v.strip()})
-    except ValueError:
-        raise click.BadParameter(f'expected comma-separated integers, got "{value}"') from None
-    if not nfe or nfe[0] < 2:
-        raise click.BadParameter('need at least one NFE, all at least 2')
-    return nfe
 
 
 def find_snapshot(path: str | None, from_dir: str, model: str) -> str | None:

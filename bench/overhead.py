@@ -27,8 +27,9 @@ from matplotlib.figure import Figure
 
 import dnnlib
 from bench import frechet as fd_bench
-from bench.common import apply_quick, generate_uint8, markdown_table, pick_device, run_record, sync, write_json
+from bench.common import apply_quick, generate_uint8, markdown_table, run_record, sync, write_json
 from bench.sampler_overhead import demo_network, make_samplers, time_sampler_work, time_training
+from dnnlib.cli import pick_device
 from infonoise.grids import edm_grid
 from infonoise.samplers import LogNormal, LogUniform
 from infonoise.schedule import InfoNoise

@@ -70,14 +70,14 @@ from bench.common import (
     fmt,
     generate_uint8,
     markdown_table,
-    pick_device,
     read_json,
     run_record,
     write_json,
 )
+from dnnlib.cli import pick_device
 from infonoise.grids import edm_grid
-from torch_utils.persistence import load_network
 from training import sequences
+from training.checkpoint import load_network
 from training.sequence_metrics import sequence_stats
 
 

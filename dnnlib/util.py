@@ -4,13 +4,14 @@ The configuration of a run is a tree of plain dicts whose `class_name` entries n
 (EDM's convention); `construct_class_by_name` turns such a dict into an object.
 """
 
+import contextlib
 import hashlib
 import importlib
 import io
 import os
 import re
+import secrets
 import sys
-import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -31,6 +32,32 @@ class EasyDict(dict):
 
     def __delattr__(self, name: str) -> None:
         del self[name]
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = 'wb', **open_kwargs):
+    """Write `path` through a temporary file beside it that replaces it only once complete and flushed to disk: a
+    reader (or a killed writer) sees the old file or the whole new one, never a part; on an error the temporary file
+    is removed and `path` is untouched. The file gets the usual umask permissions (unlike mkstemp's 0600)."""
+    path = os.path.abspath(path)
+    directory = os.path.dirname(path)
+    tmp = os.path.join(directory, f'.{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp')
+    try:
+        with open(tmp, mode.replace('w', 'x'), **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    if hasattr(os, 'O_DIRECTORY'):  # Persist the rename itself where the platform allows it.
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def get_obj_by_name(name: str) -> Any:
@@ -193,10 +220,8 @@ def open_url(
         safe_name = re.sub(r'[^0-9a-zA-Z-._]', '_', os.path.basename(urllib.parse.urlparse(url).path))[:128]
         os.makedirs(cache_dir, exist_ok=True)
         path = os.path.join(cache_dir, f'{url_md5}_{safe_name}')
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix='.tmp-')
-        with os.fdopen(fd, 'wb') as f:
+        with atomic_write(path) as f:
             f.write(data)
-        os.replace(tmp, path)
         if return_filename:
             return path
     return io.BytesIO(data)

@@ -14,33 +14,33 @@ import os
 import sys
 
 import click
-import numpy as np
-import PIL.Image
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run from anywhere in the repo.
+from examples.common import UNET_KWARGS, load_images, update_ema, with_options  # noqa: E402
 from infonoise import FlowMatching, InfoNoise, LogNormal, velocity_loss_weight  # noqa: E402
-from training.dataset import ImageFolderDataset  # noqa: E402
 from training.networks import SongUNet  # noqa: E402
+from training.sampling import save_image_grid  # noqa: E402
 
 SCHEDULES = ('infonoise', 'logit-normal', 'uniform')
 T_MIN, T_MAX = 1e-4, 1 - 1e-4  # Network inputs see t in this range (the sampler starts at t = 1).
 
 
-def make_schedule(name: str, kimg: float):
-    """A function n -> t [n] and an `observe(t, velocity_mse)` hook (None for the fixed samplers)."""
+def make_schedule(name: str, kimg: float, bins: int = 32, min_count: int = 8, refresh_kimg: float = 2.0):
+    """A function (n, device) -> t [n], an `observe(t, velocity_mse)` hook and the InfoNoise sampler (None, None for the
+    fixed t-samplers)."""
     if name == 'infonoise':
         # σ over [0.002, 1000], i.e. t over [0.002, 0.999]; warm-up under logit-normal t (= log-normal σ, (0, 1)).
         noise = InfoNoise(
-            weight=velocity_loss_weight, sigma_min=0.002, sigma_max=1000.0, num_bins=32, min_count=8,
-            base=LogNormal(0.0, 1.0), warmup_kimg=min(10.0, kimg / 6), refresh_kimg=2.0,
+            weight=velocity_loss_weight, sigma_min=0.002, sigma_max=1000.0, num_bins=bins, min_count=min_count,
+            base=LogNormal(0.0, 1.0), warmup_kimg=min(10.0, kimg / 6), refresh_kimg=refresh_kimg, callback=print,
         )  # fmt: skip
         fm = FlowMatching(noise)
-        return (lambda n: fm.sample_t(n)), fm.observe, noise
-    if name == 'logit-normal':
-        return (lambda n: torch.sigmoid(torch.randn(n))), None, None
+        return fm.sample_t, fm.observe, noise
+    if name == 'logit-normal':  # t = sigmoid(z), z ~ N(0, 1); in σ = t/(1-t) this is ln σ ~ N(0, 1).
+        return (lambda n, device: torch.sigmoid(torch.randn(n, device=device))), None, None
     if name == 'uniform':
-        return (lambda n: torch.rand(n)), None, None
+        return (lambda n, device: torch.rand(n, device=device)), None, None
     raise ValueError(f'Unknown schedule "{name}"; choose from {", ".join(SCHEDULES)}')
 
 
@@ -50,55 +50,38 @@ class VelocityNet(torch.nn.Module):
     def __init__(self, resolution: int = 16, channels: int = 1):
         super().__init__()
         self.shape = (channels, resolution, resolution)
-        self.unet = SongUNet(
-            img_resolution=resolution, in_channels=channels, out_channels=channels, model_channels=32,
-            channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0, resample_filter=[1, 1],
-        )  # fmt: skip
+        self.unet = SongUNet(img_resolution=resolution, in_channels=channels, out_channels=channels, **UNET_KWARGS)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = t.clamp(T_MIN, T_MAX)
         return self.unet(x, torch.logit(t) / 4, None)
 
 
-def load_images(path: str) -> torch.Tensor:
-    """All images of a dataset_tool.py zip or folder as float [N, C, H, W] in [-1, 1]."""
-    dataset = ImageFolderDataset(path)
-    images = np.stack([dataset[i][0] for i in range(len(dataset))])
-    return torch.from_numpy(images).to(torch.float32) / 127.5 - 1
-
-
 @torch.no_grad()
 def sample(net: VelocityNet, num: int, steps: int = 32, seed: int = 0) -> torch.Tensor:
     """Euler on the flow ODE dx/dt = v from t = 1 (x = ε) to t = 0 on a uniform t grid; float images in [-1, 1]."""
-    x = torch.randn([num, *net.shape], generator=torch.Generator().manual_seed(seed))
-    ts = torch.linspace(1, 0, steps + 1)
+    device = next(net.parameters()).device
+    x = torch.randn([num, *net.shape], generator=torch.Generator().manual_seed(seed)).to(device)
+    ts = torch.linspace(1, 0, steps + 1, device=device)
     for t, t_next in zip(ts[:-1], ts[1:]):
         x = x + (t_next - t) * net(x, t.expand(num))
     return x.clamp(-1, 1)
 
 
-def train(
-    data: str,
-    schedule: str,
-    kimg: float,
-    batch: int = 64,
-    lr: float = 1e-3,
-    seed: int = 0,
-    on_kimg=None,
-    eval_kimg: float = 10.0,
-):
+def train(data: str, schedule: str, kimg: float, batch: int = 64, lr: float = 1e-3, seed: int = 0, on_kimg=None,
+          eval_kimg: float = 10.0, device: str | torch.device = 'cpu', **schedule_kwargs):  # fmt: skip
     """Train a velocity net for `kimg` thousand examples; returns the EMA net and the InfoNoise sampler (or None).
     `on_kimg(kimg_done, ema)` is called every `eval_kimg` thousand examples (the benchmark's evaluations)."""
     torch.manual_seed(seed)
-    images = load_images(data)
-    draw_t, observe, noise = make_schedule(schedule, kimg)
-    net = VelocityNet(images.shape[-1], images.shape[1])
+    images = load_images(data).to(device)
+    draw_t, observe, noise = make_schedule(schedule, kimg, **schedule_kwargs)
+    net = VelocityNet(images.shape[-1], images.shape[1]).to(device)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    nimg, total = 0, int(kimg * 1000)
+    nimg, total, every = 0, int(kimg * 1000), int(eval_kimg * 1000)
     while nimg < total:
-        x0 = images[torch.randint(len(images), (batch,))]
-        t = draw_t(batch)
+        x0 = images[torch.randint(len(images), (batch,)).to(device)]
+        t = draw_t(batch, device)  # [N] in (0, 1)
         eps = torch.randn_like(x0)
         x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
         velocity_mse = (net(x_t, t) - (eps - x0)).square().flatten(1).mean(1)  # [N], unweighted
@@ -108,44 +91,45 @@ def train(
             g['lr'] = lr * min(1.0, (nimg + batch) / 2000)  # 2 kimg learning-rate ramp-up.
         opt.step()
         if observe is not None:
-            observe(t, velocity_mse)
+            observe(t, velocity_mse)  # The adapter hands InfoNoise σ = t/(1-t) and t²·velocity_mse.
         nimg += batch
-        beta = 0.5 ** (batch / 5000)  # EMA with a half-life of 5 kimg.
-        for p_ema, p in zip(ema.parameters(), net.parameters()):
-            p_ema.lerp_(p.detach(), 1 - beta)
-        if on_kimg is not None and nimg // int(eval_kimg * 1000) > (nimg - batch) // int(eval_kimg * 1000):
+        update_ema(ema, net, batch)
+        if on_kimg is not None and nimg // every > (nimg - batch) // every:
             on_kimg(nimg / 1000, ema)
     return ema, noise
 
 
-@click.command()
+@click.command(context_settings={'show_default': True})
+@with_options('data', 'batch', 'bins', 'min_count')
 @click.option(
-    '--data', help='MNIST-5k 16x16 (dataset_tool.py zip)', default='datasets/mnist5k-16x16.zip', show_default=True
+    '--schedule',
+    help='Training distribution of t',
+    type=click.Choice(SCHEDULES),
+    default='infonoise',
 )
-@click.option('--schedule', type=click.Choice(SCHEDULES), default='infonoise', show_default=True)
 @click.option(
     '--kimg',
     help='Training examples, thousands',
     type=click.FloatRange(min=0, min_open=True),
     default=60.0,
-    show_default=True,
 )
-@click.option('--batch', type=click.IntRange(min=1), default=64, show_default=True)
-@click.option('--seed', type=click.IntRange(min=0), default=0, show_default=True)
-@click.option('--steps', help='Euler steps of the sampler', type=click.IntRange(min=1), default=32, show_default=True)
-@click.option('--out', help='PNG of 64 samples', default='rf-samples.png', show_default=True)
-def main(data, schedule, kimg, batch, seed, steps, out):
+@click.option('--seed', help='Random seed', type=click.IntRange(min=0), default=0)
+@click.option(
+    '--refresh-kimg',
+    help='InfoNoise: refresh period',
+    type=click.FloatRange(min=0, min_open=True),
+    default=2.0,
+)
+@click.option('--steps', help='Euler steps of the sampler', type=click.IntRange(min=1), default=32)
+@click.option('--out', help='PNG of 64 samples', default='rf-samples.png')
+def main(data, schedule, kimg, batch, seed, bins, min_count, refresh_kimg, steps, out):
     """Train a rectified flow with the chosen t-schedule and save 64 samples."""
-    if not os.path.exists(data):
-        raise click.ClickException(f'--data: no such file "{data}" (make it with dataset_tool.py, see --help)')
-    ema, noise = train(data, schedule, kimg, batch=batch, seed=seed)
+    kwargs = dict(bins=bins, min_count=min_count, refresh_kimg=refresh_kimg)
+    ema, noise = train(data, schedule, kimg, batch=batch, seed=seed, **kwargs)
     if noise is not None:
-        click.echo(f'InfoNoise: {noise.refreshes} refreshes; last check: {noise.last_check}')
-    x = sample(ema, 64, steps)
-    grid = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).reshape(8, 8, *x.shape[1:])
-    grid = grid.permute(0, 3, 1, 4, 2).reshape(8 * x.shape[2], 8 * x.shape[3], x.shape[1]).squeeze(-1)
-    PIL.Image.fromarray(grid.numpy()).save(out)
-    click.echo(f'Wrote {out}: 64 samples, {steps} Euler steps')
+        print(f'InfoNoise: {noise.refreshes} refreshes; last check: {noise.last_check}')
+    save_image_grid(sample(ema, 64, steps), out)
+    print(f'Wrote {out}: 64 samples, {steps} Euler steps')
 
 
 if __name__ == '__main__':

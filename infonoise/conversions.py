@@ -9,8 +9,8 @@ VP / DDPM, x_t = √ᾱ·x₀ + √(1−ᾱ)·ε. Dividing by √ᾱ gives x₀ 
     ε-prediction: x̂₀ − x₀ = −σ(ε̂ − ε), so x₀-MSE = σ²·ε-MSE and a plain ε-MSE loss has w(σ) = 1/σ².
     v-prediction (v = √ᾱ·ε − √(1−ᾱ)·x₀): x̂₀ − x₀ = −√(1−ᾱ)(v̂ − v), so x₀-MSE = σ²/(1+σ²)·v-MSE and a plain
     v-MSE loss has w(σ) = (1 + σ²)/σ².
-    Linear-β VP SDE (EDM's VP; continuous t): σ(t) = √(exp(½β_d t² + β_min t) − 1) (`grids.vp_sigma`) and its
-    inverse `vp_t_from_sigma`.
+    Linear-β VP SDE (EDM's VP; continuous t): σ(t) = √(exp(½β_d t² + β_min t) − 1) is `infonoise.grids.vp_sigma`,
+    its inverse `infonoise.grids.vp_t`.
     Discrete timesteps (a diffusers `alphas_cumprod` table): `DiscreteTimesteps`.
 
 Rectified flow / flow matching, x_t = (1−t)·x₀ + t·ε. Dividing by 1−t gives x₀ + σε with
@@ -23,6 +23,7 @@ F(σ(b)) − F(σ(a)) exactly; the tests check this by Monte Carlo for every ada
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -66,18 +67,12 @@ def v_loss_weight(sigma: torch.Tensor) -> torch.Tensor:
     return (1 + sigma**2) / sigma**2
 
 
-def prediction_loss_weight(prediction: str):
+def prediction_loss_weight(prediction: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The x₀-space weight w(σ) of a plain, unweighted MSE on `prediction` (a callable for InfoNoise's weight=)."""
     weights = {'epsilon': epsilon_loss_weight, 'v_prediction': v_loss_weight, 'sample': torch.ones_like}
     if prediction not in weights:
         raise ValueError(f'Unknown prediction "{prediction}"; choose from {", ".join(PREDICTIONS)}')
     return weights[prediction]
-
-
-def vp_t_from_sigma(sigma: torch.Tensor, beta_d: float = 19.9, beta_min: float = 0.1) -> torch.Tensor:
-    """t of the linear-β VP SDE (EDM's VP) at σ, the inverse of `infonoise.grids.vp_sigma`: ½β_d t² + β_min t = ln(1 + σ²)."""
-    log1p = torch.log1p(torch.as_tensor(sigma, dtype=torch.float64) ** 2)
-    return (torch.sqrt(beta_min**2 + 2 * beta_d * log1p) - beta_min) / beta_d
 
 
 # Rectified flow / flow matching.
@@ -110,10 +105,12 @@ class FlowMatching:
         self.sampler = sampler
 
     def sample_t(self, n: int, device: torch.device | str = 'cpu') -> torch.Tensor:
+        """n times t = σ/(1 + σ) (float32, on `device`) of σ drawn from the sampler."""
         sigma = self.sampler.sample(n, device).to(torch.float64)
         return flow_t_from_sigma(sigma).to(torch.float32)
 
     def observe(self, t: torch.Tensor, velocity_mse: torch.Tensor) -> None:
+        """Hand the sampler σ = t/(1 − t) and the x₀-space MSE t²·velocity_mse (both [N], per sample, unweighted)."""
         t = t.detach().to(torch.float64)
         self.sampler.observe(flow_sigma_from_t(t), t**2 * velocity_mse.detach().to(torch.float64))
 

@@ -43,9 +43,12 @@ class EmpiricalBayesDenoiser(torch.nn.Module):
         return self.data.shape[0]
 
     def round_sigma(self, sigma: float | torch.Tensor) -> torch.Tensor:
+        """σ as a tensor: every σ is supported exactly (EDM's networks' round_sigma interface)."""
         return torch.as_tensor(sigma)
 
-    def forward(self, x: torch.Tensor, sigma: float | torch.Tensor, class_labels=None, **model_kwargs) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, sigma: float | torch.Tensor, class_labels: torch.Tensor | None = None, **model_kwargs
+    ) -> torch.Tensor:
         """Posterior means for x [M, C, H, W] at σ > 0 (a scalar or one per image, any shape with M entries); float64.
 
         `class_labels` and other keyword arguments are accepted for the samplers' sake and ignored: the prior is

@@ -22,17 +22,28 @@ import numpy as np
 import torch
 
 # EDM's default noise range of each discretization (EDM's ablation sampler); the VP one is sigma_VP(1e-3), sigma_VP(1).
-_VP_BETA_D, _VP_BETA_MIN, _VP_EPSILON_S = 19.9, 0.1, 1e-3
+# EDM's VP schedule (Table 1): σ(t) = √(exp(½β_d t² + β_min t) − 1), t ∈ [ε_t, 1] in training, [ε_s, 1] in sampling.
+VP_BETA_D, VP_BETA_MIN, VP_EPSILON_T, VP_EPSILON_S = 19.9, 0.1, 1e-5, 1e-3
 
 
-def vp_sigma(t, beta_d: float = _VP_BETA_D, beta_min: float = _VP_BETA_MIN) -> torch.Tensor:
-    """EDM's VP schedule sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1), in float64 (expm1 keeps small t exact)."""
-    t = torch.as_tensor(t, dtype=torch.float64)
+def _vp_input(x: float | torch.Tensor) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.tensor(float(x), dtype=torch.float64)
+
+
+def vp_sigma(t: float | torch.Tensor, beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN) -> torch.Tensor:
+    """σ(t) of the VP schedule, in t's dtype for a tensor (float64 for a number); expm1 keeps small t exact."""
+    t = _vp_input(t)
     return torch.expm1(0.5 * beta_d * t**2 + beta_min * t).sqrt()
 
 
+def vp_t(sigma: float | torch.Tensor, beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN) -> torch.Tensor:
+    """The inverse t(σ) = (√(β_min² + 2β_d ln(1 + σ²)) − β_min)/β_d, same dtype rule; log1p keeps small σ exact."""
+    sigma = _vp_input(sigma)
+    return ((beta_min**2 + 2 * beta_d * torch.log1p(sigma**2)).sqrt() - beta_min) / beta_d
+
+
 DEFAULT_RANGES = {
-    'vp': (vp_sigma(_VP_EPSILON_S).item(), vp_sigma(1.0).item()),
+    'vp': (vp_sigma(VP_EPSILON_S).item(), vp_sigma(1.0).item()),
     've': (0.02, 100.0),
     'iddpm': (0.002, 81.0),
     'edm': (0.002, 80.0),
@@ -75,7 +86,7 @@ def loguniform_grid(num_steps: int, sigma_min: float = 0.002, sigma_max: float =
     return _finish(sigma_max * (sigma_min / sigma_max) ** fraction, sigma_min, sigma_max)
 
 
-def vp_grid(num_steps: int, sigma_min: float, sigma_max: float, epsilon_s: float = _VP_EPSILON_S) -> torch.Tensor:
+def vp_grid(num_steps: int, sigma_min: float, sigma_max: float, epsilon_s: float = VP_EPSILON_S) -> torch.Tensor:
     """EDM's "vp" discretization: t uniform on [1, epsilon_s] mapped through the VP schedule sigma(t), with beta_d
     and beta_min refitted so that sigma(epsilon_s) = sigma_min and sigma(1) = sigma_max (as EDM's ablation sampler).
     """
@@ -87,7 +98,7 @@ def vp_grid(num_steps: int, sigma_min: float, sigma_max: float, epsilon_s: float
     return _finish(vp_sigma(t, beta_d, beta_min), sigma_min, sigma_max)
 
 
-def vp_coefficients(sigma_min: float, sigma_max: float, epsilon_s: float = _VP_EPSILON_S) -> tuple[float, float]:
+def vp_coefficients(sigma_min: float, sigma_max: float, epsilon_s: float = VP_EPSILON_S) -> tuple[float, float]:
     """beta_d, beta_min of the VP schedule through sigma(epsilon_s) = sigma_min and sigma(1) = sigma_max (EDM)."""
     beta_d = 2 * (math.log(sigma_min**2 + 1) / epsilon_s - math.log(sigma_max**2 + 1)) / (epsilon_s - 1)
     beta_min = math.log(sigma_max**2 + 1) - 0.5 * beta_d
@@ -205,7 +216,7 @@ def infogrid(
     return _uniform_in(information_coordinate(sigma, rate), num_steps, sigma_min, sigma_max)
 
 
-def parse_grid_values(values) -> torch.Tensor:
+def parse_grid_values(values: Sequence[float] | dict) -> torch.Tensor:
     """A grid from a list of sigma values (or a dict with a "sigmas" list): descending, positive, 0 appended if absent."""
     if isinstance(values, dict):
         values = values.get('sigmas')

@@ -38,6 +38,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+# A tabulated profile: [K] values as a tensor, an array or a list (float64 internally).
+ArrayLike = torch.Tensor | np.ndarray | list[float]
+
 # σ_ref of the onset rule relative to σ_data: EDM's σ_min = 0.002 at EDM's σ_data = 0.5.
 SIGMA_REF_PER_SIGMA_DATA = 0.004
 # Half-width, in decades of σ, of the local two-line fits that measure slope changes.
@@ -81,7 +84,7 @@ def _log_edges(s: np.ndarray) -> tuple[float, np.ndarray]:
     return 1.5 * log_s[0] - 0.5 * log_s[1], upper
 
 
-def reference_rate(sigma, rate, sigma_ref: float) -> float:
+def reference_rate(sigma: ArrayLike, rate: ArrayLike, sigma_ref: float) -> float:
     """r_ref of the onset rule: the largest r̂ of the bin that holds σ_ref and of every bin above it; if the grid
     starts above σ_ref, also the lowest bin's r̂ carried down to σ_ref by the 1/σ law of continuous endpoints
     (Eq. 48), r̂_1·σ_min/σ_ref. Bin edges are the geometric midpoints of the (log-spaced) centres σ_k."""
@@ -96,7 +99,7 @@ def reference_rate(sigma, rate, sigma_ref: float) -> float:
     return ref
 
 
-def onset_pivot(sigma, rate, p: float = 0.002, sigma_ref: float | None = None) -> float:
+def onset_pivot(sigma: ArrayLike, rate: ArrayLike, p: float = 0.002, sigma_ref: float | None = None) -> float:
     """Onset-of-information pivot (Eq. 18): c = inf{σ : r̂(σ')/r_ref < p for all σ' >= σ}.
 
     r_ref is `reference_rate(sigma, rate, sigma_ref)`, or max r̂ (the paper's normalisation) for sigma_ref=None.
@@ -140,7 +143,9 @@ def _log_profile(sigma, rate, rel_err) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return np.log(s[keep]), np.log(r[keep]), 1 / (e[keep] ** 2 + STDERR_FLOOR**2)
 
 
-def slope_changes(sigma, rate, rel_err=None, window: float = BREAK_WINDOW) -> tuple[np.ndarray, np.ndarray]:
+def slope_changes(
+    sigma: ArrayLike, rate: ArrayLike, rel_err: ArrayLike | None = None, window: float = BREAK_WINDOW
+) -> tuple[np.ndarray, np.ndarray]:
     """The local slope change D(t) of log r̂ against log σ at the gaps t between grid points (returned as σ).
 
     At each gap, a continuous two-line fit with its hinge at t to the points within `window` decades of t
@@ -161,9 +166,9 @@ def slope_changes(sigma, rate, rel_err=None, window: float = BREAK_WINDOW) -> tu
 
 
 def powerlaw_break(
-    sigma,
-    rate,
-    rel_err=None,
+    sigma: ArrayLike,
+    rate: ArrayLike,
+    rel_err: ArrayLike | None = None,
     window: float = BREAK_WINDOW,
     min_change: float = BREAK_MIN_CHANGE,
     sigma_data: float = 0.5,
@@ -193,7 +198,9 @@ def powerlaw_break(
     return float(math.exp(candidates[int(np.argmin(rss))]))
 
 
-def concentrates_at_low_noise(sigma, rate, sigma_ref: float, window: float = BREAK_WINDOW) -> bool:
+def concentrates_at_low_noise(
+    sigma: ArrayLike, rate: ArrayLike, sigma_ref: float, window: float = BREAK_WINDOW
+) -> bool:
     """Whether the rate per unit ln σ, r̂·σ (Eq. 28), reaches half its maximum within `window` decades of the low
     end of the profile (σ_ref, or the grid's lower edge if it starts above σ_ref): the boundary concentration the
     gate is for (App. B.1). It does for the 1/σ law of continuous data (r̂·σ flat) and steeper power laws; it does
@@ -205,7 +212,14 @@ def concentrates_at_low_noise(sigma, rate, sigma_ref: float, window: float = BRE
     return bool(per_efold[np.log(s) <= low].max(initial=0.0) >= 0.5 * per_efold.max())
 
 
-def calibrate(sigma, rate, endpoint: str, rel_err=None, p: float = 0.002, sigma_data: float = 0.5) -> Pivot:
+def calibrate(
+    sigma: ArrayLike,
+    rate: ArrayLike,
+    endpoint: str,
+    rel_err: ArrayLike | None = None,
+    p: float = 0.002,
+    sigma_data: float = 0.5,
+) -> Pivot:
     """The pivot for the endpoint type of data with scale `sigma_data` (σ_ref = 0.004·σ_data anchors the onset rule):
 
     - continuous endpoints: the onset of information ('onset');

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from infonoise.grids import VP_BETA_D, VP_BETA_MIN, VP_EPSILON_T, vp_sigma, vp_t
+
 # Smallest uniform draw: keeps Φ⁻¹(u) finite when torch.rand returns exactly 0.
 _U_MIN = 2.0**-40
 
@@ -23,7 +25,7 @@ _U_MIN = 2.0**-40
 _NUM_STRATA = 4096
 
 
-def ln_sigma_strata(icdf) -> tuple[torch.Tensor, torch.Tensor]:
+def ln_sigma_strata(icdf: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """ln icdf(u) at the midpoints u of equal-probability strata, and the strata probabilities (CPU, float64)."""
     u = (torch.arange(_NUM_STRATA, dtype=torch.float64) + 0.5) / _NUM_STRATA
     return icdf(u).log(), torch.full((_NUM_STRATA,), 1 / _NUM_STRATA, dtype=torch.float64)
@@ -80,9 +82,11 @@ class NoiseSampler(abc.ABC):
         return stats
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything a bit-exact resume needs (plain tensors and numbers; empty for fixed samplers)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
         if state:
             raise ValueError(f'{type(self).__name__} has no state, got keys {sorted(state)}')
 
@@ -126,7 +130,7 @@ class LogUniform(NoiseSampler):
 class VPSampler(NoiseSampler):
     """EDM's VP training distribution: t ~ U[ε_t, 1], σ(t) = √(exp(½β_d t² + β_min t) − 1)."""
 
-    def __init__(self, beta_d: float = 19.9, beta_min: float = 0.1, epsilon_t: float = 1e-5):
+    def __init__(self, beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN, epsilon_t: float = VP_EPSILON_T):
         if not 0 < epsilon_t < 1:
             raise ValueError(f'epsilon_t must be in (0, 1), got {epsilon_t}')
         self.beta_d = float(beta_d)
@@ -134,11 +138,9 @@ class VPSampler(NoiseSampler):
         self.epsilon_t = float(epsilon_t)
 
     def icdf(self, u: torch.Tensor) -> torch.Tensor:
-        t = 1 + u * (self.epsilon_t - 1)
-        return torch.sqrt(torch.expm1(0.5 * self.beta_d * t**2 + self.beta_min * t))
+        return vp_sigma(1 + u * (self.epsilon_t - 1), self.beta_d, self.beta_min)
 
     def cdf(self, sigma: torch.Tensor) -> torch.Tensor:
-        # t(σ) solves ½β_d t² + β_min t = ln(1 + σ²); σ increases with t, and t = 1 + u(ε_t − 1).
-        log1p = torch.log1p(sigma.to(torch.float64) ** 2)
-        t = (torch.sqrt(self.beta_min**2 + 2 * self.beta_d * log1p) - self.beta_min) / self.beta_d
+        # σ increases with t, and t = 1 + u(ε_t − 1) is uniform on [ε_t, 1].
+        t = vp_t(sigma.to(torch.float64), self.beta_d, self.beta_min)
         return ((t - self.epsilon_t) / (1 - self.epsilon_t)).clamp(0, 1)

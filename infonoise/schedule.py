@@ -199,6 +199,8 @@ class InfoNoise(NoiseSampler):
         return (1 - self.floor) * self.base.cdf(sigma) + self.floor * self.floor_sampler.cdf(sigma)
 
     def sample(self, n: int, device: torch.device | str = 'cpu') -> torch.Tensor:
+        """n σ values (float32, on `device`, torch's global RNG): from the table after the first refresh, before
+        it from the base sampler mixed with the log-uniform floor."""
         self._to(device)
         u = torch.rand(n, device=device, dtype=torch.float64).clamp_(min=2.0**-40)
         if self.table is not None:
@@ -206,8 +208,10 @@ class InfoNoise(NoiseSampler):
         use_floor = torch.rand(n, device=device) < self.floor
         return torch.where(use_floor, self.floor_sampler.icdf(u), self.icdf(u)).to(torch.float32)
 
-    # Alg. 1 line 8: push each loss into its interval's FIFO buffer, evicting the oldest.
     def observe(self, sigma: torch.Tensor, mse: torch.Tensor) -> None:
+        """Alg. 1 line 8: push each per-sample loss (σ [N] VE, mse [N] unweighted x₀-space MSE, mean over elements)
+        into its interval's FIFO buffer, evicting the oldest; refresh when a check is due. Non-finite losses are
+        counted and ignored. In a distributed run every rank must call this equally often."""
         self._to(sigma.device)
         B, K = self.buffer_size, self.grid.num_bins
         sigma, mse = sigma.detach().flatten(), mse.detach().flatten().to(torch.float32)

@@ -50,6 +50,7 @@ class InverseCDFTable:
         return cls(sigma, cumulative(density, sigma))
 
     def to(self, device: torch.device | str) -> 'InverseCDFTable':
+        """The same table with its tensors on `device`."""
         return dataclasses.replace(self, sigma=self.sigma.to(device), cdf=self.cdf.to(device))
 
     def icdf(self, u: torch.Tensor) -> torch.Tensor:

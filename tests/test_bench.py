@@ -124,6 +124,7 @@ def all_finite(values) -> bool:
     return all(isinstance(v, float | int) and math.isfinite(v) for v in values)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)  # About 2.5 min on an idle 2-core machine; the suite's 300 s leaves too little margin.
 def test_quick_modes(tmp_path):
     """time_to_quality, grids (on time_to_quality's networks) and overhead, each --quick, from scratch."""
@@ -202,3 +203,18 @@ def test_quick_modes(tmp_path):
     assert results['generation']['images_per_sec'] > 0 and results['generation']['nfe'] == 35
     assert results['frechet']['relative_difference'] < 1e-6
     assert os.path.isfile(results['plot']) and '| sampler | ms/step | ratio to log-normal |' in out
+
+
+@pytest.mark.slow
+def test_flow_matching_quick(tmp_path):
+    """bench.flow_matching --quick: every t-schedule trains, is scored at each evaluation, and a rerun resumes."""
+    out_dir, data = tmp_path / 'fm', tmp_path / 'mnist.zip'
+    out = run_module('bench.flow_matching', '--quick', f'--out={out_dir}', f'--data={data}')
+    assert '| t-schedule |' in out and (out_dir / 'flow_matching.png').is_file()
+    runs = json.loads((out_dir / 'runs.json').read_text())
+    assert sorted(runs) == ['config', 'infonoise/0', 'logit-normal/0', 'uniform/0']
+    for name in ('infonoise/0', 'logit-normal/0', 'uniform/0'):
+        assert sorted(runs[name]['fd']) == ['0.384', '0.768'] and all_finite(list(runs[name]['fd'].values()))
+    assert len(runs['infonoise/0']['density']) == 200
+    again = run_module('bench.flow_matching', '--quick', f'--out={out_dir}', f'--data={data}')
+    assert 'FD-MNIST' not in again.split('| t-schedule |')[0]  # Nothing retrained or re-evaluated.

@@ -12,7 +12,7 @@ from test_persistence import booby_trapped_source, edm_pickle, edm_training_stat
 
 import dnnlib
 import train
-from training import networks, training_loop
+from training import checkpoint, networks
 
 # A one-level DDPM++ (8x8, no attention) with EDM's default dropout and augmentation, both of which draw random numbers.
 NET_ARGS = ['--cbase=8', '--cres=1', '--blocks=1']
@@ -82,7 +82,7 @@ def test_resume_from_edm_files_equals_resume_from_ours(edm_run, digits_zip):
     assert int(a['optimizer']['state'][0]['step']) == 4
 
     # Under EDM's EMA ramp-up the resumed EMA hardly outlives two steps, so compare what was loaded, too.
-    loaded = training_loop.load_training_state(
+    loaded = checkpoint.load_training_state(
         str(edm_run.edm / 'training-state-000001.pt'), edm_run.state['network_kwargs'], edm_run.state['noise_kwargs']
     )
     assert (loaded['cur_nimg'], loaded['noise_sampler'], loaded['seed']) == (1000, None, None)

@@ -11,7 +11,6 @@ from click.testing import CliRunner
 import dataset_tool
 from bench.gaussian import (
     GaussianDenoiser,
-    _mnist5k_digits,
     cifar_like_spectrum,
     compare_grids,
     exact_profile,
@@ -28,6 +27,7 @@ from bench.gaussian import (
     sampler_kl,
 )
 from infonoise.grids import edm_grid, infogrid, loguniform_grid, tangent_grid
+from training.dataset import mnist5k_digits
 from training.sampling import edm_sampler
 
 LAM = torch.tensor([4.0, 1.0, 0.01, 1e-6], dtype=torch.float64)  # One variance per pixel of a 1x2x2 image.
@@ -218,7 +218,7 @@ def test_cifar_like_spectrum():
 
 
 def test_mnist5k_spectrum():
-    digits = _mnist5k_digits()
+    digits = mnist5k_digits()[0]
     spectrum = mnist5k_spectrum()
     # PCA keeps the total variance: Σλ equals the summed per-pixel variance of x/127.5 - 1.
     pixel_var = (digits.reshape(5000, -1) / 127.5 - 1).var(0).sum()

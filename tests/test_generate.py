@@ -15,7 +15,7 @@ from click.testing import CliRunner
 import generate
 from infonoise import grids
 from torch_utils import distributed as dist
-from torch_utils.persistence import load_network
+from training.checkpoint import load_network
 from training.networks import EDMPrecond
 from training.sampling import StackedRandomGenerator, ablation_sampler, edm_sampler, images_to_uint8
 
@@ -271,11 +271,13 @@ def test_bad_generate_inputs_give_clear_errors(tmp_path, info_snapshot, cond_sna
         (['--grid', 'edm', '--disc', 'vp'], 'contradicts'),
         (['--grid', 'iddpm', '--steps', 5000], 'iDDPM noise levels'),
         (['--sigma_min', 100], 'Empty noise range'),
+        (['--grid-png', tmp_path / 'out' / 'grid.png'], 'is inside --outdir, whose images fid.py reads'),
     ]
     for args, message in cases:
         result = run_generate(*common, *args)
         assert result.exit_code != 0 and message in result.output, (args, result.output)
         assert 'Traceback' not in result.output
+    assert not (tmp_path / 'out').exists()
     ve = save_tiny_snapshot(tmp_path / 've.pt', 1, 0)
     snapshot = torch.load(ve, weights_only=True)
     snapshot['network_kwargs']['class_name'] = 'training.networks.VEPrecond'

@@ -1,6 +1,8 @@
 """`infonoise` as a library: imports nothing of the pipeline, exports its API, and its pieces (weights as callables,
 base samplers as instances, durations in steps) behave as documented."""
 
+import importlib
+import inspect
 import os
 import subprocess
 import sys
@@ -60,6 +62,42 @@ def test_public_api():
     for name in ('InfoNoise', 'LogNormal', 'LogUniform', 'infogrid', 'edm_grid', 'FlowMatching', 'DiscreteTimesteps'):
         assert name in infonoise.__all__
         assert getattr(infonoise, name).__doc__, name
+
+
+def public_api():
+    """Every public function, class and method defined in a library module."""
+    for module_name in LIBRARY_MODULES:
+        module = importlib.import_module(module_name)
+        for name, obj in vars(module).items():
+            if name.startswith('_') or getattr(obj, '__module__', None) != module_name:
+                continue
+            if inspect.isfunction(obj):
+                yield f'{module_name}.{name}', obj
+            elif inspect.isclass(obj):
+                yield f'{module_name}.{name}', obj
+                for method_name, method in vars(obj).items():
+                    if inspect.isfunction(method) and not method_name.startswith('_'):
+                        yield f'{module_name}.{name}.{method_name}', getattr(obj, method_name)
+
+
+def test_public_api_is_documented_and_typed():
+    undocumented = [name for name, obj in public_api() if not inspect.getdoc(obj)]
+    assert not undocumented, undocumented
+    untyped = []
+    for name, obj in public_api():
+        if inspect.isfunction(obj):
+            signature = inspect.signature(obj)
+            params = [
+                p
+                for p in signature.parameters.values()
+                if p.name not in ('self', 'cls') and p.kind == p.POSITIONAL_OR_KEYWORD
+            ]
+            if (
+                any(p.annotation is inspect.Parameter.empty for p in params)
+                or signature.return_annotation is inspect.Signature.empty
+            ):
+                untyped.append(name)
+    assert not untyped, untyped
 
 
 def test_weight_by_name_or_callable():

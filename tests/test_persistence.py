@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from torch_utils import persistence
-from training import networks
+from training import checkpoint, networks
 
 TINY_KWARGS = dict(
     img_resolution=8,
@@ -105,7 +105,7 @@ def test_snapshot_round_trip(tmp_path, class_name):
     snapshot = snapshot_dict(net, class_name)
     path = tmp_path / 'network-snapshot-000012.pt'
     persistence.save_atomic(snapshot, str(path))
-    loaded = persistence.load_network(str(path))
+    loaded = checkpoint.load_network(str(path))
     assert type(loaded.net) is TINY_CLASSES[class_name]
     assert not loaded.net.training and not any(p.requires_grad for p in loaded.net.parameters())
     assert_same_weights(loaded.net, net)
@@ -122,7 +122,7 @@ def test_snapshot_loads_from_file_url(tmp_path):
     net = make_net()
     path = tmp_path / 'snap.pt'
     persistence.save_atomic(snapshot_dict(net), str(path))
-    loaded = persistence.load_network(path.as_uri())
+    loaded = checkpoint.load_network(path.as_uri())
     assert torch.equal(net_output(loaded.net), net_output(net))
 
 
@@ -141,7 +141,7 @@ def test_training_state_loads_the_ema(tmp_path):
     )
     path = tmp_path / 'training-state-000012.pt'
     persistence.save_atomic(state, str(path))
-    loaded = persistence.load_network(str(path))
+    loaded = checkpoint.load_network(str(path))
     assert_same_weights(loaded.net, ema)
     assert not torch.equal(net_output(loaded.net), net_output(net))
     assert loaded.source == 'infonoise-edm-training-state'
@@ -150,23 +150,23 @@ def test_training_state_loads_the_ema(tmp_path):
 
 def test_snapshot_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
-        persistence.load_network(str(tmp_path / 'missing.pt'))
+        checkpoint.load_network(str(tmp_path / 'missing.pt'))
 
     text = tmp_path / 'notes.txt'
     text.write_text('hello')
     with pytest.raises(ValueError, match='Neither a PyTorch file nor a pickle'):
-        persistence.load_network(str(text))
+        checkpoint.load_network(str(text))
 
     archive = tmp_path / 'dataset.zip'
     with zipfile.ZipFile(archive, 'w') as z:
         z.writestr('dataset.json', '{}')
     with pytest.raises(ValueError, match='Not a readable PyTorch file'):
-        persistence.load_network(str(archive))
+        checkpoint.load_network(str(archive))
 
     edm_state = tmp_path / 'training-state-000100.pt'
     torch.save(dict(net=torch.nn.Linear(2, 2), optimizer_state={}), edm_state)
     with pytest.raises(ValueError, match='Not a plain-data PyTorch file'):
-        persistence.load_network(str(edm_state))
+        checkpoint.load_network(str(edm_state))
 
     net = make_net()
     cases = {
@@ -193,7 +193,7 @@ def test_snapshot_errors(tmp_path):
         path = tmp_path / f'{name}.pt'
         persistence.save_atomic(data, str(path))
         with pytest.raises(ValueError, match=message):
-            persistence.load_network(str(path))
+            checkpoint.load_network(str(path))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -265,7 +265,7 @@ def test_edm_pickle_loads_without_executing_code(tmp_path, class_name):
     marker = tmp_path / 'executed.txt'
     path = tmp_path / 'edm-snapshot.pkl'
     path.write_bytes(edm_pickle(net, booby_trapped_source(marker)))
-    loaded = persistence.load_network(str(path))
+    loaded = checkpoint.load_network(str(path))
     assert not marker.exists()
     assert type(loaded.net) is TINY_CLASSES[class_name]
     assert not loaded.net.training and not any(p.requires_grad for p in loaded.net.parameters())
@@ -338,7 +338,7 @@ def test_forbidden_globals_are_refused_unexecuted(tmp_path):
         path = tmp_path / f'{name}.pkl'
         path.write_bytes(pickle.dumps({'ema': payload}, protocol=4))
         with pytest.raises(ValueError, match=f'Refusing to unpickle ".*{name}"'):
-            persistence.load_network(str(path))
+            checkpoint.load_network(str(path))
         assert not marker.exists()
 
 
@@ -360,13 +360,13 @@ def test_edm_pickle_errors(tmp_path):
         path = tmp_path / f'{name}.pkl'
         path.write_bytes(pickle.dumps(data, protocol=4))
         with pytest.raises(ValueError, match=message):
-            persistence.load_network(str(path))
+            checkpoint.load_network(str(path))
 
     # A pickle cut short is an error, not a crash.
     path = tmp_path / 'truncated.pkl'
     path.write_bytes(edm_pickle(net, '')[:5000])
     with pytest.raises(ValueError, match='Not a readable EDM pickle'):
-        persistence.load_network(str(path))
+        checkpoint.load_network(str(path))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -388,7 +388,7 @@ def test_edm_training_state_loads_without_executing_code(tmp_path):
     marker = tmp_path / 'executed.txt'
     path = tmp_path / 'training-state-000100.pt'
     path.write_bytes(edm_training_state(net, optimizer_state, booby_trapped_source(marker)))
-    loaded = persistence.load_edm_training_state(str(path))
+    loaded = persistence.read_edm_state_dump(str(path))
     assert not marker.exists()
     assert loaded.network_kwargs == {'class_name': 'training.networks.EDMPrecond', **TINY_KWARGS}
     expected = net.state_dict()
@@ -462,5 +462,5 @@ def test_edm_training_state_errors(tmp_path):
         path = tmp_path / f'{name}.pt'
         path.write_bytes(data)
         with pytest.raises(ValueError, match=f'Cannot read EDM training state ".*{name}.pt": .*{message}'):
-            persistence.load_edm_training_state(str(path))
+            persistence.read_edm_state_dump(str(path))
     assert not marker.exists()

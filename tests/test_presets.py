@@ -158,9 +158,10 @@ def test_sampler_option_overrides_preset(tmp_path, datasets, name):
     for sampler, class_name in SAMPLER_CLASS.items():
         config = dry_run(tmp_path, data, name, f'--sampler={sampler}')
         assert config['noise_kwargs']['class_name'] == class_name, sampler
-        # Nothing else changes: the loss weight stays the preset's.
-        assert {k: v for k, v in config.items() if k != 'noise_kwargs'} == {
-            k: v for k, v in base.items() if k != 'noise_kwargs'
+        # Nothing else changes but the run directory's name, which says the sampler: the loss weight stays the preset's.
+        assert sampler == 'auto' or sampler in os.path.basename(config['run_dir'])
+        assert {k: v for k, v in config.items() if k not in ('noise_kwargs', 'run_dir')} == {
+            k: v for k, v in base.items() if k not in ('noise_kwargs', 'run_dir')
         }
     # --weight overrides the preset too (the paper's EDM transfer baseline on binarised data).
     config = dry_run(tmp_path, data, name, '--sampler=lognormal', '--weight=edm')

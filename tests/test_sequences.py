@@ -238,7 +238,9 @@ def test_train_refuses_1d_arch_on_images(digits_zip, tmp_path):
 
 def test_generate_refuses_image_options_for_sequences(trained, tmp_path):
     for flag in ('--binarize', '--subdirs', f'--grid-png={tmp_path / "g.png"}'):
-        result = invoke(generate.main, '--network', trained / 'network-snapshot-000002.pt', '--outdir', tmp_path, flag)
+        result = invoke(
+            generate.main, '--network', trained / 'network-snapshot-000002.pt', '--outdir', tmp_path / 'out', flag
+        )
         assert result.exit_code != 0 and 'is for images' in result.output, result.output
 
 

@@ -275,3 +275,19 @@ def test_two_process_gloo(tmp_path):
         assert result['mismatch_ignored'] is None
         assert result['grad_sync_False'] == [rank + 1.0, rank + 1.0]  # Local gradient: d(w·x)/dw = x.
         assert result['grad_sync_True'] == [1.5, 1.5]  # Averaged over ranks.
+
+
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
+    from dnnlib.util import atomic_write
+
+    path = tmp_path / 'profile.json'
+    with atomic_write(str(path), 'w', encoding='utf-8') as f:
+        f.write('{"old": 1}')
+    assert path.read_text() == '{"old": 1}'
+    with pytest.raises(RuntimeError), atomic_write(str(path), 'w', encoding='utf-8') as f:
+        f.write('{"new": ')
+        raise RuntimeError('killed mid-write')
+    assert path.read_text() == '{"old": 1}' and os.listdir(tmp_path) == ['profile.json']
+    with atomic_write(str(path)) as f:
+        f.write(b'new')
+    assert path.read_bytes() == b'new' and os.listdir(tmp_path) == ['profile.json']

@@ -95,7 +95,7 @@ def test_real_run_writes_run_directory(tmp_path, digits_zip):
     result = run(*args, '--desc=smoke')
     assert result.exit_code == 0, result.output
     (run_dir,) = out.iterdir()
-    assert run_dir.name == '00000-digits-8x8-uncond-ddpmpp-edm-gpus1-batch16-fp32-smoke'
+    assert run_dir.name == '00000-digits-8x8-uncond-ddpmpp-edm-lognormal-gpus1-batch16-fp32-smoke'
     files = sorted(os.listdir(run_dir))
     assert files == [
         'log.txt',
@@ -116,7 +116,7 @@ def test_real_run_writes_run_directory(tmp_path, digits_zip):
         f'--resume={run_dir}',
     )
     assert result.exit_code == 0, result.output
-    run_dir2 = out / '00001-digits-8x8-uncond-ddpmpp-edm-gpus1-batch16-fp32'
+    run_dir2 = out / '00001-digits-8x8-uncond-ddpmpp-edm-lognormal-gpus1-batch16-fp32'
     assert json.load(open(run_dir2 / 'training_options.json'))['seed'] == 5
     assert torch.load(run_dir2 / 'training-state-000002.pt', weights_only=True)['cur_nimg'] == 2000
 
@@ -210,3 +210,28 @@ def test_committed_help_is_current(script):
     result = CliRunner().invoke(module.main, ['--help'], prog_name=f'{script}.py', terminal_width=80)
     with open(os.path.join(os.path.dirname(train.CONFIGS_DIR), 'docs', f'{script}-help.txt')) as f:
         assert result.output == f.read()
+
+
+def test_resume_picks_the_newest_state_by_kimg(tmp_path):
+    # Names grow a digit past 999,999 kimg (the ImageNet presets run to 2,500,000): text order would pick 999950.
+    from train import find_resume_state
+
+    for kimg in (999950, 1000000, 2500000, 120):
+        (tmp_path / f'training-state-{kimg:06d}.pt').write_bytes(b'')
+    assert find_resume_state(str(tmp_path)) == str(tmp_path / 'training-state-2500000.pt')
+
+
+def test_two_runs_never_share_a_directory(tmp_path, monkeypatch):
+    # Job B listed the output directory before job A created 00000-desc: B's mkdir fails and it takes 00001.
+    import train
+
+    (tmp_path / '00000-desc').mkdir()
+    real_listdir, calls = train.os.listdir, []
+
+    def stale_listdir(path):
+        calls.append(path)
+        return [] if len(calls) == 1 else real_listdir(path)
+
+    monkeypatch.setattr(train.os, 'listdir', stale_listdir)
+    assert train.create_run_dir(str(tmp_path), 'desc') == str(tmp_path / '00001-desc')
+    assert len(calls) == 2 and sorted(real_listdir(tmp_path)) == ['00000-desc', '00001-desc']

@@ -11,7 +11,7 @@ from conftest import TINY_NET_ARGS
 
 import train
 from infonoise.grids import infogrid
-from torch_utils import persistence
+from training import checkpoint
 from training import training_loop as tl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,11 +83,11 @@ def test_smoke_three_steps(tmp_path, digits_zip):
 def test_checkpoints_load_weights_only(tmp_path, digits_zip):
     result = tl.training_loop(**tiny_config(digits_zip, tmp_path, total_kimg=0.016))
     snap = torch.load(tmp_path / 'network-snapshot-000000.pt', map_location='cpu', weights_only=True)
-    assert snap['format'] == tl.SNAPSHOT_FORMAT and snap['network_kwargs']['img_resolution'] == 8
+    assert snap['format'] == checkpoint.SNAPSHOT_FORMAT and snap['network_kwargs']['img_resolution'] == 8
     assert all(torch.equal(snap['ema'][k], v) for k, v in result.ema.state_dict().items())
     state = torch.load(tmp_path / 'training-state-000000.pt', map_location='cpu', weights_only=True)
     assert state['cur_nimg'] == 16 and state['seed'] == 3 and state['noise_sampler'] == {}
-    loaded = persistence.load_network(str(tmp_path / 'network-snapshot-000000.pt'))
+    loaded = checkpoint.load_network(str(tmp_path / 'network-snapshot-000000.pt'))
     x, sigma = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 3.0])
     labels = torch.eye(10)[:2]
     with torch.no_grad():

@@ -138,7 +138,8 @@ def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
     mu, sigma = _check_stats(mu, sigma, f'Statistics for "{path}"')
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savez(path, mu=mu, sigma=sigma)
+    with dnnlib.util.atomic_write(path) as f:  # EDM's np.savez, but never a half-written file at `path`.
+        np.savez(f, mu=mu, sigma=sigma)
 
 
 def load_stats(path_or_url: str) -> tuple[np.ndarray, np.ndarray]:

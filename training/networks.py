@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch.nn.functional import silu
 
+from infonoise.grids import VP_BETA_D, VP_BETA_MIN, VP_EPSILON_T, vp_sigma, vp_t
+
 
 def weight_init(shape, mode, fan_in, fan_out):
     """Draw a tensor of the given shape with one of the four standard initialisation rules."""
@@ -771,10 +773,10 @@ class VPPrecond(_Precond):
         img_channels,  # Number of color channels.
         label_dim=0,  # Number of class labels, 0 = unconditional.
         use_fp16=False,  # Execute the underlying model at FP16 precision?
-        beta_d=19.9,  # Extent of the noise level schedule.
-        beta_min=0.1,  # Initial slope of the noise level schedule.
+        beta_d=VP_BETA_D,  # Extent of the noise level schedule.
+        beta_min=VP_BETA_MIN,  # Initial slope of the noise level schedule.
         M=1000,  # Original number of timesteps in the DDPM formulation.
-        epsilon_t=1e-5,  # Minimum t-value used during training.
+        epsilon_t=VP_EPSILON_T,  # Minimum t-value used during training.
         model_type='SongUNet',  # Class name of the underlying model.
         **model_kwargs,  # Keyword arguments for the underlying model.
     ):
@@ -796,14 +798,12 @@ class VPPrecond(_Precond):
         return c_skip, c_out, c_in, c_noise
 
     def sigma(self, t):
-        """sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1); expm1 keeps float32 accurate near t = 0."""
-        t = torch.as_tensor(t)
-        return torch.expm1(0.5 * self.beta_d * (t**2) + self.beta_min * t).sqrt()
+        """sigma(t) of the VP schedule (infonoise.grids.vp_sigma), in float32 for a number, as EDM."""
+        return vp_sigma(torch.as_tensor(t), self.beta_d, self.beta_min)
 
     def sigma_inv(self, sigma):
-        """t(sigma) = (sqrt(beta_min^2 + 2 beta_d ln(1 + sigma^2)) - beta_min) / beta_d; log1p for small sigma."""
-        sigma = torch.as_tensor(sigma)
-        return ((self.beta_min**2 + 2 * self.beta_d * torch.log1p(sigma**2)).sqrt() - self.beta_min) / self.beta_d
+        """t(sigma), the inverse (infonoise.grids.vp_t)."""
+        return vp_t(torch.as_tensor(sigma), self.beta_d, self.beta_min)
 
 
 class VEPrecond(_Precond):

@@ -18,7 +18,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from infonoise.grids import vp_coefficients, vp_sigma
+from infonoise.grids import vp_coefficients, vp_sigma, vp_t
 
 
 class StackedRandomGenerator:
@@ -135,7 +135,7 @@ def _vp_schedule(beta_d: float, beta_min: float) -> tuple[Callable, Callable, Ca
         return 0.5 * (beta_min + beta_d * t) * (sigma_t + 1 / sigma_t)
 
     def sigma_inv(sigma):
-        return ((beta_min**2 + 2 * beta_d * torch.log1p(sigma**2)).sqrt() - beta_min) / beta_d
+        return vp_t(sigma, beta_d, beta_min)
 
     return sigma, sigma_deriv, sigma_inv
 

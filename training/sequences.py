@@ -22,6 +22,8 @@ import os
 
 import numpy as np
 
+import dnnlib
+
 ALPHABET = 'ACGT'
 FASTA_SUFFIXES = ('.fa', '.fasta', '.fna', '.fa.gz', '.fasta.gz', '.fna.gz')
 TABLE_SUFFIXES = ('.tsv', '.txt', '.tsv.gz', '.txt.gz')
@@ -188,15 +190,8 @@ def save_npz(path: str, tokens: np.ndarray, labels: np.ndarray | None = None, la
         arrays['seeds'] = np.asarray(seeds, dtype=np.int64)
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    # Write a sibling and rename it into place, so that a failed write leaves no half-written file at `path`.
-    tmp = f'{path}.{os.getpid()}.tmp'
-    try:
-        with open(tmp, 'wb') as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with dnnlib.util.atomic_write(path) as f:  # A failed write leaves no half-written file at `path`.
+        np.savez(f, **arrays)
 
 
 def load_npz(path: str) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:

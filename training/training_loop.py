@@ -12,8 +12,6 @@ import copy
 import json
 import math
 import os
-import pickle
-import re
 import time
 
 import numpy as np
@@ -21,13 +19,9 @@ import psutil
 import torch
 
 import dnnlib
-from infonoise import plots
-from infonoise.profile import Profile
 from torch_utils import distributed as dist
-from torch_utils import misc, persistence, training_stats
-
-SNAPSHOT_FORMAT = 'infonoise-edm-snapshot'
-STATE_FORMAT = 'infonoise-edm-training-state'
+from torch_utils import misc, training_stats
+from training import checkpoint
 
 
 def step_seed(seed: int, rank: int, nimg: int) -> int:
@@ -35,61 +29,55 @@ def step_seed(seed: int, rank: int, nimg: int) -> int:
     return int(np.random.SeedSequence([seed % 2**32, rank, nimg]).generate_state(1)[0])
 
 
-def cpu_state_dict(module: torch.nn.Module) -> dict:
-    """A module's state dict as detached CPU tensors, for snapshots and training states."""
-    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+def split_batch(batch_size: int, batch_gpu: int | None, world: int) -> tuple[int, int, int]:
+    """Images per rank per step, per forward pass (at most `batch_gpu`) and the number of accumulation rounds."""
+    batch_gpu_total = batch_size // world
+    if batch_gpu is None or batch_gpu > batch_gpu_total:
+        batch_gpu = batch_gpu_total
+    rounds = batch_gpu_total // batch_gpu
+    if batch_size != batch_gpu * rounds * world:
+        raise ValueError(f'Batch size {batch_size} is not divisible by {world} ranks × batch-gpu {batch_gpu}')
+    return batch_gpu_total, batch_gpu, rounds
 
 
-def load_edm_training_state(path: str, network_kwargs: dict) -> dict:
-    """EDM's state dump plus the EMA of the snapshot beside it, as the fields of our training state (EDM's resume)."""
-    edm = persistence.load_edm_training_state(path)
-    match = re.fullmatch(r'training-state-(\d+)\.pt', os.path.basename(path))
-    if match is None:
-        raise ValueError(f'EDM training state "{path}" must be named training-state-<kimg>.pt (EDM resumes there)')
-    snapshot_path = os.path.join(os.path.dirname(path), f'network-snapshot-{match.group(1)}.pkl')
-    if not os.path.isfile(snapshot_path):
-        raise ValueError(f'EDM training state "{path}" needs its EMA from "{snapshot_path}", which does not exist')
-    snapshot = persistence.load_network(snapshot_path)
-    written = {
-        f'EDM training state "{path}"': edm.network_kwargs,
-        f'EDM snapshot "{snapshot_path}"': snapshot.network_kwargs,
-    }
-    for name, kwargs in written.items():
-        if kwargs != network_kwargs:
-            raise ValueError(f'{name} was written for a different network: {kwargs}')
-    return dict(
-        network_kwargs=edm.network_kwargs,
-        net=edm.net,
-        ema=cpu_state_dict(snapshot.net),
-        optimizer=edm.optimizer_state,
-        noise_sampler=None,
-        cur_nimg=int(match.group(1)) * 1000,
-        seed=None,
-    )
+@torch.no_grad()
+def update_ema(ema, net, cur_nimg: int, batch_size: int, halflife_kimg: float, rampup_ratio: float | None) -> None:
+    """EDM's EMA: half-life `halflife_kimg`, ramped up to `rampup_ratio` × images seen so far."""
+    halflife_nimg = halflife_kimg * 1000
+    if rampup_ratio is not None:
+        halflife_nimg = min(halflife_nimg, cur_nimg * rampup_ratio)
+    beta = 0.5 ** (batch_size / max(halflife_nimg, 1e-8))
+    for p_ema, p_net in zip(ema.parameters(), net.parameters()):
+        p_ema.copy_(p_net.detach().lerp(p_ema, beta))
 
 
-def load_training_state(path: str, network_kwargs: dict, noise_kwargs: dict) -> dict:
-    """Read our training state, or EDM's, and check that it was written for this network (and noise sampler).
-
-    EDM's states give `noise_sampler=None` and `seed=None`: it saves neither.
-    """
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError:
-        state = None  # Pickled objects, as in EDM's state dumps.
-    except Exception as e:
-        raise ValueError(f'Cannot read training state "{path}": {e}') from None
-    if state is None:
-        return load_edm_training_state(path, network_kwargs)
-    if not isinstance(state, dict) or state.get('format') != STATE_FORMAT:
-        raise ValueError(f'"{path}" is not an InfoNoise-EDM training state')
-    if state['network_kwargs'] != network_kwargs:
-        raise ValueError(f'Training state "{path}" was written for a different network: {state["network_kwargs"]}')
-    if state['noise_kwargs']['class_name'] != noise_kwargs['class_name']:
-        raise ValueError(
-            f'Training state "{path}" was written with the noise sampler {state["noise_kwargs"]["class_name"]}'
+def status_line(tick: int, nimg: int, total_nimg: float, timing: dict, loss: float, sampler: str, device) -> str:
+    """EDM's tick line plus the loss, the time left at this tick's speed and the noise sampler's state; every number
+    is also reported to training_stats (stats.jsonl)."""
+    report0 = training_stats.report0
+    speed = timing['tick_nimg'] / max(timing['tick_sec'], 1e-8)
+    fields = [
+        f'tick {report0("Progress/tick", tick):<5d}',
+        f'kimg {report0("Progress/kimg", nimg / 1e3):<9.3f}',
+        f'time {dnnlib.util.format_time(report0("Timing/total_sec", timing["total_sec"])):<12s}',
+        f'left {dnnlib.util.format_time(report0("Timing/left_sec", max(total_nimg - nimg, 0) / speed)):<12s}',
+        f'sec/tick {report0("Timing/sec_per_tick", timing["tick_sec"]):<7.1f}',
+        f'sec/kimg {report0("Timing/sec_per_kimg", 1e3 / speed):<7.2f}',
+        f'img/s {report0("Timing/img_per_sec", speed):<8.1f}',
+        f'maintenance {report0("Timing/maintenance_sec", timing["maintenance_sec"]):<6.1f}',
+        f'loss {loss:<8.4g}',
+        *([sampler] if sampler else []),
+        f'cpumem {report0("Resources/cpu_mem_gb", psutil.Process(os.getpid()).memory_info().rss / 2**30):<6.2f}',
+    ]
+    if device.type == 'cuda':
+        fields.append(
+            f'gpumem {report0("Resources/peak_gpu_mem_gb", torch.cuda.max_memory_allocated(device) / 2**30):<6.2f}'
         )
-    return state
+        fields.append(
+            f'reserved {report0("Resources/peak_gpu_mem_reserved_gb", torch.cuda.max_memory_reserved(device) / 2**30):<6.2f}'
+        )
+        torch.cuda.reset_peak_memory_stats()
+    return ' '.join(fields)
 
 
 def training_loop(
@@ -131,12 +119,7 @@ def training_loop(
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
 
     # Select batch size per device.
-    batch_gpu_total = batch_size // world
-    if batch_gpu is None or batch_gpu > batch_gpu_total:
-        batch_gpu = batch_gpu_total
-    num_accumulation_rounds = batch_gpu_total // batch_gpu
-    if batch_size != batch_gpu * num_accumulation_rounds * world:
-        raise ValueError(f'Batch size {batch_size} is not divisible by {world} ranks × batch-gpu {batch_gpu}')
+    batch_gpu_total, batch_gpu, num_accumulation_rounds = split_batch(batch_size, batch_gpu, world)
 
     # Say first whether and when the noise sampler can adapt in this run, and report each refresh check.
     noise_sampler = dnnlib.util.construct_class_by_name(**noise_kwargs)
@@ -150,12 +133,8 @@ def training_loop(
 
     # Construct network.
     dist.print0('Constructing network...')
-    net_kwargs = dict(
-        network_kwargs,
-        img_resolution=dataset_obj.resolution,
-        img_channels=dataset_obj.num_channels,
-        label_dim=dataset_obj.label_dim,
-    )
+    net_kwargs = dict(network_kwargs, img_resolution=dataset_obj.resolution, img_channels=dataset_obj.num_channels,
+                      label_dim=dataset_obj.label_dim)  # fmt: skip
     net = dnnlib.util.construct_class_by_name(**net_kwargs)
     net.train().requires_grad_(True).to(device)
     if rank == 0:
@@ -175,7 +154,7 @@ def training_loop(
     # Transfer weights from another network.
     if transfer is not None:
         dist.print0(f'Loading network weights from "{transfer}"...')
-        source = persistence.load_network(transfer)
+        source = checkpoint.load_network(transfer)
         misc.copy_params_and_buffers(src_module=source.net, dst_module=net, require_all=False)
         misc.copy_params_and_buffers(src_module=source.net, dst_module=ema, require_all=False)
         del source
@@ -184,16 +163,7 @@ def training_loop(
     cur_nimg = 0
     if resume_state is not None:
         dist.print0(f'Loading training state from "{resume_state}"...')
-        state = load_training_state(resume_state, net_kwargs, noise_kwargs)
-        net.load_state_dict(state['net'])
-        ema.load_state_dict(state['ema'])
-        optimizer.load_state_dict(state['optimizer'])
-        if state['noise_sampler'] is not None:
-            noise_sampler.load_state_dict(state['noise_sampler'])
-        else:
-            dist.print0('The training state holds no noise sampler state (EDM saves none); the sampler starts fresh.')
-        cur_nimg = int(state['cur_nimg'])
-        del state
+        cur_nimg = checkpoint.restore(resume_state, net_kwargs, noise_kwargs, net, ema, optimizer, noise_sampler)
 
     # Distribute and optionally compile the network that takes gradient steps.
     ddp = net
@@ -202,14 +172,11 @@ def training_loop(
     train_net = torch.compile(ddp) if compile else ddp
 
     # Data order continues at the global image position where the resumed run stopped.
-    dataset_sampler = misc.InfiniteSampler(
-        dataset=dataset_obj, rank=rank, num_replicas=world, seed=seed, start_idx=cur_nimg
+    dataset_sampler = misc.InfiniteSampler(dataset_obj, rank=rank, num_replicas=world, seed=seed, start_idx=cur_nimg)
+    loader = torch.utils.data.DataLoader(
+        dataset_obj, sampler=dataset_sampler, batch_size=batch_gpu, **data_loader_kwargs
     )
-    dataset_iterator = iter(
-        torch.utils.data.DataLoader(
-            dataset=dataset_obj, sampler=dataset_sampler, batch_size=batch_gpu, **data_loader_kwargs
-        )
-    )
+    dataset_iterator = iter(loader)
     pixels_per_image = math.prod(net.img_shape)
 
     # Train.
@@ -252,13 +219,7 @@ def training_loop(
         optimizer.step()
 
         # Update EMA.
-        ema_halflife_nimg = ema_halflife_kimg * 1000
-        if ema_rampup_ratio is not None:
-            ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * ema_rampup_ratio)
-        ema_beta = 0.5 ** (batch_size / max(ema_halflife_nimg, 1e-8))
-        with torch.no_grad():
-            for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-                p_ema.copy_(p_net.detach().lerp(p_ema, ema_beta))
+        update_ema(ema, net, cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio)
 
         # Perform maintenance tasks once per tick.
         cur_nimg += batch_size
@@ -268,33 +229,11 @@ def training_loop(
 
         # Print status line, accumulating the same information in training_stats.
         tick_end_time = time.time()
-        tick_sec = tick_end_time - tick_start_time
-        tick_nimg = max(cur_nimg - tick_start_nimg, 1)
-        fields = []
-        fields += [f'tick {training_stats.report0("Progress/tick", cur_tick):<5d}']
-        fields += [f'kimg {training_stats.report0("Progress/kimg", cur_nimg / 1e3):<9.3f}']
-        fields += [
-            f'time {dnnlib.util.format_time(training_stats.report0("Timing/total_sec", tick_end_time - start_time)):<12s}'
-        ]
-        fields += [f'sec/tick {training_stats.report0("Timing/sec_per_tick", tick_sec):<7.1f}']
-        fields += [f'sec/kimg {training_stats.report0("Timing/sec_per_kimg", tick_sec / tick_nimg * 1e3):<7.2f}']
-        fields += [f'img/s {training_stats.report0("Timing/img_per_sec", tick_nimg / max(tick_sec, 1e-8)):<8.1f}']
-        fields += [f'maintenance {training_stats.report0("Timing/maintenance_sec", maintenance_time):<6.1f}']
         tick_loss.update()
-        fields += [f'loss {tick_loss.mean("Loss/loss"):<8.4g}']
-        fields += [noise_sampler.summary()] if noise_sampler.summary() else []
-        fields += [
-            f'cpumem {training_stats.report0("Resources/cpu_mem_gb", psutil.Process(os.getpid()).memory_info().rss / 2**30):<6.2f}'
-        ]
-        if device.type == 'cuda':
-            fields += [
-                f'gpumem {training_stats.report0("Resources/peak_gpu_mem_gb", torch.cuda.max_memory_allocated(device) / 2**30):<6.2f}'
-            ]
-            fields += [
-                f'reserved {training_stats.report0("Resources/peak_gpu_mem_reserved_gb", torch.cuda.max_memory_reserved(device) / 2**30):<6.2f}'
-            ]
-            torch.cuda.reset_peak_memory_stats()
-        dist.print0(' '.join(fields))
+        timing = dict(total_sec=tick_end_time - start_time, tick_sec=tick_end_time - tick_start_time,
+                      tick_nimg=max(cur_nimg - tick_start_nimg, 1), maintenance_sec=maintenance_time)  # fmt: skip
+        dist.print0(status_line(cur_tick, cur_nimg, total_kimg * 1000, timing, tick_loss.mean('Loss/loss'),
+                                noise_sampler.summary(), device))  # fmt: skip
         for name, value in noise_sampler.describe().items():
             training_stats.report0(f'Noise/{name}', value)
 
@@ -303,44 +242,27 @@ def training_loop(
             misc.check_ddp_consistency(ema)
             profile = noise_sampler.profile()
             if rank == 0:
-                snapshot = dict(
-                    format=SNAPSHOT_FORMAT,
-                    version=1,
-                    network_kwargs=net_kwargs,
-                    ema=cpu_state_dict(ema),
-                    loss_kwargs=dict(loss_kwargs),
-                    noise_kwargs=dict(noise_kwargs),
-                    augment_kwargs=dict(augment_kwargs) if augment_kwargs is not None else None,
-                    dataset_kwargs=dict(dataset_kwargs),
-                    kimg=cur_nimg // 1000,
-                    profile=profile,
-                )
-                persistence.save_atomic(snapshot, os.path.join(run_dir, f'network-snapshot-{cur_nimg // 1000:06d}.pt'))
-                if profile is not None:
-                    # The profile also as JSON, which `generate.py --grid=infogrid --profile=FILE` reads.
-                    profile_path = os.path.join(run_dir, f'profile-{cur_nimg // 1000:06d}')
-                    plots.save_profile_plot(Profile.from_dict(profile), profile_path + '.png')
-                    with open(profile_path + '.json', 'w', encoding='utf-8') as f:
-                        json.dump(profile, f)
+                checkpoint.save_snapshot(
+                    run_dir, cur_nimg, net_kwargs, ema, profile, loss_kwargs=loss_kwargs, noise_kwargs=noise_kwargs,
+                    augment_kwargs=augment_kwargs, dataset_kwargs=dataset_kwargs,
+                )  # fmt: skip
 
         # Save full dump of the training state.
         if state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0:
             misc.check_ddp_consistency(net)
             if rank == 0:
-                state = dict(
-                    format=STATE_FORMAT,
-                    version=1,
-                    network_kwargs=net_kwargs,
-                    net=cpu_state_dict(net),
-                    ema=cpu_state_dict(ema),
-                    optimizer=optimizer.state_dict(),
-                    noise_kwargs=dict(noise_kwargs),
-                    noise_sampler=noise_sampler.state_dict(),
-                    cur_nimg=cur_nimg,
-                    seed=seed,
-                    dataset_kwargs=dict(dataset_kwargs),
+                checkpoint.save_training_state(
+                    run_dir,
+                    cur_nimg,
+                    net_kwargs,
+                    net,
+                    ema,
+                    optimizer,
+                    noise_kwargs,
+                    noise_sampler,
+                    seed,
+                    dataset_kwargs,
                 )
-                persistence.save_atomic(state, os.path.join(run_dir, f'training-state-{cur_nimg // 1000:06d}.pt'))
 
         # Update logs.
         training_stats.default_collector.update()

@@ -1,0 +1,35 @@
+"""Parameter types shared by the command-line tools."""
+
+import math
+
+import click
+import torch
+
+
+class FloatRange(click.FloatRange):
+    """click.FloatRange that also refuses NaN, which passes every bound check of click's (comparisons with NaN are
+    false), and ±inf unless `allow_inf`: a non-finite learning rate, σ or EMA would otherwise train or sample
+    silently into NaN."""
+
+    def __init__(self, min=None, max=None, min_open=False, max_open=False, allow_inf=False):
+        super().__init__(min=min, max=max, min_open=min_open, max_open=max_open)
+        self.allow_inf = allow_inf
+
+    def _describe_range(self) -> str:
+        return 'finite' if self.min is None and self.max is None else super()._describe_range()
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if math.isnan(number) or (math.isinf(number) and not self.allow_inf):
+            self.fail(f'{value!r} is not a finite number.', param, ctx)
+        return number
+
+
+FLOAT = FloatRange()  # Any finite number.
+
+
+def pick_device(name: str | None) -> torch.device:
+    """--device: CUDA if available unless told otherwise; a one-line error for CUDA on a machine without it."""
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise click.ClickException('--device=cuda, but no CUDA device is available')
+    return torch.device(name or ('cuda' if torch.cuda.is_available() else 'cpu'))

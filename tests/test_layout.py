@@ -1,0 +1,53 @@
+"""The import rules of DESIGN.md, read from the source (AST): arrows run downward only."""
+
+import ast
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PIPELINE = {'training', 'infonoise', 'train', 'generate', 'fid', 'dataset_tool', 'diagnose', 'bench', 'examples'}
+
+
+def imported_packages(path: str) -> set[str]:
+    """Top-level names of every module `path` imports, at any depth of the file (relative imports: its package)."""
+    with open(path, encoding='utf-8') as f:
+        tree = ast.parse(f.read(), path)
+    package = os.path.relpath(os.path.dirname(path), ROOT).split(os.sep)[0]
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split('.')[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.add(package if node.level else node.module.split('.')[0])
+    return names
+
+
+def modules(package: str) -> list[str]:
+    folder = os.path.join(ROOT, package)
+    return sorted(os.path.join(folder, name) for name in os.listdir(folder) if name.endswith('.py'))
+
+
+@pytest.mark.parametrize('package', ['torch_utils', 'dnnlib'])
+def test_plumbing_imports_nothing_upward(package):
+    for path in modules(package):
+        assert not imported_packages(path) & PIPELINE, path
+
+
+def test_training_loop_does_not_name_the_library():
+    assert 'infonoise' not in imported_packages(os.path.join(ROOT, 'training', 'training_loop.py'))
+
+
+def test_library_imports_only_torch_numpy_and_the_standard_library():
+    allowed = {'torch', 'numpy', 'infonoise', *sys.stdlib_module_names}
+    for path in modules('infonoise'):
+        extra = {'matplotlib'} if os.path.basename(path) == 'plots.py' else set()
+        assert imported_packages(path) <= allowed | extra, (path, imported_packages(path) - allowed - extra)
+
+
+def test_the_scan_sees_imports(tmp_path):
+    # The scan can fail: a function-level import of the pipeline is found.
+    path = tmp_path / 'module.py'
+    path.write_text('import os\n\ndef f():\n    from training import networks\n    import dnnlib.util\n')
+    assert imported_packages(str(path)) == {'os', 'training', 'dnnlib'}
