@@ -175,8 +175,8 @@ def find_resume_state(path: str) -> str:
 @click.option('--info-pivot',    help='InfoNoise: fixed pivot c  [default: calibrated]', metavar='FLOAT', type=cli.FloatRange(min=0, min_open=True))
 @click.option('--info-base',     help='InfoNoise: base sampler for the warm-up',                         type=click.Choice(['lognormal', 'loguniform']), default='lognormal', show_default=True)
 @click.option('--info-floor',    help='InfoNoise: log-uniform mixing floor', metavar='FLOAT',           type=cli.FloatRange(min=0, max=1), default=0.05, show_default=True)
-@click.option('--info-sigma-min', help="InfoNoise: lowest σ  [default: the precond's]", metavar='FLOAT', type=cli.FloatRange(min=0, min_open=True))
-@click.option('--info-sigma-max', help="InfoNoise: highest σ  [default: the precond's]", metavar='FLOAT', type=cli.FloatRange(min=0, min_open=True))
+@click.option('--info-sigma-min', help="InfoNoise: lowest σ  [default: the precond's]", metavar='FLOAT', type=cli.FloatRange(min=0, max=1e6, min_open=True))
+@click.option('--info-sigma-max', help="InfoNoise: highest σ  [default: the precond's]", metavar='FLOAT', type=cli.FloatRange(min=0, max=1e6, min_open=True))
 
 # Hyperparameters.
 @click.option('--duration',   help='Training duration', metavar='MIMG',                              type=cli.FloatRange(min=0, min_open=True), default=200, show_default=True)
@@ -302,6 +302,10 @@ def main(**kwargs):
         if given:
             raise click.ClickException(f'{given[0]} only applies to --sampler=infonoise')
         c.noise_kwargs = dnnlib.EasyDict(SAMPLER_KWARGS[sampler](opts.precond))
+    try:  # Every sampler option is checked here, before anything is written.
+        noise_sampler = dnnlib.util.construct_class_by_name(**c.noise_kwargs)
+    except ValueError as e:
+        raise click.ClickException(f'--sampler={sampler}: {e}') from None
 
     # Training options.
     c.total_kimg = max(int(opts.duration * 1000), 1)
@@ -320,6 +324,10 @@ def main(**kwargs):
     if opts.transfer is not None and opts.resume is not None:
         raise click.ClickException('--transfer and --resume cannot be specified at the same time')
     if opts.transfer is not None:
+        try:
+            checkpoint.load_network(opts.transfer)
+        except (OSError, ValueError) as e:
+            raise click.ClickException(f'--transfer: {str(e).splitlines()[0]}') from None
         c.transfer = opts.transfer
         c.ema_rampup_ratio = None
     seed = opts.seed
@@ -330,7 +338,9 @@ def main(**kwargs):
         )
         try:
             state = checkpoint.load_training_state(c.resume_state, net_kwargs, c.noise_kwargs)
-        except ValueError as e:
+            if state['noise_sampler'] is not None:
+                noise_sampler.load_state_dict(state['noise_sampler'])  # Same bins, buffers, ... as this run's?
+        except (ValueError, KeyError) as e:
             raise click.ClickException(f'--resume: {e}') from None
         if seed is None:
             seed = state['seed']  # Continue the same random streams; EDM's states have none (random, as EDM).
@@ -353,6 +363,12 @@ def main(**kwargs):
         c.run_dir = None
     elif opts.nosubdir:
         c.run_dir = opts.outdir
+        # A run directory holds one run: continuing it in place needs --resume from a state inside it.
+        in_place = opts.resume is not None and os.path.dirname(c.resume_state) == os.path.abspath(opts.outdir)
+        if os.path.isfile(os.path.join(opts.outdir, 'training_options.json')) and not (in_place or opts.dry_run):
+            raise click.ClickException(
+                f'--nosubdir: {opts.outdir} already holds a run; use another --outdir, or --resume from its state'
+            )
     else:
         c.run_dir = next_run_dir(opts.outdir, desc)
     c.run_dir = dist.broadcast_object(c.run_dir)

@@ -19,10 +19,10 @@ class FloatRange(click.FloatRange):
         return 'finite' if self.min is None and self.max is None else super()._describe_range()
 
     def convert(self, value, param, ctx):
-        number = super().convert(value, param, ctx)
+        number = click.FLOAT.convert(value, param, ctx)  # First as a number, so NaN and ±inf get their own message.
         if math.isnan(number) or (math.isinf(number) and not self.allow_inf):
             self.fail(f'{value!r} is not a finite number.', param, ctx)
-        return number
+        return super().convert(number, param, ctx)
 
 
 FLOAT = FloatRange()  # Any finite number.

@@ -26,6 +26,14 @@ CASES = [
 ]
 
 
+def test_absurd_noise_range_is_refused(tmp_path):
+    # σ_max = 1e300 overflows float32 (σ² = inf): the run would train on NaN losses and exit 0.
+    command = ['train.py', f'--outdir={tmp_path / "out"}', '--data=none.zip', '--dry-run', '--info-sigma-max=1e300']
+    result = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Invalid value for '--info-sigma-max'" in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize('script, option', CASES)
 def test_non_finite_float_options_are_refused(script, option, tmp_path):
     name = option.split('=')[0]

@@ -81,6 +81,16 @@ def test_vector_labels_are_kept_as_float(tmp_path):
     np.testing.assert_array_equal(np.stack([ds[i][1] for i in range(3)]), np.float32(vectors))
 
 
+@pytest.mark.parametrize(
+    'labels, message', [([[0.5, float('nan')], [1.0, 2.0]], 'non-finite'), ([0, 10**9], 'class label')]
+)
+def test_absurd_labels_are_refused(tmp_path, labels, message):
+    # NaN conditioning vectors would train into NaN silently; a class index of 1e9 would ask for a 1e9-long one-hot.
+    path = make_dataset(tmp_path / 'd.zip', random_images(2), labels)
+    with pytest.raises(ValueError, match=message):
+        ImageFolderDataset(path, use_labels=True)
+
+
 def test_xflip_appends_mirrored_copies(tmp_path):
     images = random_images(4)
     ds = ImageFolderDataset(make_dataset(tmp_path / 'd.zip', images, [0, 1, 2, 3]), use_labels=True, xflip=True)

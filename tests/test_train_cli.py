@@ -168,6 +168,12 @@ def error_cases(tmp_path, digits_zip):
         (['--data', digits_zip, '--fp16=1', '--bf16=1'], 'mutually exclusive'),
         (['--data', digits_zip, '--transfer=a.pt', '--resume=b.pt'], 'same time'),
         (['--data', digits_zip, '--info-bins=8'], '--info-bins only applies to --sampler=infonoise'),
+        (['--data', digits_zip, f'--transfer={tmp_path / "nope.pt"}'], '--transfer: '),
+        (['--data', digits_zip, f'--transfer={corrupt}'], '--transfer: Cannot load network'),
+        (
+            ['--data', digits_zip, '--sampler=infonoise', '--info-sigma-min=10', '--info-sigma-max=1'],
+            'sigma_min < sigma_max',
+        ),
     ]
 
 
@@ -202,6 +208,14 @@ def test_resume_of_incompatible_state_is_refused(tmp_path, digits_zip):
     result = run(*base_args(out, digits_zip), '--sampler=infonoise', f'--resume={run_dir}')
     assert result.exit_code != 0 and 'written with the noise sampler infonoise.samplers.LogNormal' in result.output
     assert len(list(out.iterdir())) == 1
+    # An InfoNoise state resumed with other InfoNoise bins is refused before a run directory exists.
+    info = ['--sampler=infonoise', '--info-bins=4', '--info-nmin=1', '--info-warmup=0', '--info-refresh=0.016']
+    result = run(*base_args(out, digits_zip), '--batch=16', '--duration=0.001', '--tick=1', *info)
+    assert result.exit_code == 0, result.output
+    info_dir = max(out.iterdir())
+    result = run(*base_args(out, digits_zip), '--sampler=infonoise', '--info-bins=8', f'--resume={info_dir}')
+    assert result.exit_code != 0 and '--resume: InfoNoise state has buffers' in result.output, result.output
+    assert len(list(out.iterdir())) == 2
 
 
 @pytest.mark.parametrize('script', ['train', 'generate'])
@@ -235,3 +249,13 @@ def test_two_runs_never_share_a_directory(tmp_path, monkeypatch):
     monkeypatch.setattr(train.os, 'listdir', stale_listdir)
     assert train.create_run_dir(str(tmp_path), 'desc') == str(tmp_path / '00001-desc')
     assert len(calls) == 2 and sorted(real_listdir(tmp_path)) == ['00000-desc', '00001-desc']
+
+
+def test_nosubdir_refuses_a_directory_that_holds_a_run(tmp_path, digits_zip):
+    out = tmp_path / 'run'
+    args = [*base_args(out, digits_zip), '--batch=16', '--duration=0.001', '--tick=1', '--nosubdir']
+    assert run(*args).exit_code == 0
+    before = sorted(os.listdir(out))
+    result = run(*args)
+    assert result.exit_code != 0 and 'already holds a run' in result.output
+    assert sorted(os.listdir(out)) == before and 'Traceback' not in result.output

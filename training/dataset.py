@@ -20,6 +20,9 @@ import torch
 import dnnlib
 from training import sequences
 
+# Class indices beyond this are taken for a malformed dataset.json (one-hot vectors that long would not fit).
+MAX_CLASSES = 100_000
+
 
 class Dataset(torch.utils.data.Dataset):
     """Base class: subsetting, x-flips, labels and caching on top of `_load_raw_image` / `_load_raw_labels`."""
@@ -63,6 +66,12 @@ class Dataset(torch.utils.data.Dataset):
                 labels = self._load_raw_labels()
                 if labels is None:
                     raise ValueError(f'use_labels=True, but dataset "{self._name}" has no labels in dataset.json')
+                if labels.dtype != np.int64 and not np.isfinite(labels).all():
+                    raise ValueError(f'Dataset "{self._name}" has non-finite label values in dataset.json')
+                if labels.dtype == np.int64 and labels.max() >= MAX_CLASSES:
+                    raise ValueError(
+                        f'Dataset "{self._name}" has class label {labels.max()}: at most {MAX_CLASSES - 1}'
+                    )
             if labels is None:
                 labels = np.zeros([self._raw_shape[0], 0], dtype=np.float32)
             self._raw_labels = labels
