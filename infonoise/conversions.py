@@ -145,6 +145,7 @@ class DiscreteTimesteps:
             raise ValueError(f'Unknown prediction "{prediction}"; choose from {", ".join(PREDICTIONS)}')
         self.sampler, self.prediction = sampler, prediction
         self.sigmas = sigma_from_alpha_bar(alpha_bar)  # [T] increasing
+        self._cache: dict = {}  # Per device: σ_i, and the cumulative probabilities with the law they were made for.
         mid = (self.sigmas[1:] * self.sigmas[:-1]).sqrt()
         self.edges = torch.cat([torch.zeros(1, dtype=torch.float64), mid, torch.full((1,), math.inf)])  # [T + 1]
 
@@ -174,13 +175,23 @@ class DiscreteTimesteps:
         )
         return (cdf[1:] - cdf[:-1]).clamp(min=0)
 
+    def _on(self, device: torch.device | str) -> dict:
+        """σ_i on `device`, and the cumulative timestep probabilities there, recomputed only when the sampler's law
+        changes (InfoNoise replaces its `table` at each refresh; other samplers are taken as fixed): no per-step
+        host round trip."""
+        cache = self._cache.setdefault(str(device), dict(sigmas=self.sigmas.to(device), law=(), cumulative=None))
+        law = getattr(self.sampler, 'table', None)
+        if cache['cumulative'] is None or cache['law'] is not law:
+            cache.update(law=law, cumulative=self.probabilities().cumsum(0).to(device))
+        return cache
+
     def sample(self, n: int, device: torch.device | str = 'cpu') -> torch.Tensor:
         """n timesteps (int64, on `device`) by inverse CDF of uniforms from torch's global RNG."""
-        cumulative = self.probabilities().cumsum(0).to(device)
+        cumulative = self._on(device)['cumulative']
         u = torch.rand(n, device=device, dtype=torch.float64) * cumulative[-1]
         return torch.searchsorted(cumulative, u, right=True).clamp(max=self.sigmas.numel() - 1)
 
     def observe(self, timesteps: torch.Tensor, mse: torch.Tensor) -> None:
         """Hand the sampler σ_i and the x₀-space MSE of per-sample losses `mse` in the prediction's target."""
-        sigma = self.sigmas.to(timesteps.device)[timesteps]
+        sigma = self._on(timesteps.device)['sigmas'][timesteps]
         self.sampler.observe(sigma, x0_mse(mse.detach().to(torch.float64), sigma, self.prediction))

@@ -4,6 +4,7 @@ Usage: python -m torch.distributed.run --standalone --nproc_per_node=2 tests/dis
 Each rank writes OUT_DIR/rank<r>.json with what it observed; the test checks the numbers.
 """
 
+import gc
 import json
 import os
 import sys
@@ -64,6 +65,10 @@ def main(out_dir: str) -> None:
             ddp(x).sum().backward()
         result[f'grad_sync_{sync}'] = ddp.module.weight.grad.flatten().tolist()
 
+    # Release DDP (its reducer holds Gloo work and tensors) before leaving the group: torn down at interpreter exit
+    # after the group, it occasionally aborted rank 1 with "terminate called without an active exception".
+    del ddp
+    gc.collect()
     dist.barrier()
     with open(os.path.join(out_dir, f'rank{rank}.json'), 'w') as f:
         json.dump(result, f)

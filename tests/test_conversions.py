@@ -167,6 +167,8 @@ def test_discrete_timesteps_observe_and_infonoise():
     assert float(p.sum()) == pytest.approx(1, abs=1e-9)
     cdf = noise.table.cdf_at(steps.edges[1:-1])
     torch.testing.assert_close(p[1:-1], (cdf[1:] - cdf[:-1]).clamp(min=0))
+    # What `sample` draws from was rebuilt at the last refresh (it caches the law between refreshes).
+    torch.testing.assert_close(steps._on('cpu')['cumulative'], p.cumsum(0))
 
 
 def test_discrete_timesteps_reject_bad_tables():
