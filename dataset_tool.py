@@ -40,6 +40,10 @@ Source = tuple[int, Iterator[Item]]
 SEQUENCE_SETS = ('ars',)  # Named built-in sequence sources (see read_sequence_source).
 
 
+# Larger than any image EDM trains on (ImageNet 512) by far, and small enough that one image fits in memory.
+MAX_RESOLUTION = 16384
+
+
 def parse_resolution(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
     """Parse 'WxH' or 'W,H' into (width, height)."""
     if value is None:
@@ -47,7 +51,10 @@ def parse_resolution(ctx: click.Context, param: click.Parameter, value: str | No
     m = re.fullmatch(r'(\d+)[x,](\d+)', value)
     if m is None:
         raise click.BadParameter(f'expected WxH or W,H (e.g. 64x64), got "{value}"')
-    return int(m.group(1)), int(m.group(2))
+    width, height = int(m.group(1)), int(m.group(2))
+    if not (1 <= width <= MAX_RESOLUTION and 1 <= height <= MAX_RESOLUTION):
+        raise click.BadParameter(f'each side must be between 1 and {MAX_RESOLUTION} pixels, got "{value}"')
+    return width, height
 
 
 def image_extensions() -> set[str]:

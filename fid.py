@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import tqdm
 
+from dnnlib import cli
 from torch_utils import distributed as dist
 from torch_utils.frechet import FeatureStats, frechet_distance, load_stats, save_stats
 from training import sequences
@@ -209,6 +210,7 @@ def calc(image_path, ref_path, num_expected, seed, max_batch_size, detector_spec
 # fmt: on
 def ref(dataset_path, dest_path, max_size, seed, max_batch_size, detector_spec, num_workers, device):
     """Calculate dataset reference statistics needed by 'calc'."""
+    cli.check_output_dir(os.path.dirname(os.path.abspath(dest_path)), '--dest')
     device, detector = setup(device, detector_spec, dataset_path)
     dataset = load_images(dataset_path, max_size=max_size, random_seed=seed)
     if max_size is not None and len(dataset) < max_size:

@@ -297,6 +297,7 @@ def main(
         raise click.ClickException(f'--profile is used by --grid=infogrid or tangent, not --grid={grid}')
     if grid_png is not None and os.path.commonpath([os.path.abspath(grid_png), os.path.abspath(outdir)]) == os.path.abspath(outdir):
         raise click.ClickException(f'--grid-png "{grid_png}" is inside --outdir, whose images fid.py reads; write it elsewhere')
+    cli.check_output_dir(outdir, '--outdir')
     try:
         device = dist.init(device)
     except RuntimeError as e:

@@ -231,6 +231,8 @@ def main(**kwargs):
     if opts.preset is not None:
         apply_preset(ctx, opts)
     torch.multiprocessing.set_start_method('spawn', force=True)
+    if not opts.dry_run:
+        cli.check_output_dir(opts.outdir, '--outdir')
     try:
         device = dist.init(opts.device)
     except RuntimeError as e:
@@ -340,7 +342,7 @@ def main(**kwargs):
             state = checkpoint.load_training_state(c.resume_state, net_kwargs, c.noise_kwargs)
             if state['noise_sampler'] is not None:
                 noise_sampler.load_state_dict(state['noise_sampler'])  # Same bins, buffers, ... as this run's?
-        except (ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError) as e:
             raise click.ClickException(f'--resume: {e}') from None
         if seed is None:
             seed = state['seed']  # Continue the same random streams; EDM's states have none (random, as EDM).

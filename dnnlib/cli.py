@@ -1,6 +1,7 @@
 """Parameter types shared by the command-line tools."""
 
 import math
+import os
 
 import click
 import torch
@@ -33,3 +34,15 @@ def pick_device(name: str | None) -> torch.device:
     if name == 'cuda' and not torch.cuda.is_available():
         raise click.ClickException('--device=cuda, but no CUDA device is available')
     return torch.device(name or ('cuda' if torch.cuda.is_available() else 'cpu'))
+
+
+def check_output_dir(path: str, option: str) -> None:
+    """A one-line error, before any work, if folder `path` could not be created or written: it is a file, or its
+    nearest existing ancestor is not writable."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise click.ClickException(f'{option}: "{path}" exists and is not a folder')
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise click.ClickException(f'{option}: cannot write into "{existing}"')

@@ -80,6 +80,10 @@ def construct_class_by_name(*args, class_name: str, **kwargs) -> Any:
     return get_obj_by_name(class_name)(*args, **kwargs)
 
 
+# The longest list parse_int_list builds: 200x EDM's 50,000-image FID sets, and a few hundred MB of ints.
+MAX_LIST_LENGTH = 10_000_000
+
+
 def parse_int_list(s: str | list[int]) -> list[int]:
     """Parse a comma-separated list of non-negative integers and ranges: '1,2,5-10' -> [1, 2, 5, ..., 10]."""
     if isinstance(s, list):
@@ -93,6 +97,8 @@ def parse_int_list(s: str | list[int]) -> list[int]:
         last = int(m.group(2)) if m.group(2) is not None else first
         if last < first:
             raise ValueError(f'Range "{part}" is empty')
+        if len(values) + last - first + 1 > MAX_LIST_LENGTH:
+            raise ValueError(f'"{s}" lists more than {MAX_LIST_LENGTH:,} values')
         values.extend(range(first, last + 1))
     return values
 

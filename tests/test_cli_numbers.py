@@ -56,3 +56,21 @@ def test_float_range_bounds_and_infinity():
             kind.convert(value, None, None)
     with pytest.raises(click.BadParameter, match='not a finite number'):
         FloatRange().convert('-inf', None, None)
+
+
+@pytest.mark.parametrize(
+    'command',
+    [
+        ['train.py', '--data=none.zip', '--outdir={file}'],
+        ['generate.py', '--network=none.pt', '--outdir={file}'],
+        ['fid.py', 'ref', '--data=none.zip', '--dest={file}/ref.npz'],
+    ],
+)
+def test_output_folder_that_is_a_file_is_refused(command, tmp_path):
+    # A file where the output folder should be: one line before any work, not a traceback at the first write.
+    file = tmp_path / 'taken'
+    file.write_text('')
+    args = [arg.format(file=file) for arg in command]
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and f'"{file}" exists and is not a folder' in result.stderr, result.stderr
+    assert 'Traceback' not in result.stderr and sorted(p.name for p in tmp_path.iterdir()) == ['taken']

@@ -13,6 +13,7 @@ import sys
 import tarfile
 import zipfile
 
+import click
 import numpy as np
 import PIL.Image
 import pytest
@@ -247,6 +248,9 @@ def test_parse_resolution():
     assert dataset_tool.parse_resolution(None, None, '512x256') == (512, 256)
     assert dataset_tool.parse_resolution(None, None, '16,16') == (16, 16)
     assert dataset_tool.parse_resolution(None, None, None) is None
+    for absurd in ('0x0', '64x0', '99999x99999'):
+        with pytest.raises(click.BadParameter, match='between 1 and 16384'):
+            dataset_tool.parse_resolution(None, None, absurd)
 
 
 def test_center_crop_makes_rgb_square(tmp_path):

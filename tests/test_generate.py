@@ -71,6 +71,8 @@ def run_generate(*args):
 
 def test_parse_int_list_and_split_seeds():
     assert generate.parse_int_list('1,2,5-10') == [1, 2, 5, 6, 7, 8, 9, 10]
+    with pytest.raises(ValueError, match='lists more than 10,000,000 values'):
+        generate.parse_int_list('0-99999999999')  # Refused before building the list.
     for bad in ['a', '5-3', '-3', '1,,2']:
         with pytest.raises(ValueError):
             generate.parse_int_list(bad)

@@ -156,6 +156,8 @@ def error_cases(tmp_path, digits_zip):
     unlabeled = write_edm_zip(tmp_path / 'unlabeled.zip', rng.integers(0, 255, (4, 8, 8), dtype=np.uint8))
     bogus_state = tmp_path / 'training-state-000000.pt'
     torch.save({'format': 'something else'}, bogus_state)
+    text_state = tmp_path / 'notes.txt'
+    text_state.write_text('101 reasons')
     return [
         (['--data', tmp_path / 'missing.zip'], '--data'),
         (['--data', corrupt], '--data'),
@@ -173,6 +175,10 @@ def error_cases(tmp_path, digits_zip):
         (
             ['--data', digits_zip, '--sampler=infonoise', '--info-sigma-min=10', '--info-sigma-max=1'],
             'sigma_min < sigma_max',
+        ),
+        (
+            ['--data', digits_zip, f'--resume={text_state}'],
+            'is not a training state (not a file written by torch.save)',
         ),
     ]
 

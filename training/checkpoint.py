@@ -112,6 +112,9 @@ def load_training_state(path: str, network_kwargs: dict, noise_kwargs: dict) -> 
 
     EDM's states give `noise_sampler=None` and `seed=None`: it saves neither.
     """
+    with open(path, 'rb') as f:
+        if f.read(2) != b'PK':
+            raise ValueError(f'"{path}" is not a training state (not a file written by torch.save)')
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError:
