@@ -7,7 +7,7 @@ from r̂ (Sec. 4), the low-noise gate g_{c,n} applied (Eq. 17), optionally smoot
 (Eq. 16) and turned into a continuous inverse-CDF table. Until the first refresh σ comes from the base sampler.
 
 Two additions to a bare reading of Algorithm 1, both documented in the README: durations are in images (kimg),
-like the rest of the pipeline; and a `floor` of weight ε. During warm-up σ comes from (1 − ε)·base + ε·log-uniform,
+like the rest of the pipeline, or in steps (calls of `observe`); and a `floor` of weight ε. During warm-up σ comes from (1 − ε)·base + ε·log-uniform,
 so that every interval gets losses (a log-normal base practically never reaches σ > 30). After a refresh the
 floor acts on the emphasis: φ = (1 − ε)·ρ + ε·(log-uniform), π = φ/w, so the table can never collapse onto a few
 intervals while the realised emphasis stays within ε of the target ρ.
@@ -139,7 +139,6 @@ class InfoNoise(NoiseSampler):
         if not sigma_data > 0:
             raise ValueError(f'sigma_data must be positive, got {sigma_data}')
         self.weight_fn = resolve_weight(weight, float(sigma_data))
-        self.weight_name = weight if isinstance(weight, str) else getattr(weight, '__name__', 'custom')
         self.sigma_data = float(sigma_data)
         self.grid = LogGrid.make(num_bins, sigma_min, sigma_max)
         self.buffer_size, self.ema_rate, self.min_count = int(buffer_size), float(ema_rate), int(min_count)
