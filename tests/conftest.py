@@ -1,26 +1,79 @@
-"""Shared fixtures: small real image data sets in EDM's zip format and a tiny network config."""
+"""Shared fixtures and helpers: small real image data sets in EDM's zip format, dataset writers (EDM layout, FASTA),
+running click commands, and a tiny network config."""
 
 import io
 import json
+import os
 import zipfile
 
 import numpy as np
 import pytest
 import sklearn.datasets
+from click.testing import CliRunner, Result
 from PIL import Image
+
+
+def invoke(main, *args) -> Result:
+    """Run a click command in this process, its arguments turned into strings (so that paths may be Path objects)."""
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def convert(*args) -> Result:
+    """Run dataset_tool.py, which must succeed."""
+    import dataset_tool  # Here, so that the test files that need no dataset_tool never import it.
+
+    result = invoke(dataset_tool.main, *args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def edm_names(n: int) -> list[str]:
+    """The names of EDM's first n dataset images: 00000/img00000000.png, ..."""
+    return [f'{i // 1000:05d}/img{i:08d}.png' for i in range(n)]
+
+
+def png_bytes(img: np.ndarray) -> bytes:
+    """An uncompressed PNG of an HW or HWC uint8 image, as EDM stores them."""
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format='png', compress_level=0)
+    return buf.getvalue()
+
+
+def write_edm_dataset(path, images, labels=None, names=None, meta=None) -> str:
+    """Write images (NHW or NHWC uint8) in EDM's layout into a zip (`path` ends in .zip) or a folder. dataset.json is
+    `meta` if given, else built from `labels`; with neither, there is none."""
+    names = names or edm_names(len(images))
+    files = {name: png_bytes(img) for name, img in zip(names, images)}
+    if meta is None and labels is not None:
+        meta = {'labels': [[name, label] for name, label in zip(names, labels)]}
+    if meta is not None:
+        files['dataset.json'] = json.dumps(meta).encode()
+    path = str(path)
+    if path.endswith('.zip'):
+        with zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_STORED) as z:
+            for name, data in files.items():
+                z.writestr(name, data)
+    else:
+        for name, data in files.items():
+            os.makedirs(os.path.dirname(os.path.join(path, name)), exist_ok=True)
+            with open(os.path.join(path, name), 'wb') as f:
+                f.write(data)
+    return path
 
 
 def write_edm_zip(path, images: np.ndarray, labels=None) -> str:
     """Write uint8 images [N, H, W] or [N, H, W, C] (and int labels) in EDM's dataset zip layout."""
-    names = [f'{i // 1000:05d}/img{i:08d}.png' for i in range(len(images))]
-    with zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_STORED) as z:
-        for name, img in zip(names, images):
-            buf = io.BytesIO()
-            Image.fromarray(img).save(buf, format='png', compress_level=0)
-            z.writestr(name, buf.getvalue())
-        meta = {'labels': None if labels is None else [[n, int(y)] for n, y in zip(names, labels)]}
-        z.writestr('dataset.json', json.dumps(meta))
-    return str(path)
+    labels = None if labels is None else [int(y) for y in labels]
+    return write_edm_dataset(path, images, labels, meta=None if labels is not None else {'labels': None})
+
+
+def write_fasta(path, seqs, labels=None):
+    """A FASTA file of `seqs`, each record spread over two lines, with a `label=` word when `labels` are given."""
+    with open(path, 'w') as f:
+        for i, s in enumerate(seqs):
+            f.write(f'>r{i}' + ('' if labels is None else f' note=x label={labels[i]}') + '\n')
+            f.write(s[: len(s) // 2] + '\n' + s[len(s) // 2 :] + '\n')  # Records may span lines.
+    return path
 
 
 @pytest.fixture(scope='session')

