@@ -1,4 +1,5 @@
-"""EasyDict, construct-by-name, logging tee, time formatting and a caching URL opener.
+"""EasyDict, construct-by-name, logging tee, time formatting, atomic writes (and the removal of the temporary files a
+killed writer leaves) and a caching URL opener.
 
 The configuration of a run is a tree of plain dicts whose `class_name` entries name the class to build
 (EDM's convention); `construct_class_by_name` turns such a dict into an object.
@@ -11,6 +12,7 @@ import io
 import os
 import re
 import secrets
+import shutil
 import sys
 import time
 import urllib.parse
@@ -34,6 +36,52 @@ class EasyDict(dict):
         del self[name]
 
 
+# `.{basename}.{pid}.{8 hex digits}.tmp`: the temporary sibling of a file being written (see temp_path).
+TEMP_NAME = re.compile(r'\.(?P<base>.+)\.(?P<pid>[1-9][0-9]*)\.[0-9a-f]{8}\.tmp')
+
+
+def temp_path(path: str) -> str:
+    """A fresh temporary sibling of `path` named `.{basename}.{pid}.{hex}.tmp`: hidden, unique, and marked with the
+    writer's process id so that remove_stale_temp_files can tell a killed writer's leftovers from a live one's."""
+    path = os.path.abspath(path)
+    name = f'.{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp'
+    return os.path.join(os.path.dirname(path), name)
+
+
+def is_live_process(pid: int) -> bool:
+    """Whether a process with this id runs on this host (possibly another user's: signal 0 checks without sending)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # It exists but belongs to someone else.
+        return True
+    return True
+
+
+def remove_stale_temp_files(directory: str) -> list[str]:
+    """Remove the temporary files (or folders) named as temp_path names them whose writer process is gone from this
+    host, e.g. after a SIGKILL or power loss; return their names, sorted. Everything else stays, including the
+    temporary files of live processes. A directory shared with other hosts may hold a live writer's file whose pid
+    is free here: call this only on directories that processes of this host write."""
+    removed = []
+    for name in sorted(os.listdir(directory)):
+        match = TEMP_NAME.fullmatch(name)
+        # A pid beyond any pid_t was not written by temp_path: keep the file rather than guess.
+        if match is None or int(match.group('pid')) >= 2**31 or is_live_process(int(match.group('pid'))):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+        except FileNotFoundError:  # Someone else removed it first.
+            continue
+        removed.append(name)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = 'wb', **open_kwargs):
     """Write `path` through a temporary file beside it that replaces it only once complete and flushed to disk: a
@@ -41,7 +89,7 @@ def atomic_write(path: str, mode: str = 'wb', **open_kwargs):
     is removed and `path` is untouched. The file gets the usual umask permissions (unlike mkstemp's 0600)."""
     path = os.path.abspath(path)
     directory = os.path.dirname(path)
-    tmp = os.path.join(directory, f'.{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp')
+    tmp = temp_path(path)
     try:
         with open(tmp, mode.replace('w', 'x'), **open_kwargs) as f:
             yield f

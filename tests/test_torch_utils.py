@@ -291,3 +291,45 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
     with atomic_write(str(path)) as f:
         f.write(b'new')
     assert path.read_bytes() == b'new' and os.listdir(tmp_path) == ['profile.json']
+
+
+def dead_pid() -> int:
+    """The pid of a process that has surely exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, '-c', 'pass'])
+    child.wait()
+    return child.pid
+
+
+def test_remove_stale_temp_files_removes_only_dead_writers_temp_files(tmp_path, monkeypatch):
+    from dnnlib.util import TEMP_NAME, remove_stale_temp_files, temp_path
+
+    dead, me = dead_pid(), os.getpid()
+    assert TEMP_NAME.fullmatch(os.path.basename(temp_path(str(tmp_path / 'state.pt'))))
+    stale = [f'.state.pt.{dead}.0123abcd.tmp', f'.data.zip.{dead}.deadbeef.tmp']
+    kept = [
+        f'.state.pt.{me}.0123abcd.tmp',  # This process is alive.
+        '.state.pt.1.0123abcd.tmp',  # init is alive (EPERM when not root, which must count as alive).
+        'state.pt',
+        f'state.pt.{dead}.0123abcd.tmp',  # No leading dot.
+        f'.state.pt.{dead}.0123ABCD.tmp',  # Not temp_path's lower-case hex.
+        f'.state.pt.{dead}.0123abc.tmp',  # Seven hex digits.
+        f'.state.pt.{dead}.0123abcd.tmp.bak',
+        f'.{dead}.0123abcd.tmp',  # No base name.
+        '.state.pt.99999999999.0123abcd.tmp',  # Beyond any pid.
+    ]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b'x')
+    (tmp_path / stale[1]).unlink()
+    (tmp_path / stale[1] / '00000').mkdir(parents=True)  # dataset_tool.py's folder output is a temporary folder.
+    (tmp_path / stale[1] / '00000' / 'img00000000.png').write_bytes(b'x')
+    kill = os.kill
+
+    def kill_as_non_root(pid, sig):
+        if pid == 1:
+            raise PermissionError(1, 'Operation not permitted')
+        return kill(pid, sig)
+
+    monkeypatch.setattr(os, 'kill', kill_as_non_root)
+    assert remove_stale_temp_files(str(tmp_path)) == sorted(stale)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept)
+    assert remove_stale_temp_files(str(tmp_path)) == []
