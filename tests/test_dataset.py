@@ -4,13 +4,14 @@ one-hot labels, pickling, DataLoader workers and clear errors."""
 import os
 import pickle
 import re
+import zipfile
 
 import numpy as np
 import pytest
 import torch
 from conftest import write_edm_dataset
 
-from training.dataset import ImageFolderDataset
+from training.dataset import CorruptImageError, ImageFolderDataset
 
 
 def random_images(n, res=8, channels=3, seed=0):
@@ -173,3 +174,46 @@ def test_image_of_another_size_fails_on_access(tmp_path):
     assert ds[0][0].shape == (1, 8, 8)
     with pytest.raises(ValueError, match=r'00000/img00000001.png .* has shape \[1, 16, 16\], expected \[1, 8, 8\]'):
         ds[1]
+
+
+def truncated(png):
+    return png[: len(png) // 2]
+
+
+def bad_chunk_length(png):
+    # A wrong IDAT length (byte 36 is its low byte) puts the next chunk header mid-data: PIL raises SyntaxError.
+    return png[:36] + bytes([png[36] ^ 0xFF]) + png[37:]
+
+
+@pytest.mark.parametrize('corrupt', [truncated, bad_chunk_length])
+def test_corrupt_image_mid_dataset_names_the_file(tmp_path, corrupt):
+    images = random_images(5)
+    path = write_edm_dataset(tmp_path / 'd.zip', images)
+    name = '00000/img00000002.png'
+    with zipfile.ZipFile(path) as z:
+        files = {n: z.read(n) for n in z.namelist()}
+    files[name] = corrupt(files[name])
+    with zipfile.ZipFile(path, 'w') as z:
+        for n, data in files.items():
+            z.writestr(n, data)
+
+    ds = ImageFolderDataset(path)
+    np.testing.assert_array_equal(ds[1][0], chw(images)[1])
+    with pytest.raises(CorruptImageError) as info:
+        ds[2]
+    message = str(info.value)
+    assert message.startswith(f'Cannot decode image "{name}" in {path}: ') and '\n' not in message
+    assert isinstance(info.value, ValueError)
+
+    # A DataLoader worker's error comes back as the same class (it is rebuilt from one message string).
+    with pytest.raises(CorruptImageError, match=re.escape(name)):
+        list(torch.utils.data.DataLoader(ds, batch_size=5, num_workers=1))
+
+
+def test_corrupt_first_image_and_unidentifiable_bytes(tmp_path):
+    path = write_edm_dataset(tmp_path / 'd', random_images(2))
+    with open(os.path.join(path, '00000', 'img00000000.png'), 'wb') as f:
+        f.write(b'not a png at all')
+    message = f'Cannot decode image "00000/img00000000.png" in {path}: not an image file PIL can identify'
+    with pytest.raises(CorruptImageError, match=f'^{re.escape(message)}$'):
+        ImageFolderDataset(path)

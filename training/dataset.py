@@ -3,7 +3,8 @@ and DNA sequences from its sequence format (an .npz, see training/sequences.py).
 
 Behaves as NVlabs/edm's `training/dataset.py` (Karras et al. 2022): `max_size` picks a seeded random subset, `xflip`
 appends mirrored copies, integer labels become one-hot vectors, images can be cached in RAM, and a zip archive is
-opened lazily in each process so that DataLoader workers never share a file handle.
+opened lazily in each process so that DataLoader workers never share a file handle. An image that cannot be read or
+decoded raises CorruptImageError, whose one-line message names the file and the dataset.
 """
 
 import functools
@@ -22,6 +23,18 @@ from training import sequences
 
 # Class indices beyond this are taken for a malformed dataset.json (one-hot vectors that long would not fit).
 MAX_CLASSES = 100_000
+
+
+class CorruptImageError(ValueError):
+    """An image of a dataset that cannot be read or decoded; the one argument is the whole one-line message, naming
+    the file and the dataset. (A DataLoader re-raises a worker's exception as `type(message)`, so it must take that.)"""
+
+
+def image_error_reason(e: BaseException) -> str:
+    """PIL's (or zipfile's) reason for a broken image, on one line and without the repr of an in-memory file."""
+    if isinstance(e, PIL.UnidentifiedImageError):
+        return 'not an image file PIL can identify'
+    return ' '.join(str(e).split()) or type(e).__name__
 
 
 class Dataset(torch.utils.data.Dataset):
@@ -263,10 +276,16 @@ class ImageFolderDataset(Dataset):
     def _load_raw_image(self, raw_idx: int) -> np.ndarray:
         fname = self._image_fnames[raw_idx]
         try:
-            with PIL.Image.open(io.BytesIO(self._read_file(fname))) as img:
+            data = self._read_file(fname)
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            raise CorruptImageError(f'Cannot read image "{fname}" in {self._path}: {image_error_reason(e)}') from None
+        try:
+            with PIL.Image.open(io.BytesIO(data)) as img:
                 image = np.array(img)
-        except (OSError, ValueError, zipfile.BadZipFile, zlib.error) as e:
-            raise ValueError(f'Cannot read image {fname} in {self._path}: {e}') from None
+        except MemoryError:
+            raise
+        except Exception as e:  # A broken PNG may raise OSError, SyntaxError, ValueError, EOFError, struct.error...
+            raise CorruptImageError(f'Cannot decode image "{fname}" in {self._path}: {image_error_reason(e)}') from None
         if image.dtype != np.uint8:
             raise ValueError(f'Image {fname} in {self._path} is {image.dtype}, expected 8-bit')
         if image.ndim == 2:
