@@ -10,6 +10,7 @@ Also added: DNA sequences (the paper's third discrete domain) from FASTA, TSV or
 the logomaker wheel) into the sequence .npz of training/sequences.py, whole or as one part of a fixed train/test split.
 """
 
+import contextlib
 import functools
 import gzip
 import io
@@ -17,9 +18,9 @@ import json
 import os
 import pickle
 import re
+import shutil
 import struct
 import tarfile
-import uuid
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -31,6 +32,7 @@ import numpy as np
 import PIL.Image
 from tqdm import tqdm
 
+import dnnlib.util
 from dnnlib import cli
 from training import dataset, sequences
 
@@ -69,8 +71,10 @@ def decode_image(file: Any, name: str) -> np.ndarray:
             if img.mode in ('P', '1'):
                 img = img.convert({'P': 'RGB', '1': 'L'}[img.mode])
             return np.array(img)
-    except (OSError, ValueError, zipfile.BadZipFile, zlib.error) as e:
-        raise click.ClickException(f'Cannot decode image {name}: {e}') from None
+    except MemoryError:
+        raise
+    except Exception as e:  # A broken PNG may raise OSError, SyntaxError, ValueError, EOFError, struct.error...
+        raise click.ClickException(f'Cannot decode image {name}: {dataset.image_error_reason(e)}') from None
 
 
 def read_labels_json(file: Any, name: str) -> dict[str, Any]:
@@ -341,17 +345,26 @@ def check_image(img: np.ndarray, name: str, expected: tuple | None) -> tuple:
 
 
 class DatasetWriter:
-    """Write files into a temporary sibling of `dest` (zip or folder); rename it to `dest` only on success."""
+    """Write files into a temporary sibling of `dest` (zip or folder); rename it to `dest` only on success.
 
-    def __init__(self, dest: str):
+    The temporary sibling is named as dnnlib.util.temp_path names it, so remove_stale_temp_files finds it after a
+    SIGKILL. Any error, a full disk included, removes it again, along with the parent folders it made; a failure to
+    write becomes a one-line click error and never hides the error that started the cleanup.
+    """
+
+    def __init__(self, dest: str, overwrite: bool = False):
+        self.arg = dest
         self.dest = os.path.abspath(dest)
         self.is_zip = dest.lower().endswith('.zip')
+        self.zip = None
         if self.is_zip and os.path.isdir(self.dest):
             raise click.ClickException(f'--dest names a zip archive but is a folder: {dest}')
+        if self.is_zip and os.path.exists(self.dest) and not overwrite:
+            raise click.ClickException(f'--dest exists (add --overwrite to replace it): {dest}')
         if not self.is_zip and os.path.exists(self.dest) and not os.path.isdir(self.dest):
             raise click.ClickException(f'--dest exists and is not a folder: {dest}')
-        if not self.is_zip and os.path.isdir(self.dest) and os.listdir(self.dest):
-            raise click.ClickException(f'--dest folder must be empty: {dest}')
+        if not self.is_zip and os.path.isdir(self.dest) and os.listdir(self.dest) and not overwrite:
+            raise click.ClickException(f'--dest folder must be empty (add --overwrite to replace it): {dest}')
 
         # Remember which parent folders we create, to remove them again on failure.
         parent = os.path.dirname(self.dest)
@@ -359,8 +372,7 @@ class DatasetWriter:
         while not os.path.isdir(parent) and parent != os.path.dirname(parent):
             self.created.append(parent)
             parent = os.path.dirname(parent)
-        base = os.path.basename(self.dest)
-        self.tmp = os.path.join(os.path.dirname(self.dest), f'.{base}.{uuid.uuid4().hex[:8]}.tmp')
+        self.tmp = dnnlib.util.temp_path(self.dest)
         try:
             os.makedirs(os.path.dirname(self.dest), exist_ok=True)
             if self.is_zip:
@@ -368,39 +380,70 @@ class DatasetWriter:
             else:
                 os.mkdir(self.tmp)
         except OSError as e:
+            self.discard()
             raise click.ClickException(f'Cannot write --dest {dest}: {e}') from None
 
     def write(self, name: str, data: bytes) -> None:
+        """Add one file; an OSError (e.g. ENOSPC, a full disk) becomes a one-line error."""
+        try:
+            if self.is_zip:
+                self.zip.writestr(name, data)
+                return
+            path = os.path.join(self.tmp, *name.split('/'))
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, 'wb') as f:
+                f.write(data)
+        except OSError as e:
+            raise click.ClickException(f'Cannot write --dest {self.arg}: {e}') from None
+
+    def commit(self) -> None:
+        """Finish the zip and move the result to `dest`, replacing what --overwrite allowed to be there."""
         if self.is_zip:
-            self.zip.writestr(name, data)
+            self.zip.close()  # Writes the central directory: may fail on a full disk too.
+            os.replace(self.tmp, self.dest)
             return
-        path = os.path.join(self.tmp, *name.split('/'))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, 'wb') as f:
-            f.write(data)
+        if not os.path.isdir(self.dest):
+            os.rename(self.tmp, self.dest)
+            return
+        # A folder cannot be replaced in one rename: move the old one aside (under a temp_path name, so that even a
+        # kill between the renames leaves nothing that remove_stale_temp_files misses), then delete it.
+        old = dnnlib.util.temp_path(self.dest)
+        os.rename(self.dest, old)
+        try:
+            os.rename(self.tmp, self.dest)
+        except OSError:
+            os.rename(old, self.dest)
+            raise
+        shutil.rmtree(old, ignore_errors=True)  # The new dataset is in place; a leftover here is only stale.
+
+    def discard(self) -> None:
+        """Remove the temporary output and the parent folders made for it; never raises (an error is on its way)."""
+        if self.zip is not None:
+            with contextlib.suppress(Exception):
+                self.zip.close()  # Closes the file even when writing the central directory fails.
+        if os.path.isdir(self.tmp):
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(self.tmp)
+        for folder in self.created:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
 
     def __enter__(self) -> 'DatasetWriter':
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if self.is_zip:
-            self.zip.close()
-        if exc_type is None:
-            if os.path.isdir(self.dest):
-                os.rmdir(self.dest)  # Checked empty above.
-            os.replace(self.tmp, self.dest)
+        if exc_type is not None:
+            self.discard()
             return
-        if self.is_zip:
-            os.remove(self.tmp)
-        else:
-            for root, dirs, files in os.walk(self.tmp, topdown=False):
-                for entry in files:
-                    os.remove(os.path.join(root, entry))
-                for entry in dirs:
-                    os.rmdir(os.path.join(root, entry))
-            os.rmdir(self.tmp)
-        for folder in self.created:
-            os.rmdir(folder)
+        try:
+            self.commit()
+        except BaseException as e:
+            self.discard()
+            if isinstance(e, OSError):
+                raise click.ClickException(f'Cannot write --dest {self.arg}: {e}') from None
+            raise
 
 
 def encode_png(img: np.ndarray) -> bytes:
@@ -441,12 +484,16 @@ def read_sequence_source(
     return sequences.read_table(source, seq_column, label_column)
 
 
-def check_sequence_options(source: str, dest: str, split: str | None, fraction: float | None) -> None:
+def check_sequence_options(source: str, dest: str, overwrite: bool, split: str | None, fraction: float | None) -> None:
     """Refuse options that do not apply to a sequence source, each with a one-line reason."""
     if not (source in SEQUENCE_SETS or sequences.is_sequence_source(source)):
         raise click.ClickException(f'--dest={dest} is a sequence dataset; --source must be FASTA, TSV or ars: {source}')
     if not dest.lower().endswith('.npz'):
         raise click.ClickException(f'Sequences are written to one .npz; got --dest={dest}')
+    if os.path.isdir(dest):
+        raise click.ClickException(f'--dest names an .npz file but is a folder: {dest}')
+    if os.path.exists(dest) and not overwrite:
+        raise click.ClickException(f'--dest exists (add --overwrite to replace it): {dest}')
     if source not in SEQUENCE_SETS and not os.path.isfile(source):
         raise click.ClickException(f'Missing input file: {source}')
     ctx = click.get_current_context()
@@ -457,9 +504,11 @@ def check_sequence_options(source: str, dest: str, split: str | None, fraction: 
         raise click.ClickException('--test-fraction applies to --split=train or --split=test')
 
 
-def convert_sequences(source: str, dest: str, max_images, length, seq_column: str, label_column, split, fraction):
+def convert_sequences(
+    source: str, dest: str, overwrite: bool, max_images, length, seq_column: str, label_column, split, fraction
+):
     """FASTA, TSV or ars -> the sequence .npz of training/sequences.py: the first `max_images` rows of `split`."""
-    check_sequence_options(source, dest, split, fraction)
+    check_sequence_options(source, dest, overwrite, split, fraction)
     split, fraction = split or 'all', 0.1 if fraction is None else fraction
     try:
         names, seqs, labels = read_sequence_source(source, seq_column, label_column)
@@ -471,7 +520,10 @@ def convert_sequences(source: str, dest: str, max_images, length, seq_column: st
         raise click.ClickException(str(e)) from None
     # Classes are numbered over the whole source, so that every split and subset of it numbers them alike.
     label_ids, label_names = (None, None) if labels is None else label_indices(labels)
-    sequences.save_npz(dest, tokens, None if labels is None else label_ids[rows], label_names)
+    try:
+        sequences.save_npz(dest, tokens, None if labels is None else label_ids[rows], label_names)
+    except OSError as e:  # E.g. a full disk; save_npz writes atomically, so nothing is left behind.
+        raise click.ClickException(f'Cannot write --dest {dest}: {e}') from None
     classes = '' if labels is None else f', {len(label_names)} classes'
     of_split = '' if split == 'all' else f' of the {split} split'
     click.echo(f'Wrote {tokens.shape[0]} sequences{of_split} of length {tokens.shape[1]}{classes} to {dest}')
@@ -486,6 +538,7 @@ def convert_sequences(source: str, dest: str, max_images, length, seq_column: st
     required=True,
 )
 @click.option('--dest', help='Output directory or archive name', metavar='PATH', type=str, required=True)
+@click.option('--overwrite', help='Replace an existing --dest', is_flag=True)
 @click.option('--max-images', help='Maximum number of images to output', metavar='INT', type=click.IntRange(min=1))
 @click.option(
     '--transform', help='Input crop/resize mode', metavar='MODE', type=click.Choice(['center-crop', 'center-crop-wide'])
@@ -515,6 +568,7 @@ def convert_sequences(source: str, dest: str, max_images, length, seq_column: st
 def main(
     source: str,
     dest: str,
+    overwrite: bool,
     max_images: int | None,
     transform: str | None,
     resolution: tuple[int, int] | None,
@@ -543,7 +597,9 @@ def main(
 
     MNIST-style sources are zero-padded from 28x28 to 32x32. The output is a folder
     (--dest path/, which must be empty or absent) or an uncompressed zip archive
-    (--dest dataset.zip). Images are stored as uncompressed PNG named
+    (--dest dataset.zip, which must not exist); --overwrite replaces an existing
+    one instead. It is written beside --dest under a temporary name and renamed
+    into place when complete, so an error (a full disk too) leaves nothing. Images are stored as uncompressed PNG named
     00000/img00000000.png, 00000/img00000001.png, ..., and class labels go into
     dataset.json at the root:
 
@@ -638,7 +694,7 @@ def main(
     if dest == '':
         raise click.ClickException('--dest must not be empty')
     if source in SEQUENCE_SETS or sequences.is_sequence_source(source) or dest.lower().endswith('.npz'):
-        convert_sequences(source, dest, max_images, length, seq_column, label_column, split, test_fraction)
+        convert_sequences(source, dest, overwrite, max_images, length, seq_column, label_column, split, test_fraction)
         return
     sequence_only = {
         '--length': length,
@@ -658,7 +714,7 @@ def main(
         raise click.ClickException('--seed applies only to --binarize=bernoulli')
     transform_image = make_transform(transform, resolution)
     binarize_image = make_binarize(binarize, 0 if seed is None else seed)
-    with DatasetWriter(dest) as writer:
+    with DatasetWriter(dest, overwrite) as writer:
         num_images, items = open_source(source)
         total = num_images if max_images is None else min(num_images, max_images)
         attrs = None

@@ -1,6 +1,7 @@
 """dataset_tool.py: every source round-trips exactly through ImageFolderDataset, in EDM's layout, and errors leave
 nothing behind."""
 
+import errno
 import gzip
 import importlib.util
 import io
@@ -17,9 +18,10 @@ import click
 import numpy as np
 import PIL.Image
 import pytest
-from conftest import convert, edm_names, invoke, write_fasta
+from conftest import convert, edm_names, invoke, png_bytes, write_fasta
 
 import dataset_tool
+import dnnlib.util
 from training import dataset, sequences
 from training.dataset import ImageFolderDataset
 
@@ -291,6 +293,14 @@ def folder_of(images):
     return make
 
 
+def broken_png(src):
+    # A wrong IDAT length (byte 36 of an uncompressed 8x8 RGB PNG) makes PIL raise SyntaxError, not OSError.
+    png = png_bytes(random_images(1, 8, 8, 3)[0])
+    (src / 'imgs').mkdir()
+    (src / 'imgs' / 'a.png').write_bytes(png[:36] + bytes([png[36] ^ 0xFF]) + png[37:])
+    return src / 'imgs'
+
+
 def truncated_idx(src):
     write_idx(src / 'train-images-idx3-ubyte', random_images(3, 28, 28), 3)
     write_idx(src / 'train-labels-idx1-ubyte', np.zeros(3, np.uint8), 1)
@@ -333,6 +343,7 @@ ERROR_CASES = {
     ),
     'bad resolution': (folder_of(random_images(1, 8, 8)), ['--resolution', '8by8'], 'expected WxH or W,H'),
     'empty folder': (folder_of([]), [], 'No images to write'),
+    'broken png': (broken_png, [], 'Cannot decode image a.png: broken PNG file'),
 }
 
 
@@ -363,6 +374,132 @@ def test_empty_dest_folder_is_filled(tmp_path):
     (tmp_path / 'out').mkdir()
     convert('--source', source, '--dest', tmp_path / 'out')
     assert tree(tmp_path / 'out') == ['00000', '00000/img00000000.png', 'dataset.json']
+
+
+def test_existing_dest_needs_overwrite(tmp_path):
+    source = folder_of(random_images(2, 4, 4))(tmp_path)
+    (tmp_path / 'out.zip').write_bytes(b'precious')
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'out' / 'keep.txt').write_text('precious')
+    before = tree(tmp_path)
+    for dest, message in [('out.zip', '--dest exists'), ('out', '--dest folder must be empty')]:
+        result = run_tool('--source', source, '--dest', tmp_path / dest)
+        assert result.exit_code == 1 and result.output.splitlines() == [
+            f'Error: {message} (add --overwrite to replace it): {tmp_path / dest}'
+        ]
+    assert tree(tmp_path) == before and (tmp_path / 'out.zip').read_bytes() == b'precious'
+
+    # --overwrite replaces either, whole, and leaves no temporary file or old folder beside it.
+    convert('--source', source, '--dest', tmp_path / 'out.zip', '--overwrite')
+    convert('--source', source, '--dest', tmp_path / 'out', '--overwrite')
+    assert tree(tmp_path / 'out') == ['00000'] + edm_names(2) + ['dataset.json']
+    np.testing.assert_array_equal(read_back(tmp_path / 'out.zip')[0], random_images(2, 4, 4))
+    assert sorted(os.listdir(tmp_path)) == ['imgs', 'out', 'out.zip']
+
+    # --overwrite does not turn a file into a folder or back.
+    (tmp_path / 'folder.zip').mkdir()
+    result = run_tool('--source', source, '--dest', tmp_path / 'folder.zip', '--overwrite')
+    assert result.exit_code == 1 and '--dest names a zip archive but is a folder' in result.output
+    (tmp_path / 'file').write_text('x')
+    result = run_tool('--source', source, '--dest', tmp_path / 'file', '--overwrite')
+    assert result.exit_code == 1 and '--dest exists and is not a folder' in result.output
+
+
+def test_existing_npz_needs_overwrite(tmp_path):
+    source = write_fasta(tmp_path / 'x.fa', ['ACGT', 'TTGA'], ['a', 'b'])
+    (tmp_path / 'x.npz').write_bytes(b'precious')
+    result = run_tool('--source', source, '--dest', tmp_path / 'x.npz')
+    assert result.exit_code == 1 and result.output.splitlines() == [
+        f'Error: --dest exists (add --overwrite to replace it): {tmp_path / "x.npz"}'
+    ]
+    assert (tmp_path / 'x.npz').read_bytes() == b'precious'
+    convert('--source', source, '--dest', tmp_path / 'x.npz', '--overwrite')
+    assert sequences.decode(sequences.load_npz(str(tmp_path / 'x.npz'))[0]) == ['ACGT', 'TTGA']
+    assert sorted(os.listdir(tmp_path)) == ['x.fa', 'x.npz']
+
+
+def no_space_left(*args):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def fill_disk_after(monkeypatch, num_writes):
+    """Simulate a disk that fills up: the first `num_writes` files of the output go through, the next write fails
+    half way, and so does a close of the zip after them (its central directory no longer fits)."""
+    calls = []
+    writestr, close, real_open = zipfile.ZipFile.writestr, zipfile.ZipFile.close, open
+
+    def full_writestr(self, name, data, *args, **kwargs):
+        calls.append(name)
+        if len(calls) > num_writes:
+            writestr(self, name, data[: len(data) // 2], *args, **kwargs)
+            no_space_left()
+        writestr(self, name, data, *args, **kwargs)
+
+    def full_close(self):
+        writing = self.fp is not None and self.mode != 'r'
+        close(self)  # The real close releases the file even when the central directory fails to go out.
+        if writing and len(calls) >= num_writes:
+            no_space_left()
+
+    class HalfFile:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            no_space_left()
+
+    def full_open(path, mode='r', *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if 'w' in mode:
+            calls.append(path)
+            if len(calls) > num_writes:
+                return HalfFile(f)
+        return f
+
+    monkeypatch.setattr(zipfile.ZipFile, 'writestr', full_writestr)
+    monkeypatch.setattr(zipfile.ZipFile, 'close', full_close)
+    monkeypatch.setattr(dataset_tool, 'open', full_open, raising=False)  # The folder writer's open.
+
+
+FULL_DISK_CASES = [
+    *[(dest, n) for dest in ('out.zip', 'deep/new/out.zip', 'out', 'deep/new/out') for n in (0, 3, 5)],
+    *[(dest, 6) for dest in ('out.zip', 'deep/new/out.zip')],  # Five images and dataset.json fit; the zip's end not.
+]
+
+
+@pytest.mark.parametrize('dest, num_writes', FULL_DISK_CASES)
+def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, dest, num_writes):
+    source = folder_of(random_images(5, 4, 4))(tmp_path)
+    before = tree(tmp_path)
+    fill_disk_after(monkeypatch, num_writes)
+    result = run_tool('--source', source, '--dest', tmp_path / dest)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output  # No traceback.
+    message = f'Error: Cannot write --dest {tmp_path / dest}: [Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)}'
+    assert result.output.splitlines()[-1] == message
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize('dest', ['out.zip', 'out'])
+def test_dataset_tool_temp_output_is_found_by_remove_stale_temp_files(tmp_path, dest):
+    # A dataset_tool.py killed mid-write (os._exit skips all cleanup) leaves its temporary output, under the naming
+    # of dnnlib.util.temp_path, which remove_stale_temp_files then removes.
+    code = (
+        'import os, sys, dataset_tool\n'
+        'writer = dataset_tool.DatasetWriter(sys.argv[1])\n'
+        'writer.write("00000/img00000000.png", b"x")\n'
+        'os._exit(0)\n'
+    )
+    subprocess.run([sys.executable, '-c', code, str(tmp_path / dest)], cwd=ROOT, check=True)
+    (leftover,) = os.listdir(tmp_path)
+    assert dnnlib.util.TEMP_NAME.fullmatch(leftover) and leftover.startswith(f'.{dest}.')
+    assert dnnlib.util.remove_stale_temp_files(str(tmp_path)) == [leftover] and os.listdir(tmp_path) == []
 
 
 def test_help_matches_committed_docs():
