@@ -12,7 +12,8 @@ from click.testing import CliRunner
 import diagnose
 import generate
 from bench.gaussian import GaussianDenoiser, exact_profile
-from infonoise.empirical_bayes import EmpiricalBayesDenoiser
+from infonoise import oracles
+from infonoise.empirical_bayes import EmpiricalBayesDenoiser, empirical_bayes_denoiser
 from infonoise.grids import edm_grid, infogrid
 from infonoise.profile import LogGrid, Profile
 from infonoise.schedule import InfoNoise
@@ -40,13 +41,30 @@ def test_bayes_denoiser_equals_direct_softmax():
     weights = torch.softmax(-sq_dist / (2 * sigma[:, None] ** 2), dim=1)
     expected = (weights @ data.reshape(23, -1)).reshape(x.shape)
     assert weights.max(1).values.min() < 0.9 and weights.max(1).values.max() > 0.999  # Spread and peaked rows.
-    for chunk_size in (5, 23, 100):  # Several chunks with a partial last one, exactly one, one larger than N.
+    for chunk_size in (4, 9, 100):  # Observations in chunks with a partial last one, exactly one, one larger than M.
         got = EmpiricalBayesDenoiser(data, chunk_size=chunk_size)(x, sigma.reshape(-1, 1, 1, 1))
         assert got.dtype == torch.float64
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
     # One scalar σ for the whole batch.
     scalar = torch.softmax(-sq_dist / (2 * 1.2**2), dim=1) @ data.reshape(23, -1)
     torch.testing.assert_close(EmpiricalBayesDenoiser(data, 4)(x, 1.2), scalar.reshape(x.shape), rtol=1e-10, atol=1e-12)
+
+
+def test_bayes_denoiser_module_and_function_agree():
+    # The network wraps infonoise.empirical_bayes.empirical_bayes_denoiser (also oracles'): chunking, σ per image
+    # in EDM's [M, 1, 1, 1] shape and the cached norms change nothing.
+    data, x = random_points(31, (3, 4, 4), seed=11), 2 * random_points(10, (3, 4, 4), seed=12)
+    sigma = torch.logspace(-2, 2, 10, dtype=torch.float64)
+    expected = empirical_bayes_denoiser(x, sigma, data)
+    assert oracles.empirical_bayes_denoiser is empirical_bayes_denoiser
+    torch.testing.assert_close(empirical_bayes_denoiser(x, sigma.reshape(-1, 1, 1, 1), data), expected, rtol=0, atol=0)
+    for chunk_size in (None, 3, 10):
+        got = EmpiricalBayesDenoiser(data, chunk_size=chunk_size)(x, sigma.reshape(-1, 1, 1, 1))
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    # At σ = 1e-3 an observation on a data point is that point, through either.
+    assert torch.equal(EmpiricalBayesDenoiser(data)(data[:5], 1e-3), data[:5])
+    with pytest.raises(ValueError, match='one per observation'):
+        empirical_bayes_denoiser(x, torch.ones(3), data)
 
 
 def test_bayes_mmse_limits():
