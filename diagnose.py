@@ -22,6 +22,7 @@ endpoints (bounded H[x0|xσ], App. B.1), so that profile takes the power-law piv
 import functools
 import inspect
 import json
+import math
 import os
 import time
 
@@ -35,7 +36,7 @@ from dnnlib.util import atomic_write
 from infonoise import pivot as pivots
 from infonoise.empirical_bayes import EmpiricalBayesDenoiser, denoising_rows
 from infonoise.grids import information_coordinate
-from infonoise.plots import save_profile_plot
+from infonoise.plots import plural, save_denoising_figure, save_profile_plot
 from infonoise.profile import LogGrid, Profile, entropy_rate
 from infonoise.profile import build_profile as refresh_profile
 from infonoise.schedule import InfoNoise
@@ -43,7 +44,10 @@ from infonoise.weights import WEIGHTS
 from training.checkpoint import load_network
 from training.dataset import Dataset
 from training.dataset import open_dataset as open_any_dataset
-from training.sampling import images_to_uint8, save_image, tile_images
+from training.sampling import images_to_uint8, tile_images
+
+# `figure`: the narrowest cell in pixels (images are enlarged by a whole factor to reach it) and the gap between.
+FIGURE_CELL, FIGURE_PAD = 64, 2
 
 # Schedule settings default to online InfoNoise's, so that the same rate gives the same pivot, ρ and π.
 ONLINE = {name: p.default for name, p in inspect.signature(InfoNoise).parameters.items()}
@@ -191,8 +195,9 @@ def check_output(path: str | None, option: str) -> None:
         raise click.ClickException(f'{option}: directory of "{path}" does not exist')
 
 
-def run_profile(net, dataset: Dataset, source: str, sigma_data: float, opts: dict) -> None:
-    """Measure, build, write and summarise the profile of `net` on `dataset` (shared by `profile` and `bayes`)."""
+def run_profile(net, dataset: Dataset, source: str, title: str, sigma_data: float, opts: dict) -> None:
+    """Measure, build, write and summarise the profile of `net` on `dataset` (shared by `profile` and `bayes`);
+    `title` heads the plot."""
     check_output(opts['out'], '--out')
     check_output(opts['plot'], '--plot')
     if not 0 < opts['sigma_min'] < opts['sigma_max']:
@@ -224,7 +229,7 @@ def run_profile(net, dataset: Dataset, source: str, sigma_data: float, opts: dic
     with atomic_write(opts['out'], 'w', encoding='utf-8') as f:
         json.dump(record, f, allow_nan=False)
     if opts['plot'] is not None:
-        save_profile_plot(profile, opts['plot'], title=f'Offline ({source})')
+        save_profile_plot(profile, opts['plot'], title=title)
 
     p = record['peaks']
     click.echo(f'Wrote {opts["out"]}: {opts["points"]} σ-points x {opts["samples"]} samples in {seconds:.1f} s')
@@ -291,7 +296,7 @@ def profile(network, **opts):
     if net.label_dim > 0 and dataset.label_dim != net.label_dim:
         raise click.ClickException(f'--data has {dataset.label_dim} classes, the network {net.label_dim}')
     sigma_data = opts['sigma_data'] or float(getattr(net, 'sigma_data', 0.5))
-    run_profile(net, dataset, f'network:{network}', sigma_data, opts)
+    run_profile(net, dataset, f'network:{network}', f'Offline profile ({network})', sigma_data, opts)
 
 
 @main.command(context_settings={'show_default': True})
@@ -309,7 +314,11 @@ def bayes(max_size, **opts):
     dataset = open_dataset(opts['data'], max_size=max_size)
     pixels, _ = read_images(dataset, torch.arange(len(dataset)))
     net = EmpiricalBayesDenoiser(to_float(pixels)).to(opts['device'])
-    run_profile(net, dataset, f'empirical-bayes:{len(dataset)} images', opts['sigma_data'] or 0.5, opts)
+    source, title = (
+        f'empirical-bayes:{len(dataset)} images',
+        f'Exact profile (empirical Bayes, {plural(len(dataset), "image")})',
+    )
+    run_profile(net, dataset, source, title, opts['sigma_data'] or 0.5, opts)
 
 
 def parse_sigmas(ctx, param, value: str) -> list[float]:
@@ -345,8 +354,12 @@ def figure(data, out, images, sigmas, max_size, seed, device):
     pixels = to_float(read_images(dataset, torch.arange(len(dataset)))[0])
     shown = pixels[draw_indices(len(dataset), min(images, len(dataset)), seed)]
     rows = denoising_rows(EmpiricalBayesDenoiser(pixels).to(device), shown, sigmas, seed, device)
-    save_image(tile_images(images_to_uint8(rows), grid_w=len(sigmas)), out)
-    click.echo(f'Wrote {out}: {len(shown)} images x {len(sigmas)} noise levels')
+    # Cells at least FIGURE_CELL pixels wide leave room for each column's σ label; white gaps separate them.
+    scale = math.ceil(FIGURE_CELL / pixels.shape[-1])
+    grid = tile_images(images_to_uint8(rows), grid_w=len(sigmas), scale=scale, pad=FIGURE_PAD)
+    title = f'Bayes-optimal denoising under the empirical prior of {plural(len(dataset), "image")}'
+    save_denoising_figure(grid, sigmas, ['noisy', 'denoised'] * len(shown), FIGURE_PAD, out, title)
+    click.echo(f'Wrote {out}: {plural(len(shown), "image")} x {plural(len(sigmas), "noise level")}')
 
 
 if __name__ == '__main__':

@@ -1,4 +1,4 @@
-"""The exact Bayes denoiser of a finite data set, as a network (InfoNoise paper, App. A.2 and D.1).
+"""The exact Bayes denoiser of a finite data set (InfoNoise paper, App. A.2 and D.1).
 
 Under the empirical prior p(x0) = (1/N) Σ_i δ(x0 - x_i) and the channel x = x0 + σε, the posterior puts weight
 w_i(x; σ) = softmax_i(-‖x - x_i‖²/(2σ²)) on each data point (Eqs. 31 and 54), and the Bayes denoiser is the
@@ -6,24 +6,57 @@ posterior mean D*(x; σ) = Σ_i w_i x_i (Eq. 32). Its mean squared error, averag
 over the noise, is the exact mmse(σ) of the data set, so the offline-profile code of `diagnose.py` turns it
 into the exact entropy-rate profile r = mmse/σ³ (Eq. 11).
 
-`EmpiricalBayesDenoiser` has the attributes and call signature of EDM's preconditioned networks, so the offline
-profile and EDM's samplers (`training.sampling`) take it in place of a trained network. It works in float64 and
-evaluates the weights in log space (D.1): distances come from one matrix product, ‖x‖² + ‖x_i‖² - 2xᵀx_i, and the
-softmax runs over the data in chunks with a running maximum (the streaming form of logsumexp), so memory stays at
-[batch, chunk_size] however large the data set.
+`empirical_bayes_denoiser` is that formula, the one implementation of it: float64, distances from one matrix
+product ‖x‖² + ‖x_i‖² - 2xᵀx_i, and the softmax in log space (logsumexp, D.1). `EmpiricalBayesDenoiser` wraps it
+with the attributes and call signature of EDM's preconditioned networks, so the offline profile and EDM's
+samplers (`training.sampling`) take it in place of a trained network; it evaluates the observations in chunks so
+that the [chunk, N] distance matrix stays small however large the batch.
 """
 
 import torch
 
+# Entries of the [observations, data] distance matrix evaluated at once (32 MB in float64).
+_CHUNK_ENTRIES = 4_000_000
+
+
+def empirical_bayes_denoiser(
+    x: torch.Tensor, sigma: float | torch.Tensor, data: torch.Tensor, data_sq: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Posterior mean Σ_i w_i x_i, w = softmax_i(-‖x - x_i‖²/(2σ²)), under the empirical prior of `data` (Eqs.
+    31-32, App. D.1); float64 with the shape of x, on x's device.
+
+    x is [M, ...] and data [N, ...] with the same trailing shape; σ is a scalar or one value per row of x (any
+    shape with M entries). `data_sq`, the squared norms ‖x_i‖² [N] of the float64 data, may be passed to save
+    recomputing them. Float64 keeps the expanded distances accurate down to σ ~ 1e-3.
+    """
+    if x.shape[1:] != data.shape[1:]:
+        raise ValueError(f'Observations {tuple(x.shape)} and data {tuple(data.shape)} differ in trailing shape')
+    flat_x = x.reshape(x.shape[0], -1).to(torch.float64)
+    flat_data = data.reshape(data.shape[0], -1).to(device=flat_x.device, dtype=torch.float64)
+    sigma = torch.as_tensor(sigma, dtype=torch.float64, device=flat_x.device).reshape(-1, 1)
+    if sigma.shape[0] not in (1, flat_x.shape[0]):
+        raise ValueError(f'Need one σ or one per observation ({flat_x.shape[0]}), got {sigma.shape[0]}')
+    if data_sq is None:
+        data_sq = flat_data.square().sum(1)
+    sq_dist = flat_x.square().sum(1, keepdim=True) + data_sq.to(flat_x.device) - 2 * flat_x @ flat_data.T
+    # Rounding can make the expansion slightly negative for an x on a data point; a distance is never below 0.
+    logits = -sq_dist.clamp(min=0) / (2 * sigma**2)
+    weights = torch.exp(logits - torch.logsumexp(logits, dim=1, keepdim=True))
+    return (weights @ flat_data).reshape(x.shape)
+
 
 class EmpiricalBayesDenoiser(torch.nn.Module):
-    """D*(x; σ) = Σ_i softmax_i(-‖x - x_i‖²/(2σ²)) x_i over the images `data` [N, C, H, W] (float, EDM's [-1, 1])."""
+    """D*(x; σ) = Σ_i softmax_i(-‖x - x_i‖²/(2σ²)) x_i over the images `data` [N, C, H, W] (float, EDM's [-1, 1]).
 
-    def __init__(self, data: torch.Tensor, chunk_size: int = 4096):
+    `chunk_size` observations are denoised at once; by default as many as keep the [chunk, N] distance matrix
+    near 4M entries.
+    """
+
+    def __init__(self, data: torch.Tensor, chunk_size: int | None = None):
         super().__init__()
         if data.ndim != 4 or data.shape[0] < 1 or data.shape[2] != data.shape[3]:
             raise ValueError(f'Need square images [N, C, H, W] with N >= 1, got shape {tuple(data.shape)}')
-        if chunk_size < 1:
+        if chunk_size is not None and chunk_size < 1:
             raise ValueError(f'chunk_size must be positive, got {chunk_size}')
         flat = data.reshape(data.shape[0], -1).to(torch.float64)
         if not bool(torch.isfinite(flat).all()):
@@ -33,7 +66,7 @@ class EmpiricalBayesDenoiser(torch.nn.Module):
         self.label_dim = 0
         self.sigma_min = 0
         self.sigma_max = float('inf')
-        self.chunk_size = int(chunk_size)
+        self.chunk_size = chunk_size or max(1, _CHUNK_ENTRIES // flat.shape[0])
         self.register_buffer('data', flat)
         # Squared norms ‖x_i‖², computed once for every distance evaluation.
         self.register_buffer('data_sq', flat.square().sum(1))
@@ -65,24 +98,9 @@ class EmpiricalBayesDenoiser(torch.nn.Module):
             raise ValueError(f'Need one σ or one per image ({flat.shape[0]}), got {sigma.numel()}')
         if not bool((sigma > 0).all()) or not bool(torch.isfinite(sigma).all()):
             raise ValueError('The empirical-Bayes denoiser needs finite σ > 0')
-        scale = (0.5 / sigma.square()).expand(flat.shape[0])[:, None]  # 1/(2σ²) per row.
-        x_sq = flat.square().sum(1, keepdim=True)
-
-        # Online softmax over data chunks: running max m, normaliser s = Σ e^{l - m} and numerator Σ e^{l - m} x_i.
-        running_max = torch.full([flat.shape[0], 1], -torch.inf, dtype=torch.float64, device=flat.device)
-        normaliser = torch.zeros_like(running_max)
-        numerator = torch.zeros_like(flat)
-        for start in range(0, self.num_images, self.chunk_size):
-            chunk = self.data[start : start + self.chunk_size]
-            sq_dist = (x_sq + self.data_sq[start : start + self.chunk_size] - 2 * flat @ chunk.T).clamp(min=0)
-            logits = -sq_dist * scale
-            new_max = torch.maximum(running_max, logits.amax(1, keepdim=True))
-            rescale = torch.exp(running_max - new_max)  # exp(-inf) = 0 on the first chunk.
-            weights = torch.exp(logits - new_max)
-            normaliser = normaliser * rescale + weights.sum(1, keepdim=True)
-            numerator = numerator * rescale + weights @ chunk
-            running_max = new_max
-        return (numerator / normaliser).reshape(x.shape)
+        rows = zip(flat.split(self.chunk_size), sigma.expand(flat.shape[0]).split(self.chunk_size))
+        chunks = [empirical_bayes_denoiser(x_i, sigma_i, self.data, self.data_sq) for x_i, sigma_i in rows]
+        return torch.cat(chunks).reshape(x.shape)
 
 
 @torch.no_grad()

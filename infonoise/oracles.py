@@ -6,7 +6,8 @@ entropy rate mmse/σ³ (Eq. 11). Three sources have it in closed or exactly comp
 - a Gaussian N(0, diag λ): linear denoiser x·λ/(λ+σ²), mmse = Σ λσ²/(λ+σ²);
 - the two-point source ±a (App. A.3): denoiser a·tanh(ax/σ²) (Eq. 42), mmse by 1-D quadrature of Eq. 43;
 - a finite data set (App. A.2): the empirical-Bayes posterior mean, a softmax over squared distances (D.1),
-  whose Monte-Carlo error is the exact offline profile of that data set.
+  whose Monte-Carlo error is the exact offline profile of that data set (`empirical_bayes_denoiser`, defined
+  in `infonoise.empirical_bayes` and re-exported here).
 
 They serve as test oracles and offline diagnostics. Everything is computed in float64.
 """
@@ -15,6 +16,9 @@ import math
 
 import numpy as np
 import torch
+
+# The finite-data-set oracle is the empirical-Bayes denoiser itself: one implementation of that formula.
+from infonoise.empirical_bayes import empirical_bayes_denoiser
 
 # 24-point Gauss-Legendre nodes and weights on [-1, 1], for the two-point quadrature.
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(24)
@@ -82,23 +86,6 @@ def two_point_mmse(sigma: float | torch.Tensor, a: float) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64).reshape(sigma.shape)
 
 
-def empirical_bayes_denoiser(x: torch.Tensor, sigma: float | torch.Tensor, data: torch.Tensor) -> torch.Tensor:
-    """Posterior mean Σ_i w_i x_i under the empirical prior of `data` (Eqs. 31-32, App. D.1).
-
-    x is [M, ...] and data [N, ...] with the same trailing shape; σ is a scalar or one value per row of x. The
-    weights are softmax_i(-‖x - x_i‖²/(2σ²)) in log space (logsumexp), with ‖x - x_i‖² = ‖x‖² + ‖x_i‖² - 2xᵀx_i
-    from one matrix product; float64 keeps that expansion accurate down to σ ~ 1e-3.
-    """
-    if x.shape[1:] != data.shape[1:]:
-        raise ValueError(f'Observations {tuple(x.shape)} and data {tuple(data.shape)} differ in trailing shape')
-    flat_x = x.reshape(x.shape[0], -1).to(torch.float64)
-    flat_data = data.reshape(data.shape[0], -1).to(device=flat_x.device, dtype=torch.float64)
-    sq_dist = (flat_x**2).sum(1, keepdim=True) + (flat_data**2).sum(1) - 2 * flat_x @ flat_data.T
-    logits = -sq_dist.clamp(min=0) / (2 * _rowwise(sigma, flat_x) ** 2)
-    weights = torch.exp(logits - torch.logsumexp(logits, dim=1, keepdim=True))
-    return (weights @ flat_data).reshape(x.shape)
-
-
 def empirical_bayes_mse(
     sigma: float, data: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
 ) -> float:
@@ -109,12 +96,13 @@ def empirical_bayes_mse(
     flat = data.reshape(data.shape[0], -1).to(torch.float64)
     # Chunk the observations so that the [chunk, N] distance matrix stays around 4M entries.
     chunk = max(1, 4_000_000 // flat.shape[0])
+    flat_sq = flat.square().sum(1)
     total = 0.0
     for start in range(0, num_samples, chunk):
         n = min(chunk, num_samples - start)
         idx = torch.randint(flat.shape[0], (n,), generator=generator, device=flat.device)
         clean = flat[idx]
         noise = torch.randn(clean.shape, generator=generator, dtype=torch.float64, device=flat.device)
-        denoised = empirical_bayes_denoiser(clean + sigma * noise, sigma, flat)
+        denoised = empirical_bayes_denoiser(clean + sigma * noise, sigma, flat, flat_sq)
         total += float(((denoised - clean) ** 2).mean(1).sum())
     return total / num_samples

@@ -162,6 +162,7 @@ class Profile:
     refreshes: int
     raw_pivot: float = math.nan  # c as calibrated at this refresh, before debouncing (Sec. 4)
     pivot_rule: str = ''  # infonoise.pivot.Pivot's rule: 'onset', 'break', ..., 'fixed'
+    nimg: int | None = None  # Training images seen at the refresh that built it; None offline and in older files.
 
     def __post_init__(self):
         shape = self.sigma.shape
@@ -178,6 +179,7 @@ class Profile:
         d = {name: [None if math.isnan(v) else v for v in getattr(self, name).tolist()] for name in _PROFILE_TENSORS}
         d.update(pivot=float(self.pivot), refreshes=int(self.refreshes), pivot_rule=self.pivot_rule)
         d.update(raw_pivot=None if math.isnan(self.raw_pivot) else float(self.raw_pivot))
+        d.update(nimg=None if self.nimg is None else int(self.nimg))
         return d
 
     @classmethod
@@ -190,10 +192,11 @@ class Profile:
             name: torch.tensor([math.nan if v is None else v for v in d.get(name, [None] * num)], dtype=torch.float64)
             for name in _PROFILE_TENSORS
         }
-        raw = d.get('raw_pivot')
+        raw, nimg = d.get('raw_pivot'), d.get('nimg')
         return cls(
             **tensors, pivot=float(d['pivot']), refreshes=int(d['refreshes']),
             raw_pivot=math.nan if raw is None else float(raw), pivot_rule=str(d.get('pivot_rule', '')),
+            nimg=None if nimg is None else int(nimg),
         )  # fmt: skip
 
     def peak(self) -> float:
@@ -214,11 +217,12 @@ def build_profile(
     stderr: torch.Tensor | None = None,
     raw_pivot: float = math.nan,
     pivot_rule: str = '',
+    nimg: int | None = None,
 ) -> Profile:
     """Alg. 1 lines 12-16 from per-interval losses `mse` on `grid`: the rate r̂ = mse/σ³, the gated rate with pivot
     c = `pivot` and smoothing, ρ (Eq. 13) and its CDF u, the emphasis φ = (1 - floor) ρ + floor · (log-uniform),
     and π ∝ φ/w (Eq. 16) for the loss weights `weight` at the centres. `count` and `stderr` (per bin, NaN where
-    unknown), `raw_pivot` and `pivot_rule` are recorded as given.
+    unknown), `raw_pivot`, `pivot_rule` and `nimg` (training images seen) are recorded as given.
 
     Raises ValueError for a degenerate profile (e.g. no positive mass after gating).
     """
@@ -244,4 +248,5 @@ def build_profile(
         refreshes=refreshes,
         raw_pivot=raw_pivot,
         pivot_rule=pivot_rule,
+        nimg=nimg,
     )

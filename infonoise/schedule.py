@@ -277,7 +277,7 @@ class InfoNoise(NoiseSampler):
             profile = build_profile(
                 self.grid, mse, pivot, self.loss_weight(sigma), self.gate_n, self.smoothing, self.floor,
                 refreshes=self.refreshes + 1, count=counts, stderr=rel_err * mse, raw_pivot=calibrated.value,
-                pivot_rule=calibrated.rule,
+                pivot_rule=calibrated.rule, nimg=self.nimg,
             )  # fmt: skip
             table = InverseCDFTable.build(sigma, widths, profile.phi / profile.weight)  # π ∝ φ/w (Eq. 16).
         except ValueError as e:

@@ -12,8 +12,10 @@ from click.testing import CliRunner
 import diagnose
 import generate
 from bench.gaussian import GaussianDenoiser, exact_profile
-from infonoise.empirical_bayes import EmpiricalBayesDenoiser
+from infonoise import oracles
+from infonoise.empirical_bayes import EmpiricalBayesDenoiser, empirical_bayes_denoiser
 from infonoise.grids import edm_grid, infogrid
+from infonoise.plots import save_denoising_figure, save_profile_plot
 from infonoise.profile import LogGrid, Profile
 from infonoise.schedule import InfoNoise
 from training.networks import EDMPrecond
@@ -40,13 +42,30 @@ def test_bayes_denoiser_equals_direct_softmax():
     weights = torch.softmax(-sq_dist / (2 * sigma[:, None] ** 2), dim=1)
     expected = (weights @ data.reshape(23, -1)).reshape(x.shape)
     assert weights.max(1).values.min() < 0.9 and weights.max(1).values.max() > 0.999  # Spread and peaked rows.
-    for chunk_size in (5, 23, 100):  # Several chunks with a partial last one, exactly one, one larger than N.
+    for chunk_size in (4, 9, 100):  # Observations in chunks with a partial last one, exactly one, one larger than M.
         got = EmpiricalBayesDenoiser(data, chunk_size=chunk_size)(x, sigma.reshape(-1, 1, 1, 1))
         assert got.dtype == torch.float64
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
     # One scalar σ for the whole batch.
     scalar = torch.softmax(-sq_dist / (2 * 1.2**2), dim=1) @ data.reshape(23, -1)
     torch.testing.assert_close(EmpiricalBayesDenoiser(data, 4)(x, 1.2), scalar.reshape(x.shape), rtol=1e-10, atol=1e-12)
+
+
+def test_bayes_denoiser_module_and_function_agree():
+    # The network wraps infonoise.empirical_bayes.empirical_bayes_denoiser (also oracles'): chunking, σ per image
+    # in EDM's [M, 1, 1, 1] shape and the cached norms change nothing.
+    data, x = random_points(31, (3, 4, 4), seed=11), 2 * random_points(10, (3, 4, 4), seed=12)
+    sigma = torch.logspace(-2, 2, 10, dtype=torch.float64)
+    expected = empirical_bayes_denoiser(x, sigma, data)
+    assert oracles.empirical_bayes_denoiser is empirical_bayes_denoiser
+    torch.testing.assert_close(empirical_bayes_denoiser(x, sigma.reshape(-1, 1, 1, 1), data), expected, rtol=0, atol=0)
+    for chunk_size in (None, 3, 10):
+        got = EmpiricalBayesDenoiser(data, chunk_size=chunk_size)(x, sigma.reshape(-1, 1, 1, 1))
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    # At σ = 1e-3 an observation on a data point is that point, through either.
+    assert torch.equal(EmpiricalBayesDenoiser(data)(data[:5], 1e-3), data[:5])
+    with pytest.raises(ValueError, match='one per observation'):
+        empirical_bayes_denoiser(x, torch.ones(3), data)
 
 
 def test_bayes_mmse_limits():
@@ -118,8 +137,21 @@ def test_build_profile_equals_an_infonoise_refresh(endpoint):
 # The command line and its files.
 
 
-def test_bayes_cli_writes_a_profile_that_training_and_generate_readers_take(digits_zip, tmp_path):
+def recorded_titles(monkeypatch) -> list[str]:
+    """The titles diagnose.py gives its profile plots (which are still drawn)."""
+    titles = []
+
+    def recording(profile, path, title=None):
+        titles.append(title)
+        save_profile_plot(profile, path, title)
+
+    monkeypatch.setattr(diagnose, 'save_profile_plot', recording)
+    return titles
+
+
+def test_bayes_cli_writes_a_profile_that_training_and_generate_readers_take(digits_zip, tmp_path, monkeypatch):
     out, plot = tmp_path / 'exact.json', tmp_path / 'exact.png'
+    titles = recorded_titles(monkeypatch)
     result = run_cli(
         'bayes', '--data', digits_zip, '--out', out, '--plot', plot, '--points', 12, '--samples', 64, '--device', 'cpu'
     )
@@ -134,7 +166,7 @@ def test_bayes_cli_writes_a_profile_that_training_and_generate_readers_take(digi
     assert record['peaks']['rate'] == record['sigma'][int(np.argmax(record['rate']))]
     u_info = np.array(record['u_info'])
     assert (np.diff(u_info) >= 0).all() and 0 <= u_info[0] < u_info[-1] <= 1
-    assert PIL.Image.open(plot).format == 'PNG'
+    assert PIL.Image.open(plot).format == 'PNG' and titles == ['Exact profile (empirical Bayes, 64 images)']
 
     sigma, rate = generate.profile_points(generate.read_profile(str(out)))
     grid = infogrid(10, sigma, rate)
@@ -152,9 +184,11 @@ def save_snapshot(path, img_resolution, label_dim):
     return str(path)
 
 
-def test_profile_cli_on_a_conditional_network(digits_zip, tmp_path):
+def test_profile_cli_on_a_conditional_network(digits_zip, tmp_path, monkeypatch):
     network, out = save_snapshot(tmp_path / 'net.pt', 8, 10), tmp_path / 'net.json'
+    titles = recorded_titles(monkeypatch)
     args = ['--points', 4, '--samples', 8, '--batch', 8, '--endpoint', 'discrete', '--weight', 'uniform']
+    args += ['--plot', tmp_path / 'net.png']
     result = run_cli('profile', '--network', network, '--data', digits_zip, '--out', out, *args, '--device', 'cpu')
     assert result.exit_code == 0, result.output
     record = json.loads(out.read_text())
@@ -162,21 +196,41 @@ def test_profile_cli_on_a_conditional_network(digits_zip, tmp_path):
     assert record['source'] == f'network:{network}' and record['endpoint'] == 'discrete'
     assert len(profile.sigma) == 4 and (profile.mse > 0).all() and (profile.weight == 1).all()
     torch.testing.assert_close(profile.rate, profile.mse / profile.sigma**3, rtol=1e-15, atol=0)
+    assert titles == [f'Offline profile ({network})'] and (tmp_path / 'net.png').is_file()
 
 
-def test_figure_cli_rows_of_noisy_and_denoised_images(digits_zip, digits8, tmp_path):
+def test_figure_cli_rows_of_noisy_and_denoised_images(digits_zip, digits8, tmp_path, monkeypatch):
+    calls = []
+
+    def recording(*args):
+        calls.append((args, save_denoising_figure(*args)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(diagnose, 'save_denoising_figure', recording)
     out = tmp_path / 'figure.png'
     result = run_cli('figure', '--data', digits_zip, '--out', out, '--images', 3, '--sigmas', '0.001,1,1000')
     assert result.exit_code == 0, result.output
-    image = np.array(PIL.Image.open(out))
-    assert image.shape == (2 * 3 * 8, 3 * 8)
+    assert result.output == f'Wrote {out}: 3 images x 3 noise levels\n'
+    (grid, sigmas, labels, pad, _, title), (left, top) = calls[0]
+    assert sigmas == [0.001, 1, 1000] and labels == ['noisy', 'denoised'] * 3 and pad == 2
+    assert title == 'Bayes-optimal denoising under the empirical prior of 64 images'
+    # 8x8 digits enlarged 8 times into 64-pixel cells, 2 white pixels between and around them.
+    assert grid.shape == (2 + 6 * 66, 2 + 3 * 66, 1)
+    image = np.array(PIL.Image.open(out).convert('L'))
+    assert np.array_equal(image[top : top + grid.shape[0], left : left + grid.shape[1]], grid[:, :, 0])
     shown = diagnose.draw_indices(64, 3, seed=0)
+    mean = digits8[0].astype(np.float64).mean(0)
     for row, index in enumerate(shown.tolist()):
-        denoised = image[(2 * row + 1) * 8 : (2 * row + 2) * 8]
+        y = top + 2 + (2 * row + 1) * 66  # The denoised row of this image.
+        cells = [image[y : y + 64 : 8, left + 2 + 66 * col :][:, :64:8] for col in range(3)]
         # At σ = 0.001 the denoiser returns the image itself; at σ = 1000 the data set's mean image.
-        assert np.array_equal(denoised[:, :8], digits8[0][index])
-        mean = digits8[0].astype(np.float64).mean(0)
-        assert np.abs(denoised[:, 16:].astype(np.float64) - mean).max() <= 1.5
+        assert np.array_equal(cells[0], digits8[0][index])
+        assert np.abs(cells[2].astype(np.float64) - mean).max() <= 1.5
+
+
+def test_figure_cli_says_one_image_and_one_noise_level(digits_zip, tmp_path):
+    result = run_cli('figure', '--data', digits_zip, '--out', tmp_path / 'f.png', '--images', 1, '--sigmas', '2')
+    assert result.exit_code == 0 and result.output.endswith(': 1 image x 1 noise level\n'), result.output
 
 
 def bad_invocations(digits_zip, tmp_path):

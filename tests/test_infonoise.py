@@ -217,6 +217,7 @@ def test_every_refresh_check_is_reported():
     text = str(r1)
     assert text.startswith('InfoNoise refresh 2 at ') and 'pivot c = ' in text and 'ρ peaks at σ = ' in text
     assert s.last_check is checks[-1]
+    assert s.last_profile.nimg == refreshed[-1].nimg  # The profile says when it was built.
 
 
 def test_profile_records_counts_and_standard_errors():

@@ -2,6 +2,7 @@
 test_pivot.py)."""
 
 import io
+import json
 import math
 
 import numpy as np
@@ -161,7 +162,7 @@ def test_profile_round_trips_through_weights_only_load():
     names = ['sigma', 'mse', 'rate', 'gated', 'rho', 'u', 'pi', 'phi', 'weight', 'count', 'stderr']
     tensors = {name: torch.rand(k, generator=gen(i), dtype=torch.float64) for i, name in enumerate(names)}
     tensors['stderr'][3] = math.nan  # Unknown values travel as None (strict JSON) and come back as NaN.
-    profile = Profile(**tensors, pivot=0.137, refreshes=12, raw_pivot=0.15, pivot_rule='break')
+    profile = Profile(**tensors, pivot=0.137, refreshes=12, raw_pivot=0.15, pivot_rule='break', nimg=40_960)
     assert profile.to_dict()['stderr'][3] is None
     buf = io.BytesIO()
     torch.save(profile.to_dict(), buf)
@@ -170,10 +171,14 @@ def test_profile_round_trips_through_weights_only_load():
     for name, value in tensors.items():
         torch.testing.assert_close(getattr(loaded, name), value, rtol=0, atol=0, equal_nan=True)
     assert (loaded.pivot, loaded.refreshes, loaded.raw_pivot, loaded.pivot_rule) == (0.137, 12, 0.15, 'break')
-    # Files written before counts, standard errors and the raw pivot existed load with those unknown.
-    old = {key: v for key, v in profile.to_dict().items() if key not in ('count', 'stderr', 'raw_pivot', 'pivot_rule')}
+    assert loaded.nimg == 40_960 and json.loads(json.dumps(profile.to_dict()))['nimg'] == 40_960
+    # Files written before counts, standard errors, the raw pivot and the refresh's nimg existed load with those
+    # unknown.
+    dropped = ('count', 'stderr', 'raw_pivot', 'pivot_rule', 'nimg')
+    old = {key: v for key, v in profile.to_dict().items() if key not in dropped}
     loaded = Profile.from_dict(old)
     assert loaded.count.isnan().all() and loaded.stderr.isnan().all() and math.isnan(loaded.raw_pivot)
+    assert loaded.nimg is None and loaded.to_dict()['nimg'] is None
     with pytest.raises(ValueError):
         Profile(**{**tensors, 'phi': torch.zeros(k + 1)}, pivot=0.1, refreshes=0)
     with pytest.raises(ValueError):

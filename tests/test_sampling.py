@@ -191,6 +191,48 @@ def test_tile_images_places_row_by_row_and_pads_black():
     assert tile_images(np.zeros([5, 2, 3, 1], dtype=np.uint8)).shape == (4, 9, 1)
 
 
+def test_tile_images_default_is_cell_by_cell_placement():
+    # scale=1, pad=0 (the defaults) are the plain tiling: image i at row i // w, column i % w, nothing between.
+    images = np.random.default_rng(0).integers(0, 256, [7, 3, 5, 3], dtype=np.uint8)
+    grid = tile_images(images, grid_w=3)
+    assert grid.shape == (9, 15, 3)
+    for i, image in enumerate(images):
+        assert np.array_equal(grid[i // 3 * 3 : i // 3 * 3 + 3, i % 3 * 5 : i % 3 * 5 + 5], image)
+    assert np.array_equal(tile_images(images, 3, scale=1, pad=0), grid)
+    assert not grid[6:, 5:].any()  # The two cells left over are black.
+
+
+def test_tile_images_scales_by_repeating_pixels_and_pads_white():
+    images = np.array([[[1, 2]], [[3, 4]], [[5, 6]]], dtype=np.uint8)[..., None]  # Three 1x2 images.
+    grid = tile_images(images, grid_w=2, scale=2, pad=1)[:, :, 0]
+    # Two rows of 2x4 cells: width 1 + 2 * (4 + 1) = 11, height 1 + 2 * (2 + 1) = 7.
+    W, E = 255, 0  # White gaps and black empty cells.
+    assert grid.tolist() == [
+        [W, W, W, W, W, W, W, W, W, W, W],
+        [W, 1, 1, 2, 2, W, 3, 3, 4, 4, W],
+        [W, 1, 1, 2, 2, W, 3, 3, 4, 4, W],
+        [W, W, W, W, W, W, W, W, W, W, W],
+        [W, 5, 5, 6, 6, W, E, E, E, E, W],
+        [W, 5, 5, 6, 6, W, E, E, E, E, W],
+        [W, W, W, W, W, W, W, W, W, W, W],
+    ]
+    rgb = np.random.default_rng(1).integers(0, 256, [5, 4, 6, 3], dtype=np.uint8)
+    grid = tile_images(rgb, grid_w=3, scale=3, pad=2)
+    assert grid.shape == (2 + 2 * (12 + 2), 2 + 3 * (18 + 2), 3)
+    # Image 4 is row 1, column 1: its top-left pixel becomes a 3x3 block at (2 + 14, 2 + 20).
+    assert (grid[16:19, 22:25] == rgb[4, 0, 0]).all() and (grid[16:19, 25:28] == rgb[4, 0, 1]).all()
+    assert np.array_equal(grid[16:28:3, 22:40:3], rgb[4])
+    assert (grid[:2] == 255).all() and (grid[:, 20:22] == 255).all() and (grid[-2:] == 255).all()
+
+
+@pytest.mark.parametrize(
+    'kwargs, message', [(dict(scale=0), 'scale'), (dict(pad=-1), 'pad'), (dict(grid_w=-1), 'grid_w')]
+)
+def test_tile_images_refuses_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tile_images(np.zeros([2, 2, 2, 1], dtype=np.uint8), **kwargs)
+
+
 @pytest.mark.parametrize('channels, mode', [(1, 'L'), (3, 'RGB')])
 def test_save_image_grid_round_trips(tmp_path, channels, mode):
     images = torch.rand(5, channels, 4, 6) * 2 - 1

@@ -242,10 +242,12 @@ def images_to_uint8(images: torch.Tensor) -> np.ndarray:
     return (images * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def tile_images(images: np.ndarray, grid_w: int | None = None) -> np.ndarray:
+def tile_images(images: np.ndarray, grid_w: int | None = None, scale: int = 1, pad: int = 0) -> np.ndarray:
     """Tile uint8 NHWC images row by row into one HWC image, grid_w columns (default: a near-square grid).
 
-    Cells left over in the last row are black.
+    Each image is enlarged `scale` times by repeating its pixels (nearest neighbour, so pixels stay exact), and
+    `pad` pixels of white (255) separate the cells and frame the grid: a white gap reads as a gap on dark images
+    (MNIST) and on photographs alike. Cells left over in the last row are black.
     """
     num, height, width, channels = images.shape
     if num == 0:
@@ -253,11 +255,20 @@ def tile_images(images: np.ndarray, grid_w: int | None = None) -> np.ndarray:
     grid_w = grid_w or math.ceil(math.sqrt(num))
     if grid_w < 1:
         raise ValueError(f'grid_w must be at least 1, got {grid_w}')
+    if scale < 1:
+        raise ValueError(f'scale must be at least 1, got {scale}')
+    if pad < 0:
+        raise ValueError(f'pad must be non-negative, got {pad}')
     grid_h = math.ceil(num / grid_w)
-    padded = np.zeros([grid_h * grid_w, height, width, channels], dtype=np.uint8)
-    padded[:num] = images
-    grid = padded.reshape(grid_h, grid_w, height, width, channels).transpose(0, 2, 1, 3, 4)
-    return grid.reshape(grid_h * height, grid_w * width, channels)
+    cells = np.zeros([grid_h * grid_w, height, width, channels], dtype=np.uint8)
+    cells[:num] = images
+    cells = cells.repeat(scale, axis=1).repeat(scale, axis=2)
+    # A gap above and left of every cell, then one more below and right of the grid, gives pad everywhere.
+    cells = np.pad(cells, [(0, 0), (pad, 0), (pad, 0), (0, 0)], constant_values=255)
+    cell_h, cell_w = cells.shape[1:3]
+    grid = cells.reshape(grid_h, grid_w, cell_h, cell_w, channels).transpose(0, 2, 1, 3, 4)
+    grid = grid.reshape(grid_h * cell_h, grid_w * cell_w, channels)
+    return np.pad(grid, [(0, pad), (0, pad), (0, 0)], constant_values=255)
 
 
 def save_image(image: np.ndarray, path: str | os.PathLike) -> None:
