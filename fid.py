@@ -5,10 +5,10 @@ Diffusion-Based Generative Models").
 stores them in EDM's npz format (keys `mu`, `sigma`), so EDM's published reference files work unchanged. `calc`
 computes the statistics of generated images (a folder or zip of PNGs, or generate.py's `--npz`), picking `--num` of
 them by `--seed` exactly as EDM does, and prints the FID against a reference file. The detector is NVIDIA's
-TorchScript Inception-v3 by default, the same network as EDM's; see training/detectors.py for the others. Under
+TorchScript Inception-v3 by default, the same network as EDM's; see metrics/detectors.py for the others. Under
 torchrun the images are split into rank-strided batches as in EDM and the statistics are all-reduced.
 DNA sequences (a sequence .npz of dataset_tool.py or generate.py --npz) take the same path with a TorchScript sequence
-detector given by --detector (e.g. Sei for Sei-FID; see training/detectors.py).
+detector given by --detector (e.g. Sei for Sei-FID; see metrics/detectors.py).
 """
 
 import os
@@ -19,11 +19,11 @@ import torch
 import tqdm
 
 from dnnlib import cli
+from metrics.detectors import DEFAULT_DETECTOR, load_detector
+from metrics.frechet import FeatureStats, frechet_distance, load_stats, save_stats
 from torch_utils import distributed as dist
-from torch_utils.frechet import FeatureStats, frechet_distance, load_stats, save_stats
 from training import sequences
 from training.dataset import Dataset, ImageFolderDataset, SequenceDataset
-from training.detectors import DEFAULT_DETECTOR, load_detector
 
 
 class NpzImageDataset(Dataset):

@@ -2,13 +2,14 @@
 
 import importlib.util
 import os
+import re
 
 import numpy as np
 import pytest
 import torch
 
-from training.detectors import load_detector
-from training.dna_detector import (
+from metrics.detectors import load_detector
+from metrics.dna_detector import (
     FEATURE_DIM,
     FLOOR_SIZE,
     NUM_TEST,
@@ -55,8 +56,9 @@ def test_committed_weights_load(detector):
     assert not any(p.requires_grad for p in detector.parameters())
     assert os.path.getsize(WEIGHTS_PATH) < 2 * 2**20
     meta = detector.meta
-    assert meta['command'].startswith('python -m training.dna_detector --out ')
-    assert f'--seed {meta["seed"]} --epochs {meta["epochs"]}' in meta['command']
+    # The command as it was run: before metrics/ existed, the module was training.dna_detector.
+    command = rf'python -m (training|metrics)\.dna_detector --out \S+ --seed {meta["seed"]} --epochs {meta["epochs"]}'
+    assert re.fullmatch(command, meta['command']), meta['command']
     assert meta['num_train'] == 3 * NUM_TRAIN and meta['num_test'] == 3 * NUM_TEST
 
 
@@ -97,7 +99,7 @@ def test_input_checks(detector):
         detector(torch.zeros(2, 4, 1, 128))  # Float with a height axis: not a layout we take.
     with pytest.raises(ValueError, match=r'uint8 \[N, 4, 1, L\]'):
         detector(torch.zeros(2, 3, 1, 128, dtype=torch.uint8))
-    with pytest.raises(RuntimeError, match='python -m training.dna_detector'):
+    with pytest.raises(RuntimeError, match='python -m metrics.dna_detector'):
         load_dna_detector(path='/nonexistent/dna_detector.pt')
 
 

@@ -1,4 +1,4 @@
-"""Tests for fid.py and training/detectors.py with a tiny TorchScript stand-in for Inception-v3.
+"""Tests for fid.py and metrics/detectors.py with a tiny TorchScript stand-in for Inception-v3.
 
 The stand-in follows NVIDIA's detector convention (uint8 RGB NCHW in, `return_features=True`, any resolution) and
 returns a fixed random projection (small integers / 64) of the 4x4 average-pooled image. On 8x8 images its features
@@ -21,9 +21,9 @@ from click.testing import CliRunner
 from conftest import write_edm_zip
 
 import fid
+from metrics.detectors import load_detector, resize_bilinear
+from metrics.frechet import frechet_distance
 from torch_utils import distributed as dist
-from torch_utils.frechet import frechet_distance
-from training.detectors import load_detector, resize_bilinear
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FEATURE_DIM = 16
