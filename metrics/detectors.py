@@ -188,12 +188,23 @@ def load_detector(spec: str, device: torch.device | str, sequence_length: int | 
     return TorchScriptDetector(net, device)
 
 
+def load_weights(path: str, fmt: str, name: str, module: str) -> dict:
+    """The weights file of a detector trained here, as `train_and_save` writes it: a dict with `format` == `fmt`,
+    the network's constructor `kwargs`, its `state_dict` and `meta`, read with weights_only=True (no code runs)."""
+    if not os.path.isfile(path):
+        raise RuntimeError(f'No {name} weights at {path}; train them: python -m {module} --out {path}')
+    data = torch.load(path, map_location='cpu', weights_only=True)
+    if not isinstance(data, dict) or data.get('format') != fmt or not {'kwargs', 'state_dict', 'meta'} <= data.keys():
+        raise ValueError(f'{path} is not an {name} weights file (format "{fmt}" with kwargs, state_dict and meta)')
+    return data
+
+
 def train_and_save(
     module: str, train: Callable[..., tuple[torch.nn.Module, dict]], out: str, seed: int, epochs: int, fmt: str, **meta
 ) -> None:
     """`python -m MODULE --out OUT --seed SEED --epochs EPOCHS` of a detector trained here (FD-MNIST, FD-ARS):
-    train deterministically, print the held-out results, and save the weights with a `meta` dict that records the
-    command, the run and the results."""
+    train deterministically, print the held-out results, and save the network's constructor kwargs (its `kwargs`
+    attribute) and weights with a `meta` dict that records the command, the run and the results."""
     torch.use_deterministic_algorithms(True)
     start = time.time()
     try:
@@ -218,5 +229,5 @@ def train_and_save(
     )
     if os.path.dirname(out):
         os.makedirs(os.path.dirname(out), exist_ok=True)
-    torch.save(dict(format=fmt, state_dict=net.state_dict(), meta=meta), out)
+    torch.save(dict(format=fmt, kwargs=dict(net.kwargs), state_dict=net.state_dict(), meta=meta), out)
     print(f'Saved {out}')

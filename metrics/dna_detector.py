@@ -57,7 +57,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metrics.detectors import train_and_save
+from metrics.detectors import load_weights, train_and_save
 from metrics.frechet import FeatureStats, frechet_distance
 from training import sequences
 
@@ -83,6 +83,9 @@ class DNAFeatureNet(torch.nn.Module):
 
     def __init__(self, channels=(64, 64, 64), kernels=(9, 5, 5), feature_dim=FEATURE_DIM, num_classes=len(CLASSES)):
         super().__init__()
+        self.kwargs = dict(
+            channels=list(channels), kernels=list(kernels), feature_dim=feature_dim, num_classes=num_classes
+        )  # Saved with the weights.
         blocks = []
         for c_in, c_out, k in zip((4, *channels[:-1]), channels, kernels):
             blocks += [
@@ -143,12 +146,8 @@ def load_dna_detector(
     """The FD-ARS detector with the committed weights (or those in `path`), in eval mode on `device`."""
     if sequence_length != SEQUENCE_LENGTH:
         raise ValueError(f'Detector "ars" takes sequences of length {SEQUENCE_LENGTH}, not {sequence_length}')
-    if not os.path.isfile(path):
-        raise RuntimeError(f'No FD-ARS weights at {path}; train them: python -m metrics.dna_detector --out {path}')
-    data = torch.load(path, map_location='cpu', weights_only=True)
-    if not isinstance(data, dict) or data.get('format') != FORMAT:
-        raise ValueError(f'{path} is not an FD-ARS weights file (format "{FORMAT}")')
-    net = DNAFeatureNet()
+    data = load_weights(path, FORMAT, 'FD-ARS', 'metrics.dna_detector')
+    net = DNAFeatureNet(**data['kwargs'])
     net.load_state_dict(data['state_dict'])
     return DNADetector(net, data['meta']).to(device)
 

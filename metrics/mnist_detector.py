@@ -28,7 +28,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from metrics.detectors import train_and_save
+from metrics.detectors import load_weights, train_and_save
 from training.dataset import mnist5k_digits
 
 FEATURE_DIM = 128
@@ -48,6 +48,7 @@ class MNISTFeatureNet(torch.nn.Module):
 
     def __init__(self, channels: tuple[int, ...] = (32, 64, 128), feature_dim: int = FEATURE_DIM, num_classes=10):
         super().__init__()
+        self.kwargs = dict(channels=list(channels), feature_dim=feature_dim, num_classes=num_classes)  # Saved with it.
         blocks = []
         for c_in, c_out in zip((1, *channels[:-1]), channels):
             blocks += [
@@ -106,12 +107,8 @@ class MNISTDetector(torch.nn.Module):
 
 def load_mnist_detector(device: torch.device | str = 'cpu', path: str = WEIGHTS_PATH) -> MNISTDetector:
     """The FD-MNIST detector with the committed weights (or those in `path`), in eval mode on `device`."""
-    if not os.path.isfile(path):
-        raise RuntimeError(f'No FD-MNIST weights at {path}; train them: python -m metrics.mnist_detector --out {path}')
-    data = torch.load(path, map_location='cpu', weights_only=True)
-    if not isinstance(data, dict) or data.get('format') != FORMAT:
-        raise ValueError(f'{path} is not an FD-MNIST weights file (format "{FORMAT}")')
-    net = MNISTFeatureNet()
+    data = load_weights(path, FORMAT, 'FD-MNIST', 'metrics.mnist_detector')
+    net = MNISTFeatureNet(**data['kwargs'])
     net.load_state_dict(data['state_dict'])
     return MNISTDetector(net, data['meta']).to(device)
 
