@@ -5,10 +5,10 @@ Diffusion-Based Generative Models").
 stores them in EDM's npz format (keys `mu`, `sigma`), so EDM's published reference files work unchanged. `calc`
 computes the statistics of generated images (a folder or zip of PNGs, or generate.py's `--npz`), picking `--num` of
 them by `--seed` exactly as EDM does, and prints the FID against a reference file. The detector is NVIDIA's
-TorchScript Inception-v3 by default, the same network as EDM's; see training/detectors.py for the others. Under
+TorchScript Inception-v3 by default, the same network as EDM's; see metrics/detectors.py for the others. Under
 torchrun the images are split into rank-strided batches as in EDM and the statistics are all-reduced.
 DNA sequences (a sequence .npz of dataset_tool.py or generate.py --npz) take the same path with a TorchScript sequence
-detector given by --detector (e.g. Sei for Sei-FID; see training/detectors.py).
+detector given by --detector (e.g. Sei for Sei-FID; see metrics/detectors.py).
 """
 
 import os
@@ -19,11 +19,11 @@ import torch
 import tqdm
 
 from dnnlib import cli
+from metrics.detectors import DEFAULT_DETECTOR, load_detector
+from metrics.frechet import FeatureStats, frechet_distance, load_stats, save_stats
 from torch_utils import distributed as dist
-from torch_utils.frechet import FeatureStats, frechet_distance, load_stats, save_stats
 from training import sequences
 from training.dataset import Dataset, ImageFolderDataset, SequenceDataset
-from training.detectors import DEFAULT_DETECTOR, load_detector
 
 
 class NpzImageDataset(Dataset):
@@ -58,15 +58,37 @@ def open_images(path: str, max_size: int | None = None, random_seed: int = 0) ->
     return ImageFolderDataset(path, max_size=max_size, random_seed=random_seed)
 
 
+def first_image_error(dataset: Dataset) -> str | None:
+    """The one-line message of the first image of `dataset` that cannot be served (unreadable, or not the shape of
+    the first image), read in this process; None if every image reads."""
+    for idx in range(len(dataset)):
+        try:
+            dataset[idx]
+        except ValueError as e:
+            return str(e)
+    return None
+
+
+def batches_of(loader: torch.utils.data.DataLoader, dataset: Dataset):
+    """The batches of `loader`. A DataLoader worker re-raises an image's one-line ValueError inside its traceback, so
+    on failure the images are read again here, in order, for the message alone."""
+    try:
+        yield from loader
+    except ValueError as e:
+        raise ValueError(first_image_error(dataset) or str(e).strip().splitlines()[-1]) from None
+
+
 def calc_stats(dataset: Dataset, detector, max_batch_size: int, num_workers: int, device: torch.device):
-    """Mean [D] and unbiased covariance [D, D] (float64) of the detector features of all images, over all ranks."""
+    """Mean [D] and unbiased covariance [D, D] (float64) of the detector features of all images, over all ranks.
+    An image that cannot be read, or whose shape differs from the first image's, is a one-line ValueError."""
     batches = [batch for batch in dist.split_batches(list(range(len(dataset))), max_batch_size) if batch]
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=num_workers, prefetch_factor=2 if num_workers > 0 else None
     )
     stats = FeatureStats()
     stats.append(torch.zeros([0, detector.feature_dim], device=device))  # Every rank joins the all-reduce.
-    for images, _labels in tqdm.tqdm(loader, unit='batch', disable=(dist.get_rank() != 0)):
+    progress = tqdm.tqdm(batches_of(loader, dataset), total=len(batches), unit='batch', disable=dist.get_rank() != 0)
+    for images, _labels in progress:
         stats.append(detector(images.to(device)))
     stats.merge_across_ranks()
     return stats.mu, stats.sigma
@@ -96,6 +118,14 @@ def setup(device: str | None, detector_spec: str, data_path: str):
     except (ValueError, RuntimeError) as e:
         raise click.ClickException(str(e)) from None
     return device, detector
+
+
+def stats_or_exit(dataset: Dataset, detector, max_batch_size: int, num_workers: int, device: torch.device):
+    """`calc_stats` with a one-line error for images it cannot use (e.g. a folder of mixed sizes)."""
+    try:
+        return calc_stats(dataset, detector, max_batch_size, num_workers, device)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
 
 
 def load_images(path: str, max_size: int | None = None, random_seed: int = 0) -> Dataset:
@@ -189,7 +219,7 @@ def calc(image_path, ref_path, num_expected, seed, max_batch_size, detector_spec
     if len(dataset) < num_expected:
         raise click.ClickException(f'Found {len(dataset)} images, but expected at least {num_expected}')
     dist.print0(f'Calculating statistics for {len(dataset)} images...')
-    mu, sigma = calc_stats(dataset, detector, max_batch_size, num_workers, device)
+    mu, sigma = stats_or_exit(dataset, detector, max_batch_size, num_workers, device)
 
     dist.print0('Calculating FID...')
     caveat = ' (fewer than 50,000: biased upwards, compare only at equal N)' if len(dataset) < 50000 else ''
@@ -206,11 +236,16 @@ def calc(image_path, ref_path, num_expected, seed, max_batch_size, detector_spec
 @click.option('--dest', 'dest_path',    help='Destination .npz file', metavar='NPZ', required=True)
 @click.option('--num', 'max_size',      help='Use a random subset of this many images  [default: all, as EDM]', metavar='INT', type=click.IntRange(min=2))
 @click.option('--seed',                 help='Random seed for selecting the subset', metavar='INT', type=int, default=0, show_default=True)
+@click.option('--overwrite',            help='Replace --dest if it exists', is_flag=True)
 @common_options
 # fmt: on
-def ref(dataset_path, dest_path, max_size, seed, max_batch_size, detector_spec, num_workers, device):
+def ref(dataset_path, dest_path, max_size, seed, overwrite, max_batch_size, detector_spec, num_workers, device):
     """Calculate dataset reference statistics needed by 'calc'."""
     cli.check_output_dir(os.path.dirname(os.path.abspath(dest_path)), '--dest')
+    if os.path.isdir(dest_path):
+        raise click.ClickException(f'--dest: "{dest_path}" is a folder; give the .npz file to write')
+    if os.path.exists(dest_path) and not overwrite:
+        raise click.ClickException(f'--dest: "{dest_path}" exists; pass --overwrite to replace it')
     device, detector = setup(device, detector_spec, dataset_path)
     dataset = load_images(dataset_path, max_size=max_size, random_seed=seed)
     if max_size is not None and len(dataset) < max_size:
@@ -218,7 +253,7 @@ def ref(dataset_path, dest_path, max_size, seed, max_batch_size, detector_spec, 
     if len(dataset) < 2:
         raise click.ClickException(f'Found {len(dataset)} images, but need at least 2 to compute statistics')
     dist.print0(f'Calculating statistics for {len(dataset)} images...')
-    mu, sigma = calc_stats(dataset, detector, max_batch_size, num_workers, device)
+    mu, sigma = stats_or_exit(dataset, detector, max_batch_size, num_workers, device)
 
     dist.print0(f'Saving dataset reference statistics to "{dest_path}"...')
     if dist.get_rank() == 0:

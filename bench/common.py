@@ -1,11 +1,11 @@
 """Shared pieces of the benchmark scripts (issue 7): run records, strict JSON, Markdown tables, the datasets, and
 Fréchet distances of generated samples.
 
-FD-MNIST is the Fréchet distance between the features of the small MNIST CNN (`training/mnist_detector.py`) of
+FD-MNIST is the Fréchet distance between the features of the small MNIST CNN (`metrics/mnist_detector.py`) of
 generated images and of all images of the training set, as `fid.py ref/calc --detector=mnist` compute it; the
 samples come from EDM's sampler (Karras et al. 2022, Algorithm 2) with one generator per seed and are thresholded
 for binarized data exactly as `generate.py --binarize` does. FD-ARS is the same for DNA: the features of the ARS
-sequence CNN (`training/dna_detector.py`) of generated sequences, each decoded to its nearest one-hot sequence as
+sequence CNN (`metrics/dna_detector.py`) of generated sequences, each decoded to its nearest one-hot sequence as
 generate.py writes it, against all training sequences.
 """
 
@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 import fid
-from torch_utils.frechet import FeatureStats, frechet_distance, load_stats, save_stats
+from metrics.detectors import load_detector
+from metrics.frechet import FeatureStats, frechet_distance, load_stats, save_stats
 from training import sequences
-from training.detectors import load_detector
 from training.networks import SequenceUNet
 from training.sampling import StackedRandomGenerator, edm_sampler, images_to_uint8
 

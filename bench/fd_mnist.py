@@ -1,4 +1,4 @@
-"""FD-MNIST: the Fréchet distance in the features of the small MNIST CNN (training/mnist_detector.py).
+"""FD-MNIST: the Fréchet distance in the features of the small MNIST CNN (metrics/mnist_detector.py).
 
 Prints, for a digit dataset (e.g. `make demo`'s datasets/mnist5k-16x16.zip):
 - the FD between two random halves of the dataset (the floor a perfect generator would reach at that size);
@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 import fid
-from torch_utils.frechet import frechet_distance
-from training.detectors import load_detector
+from metrics.detectors import load_detector
+from metrics.frechet import frechet_distance
 
 
 def stats_of(dataset, detector, batch: int):

@@ -1,4 +1,4 @@
-"""FID's Fréchet distance: scipy.linalg.sqrtm (EDM's fid.py) against torch_utils.frechet, same inputs, same run.
+"""FID's Fréchet distance: scipy.linalg.sqrtm (EDM's fid.py) against metrics.frechet, same inputs, same run.
 
 The two covariances are sample covariances of correlated Gaussian features, like detector statistics, so that
 both have the spread of eigenvalues that real FID inputs have. Prints both times, the speed-up and the relative
@@ -15,7 +15,7 @@ import click
 import numpy as np
 import scipy.linalg
 
-from torch_utils.frechet import frechet_distance
+from metrics.frechet import frechet_distance
 
 
 def scipy_fid(mu1, sigma1, mu2, sigma2) -> float:

@@ -8,7 +8,7 @@
     K = 64 intervals and B = 256, drawing from its table after a refresh, no refresh falling due), and the time of
     one InfoNoise refresh.
 (c) Generation throughput of the demo network with EDM's sampler (Heun, 18 steps = 35 NFE), in images/s.
-(d) The Fréchet distance of D = 2048 statistics: eigen-decompositions (torch_utils.frechet) against EDM's
+(d) The Fréchet distance of D = 2048 statistics: eigen-decompositions (metrics.frechet) against EDM's
     scipy.linalg.sqrtm (`bench.frechet`).
 
 Budget (2 CPU cores): about 3 minutes; --quick about 30 s (its numbers are rough).
@@ -33,7 +33,7 @@ from dnnlib.cli import pick_device
 from infonoise.grids import edm_grid
 from infonoise.samplers import LogNormal, LogUniform
 from infonoise.schedule import InfoNoise
-from torch_utils.frechet import frechet_distance
+from metrics.frechet import frechet_distance
 
 SAMPLERS = ('lognormal', 'loguniform', 'infonoise')
 QUICK = dict(rounds=2, steps=3, sampler_steps=20, gen_images=16, fd_dim=256)

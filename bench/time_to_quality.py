@@ -12,8 +12,8 @@ kEx to m* divided by the recipe's. This script makes that comparison on CPU-size
   (`bmnist-infonoise-pivot0.05`, ...), runs only when --recipes names it (`--recipes=sensitivity` names all four);
 - real yeast DNA, 128 nt (`--preset=demo-ars128`, 20,000 sequences of the ARS1 library's training split, w ≡ 1):
   log-uniform, InfoNoise and the EDM transfer as for binarized MNIST, scored by FD-ARS (the Fréchet distance of the
-  ARS detector's features, `training/dna_detector.py`) against the training sequences, and at every evaluation by
-  exact statistics (`training/sequence_metrics.py`): per-position base-frequency error, k-mer spectrum
+  ARS detector's features, `metrics/dna_detector.py`) against the training sequences, and at every evaluation by
+  exact statistics (`metrics/sequence_metrics.py`): per-position base-frequency error, k-mer spectrum
   Jensen–Shannon divergence for k = 3..6, and the fraction of samples identical to a training sequence.
 
 InfoNoise runs also report the pivot of every refresh (from their log): its range after 20 kEx, the stability the
@@ -76,9 +76,9 @@ from bench.common import (
 )
 from dnnlib.cli import pick_device
 from infonoise.grids import edm_grid
+from metrics.sequence_metrics import sequence_stats
 from training import sequences
 from training.checkpoint import load_network
-from training.sequence_metrics import sequence_stats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -436,7 +436,7 @@ def stats_table(recipes: dict, floor: dict, opts) -> str:
         if final is not None:
             rows.append([f'{recipe["label"]} at {final["kimg"]} kEx', *(fmt(final[key]) for key in STATS_COLUMNS)])
     note = (
-        'Sequence statistics against the training sequences (training/sequence_metrics.py), mean over seeds: mean '
+        'Sequence statistics against the training sequences (metrics/sequence_metrics.py), mean over seeds: mean '
         '|per-position base frequency difference|, Jensen–Shannon divergence of the k-mer spectra, and the fraction '
         'of samples identical to a training sequence; the first row scores real sequences of the test split, which '
         'no network trains on'

@@ -2,15 +2,17 @@
 
 import importlib.util
 import os
+import re
 
 import numpy as np
 import pytest
 import torch
 
-from training.detectors import load_detector
-from training.dna_detector import (
+from metrics.detectors import load_detector, train_and_save
+from metrics.dna_detector import (
     FEATURE_DIM,
     FLOOR_SIZE,
+    FORMAT,
     NUM_TEST,
     NUM_TRAIN,
     SEQUENCE_LENGTH,
@@ -55,8 +57,9 @@ def test_committed_weights_load(detector):
     assert not any(p.requires_grad for p in detector.parameters())
     assert os.path.getsize(WEIGHTS_PATH) < 2 * 2**20
     meta = detector.meta
-    assert meta['command'].startswith('python -m training.dna_detector --out ')
-    assert f'--seed {meta["seed"]} --epochs {meta["epochs"]}' in meta['command']
+    # The command as it was run: before metrics/ existed, the module was training.dna_detector.
+    command = rf'python -m (training|metrics)\.dna_detector --out \S+ --seed {meta["seed"]} --epochs {meta["epochs"]}'
+    assert re.fullmatch(command, meta['command']), meta['command']
     assert meta['num_train'] == 3 * NUM_TRAIN and meta['num_test'] == 3 * NUM_TEST
 
 
@@ -97,7 +100,7 @@ def test_input_checks(detector):
         detector(torch.zeros(2, 4, 1, 128))  # Float with a height axis: not a layout we take.
     with pytest.raises(ValueError, match=r'uint8 \[N, 4, 1, L\]'):
         detector(torch.zeros(2, 3, 1, 128, dtype=torch.uint8))
-    with pytest.raises(RuntimeError, match='python -m training.dna_detector'):
+    with pytest.raises(RuntimeError, match='python -m metrics.dna_detector'):
         load_dna_detector(path='/nonexistent/dna_detector.pt')
 
 
@@ -175,3 +178,49 @@ def test_corrupt():
     assert 150 <= same_counts.sum() <= 250
     resampled = changed[~same_counts]
     assert resampled.min() > 0.01 and resampled.max() < 0.4 and 0.12 < resampled.mean() < 0.18
+
+
+def test_features_match_recorded_values(detector):
+    # Recorded with the weights file as it was before it gained `kwargs` (commit 7927a08): the features, hence every
+    # FD-ARS number, are unchanged. The inputs are random bases from numpy's legacy RandomState (stable streams).
+    features = detector(tokens_to_net_input(random_tokens(4, seed=0))).double()
+    expected = [3.22750186920166, 4.26075553894043, 2.198464870452881, 4.335428237915039]
+    np.testing.assert_allclose(features[:, 0].numpy(), expected, rtol=1e-5)
+    assert features.square().mean().item() == pytest.approx(113.74701159159413, rel=1e-5)
+    assert features.sum().item() == pytest.approx(-573.1733739033807, rel=1e-5)
+
+
+def test_weights_file_is_a_plain_state_dict(detector):
+    data = torch.load(WEIGHTS_PATH, map_location='cpu', weights_only=True)  # No code: no TorchScript, no pickles.
+    assert set(data) == {'format', 'kwargs', 'state_dict', 'meta'} and data['format'] == FORMAT
+    expected = dict(channels=[64, 64, 64], kernels=[9, 5, 5], feature_dim=128, num_classes=3)
+    assert data['kwargs'] == DNAFeatureNet().kwargs == expected
+    assert data['meta'] == detector.meta
+
+
+def test_training_script_writes_what_the_loader_reads(tmp_path):
+    # Non-default layers: the loader must build the network from the file's kwargs to take its state dict.
+    def train(seed, epochs):
+        torch.manual_seed(seed)
+        return DNAFeatureNet(channels=(8, 8, 8), kernels=(3, 3, 3)).eval(), dict(test_accuracy=0.5)
+
+    out = str(tmp_path / 'weights.pt')
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        train_and_save('metrics.dna_detector', train, out, 2, 1, FORMAT, split_seed=0)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    loaded = load_dna_detector(path=out)
+    assert loaded.net.kwargs == dict(channels=[8, 8, 8], kernels=[3, 3, 3], feature_dim=128, num_classes=3)
+    assert loaded.meta['command'] == f'python -m metrics.dna_detector --out {out} --seed 2 --epochs 1'
+    torch.manual_seed(2)
+    reference = DNAFeatureNet(channels=(8, 8, 8), kernels=(3, 3, 3)).eval()
+    x = tokens_to_net_input(random_tokens(2))
+    assert torch.equal(loaded(x), reference.features(x))
+
+
+def test_files_without_kwargs_are_refused(tmp_path):
+    path = tmp_path / 'old.pt'
+    torch.save(dict(format=FORMAT, state_dict=DNAFeatureNet().state_dict(), meta={}), path)
+    with pytest.raises(ValueError, match='not an FD-ARS weights file'):
+        load_dna_detector(path=str(path))

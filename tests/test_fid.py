@@ -1,4 +1,4 @@
-"""Tests for fid.py and training/detectors.py with a tiny TorchScript stand-in for Inception-v3.
+"""Tests for fid.py and metrics/detectors.py with a tiny TorchScript stand-in for Inception-v3.
 
 The stand-in follows NVIDIA's detector convention (uint8 RGB NCHW in, `return_features=True`, any resolution) and
 returns a fixed random projection (small integers / 64) of the 4x4 average-pooled image. On 8x8 images its features
@@ -21,9 +21,12 @@ from click.testing import CliRunner
 from conftest import write_edm_zip
 
 import fid
+from metrics.detectors import load_detector, resize_bilinear
+from metrics.frechet import frechet_distance
 from torch_utils import distributed as dist
-from torch_utils.frechet import frechet_distance
-from training.detectors import load_detector, resize_bilinear
+
+# NVIDIA's Inception-v3 exists only as TorchScript, so the stand-in is one too; torch 2.13 deprecates torch.jit.
+pytestmark = pytest.mark.filterwarnings('ignore:`torch.jit.:DeprecationWarning')
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FEATURE_DIM = 16
@@ -257,6 +260,51 @@ def test_bad_inputs_give_clear_errors(tmp_path, data, detector_path):
         assert result.exit_code != 0 and message in result.output, (args, result.output)
         assert 'Traceback' not in result.output
     assert not (tmp_path / 'one.npz').exists()
+
+
+@pytest.mark.parametrize('command', ['ref', 'calc'])
+@pytest.mark.parametrize('workers', [0, 1])
+def test_images_of_mixed_sizes_give_a_one_line_error(tmp_path, detector_path, command, workers):
+    # The first image fixes the size. A DataLoader worker (workers=1) would wrap the message in its traceback.
+    folder = tmp_path / 'mixed'
+    folder.mkdir()
+    for i, size in enumerate([8, 8, 16, 8]):
+        PIL.Image.fromarray(np.full([size, size], 50 * i, dtype=np.uint8)).save(folder / f'{i:06d}.png')
+    ref = tmp_path / 'ref.npz'
+    if command == 'ref':
+        args = ['ref', '--data', folder, '--dest', ref]
+    else:
+        np.savez(ref, mu=np.zeros(FEATURE_DIM), sigma=np.eye(FEATURE_DIM))
+        args = ['calc', '--images', folder, '--ref', ref, '--num', 4]
+    result = run_fid(*args, '--detector', detector_path, '--workers', workers)
+    assert result.exit_code != 0 and 'Traceback' not in result.output
+    errors = [line for line in result.output.splitlines() if 'Error' in line]
+    expected = (
+        'Image 000002.png of dataset "mixed" has shape [1, 16, 16], expected [1, 8, 8] (CHW) like the first image'
+    )
+    assert errors == [f'Error: {expected}']
+    assert ref.exists() == (command == 'calc')
+
+
+def test_ref_replaces_an_existing_dest_only_with_overwrite(tmp_path, data, detector_path):
+    dest = tmp_path / 'others.npz'
+    dest.write_bytes(b'keep')
+    args = ['ref', '--data', data['others_zip'], '--dest', dest, '--detector', detector_path, '--workers', 0]
+    result = run_fid(*args)
+    assert result.exit_code != 0
+    assert result.output == f'Error: --dest: "{dest}" exists; pass --overwrite to replace it\n'  # Before any work.
+    assert dest.read_bytes() == b'keep'
+
+    result = run_fid(*args, '--overwrite')
+    assert result.exit_code == 0, result.output
+    with np.load(dest) as stats:
+        np.testing.assert_allclose(stats['mu'], stand_in_features(data['others']).mean(axis=0), rtol=1e-12)
+
+    result = run_fid('ref', '--data', data['others_zip'], '--dest', tmp_path, '--overwrite')
+    assert (
+        result.exit_code != 0
+        and result.output == f'Error: --dest: "{tmp_path}" is a folder; give the .npz file to write\n'
+    )
 
 
 def render_help() -> str:

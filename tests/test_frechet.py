@@ -1,4 +1,4 @@
-"""Tests for torch_utils.frechet: FD against scipy's sqrtm and closed forms, FeatureStats (incl. 2 ranks), npz I/O."""
+"""Tests for metrics.frechet: FD against scipy's sqrtm and closed forms, FeatureStats (incl. 2 ranks), npz I/O."""
 
 import os
 import subprocess
@@ -10,7 +10,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from torch_utils.frechet import FeatureStats, frechet_distance, load_stats, save_stats
+from metrics.frechet import FeatureStats, frechet_distance, load_stats, save_stats
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -127,7 +127,7 @@ MERGE_SCRIPT = textwrap.dedent(
     import sys
     import numpy as np
     import torch
-    from torch_utils.frechet import FeatureStats
+    from metrics.frechet import FeatureStats
     rank, store, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     torch.distributed.init_process_group('gloo', init_method='file://' + store, rank=rank, world_size=2)
     features = np.load(out + '/features.npy')

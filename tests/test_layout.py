@@ -7,7 +7,19 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PIPELINE = {'training', 'infonoise', 'train', 'generate', 'fid', 'dataset_tool', 'diagnose', 'bench', 'examples'}
+PIPELINE = {
+    'training',
+    'metrics',
+    'infonoise',
+    'train',
+    'generate',
+    'fid',
+    'dataset_tool',
+    'diagnose',
+    'bench',
+    'examples',
+}
+CLIS_AND_SCRIPTS = {'train', 'generate', 'fid', 'dataset_tool', 'diagnose', 'bench', 'examples'}
 
 
 def imported_packages(path: str) -> set[str]:
@@ -35,6 +47,18 @@ def test_plumbing_imports_nothing_upward(package):
         assert not imported_packages(path) & PIPELINE, path
 
 
+@pytest.mark.parametrize('package', ['training', 'torch_utils', 'dnnlib', 'infonoise'])
+def test_nothing_below_the_clis_imports_metrics(package):
+    # metrics/ (detectors, Fréchet distance) sits beside training/: the pipeline must train without it.
+    for path in modules(package):
+        assert 'metrics' not in imported_packages(path), path
+
+
+def test_metrics_imports_no_cli_or_script():
+    for path in modules('metrics'):
+        assert not imported_packages(path) & CLIS_AND_SCRIPTS, path
+
+
 def test_training_loop_does_not_name_the_library():
     assert 'infonoise' not in imported_packages(os.path.join(ROOT, 'training', 'training_loop.py'))
 
@@ -51,3 +75,5 @@ def test_the_scan_sees_imports(tmp_path):
     path = tmp_path / 'module.py'
     path.write_text('import os\n\ndef f():\n    from training import networks\n    import dnnlib.util\n')
     assert imported_packages(str(path)) == {'os', 'training', 'dnnlib'}
+    path.write_text('if True:\n    from metrics.frechet import frechet_distance\n')
+    assert imported_packages(str(path)) == {'metrics'}

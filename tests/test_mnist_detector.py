@@ -1,11 +1,17 @@
 """FD-MNIST detector: the committed weights, the detector protocol on every input layout, and held-out accuracy."""
 
+import re
+
+import numpy as np
 import pytest
 import torch
 
-from training.mnist_detector import (
+from metrics.detectors import train_and_save
+from metrics.mnist_detector import (
     FEATURE_DIM,
+    FORMAT,
     NUM_TRAIN,
+    WEIGHTS_PATH,
     MNISTFeatureNet,
     augment,
     binarize,
@@ -31,8 +37,9 @@ def test_committed_weights_load(detector):
     assert not detector.net.training
     assert not any(p.requires_grad for p in detector.parameters())
     meta = detector.meta
-    assert meta['command'].startswith('python -m training.mnist_detector --out ')
-    assert f'--seed {meta["seed"]} --epochs {meta["epochs"]}' in meta['command']
+    # The command as it was run: before metrics/ existed, the module was training.mnist_detector.
+    command = rf'python -m (training|metrics)\.mnist_detector --out \S+ --seed {meta["seed"]} --epochs {meta["epochs"]}'
+    assert re.fullmatch(command, meta['command']), meta['command']
 
 
 def test_parameter_count(detector):
@@ -70,7 +77,7 @@ def test_input_checks(detector):
         detector(torch.zeros(2, 1, 32, 32))
     with pytest.raises(ValueError, match='1 or 3'):
         detector(torch.zeros(2, 2, 32, 32, dtype=torch.uint8))
-    with pytest.raises(RuntimeError, match='python -m training.mnist_detector'):
+    with pytest.raises(RuntimeError, match='python -m metrics.mnist_detector'):
         load_mnist_detector(path='/nonexistent/mnist_detector.pt')
 
 
@@ -118,3 +125,52 @@ def test_augment_deterministic_and_binarises_half(split):
     # Images binarised at 32x32 keep exactly two values; about half are binarised, a third of them left at 32x32.
     two_valued = sum(bool(((img == 1) | (img == -1)).all()) for img in a)
     assert 15 <= two_valued <= 55
+
+
+def test_features_match_recorded_values(detector):
+    # Recorded with the weights file as it was before it gained `kwargs` (commit 7927a08): the features, hence every
+    # FD-MNIST number, are unchanged. The inputs are uint8 noise from numpy's legacy RandomState (stable streams).
+    images = torch.from_numpy(np.random.RandomState(0).randint(0, 256, size=(4, 1, 32, 32)).astype(np.uint8))
+    features = detector(images).double()
+    expected = [-5.42250394821167, -5.7902302742004395, -6.008815288543701, -5.62540864944458]
+    np.testing.assert_allclose(features[:, 0].numpy(), expected, rtol=1e-5)
+    assert features.square().mean().item() == pytest.approx(12.7895691340229, rel=1e-5)
+    assert features.sum().item() == pytest.approx(423.61223786883056, rel=1e-5)
+
+
+def test_weights_file_is_a_plain_state_dict(detector):
+    data = torch.load(WEIGHTS_PATH, map_location='cpu', weights_only=True)  # No code: no TorchScript, no pickles.
+    assert set(data) == {'format', 'kwargs', 'state_dict', 'meta'} and data['format'] == FORMAT
+    assert data['kwargs'] == MNISTFeatureNet().kwargs == dict(channels=[32, 64, 128], feature_dim=128, num_classes=10)
+    assert data['meta'] == detector.meta
+
+
+def test_training_script_writes_what_the_loader_reads(tmp_path):
+    # Non-default channels: the loader must build the network from the file's kwargs to take its state dict.
+    def train(seed, epochs):
+        torch.manual_seed(seed)
+        return MNISTFeatureNet(channels=(4, 8, 16)).eval(), dict(test_accuracy=0.5)
+
+    out = str(tmp_path / 'sub' / 'weights.pt')
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        train_and_save('metrics.mnist_detector', train, out, 3, 1, FORMAT, split_seed=0)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    loaded = load_mnist_detector(path=out)
+    assert loaded.net.kwargs['channels'] == [4, 8, 16]
+    assert loaded.meta['command'] == f'python -m metrics.mnist_detector --out {out} --seed 3 --epochs 1'
+    assert loaded.meta['test_accuracy'] == 0.5 and loaded.meta['num_params'] == sum(
+        p.numel() for p in loaded.parameters()
+    )
+    torch.manual_seed(3)
+    reference = MNISTFeatureNet(channels=(4, 8, 16)).eval()
+    images = torch.zeros(2, 1, 32, 32, dtype=torch.uint8)
+    assert torch.equal(loaded(images), reference.features(to_net_input(images)))
+
+
+def test_files_without_kwargs_are_refused(tmp_path):
+    path = tmp_path / 'old.pt'
+    torch.save(dict(format=FORMAT, state_dict=MNISTFeatureNet().state_dict(), meta={}), path)
+    with pytest.raises(ValueError, match='not an FD-MNIST weights file'):
+        load_mnist_detector(path=str(path))

@@ -1,9 +1,9 @@
 """Packaging: the wheel holds the library `infonoise` alone, and it imports from a clean venv without the repository.
 
-The EDM pipeline (train.py, generate.py, fid.py, dataset_tool.py, training/, dnnlib/, torch_utils/) runs from the
-checkout and must not be installed. The wheel is built offline (no build isolation: the venv's pinned setuptools) from
-a copy of the repository without its virtualenv, data and outputs, so that the build neither writes build/ or
-*.egg-info into the checkout nor picks up stale files from a previous build there.
+The EDM pipeline (train.py, generate.py, fid.py, dataset_tool.py, training/, metrics/, dnnlib/, torch_utils/) runs
+from the checkout and must not be installed. The wheel is built offline (no build isolation: the venv's pinned
+setuptools) from a copy of the repository without its virtualenv, data and outputs, so that the build neither writes
+build/ or *.egg-info into the checkout nor picks up stale files from a previous build there.
 """
 
 import email.parser
@@ -21,7 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 NAME, VERSION = 'infonoise', '0.1.0'
 DIST_INFO = f'{NAME}-{VERSION}.dist-info'
-PIPELINE = ('train', 'generate', 'fid', 'dataset_tool', 'training', 'dnnlib', 'torch_utils')
+PIPELINE = ('train', 'generate', 'fid', 'dataset_tool', 'training', 'metrics', 'dnnlib', 'torch_utils')
 NOT_IN_WHEEL = (*PIPELINE, 'configs', 'tests', 'bench', 'docs', 'diagnose')
 
 # Top-level entries of the checkout that are not source (virtualenvs, data, outputs, caches, build products).

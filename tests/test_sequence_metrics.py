@@ -1,11 +1,11 @@
-"""training/sequence_metrics.py against numbers worked out by hand on tiny sets of sequences."""
+"""metrics/sequence_metrics.py against numbers worked out by hand on tiny sets of sequences."""
 
 import math
 
 import numpy as np
 import pytest
 
-from training import sequence_metrics as sm
+from metrics import sequence_metrics as sm
 from training import sequences
 
 

@@ -1,7 +1,7 @@
 """FD-ARS: a small 1-D CNN trained here on real yeast DNA whose 128-d penultimate features give a Fréchet distance.
 
-The DNA counterpart of FD-MNIST (training/mnist_detector.py). Sei-FID needs a large network exported by the user
-(training/detectors.py); this one (175,235 parameters, 0.7 MB) embeds a 128-nt sequence in about 0.3 ms on one CPU
+The DNA counterpart of FD-MNIST (metrics/mnist_detector.py). Sei-FID needs a large network exported by the user
+(metrics/detectors.py); this one (175,235 parameters, 0.7 MB) embeds a 128-nt sequence in about 0.3 ms on one CPU
 core, so the Fréchet distance between thousands of sequences ("FD-ARS") takes seconds. FD-ARS values are comparable
 with each other only.
 
@@ -29,16 +29,17 @@ other lengths are a ValueError. `load_detector('ars', device, sequence_length=12
 
 Split (SPLIT_SEED): 32,000 training and 6,000 held-out sequences per class; 5.2% of the held-out real sequences
 share their central 128 nt with a training row (rows of the table differ outside the crop). The committed weights
-(`training/dna_detector.pt`) come from
+(`metrics/dna_detector.pt`) come from
 
-    python -m training.dna_detector --out training/dna_detector.pt --seed 0 --epochs 4
+    python -m metrics.dna_detector --out metrics/dna_detector.pt --seed 0 --epochs 4
 
 which took 217 s on one CPU thread (beside a benchmark using both cores), deterministically (a rerun gave
 bit-identical weights). Of the 18,000 held-out sequences it classifies 88.3% correctly (library 79.3%, selected
 88.5%, corrupted 97.2%; chance 33%). The real floor, FD-ARS between two disjoint sets of 1,000 held-out real
-sequences (`real_floor`, with the project's torch_utils.frechet), is 0.84 (1.11 for another disjoint pair); the file's
-`meta` holds the command, the accuracies and the floor. FD-ARS of 1,000 held-out real sequences (both labels) against
-1,000 others (the 'library'/'selected' row compares 1,000 of each class):
+sequences (`real_floor`, with the project's metrics.frechet), is 0.84 (1.11 for another disjoint pair); the file's
+`meta` holds the command (run as `training.dna_detector`, this module's path before metrics/ existed), the
+accuracies and the floor. FD-ARS of 1,000 held-out real sequences (both labels) against 1,000 others (the
+'library'/'selected' row compares 1,000 of each class):
 
     second set                                                      FD-ARS
     real (the floor)                                                  0.84
@@ -56,9 +57,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from torch_utils.frechet import FeatureStats, frechet_distance
+from metrics.detectors import load_weights, train_and_save
+from metrics.frechet import FeatureStats, frechet_distance
 from training import sequences
-from training.detectors import train_and_save
 
 SEQUENCE_LENGTH = 128
 FEATURE_DIM = 128
@@ -82,6 +83,9 @@ class DNAFeatureNet(torch.nn.Module):
 
     def __init__(self, channels=(64, 64, 64), kernels=(9, 5, 5), feature_dim=FEATURE_DIM, num_classes=len(CLASSES)):
         super().__init__()
+        self.kwargs = dict(
+            channels=list(channels), kernels=list(kernels), feature_dim=feature_dim, num_classes=num_classes
+        )  # Saved with the weights.
         blocks = []
         for c_in, c_out, k in zip((4, *channels[:-1]), channels, kernels):
             blocks += [
@@ -142,12 +146,8 @@ def load_dna_detector(
     """The FD-ARS detector with the committed weights (or those in `path`), in eval mode on `device`."""
     if sequence_length != SEQUENCE_LENGTH:
         raise ValueError(f'Detector "ars" takes sequences of length {SEQUENCE_LENGTH}, not {sequence_length}')
-    if not os.path.isfile(path):
-        raise RuntimeError(f'No FD-ARS weights at {path}; train them: python -m training.dna_detector --out {path}')
-    data = torch.load(path, map_location='cpu', weights_only=True)
-    if not isinstance(data, dict) or data.get('format') != FORMAT:
-        raise ValueError(f'{path} is not an FD-ARS weights file (format "{FORMAT}")')
-    net = DNAFeatureNet()
+    data = load_weights(path, FORMAT, 'FD-ARS', 'metrics.dna_detector')
+    net = DNAFeatureNet(**data['kwargs'])
     net.load_state_dict(data['state_dict'])
     return DNADetector(net, data['meta']).to(device)
 
@@ -295,10 +295,10 @@ def main(out: str, seed: int, epochs: int) -> None:
     """Train the FD-ARS feature network on the ARS sequences and save its weights with their held-out accuracies.
 
     \b
-    python -m training.dna_detector --out training/dna_detector.pt --seed 0 --epochs 4
+    python -m metrics.dna_detector --out metrics/dna_detector.pt --seed 0 --epochs 4
     """
     train_and_save(
-        'training.dna_detector', train, out, seed, epochs, FORMAT,
+        'metrics.dna_detector', train, out, seed, epochs, FORMAT,
         split_seed=SPLIT_SEED, num_train=3 * NUM_TRAIN, num_test=3 * NUM_TEST,
     )  # fmt: skip
 

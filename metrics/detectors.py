@@ -16,9 +16,9 @@ returns [N, 2048] pool features when called with `return_features=True`.
   NVIDIA's input stage, so `FidHelperDetector` supplies that stage: the same bilinear resize to 299x299 as NVIDIA's
   detector, then x / 128 - 1, i.e. the input range [-1, 0.9921875] of the TensorFlow graph. It is meant for offline
   machines; FIDs from it should match the NVIDIA detector's up to float rounding, which we could not check offline;
-- 'mnist': the small MNIST classifier of training/mnist_detector.py, for fast CPU-scale FIDs on digits (its
+- 'mnist': the small MNIST classifier of metrics/mnist_detector.py, for fast CPU-scale FIDs on digits (its
   numbers are not comparable with Inception FIDs);
-- 'ars': the small DNA classifier of training/dna_detector.py, for fast CPU-scale Fréchet distances ("FD-ARS") on
+- 'ars': the small DNA classifier of metrics/dna_detector.py, for fast CPU-scale Fréchet distances ("FD-ARS") on
   one-hot DNA of length 128 (the real yeast ARS sequences), given `sequence_length=128`.
 
 Every image detector takes uint8 NCHW images with 1 or 3 channels on its device and returns float32 features
@@ -159,7 +159,7 @@ def load_detector(spec: str, device: torch.device | str, sequence_length: int | 
     if spec == 'ars':
         if sequence_length is None:
             raise ValueError('Detector "ars" takes DNA sequences of length 128, not images')
-        from training.dna_detector import load_dna_detector
+        from metrics.dna_detector import load_dna_detector
 
         return load_dna_detector(device, sequence_length=sequence_length)
     if sequence_length is not None and spec in ('fid-helper', 'mnist', DEFAULT_DETECTOR):
@@ -171,7 +171,7 @@ def load_detector(spec: str, device: torch.device | str, sequence_length: int | 
         path = fid_helper_model_path()
         return FidHelperDetector(_load_torchscript(path, spec, device), device)
     if spec == 'mnist':
-        from training.mnist_detector import load_mnist_detector
+        from metrics.mnist_detector import load_mnist_detector
 
         return load_mnist_detector(device)
     if not dnnlib.util.is_url(spec) and not os.path.isfile(spec):
@@ -188,12 +188,23 @@ def load_detector(spec: str, device: torch.device | str, sequence_length: int | 
     return TorchScriptDetector(net, device)
 
 
+def load_weights(path: str, fmt: str, name: str, module: str) -> dict:
+    """The weights file of a detector trained here, as `train_and_save` writes it: a dict with `format` == `fmt`,
+    the network's constructor `kwargs`, its `state_dict` and `meta`, read with weights_only=True (no code runs)."""
+    if not os.path.isfile(path):
+        raise RuntimeError(f'No {name} weights at {path}; train them: python -m {module} --out {path}')
+    data = torch.load(path, map_location='cpu', weights_only=True)
+    if not isinstance(data, dict) or data.get('format') != fmt or not {'kwargs', 'state_dict', 'meta'} <= data.keys():
+        raise ValueError(f'{path} is not an {name} weights file (format "{fmt}" with kwargs, state_dict and meta)')
+    return data
+
+
 def train_and_save(
     module: str, train: Callable[..., tuple[torch.nn.Module, dict]], out: str, seed: int, epochs: int, fmt: str, **meta
 ) -> None:
     """`python -m MODULE --out OUT --seed SEED --epochs EPOCHS` of a detector trained here (FD-MNIST, FD-ARS):
-    train deterministically, print the held-out results, and save the weights with a `meta` dict that records the
-    command, the run and the results."""
+    train deterministically, print the held-out results, and save the network's constructor kwargs (its `kwargs`
+    attribute) and weights with a `meta` dict that records the command, the run and the results."""
     torch.use_deterministic_algorithms(True)
     start = time.time()
     try:
@@ -218,5 +229,5 @@ def train_and_save(
     )
     if os.path.dirname(out):
         os.makedirs(os.path.dirname(out), exist_ok=True)
-    torch.save(dict(format=fmt, state_dict=net.state_dict(), meta=meta), out)
+    torch.save(dict(format=fmt, kwargs=dict(net.kwargs), state_dict=net.state_dict(), meta=meta), out)
     print(f'Saved {out}')

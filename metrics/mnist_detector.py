@@ -10,13 +10,14 @@ The detector follows the project's detector protocol: `feature_dim` and `detecto
 random scaling, rotation and shifts, binarisation and down-up resizing (16, 28 or 32 pixels), so that it also
 recognises binarised digits, 16x16 demo samples and unpadded 28x28 MNIST.
 
-The committed weights (`training/mnist_detector.pt`) come from
+The committed weights (`metrics/mnist_detector.pt`) come from
 
-    python -m training.mnist_detector --out training/mnist_detector.pt --seed 0 --epochs 20
+    python -m metrics.mnist_detector --out metrics/mnist_detector.pt --seed 0 --epochs 20
 
 which trains on 4,000 of the 5,000 digits (split fixed by SPLIT_SEED) in 72 s on 2 CPU cores, deterministically
 (runs here gave bit-identical weights). Of the 1,000 held-out digits it classifies 98.5% correctly (98.0%
-binarised, 98.5% at 16x16, 98.2% as unpadded 28x28); the file's `meta` holds the command and the accuracies.
+binarised, 98.5% at 16x16, 98.2% as unpadded 28x28); the file's `meta` holds the command (run as
+`training.mnist_detector`, this module's path before metrics/ existed) and the accuracies.
 """
 
 import os
@@ -27,8 +28,8 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from metrics.detectors import load_weights, train_and_save
 from training.dataset import mnist5k_digits
-from training.detectors import train_and_save
 
 FEATURE_DIM = 128
 RESOLUTION = 32
@@ -47,6 +48,7 @@ class MNISTFeatureNet(torch.nn.Module):
 
     def __init__(self, channels: tuple[int, ...] = (32, 64, 128), feature_dim: int = FEATURE_DIM, num_classes=10):
         super().__init__()
+        self.kwargs = dict(channels=list(channels), feature_dim=feature_dim, num_classes=num_classes)  # Saved with it.
         blocks = []
         for c_in, c_out in zip((1, *channels[:-1]), channels):
             blocks += [
@@ -105,12 +107,8 @@ class MNISTDetector(torch.nn.Module):
 
 def load_mnist_detector(device: torch.device | str = 'cpu', path: str = WEIGHTS_PATH) -> MNISTDetector:
     """The FD-MNIST detector with the committed weights (or those in `path`), in eval mode on `device`."""
-    if not os.path.isfile(path):
-        raise RuntimeError(f'No FD-MNIST weights at {path}; train them: python -m training.mnist_detector --out {path}')
-    data = torch.load(path, map_location='cpu', weights_only=True)
-    if not isinstance(data, dict) or data.get('format') != FORMAT:
-        raise ValueError(f'{path} is not an FD-MNIST weights file (format "{FORMAT}")')
-    net = MNISTFeatureNet()
+    data = load_weights(path, FORMAT, 'FD-MNIST', 'metrics.mnist_detector')
+    net = MNISTFeatureNet(**data['kwargs'])
     net.load_state_dict(data['state_dict'])
     return MNISTDetector(net, data['meta']).to(device)
 
@@ -237,9 +235,9 @@ def main(out: str, seed: int, epochs: int) -> None:
     """Train the FD-MNIST feature network on MNIST-5k and save its weights with their test accuracies.
 
     \b
-    python -m training.mnist_detector --out training/mnist_detector.pt --seed 0 --epochs 20
+    python -m metrics.mnist_detector --out metrics/mnist_detector.pt --seed 0 --epochs 20
     """
-    train_and_save('training.mnist_detector', train, out, seed, epochs, FORMAT, split_seed=SPLIT_SEED)
+    train_and_save('metrics.mnist_detector', train, out, seed, epochs, FORMAT, split_seed=SPLIT_SEED)
 
 
 if __name__ == '__main__':
