@@ -23,10 +23,10 @@ demo: install $(DEMO_DATA)
 	$(PY) train.py --outdir=$(DEMO_OUT) --data=$(DEMO_DATA) --preset=demo-mnist16
 	run=$$(ls -d $(DEMO_OUT)/*/ | tail -n 1); run=$${run%/}; \
 	snap=$$(ls $$run/network-snapshot-*.pt | tail -n 1); \
-	$(PY) generate.py --network=$$snap --outdir=$$run/samples --seeds=0-63 --grid-png=$$run/samples.png && \
+	$(PY) generate.py --network=$$snap --outdir=$$run/samples --seeds=0-63 --grid-png=$$run/samples.png --grid-scale=4 --grid-pad=2 && \
 	for grid in edm infogrid; do \
 		$(PY) generate.py --network=$$snap --outdir=$$run/samples-$$grid-nfe17 --seeds=0-63 --steps=9 --grid=$$grid \
-			--grid-png=$$run/samples-$$grid-nfe17.png || exit 1; \
+			--grid-png=$$run/samples-$$grid-nfe17.png --grid-scale=4 --grid-pad=2 || exit 1; \
 	done && \
 	echo "Demo done: samples in $$run/samples.png (EDM grid, 35 NFE), $$run/samples-{edm,infogrid}-nfe17.png, log in $$run/log.txt"
 

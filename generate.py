@@ -16,6 +16,7 @@ the four bases), and `--npz` then holds the sequences in the sequence dataset fo
 import json
 import math
 import os
+from collections.abc import Iterator
 
 import click
 import numpy as np
@@ -23,6 +24,7 @@ import PIL.Image
 import torch
 import tqdm
 
+import dnnlib
 from dnnlib import cli
 from dnnlib.util import atomic_write, parse_int_list
 from infonoise import grids
@@ -30,14 +32,7 @@ from torch_utils import distributed as dist
 from training import sequences
 from training.checkpoint import load_network
 from training.networks import SequenceUNet
-from training.sampling import (
-    StackedRandomGenerator,
-    ablation_sampler,
-    edm_sampler,
-    images_to_uint8,
-    save_image,
-    tile_images,
-)
+from training.sampling import ablation_sampler, edm_sampler, images_to_uint8, sample_seeds, save_image, tile_images
 
 GRID_NAMES = ('edm', 'infogrid', 'loguniform', 'tangent', 'vp', 've', 'iddpm')
 
@@ -48,10 +43,44 @@ def image_path(outdir: str, seed: int, subdirs: bool) -> str:
     return os.path.join(image_dir, f'{seed:06d}.png')
 
 
+def write_images(outdir: str, seeds: list[int], images: torch.Tensor, subdirs: bool) -> None:
+    """One PNG per seed, each written atomically (fid.py never reads a half-written image)."""
+    for seed, image in zip(seeds, images_to_uint8(images)):
+        path = image_path(outdir, seed, subdirs)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with atomic_write(path, 'wb') as f:
+            save_image(image, f)
+
+
 def read_images(outdir: str, seeds: list[int], subdirs: bool) -> np.ndarray:
     """The saved images of `seeds` as uint8 NHWC, read back from disk (so every rank's images are included)."""
     images = np.stack([np.array(PIL.Image.open(image_path(outdir, seed, subdirs))) for seed in seeds])
     return images.reshape(*images.shape[:3], -1)
+
+
+def write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+    """One .npz of arrays, written atomically."""
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_write(path, 'wb') as f:
+        np.savez(f, **arrays)
+
+
+def write_image_collections(outdir, seeds, subdirs, labels, grid_png, npz, scale: int, pad: int) -> None:
+    """--grid-png (all images tiled) and --npz (uint8 NHWC "arr_0", "seeds" and "labels" if conditional)."""
+    images = read_images(outdir, seeds, subdirs)
+    if grid_png is not None:
+        if os.path.dirname(grid_png):
+            os.makedirs(os.path.dirname(grid_png), exist_ok=True)
+        with atomic_write(grid_png, 'wb') as f:
+            save_image(tile_images(images, scale=scale, pad=pad), f)
+        dist.print0(f'Saved image grid to "{grid_png}"')
+    if npz is not None:
+        arrays = dict(arr_0=images, seeds=np.asarray(seeds, dtype=np.int64))
+        if labels:
+            arrays['labels'] = np.asarray([labels[seed] for seed in seeds], dtype=np.int64)
+        write_npz(npz, arrays)
+        dist.print0(f'Saved {len(seeds)} images to "{npz}"')
 
 
 def write_sequences(outdir: str, npz: str | None, seeds: list[int], tokens: dict, labels: dict | None) -> None:
@@ -64,6 +93,27 @@ def write_sequences(outdir: str, npz: str | None, seeds: list[int], tokens: dict
     if npz is not None:
         sequences.save_npz(npz, rows, labels=label_list, seeds=seeds)
         dist.print0(f'Saved {len(seeds)} sequences to "{npz}"')
+
+
+def generate_images(
+    net,
+    seeds: list[int],
+    sigmas: torch.Tensor,
+    device: torch.device,
+    max_batch_size: int = 64,
+    progress: bool = True,
+    **sample_kwargs,
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
+    """This rank's samples of `seeds` in batches of at most `max_batch_size` (EDM's split across ranks): yields
+    (batch seeds, float samples in [-1, 1], class indices or None). `sample_kwargs` go to
+    `training.sampling.sample_seeds` (class_idx, sampler, binarize and the sampler's options). Every rank must
+    exhaust the iterator: each batch starts at a barrier, as in EDM."""
+    for batch_seeds in tqdm.tqdm(
+        dist.split_batches(seeds, max_batch_size), unit='batch', disable=(dist.get_rank() != 0 or not progress)
+    ):
+        dist.barrier()
+        if batch_seeds:
+            yield batch_seeds, *sample_seeds(net, batch_seeds, sigmas, device, **sample_kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -201,6 +251,72 @@ def resolve_grid(grid, num_steps, steps_given, sigma_min, sigma_max, rho, profil
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Checks and output records.
+
+
+def check_options(ctx: click.Context, opts: dnnlib.EasyDict) -> None:
+    """Checks that need no network: --disc against --grid (EDM's name for it), --profile, and an output layout whose
+    folder fid.py can read (no grid PNG inside it). Sets opts.grid from --disc."""
+    if opts.discretization is not None:
+        if ctx.get_parameter_source('grid') != click.core.ParameterSource.DEFAULT and opts.grid != opts.discretization:
+            raise click.ClickException(f'--disc={opts.discretization} contradicts --grid={opts.grid}; give one of them')
+        opts.grid = opts.discretization
+    if opts.profile is not None and opts.grid not in ('infogrid', 'tangent'):
+        raise click.ClickException(f'--profile is used by --grid=infogrid or tangent, not --grid={opts.grid}')
+    outdir, grid_png = os.path.abspath(opts.outdir), opts.grid_png
+    if grid_png is not None and os.path.commonpath([os.path.abspath(grid_png), outdir]) == outdir:
+        raise click.ClickException(
+            f'--grid-png "{grid_png}" is inside --outdir, whose images fid.py reads; write it elsewhere'
+        )
+    cli.check_output_dir(opts.outdir, '--outdir')
+
+
+def check_network(net, opts: dnnlib.EasyDict) -> bool:
+    """Check the options against the loaded network; whether it is a sequence (DNA) network."""
+    is_sequence = isinstance(getattr(net, 'model', None), SequenceUNet)
+    image_flags = (
+        ('--grid-png', opts.grid_png is not None),
+        ('--binarize', opts.binarize),
+        ('--subdirs', opts.subdirs),
+    )
+    for flag, given in image_flags if is_sequence else ():
+        if given:
+            raise click.ClickException(f'{flag} is for images; a sequence network writes sequences.fasta')
+    if opts.class_idx is not None and not net.label_dim:
+        raise click.ClickException('--class given, but the network is unconditional')
+    if opts.class_idx is not None and opts.class_idx >= net.label_dim:
+        raise click.ClickException(f'--class={opts.class_idx} is out of range; the network has {net.label_dim} classes')
+    return is_sequence
+
+
+def pick_sampler(opts: dnnlib.EasyDict, churn: dict) -> dict:
+    """`sample_seeds` keyword arguments: EDM's sampler, or its ablation sampler for another schedule or scaling."""
+    if opts.schedule == 'linear' and opts.scaling == 'none':
+        return dict(sampler=edm_sampler, solver=opts.solver, **churn)
+    return dict(sampler=ablation_sampler, solver=opts.solver, schedule=opts.schedule, scaling=opts.scaling, **churn)
+
+
+def write_grid_record(opts: dnnlib.EasyDict, sigmas: torch.Tensor, grid_info: dict, nfe: int, churn: dict) -> None:
+    """OUTDIR/grid.json: the sigma-grid used and how it was made (`--grid=OUTDIR/grid.json` reads it back)."""
+    os.makedirs(opts.outdir, exist_ok=True)
+    churn = {k: v if math.isfinite(v) else str(v) for k, v in churn.items()}  # Strict JSON has no inf.
+    record = dict(
+        grid_info,
+        network=opts.network_pkl,
+        solver=opts.solver,
+        schedule=opts.schedule,
+        scaling=opts.scaling,
+        num_steps=len(sigmas) - 1,
+        nfe=nfe,
+        **churn,
+        binarize=opts.binarize,
+        sigmas=sigmas.tolist(),
+    )
+    with atomic_write(os.path.join(opts.outdir, 'grid.json'), 'w', encoding='utf-8') as f:
+        json.dump(record, f, indent=2, allow_nan=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Command line.
 
 POSITIVE = cli.FloatRange(min=0, min_open=True)
@@ -235,33 +351,13 @@ NON_NEGATIVE_INT = click.IntRange(min=0)
 @click.option('--scaling',                help='Ablate signal scaling s(t)', type=click.Choice(['vp', 'none']), default='none')
 # Output and devices.
 @click.option('--grid-png', 'grid_png',   help='Also save all images as one PNG grid', metavar='FILE')
+@click.option('--grid-scale',             help='Upscale each image of the PNG grid by this factor', metavar='INT', type=click.IntRange(min=1, max=64), default=1)
+@click.option('--grid-pad',               help='White pixels between and around the images of the PNG grid', metavar='INT', type=click.IntRange(min=0, max=256), default=0)
 @click.option('--npz',                    help='Also save all images (uint8 NHWC "arr_0") or sequences, seeds and labels in one .npz', metavar='FILE')
 @click.option('--binarize',               help='Threshold samples at 0 in [-1, 1] (pixels 0/255)', is_flag=True)
 @click.option('--device',                 help='Device  [default: cuda if available, else cpu]', type=click.Choice(['cuda', 'cpu']))
 # fmt: on
-def main(
-    network_pkl,
-    outdir,
-    seeds,
-    subdirs,
-    class_idx,
-    max_batch_size,
-    grid,
-    profile,
-    num_steps,
-    sigma_min,
-    sigma_max,
-    rho,
-    solver,
-    discretization,
-    schedule,
-    scaling,
-    grid_png,
-    npz,
-    binarize,
-    device,
-    **churn_kwargs,
-):
+def main(**kwargs):
     """Generate random images using the techniques described in the paper
     "Elucidating the Design Space of Diffusion-Based Generative Models",
     on EDM's sigma-grid or on InfoGrid (InfoNoise paper, Eq. 19).
@@ -288,120 +384,56 @@ def main(
     N steps cost 2N-1 network evaluations (NFE); with Euler's, N. The grid used is written to OUTDIR/grid.json.
     """
     ctx = click.get_current_context()
-    steps_given = ctx.get_parameter_source('num_steps') != click.core.ParameterSource.DEFAULT
-    if discretization is not None:
-        if ctx.get_parameter_source('grid') != click.core.ParameterSource.DEFAULT and grid != discretization:
-            raise click.ClickException(f'--disc={discretization} contradicts --grid={grid}; give one of them')
-        grid = discretization
-    if profile is not None and grid not in ('infogrid', 'tangent'):
-        raise click.ClickException(f'--profile is used by --grid=infogrid or tangent, not --grid={grid}')
-    if grid_png is not None and os.path.commonpath([os.path.abspath(grid_png), os.path.abspath(outdir)]) == os.path.abspath(outdir):
-        raise click.ClickException(f'--grid-png "{grid_png}" is inside --outdir, whose images fid.py reads; write it elsewhere')
-    cli.check_output_dir(outdir, '--outdir')
+    opts = dnnlib.EasyDict(kwargs)
+    churn = {k: opts.pop(k) for k in ('S_churn', 'S_min', 'S_max', 'S_noise')}
+    check_options(ctx, opts)
+    outdir, seeds, subdirs = opts.outdir, opts.seeds, opts.subdirs
     try:
-        device = dist.init(device)
+        device = dist.init(opts.device)
     except RuntimeError as e:
         raise click.ClickException(str(e)) from None
 
-    dist.print0(f'Loading network from "{network_pkl}"...')
+    dist.print0(f'Loading network from "{opts.network_pkl}"...')
     try:
-        loaded = dist.rank0_first(lambda: load_network(network_pkl, device=device))
+        loaded = dist.rank0_first(lambda: load_network(opts.network_pkl, device=device))
     except (OSError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     net = loaded.net
-    is_sequence = isinstance(getattr(net, 'model', None), SequenceUNet)
-    if is_sequence:
-        for flag, given in (('--grid-png', grid_png is not None), ('--binarize', binarize), ('--subdirs', subdirs)):
-            if given:
-                raise click.ClickException(f'{flag} is for images; a sequence network writes sequences.fasta')
-
-    # Check the class label against the network.
-    if class_idx is not None and not net.label_dim:
-        raise click.ClickException('--class given, but the network is unconditional')
-    if class_idx is not None and class_idx >= net.label_dim:
-        raise click.ClickException(f'--class={class_idx} is out of range; the network has {net.label_dim} classes')
+    is_sequence = check_network(net, opts)
 
     # Build the sigma-grid and record it next to the images.
+    steps_given = ctx.get_parameter_source('num_steps') != click.core.ParameterSource.DEFAULT
+    grid_args = opts.grid, opts.num_steps, steps_given, opts.sigma_min, opts.sigma_max, opts.rho, opts.profile
     try:
-        sigmas, grid_info = resolve_grid(
-            grid, num_steps, steps_given, sigma_min, sigma_max, rho, profile, loaded
-        )
+        sigmas, grid_info = resolve_grid(*grid_args, loaded)
     except ValueError as e:
-        raise click.ClickException(f'--grid={grid}: {e}') from None
+        raise click.ClickException(f'--grid={opts.grid}: {e}') from None
     num_steps = len(sigmas) - 1
-    nfe = 2 * num_steps - 1 if solver == 'heun' else num_steps
+    nfe = 2 * num_steps - 1 if opts.solver == 'heun' else num_steps
     if dist.get_rank() == 0:
-        os.makedirs(outdir, exist_ok=True)
-        churn = {k: v if math.isfinite(v) else str(v) for k, v in churn_kwargs.items()}  # Strict JSON has no inf.
-        record = dict(
-            grid_info, network=network_pkl, solver=solver, schedule=schedule, scaling=scaling, num_steps=num_steps,
-            nfe=nfe, **churn, binarize=binarize, sigmas=sigmas.tolist(),
-        )  # fmt: skip
-        with atomic_write(os.path.join(outdir, 'grid.json'), 'w', encoding='utf-8') as f:
-            json.dump(record, f, indent=2, allow_nan=False)
-    if schedule == 'linear' and scaling == 'none':
-        sampler_kwargs = dict(solver=solver, **churn_kwargs)
-        sampler = edm_sampler
-    else:
-        sampler_kwargs = dict(solver=solver, schedule=schedule, scaling=scaling, **churn_kwargs)
-        sampler = ablation_sampler
+        write_grid_record(opts, sigmas, grid_info, nfe, churn)
 
-    # Loop over batches.
-    dist.print0(f'Generating {len(seeds)} images to "{outdir}" ({grid} grid, {solver}, {num_steps} steps, {nfe} NFE)...')
-    rank_batches = dist.split_batches(seeds, max_batch_size)
-    rank_labels = {}
-    rank_tokens = {}
-    for batch_seeds in tqdm.tqdm(rank_batches, unit='batch', disable=(dist.get_rank() != 0)):
-        dist.barrier()
-        batch_size = len(batch_seeds)
-        if batch_size == 0:
-            continue
-
-        # Pick latents and labels; labels are drawn even with --class, so that later noise matches EDM's.
-        rnd = StackedRandomGenerator(device, batch_seeds)
-        latents = rnd.randn([batch_size, *net.img_shape], device=device)
-        class_labels = None
-        if net.label_dim:
-            labels = rnd.randint(net.label_dim, size=[batch_size], device=device)
-            if class_idx is not None:
-                labels[:] = class_idx
-            class_labels = torch.eye(net.label_dim, device=device)[labels]
+    # Generate, writing each batch's images as it comes (sequences are collected and written at the end).
+    how = f'{opts.grid} grid, {opts.solver}, {num_steps} steps, {nfe} NFE'
+    dist.print0(f'Generating {len(seeds)} images to "{outdir}" ({how})...')
+    rank_labels, rank_tokens = {}, {}
+    kwargs = dict(class_idx=opts.class_idx, binarize=opts.binarize, **pick_sampler(opts, churn))
+    for batch_seeds, images, labels in generate_images(net, seeds, sigmas, device, opts.max_batch_size, **kwargs):
+        if labels is not None:
             rank_labels.update(zip(batch_seeds, labels.tolist()))
-
-        # Generate and save images.
-        images = sampler(net, latents, sigmas, class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
         if is_sequence:
             rank_tokens.update(zip(batch_seeds, sequences.to_tokens(images)))
-            continue
-        if binarize:
-            # Same rule as dataset_tool.py --binarize=threshold: x >= 0 is pixel >= 128 under EDM's x*127.5 + 128.
-            images = torch.where(images >= 0, 1.0, -1.0)
-        for seed, image in zip(batch_seeds, images_to_uint8(images)):
-            path = image_path(outdir, seed, subdirs)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            save_image(image, path)
+        else:
+            write_images(outdir, batch_seeds, images, subdirs)
 
-    # Collect all ranks' images into one PNG grid and/or one .npz.
+    # Collect all ranks' outputs into sequences.fasta, one PNG grid and/or one .npz.
     dist.barrier()
     labels = {seed: label for part in dist.all_gather_object(rank_labels) for seed, label in part.items()}
-    if is_sequence:
-        tokens = {seed: row for part in dist.all_gather_object(rank_tokens) for seed, row in part.items()}
-        if dist.get_rank() == 0:
-            write_sequences(outdir, npz, seeds, tokens, labels if net.label_dim else None)
-    if dist.get_rank() == 0 and not is_sequence and (grid_png is not None or npz is not None):
-        images = read_images(outdir, seeds, subdirs)
-        for path in (grid_png, npz):
-            if path is not None and os.path.dirname(path):
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-        if grid_png is not None:
-            save_image(tile_images(images), grid_png)
-            dist.print0(f'Saved image grid to "{grid_png}"')
-        if npz is not None:
-            arrays = dict(arr_0=images, seeds=np.asarray(seeds, dtype=np.int64))
-            if net.label_dim:
-                arrays['labels'] = np.asarray([labels[seed] for seed in seeds], dtype=np.int64)
-            np.savez(npz, **arrays)
-            dist.print0(f'Saved {len(seeds)} images to "{npz}"')
+    tokens = {seed: row for part in dist.all_gather_object(rank_tokens) for seed, row in part.items()}
+    if dist.get_rank() == 0 and is_sequence:
+        write_sequences(outdir, opts.npz, seeds, tokens, labels if net.label_dim else None)
+    elif dist.get_rank() == 0 and (opts.grid_png is not None or opts.npz is not None):
+        write_image_collections(outdir, seeds, subdirs, labels, opts.grid_png, opts.npz, opts.grid_scale, opts.grid_pad)
     dist.print0('Done.')
     dist.shutdown()
 

@@ -4,6 +4,7 @@ The command line turns into one flat config of `*_kwargs` dicts (each with a `cl
 `training.training_loop.training_loop`, exactly as in EDM; every EDM flag keeps its name and meaning.
 """
 
+import errno
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from infonoise.pivot import is_discrete
 from infonoise.samplers import VPSampler
 from torch_utils import distributed as dist
 from training import checkpoint, training_loop
+from training.dataset import CorruptImageError
 
 warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')  # False warning printed by PyTorch.
 
@@ -77,23 +79,43 @@ SAMPLER_KWARGS = {
 }
 
 
-def apply_preset(ctx: click.Context, opts: dict) -> None:
-    """Fill the options the user did not set from configs/<preset>.json."""
-    path = os.path.join(CONFIGS_DIR, f'{opts["preset"]}.json')
+def read_preset(name: str) -> dict:
+    """A preset's options: configs/NAME.json, or a user's own JSON file when NAME is a path (holds '/' or ends in
+    .json); keys starting with '_' are comments."""
+    is_path = '/' in name or os.sep in name or name.endswith('.json')
+    path = name if is_path else os.path.join(CONFIGS_DIR, f'{name}.json')
     if not os.path.isfile(path):
+        if is_path:
+            raise click.ClickException(f'--preset: no such file "{name}"')
         names = sorted(f[:-5] for f in os.listdir(CONFIGS_DIR) if f.endswith('.json'))
-        raise click.ClickException(f'Unknown preset "{opts["preset"]}"; available: {", ".join(names)}')
-    with open(path) as f:
-        preset = json.load(f)
-    params = {p.name: p for p in ctx.command.params}
-    for key, value in preset.items():
-        name = key.replace('-', '_')
-        if key.startswith('_'):
-            continue  # Comments.
-        if name not in params or name in ('preset', 'outdir', 'data'):
-            raise click.ClickException(f'Preset "{opts["preset"]}" sets unknown or non-presettable option "{key}"')
-        if ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT:
-            opts[name] = params[name].type_cast_value(ctx, value)
+        raise click.ClickException(f'Unknown preset "{name}"; available: {", ".join(names)} (or a path to a JSON file)')
+    try:
+        with open(path, encoding='utf-8') as f:
+            preset = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise click.ClickException(f'--preset: "{path}" is not valid JSON ({e})') from None
+    if not isinstance(preset, dict):
+        raise click.ClickException(f'--preset: "{path}" must hold a JSON object of option names and values')
+    return {key: value for key, value in preset.items() if not key.startswith('_')}
+
+
+def options_of(ctx: click.Context) -> tuple[dnnlib.EasyDict, set[str]]:
+    """The command line's options with the preset filling those the user did not set, and the names the user set."""
+    opts = dnnlib.EasyDict(ctx.params)
+    given = {name for name in opts if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    if opts.preset is not None:
+        params = {p.name: p for p in ctx.command.params}
+        for key, value in read_preset(opts.preset).items():
+            name = key.replace('-', '_')
+            if name not in params or name in ('preset', 'outdir', 'data', 'resume'):
+                raise click.ClickException(f'Preset "{opts.preset}" sets unknown or non-presettable option "{key}"')
+            if ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT:
+                try:
+                    opts[name] = params[name].type_cast_value(ctx, value)
+                except (click.BadParameter, TypeError, ValueError) as e:
+                    message = e.message if isinstance(e, click.BadParameter) else f'{value!r} is not valid'
+                    raise click.ClickException(f'Preset "{opts.preset}": "{key}": {message}') from None
+    return opts, given
 
 
 def is_discrete_dataset(dataset_obj, max_images: int = 256) -> bool:
@@ -116,6 +138,145 @@ def infonoise_kwargs(opts: dnnlib.EasyDict, weight: str, discrete_data: bool) ->
     )  # fmt: skip
 
 
+def dataset_config(opts: dnnlib.EasyDict, given: set[str]) -> tuple[dnnlib.EasyDict, dnnlib.EasyDict]:
+    """The dataset's kwargs, read once to check it and record its resolution and size, and what the rest of the
+    config needs to know about it (channels, label_dim, discrete endpoints)."""
+    is_sequence_data = opts.data.lower().endswith('.npz')
+    kwargs = dnnlib.EasyDict(
+        class_name=f'training.dataset.{"SequenceDataset" if is_sequence_data else "ImageFolderDataset"}',
+        path=opts.data, use_labels=opts.cond, xflip=opts.xflip, cache=opts.cache,
+    )  # fmt: skip
+    try:
+        dataset_obj = dnnlib.util.construct_class_by_name(**kwargs)
+        kwargs.resolution = dataset_obj.resolution  # Be explicit about dataset resolution.
+        kwargs.max_size = len(dataset_obj)  # Be explicit about dataset size.
+        discrete = opts.sampler == 'infonoise' and opts.info_endpoint == 'auto' and is_discrete_dataset(dataset_obj)
+        facts = dnnlib.EasyDict(channels=dataset_obj.num_channels, label_dim=dataset_obj.label_dim, discrete=discrete)
+    except (OSError, ValueError) as err:
+        raise click.ClickException(f'--data: {err}') from None
+
+    # Sequences (DNA) need the 1-D network and have no geometric augmentation; their x-flip is the reverse complement.
+    if is_sequence_data != (opts.arch in SEQUENCE_ARCHS):
+        if is_sequence_data:
+            raise click.ClickException(f'--data={opts.data} holds sequences; train them with --arch=ddpmpp1d')
+        raise click.ClickException(f'--arch={opts.arch} is for sequence datasets (.npz made by dataset_tool.py)')
+    if is_sequence_data and opts.augment:
+        if 'augment' in given:
+            raise click.ClickException('--augment is for images; sequences use --xflip=1 (reverse complements)')
+        opts.augment = 0
+    if is_sequence_data and opts.snap_grid:
+        raise click.ClickException('--snap-grid is for images; a sequence network has no sample grid')
+    return kwargs, facts
+
+
+def setup_training_config(
+    opts: dnnlib.EasyDict, given: set[str] = frozenset(), world_size: int = 1, device_type: str = 'cpu'
+) -> dnnlib.EasyDict:
+    """EDM's flat config of `*_kwargs` dicts for `training_loop` from the options (presets already applied).
+
+    Every option, and every file an option names (dataset, --transfer, --resume), is checked here, before anything
+    is written; the first problem is a click.ClickException. `given` names the options set on the command line. The
+    seed is left None when neither --seed nor the resumed state gives one.
+    """
+    c = dnnlib.EasyDict()
+    c.dataset_kwargs, data = dataset_config(opts, given)
+    c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=device_type == 'cuda', num_workers=opts.workers)
+    if opts.workers > 0:
+        c.data_loader_kwargs.prefetch_factor = 2
+    c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
+
+    # Network architecture.
+    c.network_kwargs = dnnlib.EasyDict(ARCH_KWARGS[opts.arch])
+    c.network_kwargs.class_name = f'training.networks.{PRECOND_CLASS[opts.precond]}'
+    overrides = dict(cbase='model_channels', cres='channel_mult', blocks='num_blocks', attn='attn_resolutions')
+    c.network_kwargs.update({key: opts[option] for option, key in overrides.items() if opts[option] is not None})
+    if opts.augment:
+        c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', p=opts.augment)
+        c.augment_kwargs.update(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+        c.network_kwargs.augment_dim = 9
+    c.network_kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16)
+
+    # Loss weight and noise sampler; every sampler option is checked by building the sampler once.
+    weight = PRECOND_WEIGHT[opts.precond] if opts.weight == 'auto' else opts.weight
+    c.loss_kwargs = dnnlib.EasyDict(class_name='training.loss.DenoisingLoss', weight=weight, sigma_data=0.5)
+    sampler = PRECOND_SAMPLER[opts.precond] if opts.sampler == 'auto' else opts.sampler
+    if sampler == 'infonoise':
+        c.noise_kwargs = infonoise_kwargs(opts, weight, data.discrete)
+    elif info_given := sorted(name for name in given if name.startswith('info_')):
+        raise click.ClickException(f'--{info_given[0].replace("_", "-")} only applies to --sampler=infonoise')
+    else:
+        c.noise_kwargs = dnnlib.EasyDict(SAMPLER_KWARGS[sampler](opts.precond))
+    try:
+        dnnlib.util.construct_class_by_name(**c.noise_kwargs)
+    except ValueError as e:
+        raise click.ClickException(f'--sampler={sampler}: {e}') from None
+
+    # Training options.
+    c.total_kimg = max(int(opts.duration * 1000), 1)
+    c.ema_halflife_kimg = opts.ema * 1000
+    c.lr_rampup_kimg = opts.lr_rampup
+    c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu)
+    c.update(loss_scaling=opts.ls, cudnn_benchmark=opts.bench, bf16=opts.bf16, compile=opts.compile)
+    c.update(
+        kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump, snapshot_grid=opts.snap_grid
+    )
+    if opts.fp16 and opts.bf16:
+        raise click.ClickException('--fp16 and --bf16 are mutually exclusive')
+    batch_gpu = opts.batch_gpu or opts.batch // world_size
+    if opts.batch % world_size != 0 or (opts.batch // world_size) % min(batch_gpu, opts.batch // world_size) != 0:
+        raise click.ClickException(
+            f'--batch={opts.batch} must be divisible by {world_size} ranks × --batch-gpu={batch_gpu}'
+        )
+
+    # Transfer learning, resume and the run directory (None: a new numbered run in --outdir, created at launch).
+    if opts.transfer is not None and opts.resume is not None:
+        raise click.ClickException('--transfer and --resume cannot be specified at the same time')
+    if opts.transfer is not None:
+        try:
+            checkpoint.load_network(opts.transfer)
+        except (OSError, ValueError) as e:
+            raise click.ClickException(f'--transfer: {str(e).splitlines()[0]}') from None
+        c.update(transfer=opts.transfer, ema_rampup_ratio=None)
+    c.seed = opts.seed
+    c.run_dir = opts.outdir if opts.nosubdir else None
+    if opts.resume == 'auto':
+        c.run_dir = auto_resume(c, opts.outdir, run_description(opts, world_size), opts.nosubdir)
+    elif opts.resume is not None:
+        c.resume_state = os.path.abspath(find_resume_state(opts.resume))
+    if c.get('resume_state') is not None:
+        seed = check_resume_state(c, data)
+        c.seed = seed if c.seed is None else c.seed
+    # A run directory holds one run: --nosubdir into one continues it in place or is refused.
+    in_place = opts.resume == 'auto' or os.path.dirname(c.get('resume_state') or '') == os.path.abspath(opts.outdir)
+    holds_run = os.path.isfile(os.path.join(opts.outdir, 'training_options.json'))
+    if opts.nosubdir and holds_run and not (in_place or opts.dry_run):
+        raise click.ClickException(f'--nosubdir: {opts.outdir} already holds a run; use another --outdir, or --resume')
+    return c
+
+
+def check_resume_state(c: dnnlib.EasyDict, data: dnnlib.EasyDict) -> int | None:
+    """Check that c.resume_state fits this config (network, noise sampler and its bins/buffers); its seed."""
+    net_kwargs = dict(c.network_kwargs, img_resolution=c.dataset_kwargs.resolution, img_channels=data.channels,
+                      label_dim=data.label_dim)  # fmt: skip
+    try:
+        state = checkpoint.load_training_state(c.resume_state, net_kwargs, c.noise_kwargs)
+        if state['noise_sampler'] is not None:
+            dnnlib.util.construct_class_by_name(**c.noise_kwargs).load_state_dict(state['noise_sampler'])
+    except (OSError, ValueError, KeyError) as e:
+        raise click.ClickException(f'--resume: {e}') from None
+    return state['seed']  # Continue the same random streams; EDM's states have none (random, as EDM).
+
+
+def run_description(opts: dnnlib.EasyDict, world_size: int) -> str:
+    """The run directory's name after its id: dataset, conditioning, architecture, preconditioning, sampler, ..."""
+    cond = 'cond' if opts.cond else 'uncond'
+    sampler = PRECOND_SAMPLER[opts.precond] if opts.sampler == 'auto' else opts.sampler
+    dtype = 'fp16' if opts.fp16 else 'bf16' if opts.bf16 else 'fp32'
+    data = os.path.splitext(os.path.basename(opts.data.rstrip('/')))[0]
+    desc = f'{data}-{cond}-{opts.arch}-{opts.precond}-{sampler}-gpus{world_size}-batch{opts.batch}-{dtype}'
+    return desc if opts.desc is None else f'{desc}-{opts.desc}'
+
+
 def next_run_dir(outdir: str, desc: str) -> str:
     """OUTDIR/NNNNN-DESC with NNNNN one above the highest run id in `outdir` (EDM's numbering)."""
     names = [x for x in os.listdir(outdir) if os.path.isdir(os.path.join(outdir, x))] if os.path.isdir(outdir) else []
@@ -136,17 +297,137 @@ def create_run_dir(outdir: str, desc: str) -> str:
             continue
 
 
+def newest_state(run_dir: str) -> str | None:
+    """The training-state-*.pt of `run_dir` with the most kimg, by number: past 999,999 kimg the names grow a digit
+    and text order would pick an older state."""
+    states = [f for f in os.listdir(run_dir) if re.fullmatch(r'training-state-\d+\.pt', f)]
+    return os.path.join(run_dir, max(states, key=lambda f: int(re.sub(r'\D', '', f)))) if states else None
+
+
 def find_resume_state(path: str) -> str:
     """A training-state-*.pt file (ours or EDM's), or the newest one in a run directory."""
     if os.path.isdir(path):
-        # By kimg as a number: past 999,999 kimg the names grow a digit and text order would pick an older state.
-        states = [f for f in os.listdir(path) if re.fullmatch(r'training-state-\d+\.pt', f)]
-        if not states:
+        if (state := newest_state(path)) is None:
             raise click.ClickException(f'--resume: no training-state-*.pt in "{path}"')
-        return os.path.join(path, max(states, key=lambda f: int(re.sub(r'\D', '', f))))
+        return state
     if not os.path.isfile(path):
         raise click.ClickException(f'--resume: no such file or directory "{path}"')
     return path
+
+
+# Options that may differ when --resume=auto continues a run: where it restarts from, how long it runs, how it loads.
+AUTO_RESUME_FREE = ('resume_state', 'seed', 'total_kimg', 'data_loader_kwargs', 'cudnn_benchmark')
+
+
+def auto_resume(c: dnnlib.EasyDict, outdir: str, desc: str, nosubdir: bool) -> str | None:
+    """--resume=auto: the run to continue in place, with c.resume_state set to its newest training state (none if it
+    stopped before its first): OUTDIR itself with --nosubdir, else the newest run in OUTDIR named for this command
+    (`desc`). None: no such run yet, start a new one. A run started with other options is refused, not mixed in."""
+    if nosubdir:
+        runs = [outdir]
+    elif os.path.isdir(outdir):
+        runs = [os.path.join(outdir, x) for x in os.listdir(outdir) if re.fullmatch(rf'\d+-{re.escape(desc)}', x)]
+    else:
+        runs = []
+    runs = [x for x in runs if os.path.isfile(os.path.join(x, 'training_options.json'))]
+    if not runs:
+        return outdir if nosubdir else None
+    run_dir = max(runs, key=lambda x: int(os.path.basename(x).split('-')[0]) if not nosubdir else 0)
+    with open(os.path.join(run_dir, 'training_options.json'), encoding='utf-8') as f:
+        old = json.load(f)
+    new = json.loads(json.dumps(c))
+    changed = sorted(k for k in {*old, *new} - {'run_dir', *AUTO_RESUME_FREE} if old.get(k) != new.get(k))
+    if changed:
+        raise click.ClickException(
+            f'--resume=auto: {run_dir} was started with other options ({", ".join(changed)}); '
+            'rerun its command, or start another run with --desc'
+        )
+    if (state := newest_state(run_dir)) is not None:
+        c.resume_state = os.path.abspath(state)
+    return run_dir
+
+
+def print_options(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, device: torch.device) -> None:
+    """The resolved config and a summary of what this run will do."""
+    settings = ', '.join(f'{k}={v}' for k, v in c.noise_kwargs.items() if k != 'class_name')
+    dtype = 'fp16' if opts.fp16 else 'bf16' if opts.bf16 else 'fp32'
+    dist.print0()
+    dist.print0('Training options:')
+    dist.print0(json.dumps(c, indent=2))
+    dist.print0()
+    for name, value in [
+        ('Output directory', c.run_dir),
+        ('Dataset path', c.dataset_kwargs.path),
+        ('Class-conditional', c.dataset_kwargs.use_labels),
+        ('Network architecture', opts.arch),
+        ('Preconditioning & loss', f'{opts.precond} (weight {c.loss_kwargs.weight})'),
+        ('Noise sampler', c.noise_kwargs.class_name + (f' ({settings})' if settings else '')),
+        ('Device', f'{device} x {dist.get_world_size()}'),
+        ('Duration', f'{c.total_kimg} kimg'),
+        ('Batch size', c.batch_size),
+        ('Learning rate', f'{c.optimizer_kwargs.lr:g} (ramp-up {c.lr_rampup_kimg:g} kimg)'),
+        ('EMA half-life', f'{c.ema_halflife_kimg:g} kimg'),
+        ('Precision', dtype),
+        ('Resume', c.get('resume_state') or 'no'),
+    ]:
+        dist.print0(f'{name + ":":<25s}{value}')
+    dist.print0()
+
+
+def trim_stats(run_dir: str, resume_state: str | None) -> None:
+    """Continuing a run in place: drop the stats.jsonl lines of ticks past the resumed state (the stopped attempt's;
+    they are measured again), so the file holds each tick once."""
+    path = os.path.join(run_dir, 'stats.jsonl')
+    if not os.path.isfile(path):
+        return
+    kimg = int(re.sub(r'\D', '', os.path.basename(resume_state))) if resume_state else 0
+    with open(path, encoding='utf-8') as f:
+        lines = [line for line in f if line.strip()]
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)['Progress/kimg']['mean'] < kimg:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break  # A line cut short by the stop.
+    with dnnlib.util.atomic_write(path, 'w', encoding='utf-8') as f:
+        f.writelines(keep)
+
+
+def launch_training(c: dnnlib.EasyDict, new_run: bool, device: torch.device) -> None:
+    """Create the run directory c.run_dir (a new numbered one: exclusively, taking the next id if another job took it
+    meanwhile), write training_options.json, log to log.txt and run the training loop. A run continued in place keeps
+    its log.txt and its stats.jsonl up to the resumed state."""
+    dist.print0('Creating output directory...')
+    logger = None
+    if dist.get_rank() == 0:
+        run_dir = c.run_dir
+        if new_run:
+            c.run_dir = create_run_dir(os.path.dirname(run_dir), os.path.basename(run_dir).split('-', 1)[1])
+            if c.run_dir != run_dir:
+                dist.print0(f'{run_dir} was taken meanwhile; output directory: {c.run_dir}')
+        os.makedirs(c.run_dir, exist_ok=True)
+        if os.path.isfile(os.path.join(c.run_dir, 'training_options.json')):  # Continued in place.
+            for name in dnnlib.util.remove_stale_temp_files(c.run_dir, own_pid_is_stale=True):
+                dist.print0(f'Removed "{name}", left by a stopped process')
+            resume_state = c.get('resume_state') or ''
+            trim_stats(c.run_dir, resume_state if os.path.dirname(resume_state) == os.path.abspath(c.run_dir) else None)
+        with dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'w', encoding='utf-8') as f:
+            json.dump(c, f, indent=2)
+        logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
+    c.run_dir = dist.broadcast_object(c.run_dir)
+    try:
+        training_loop.training_loop(**c, device=device)
+    except CorruptImageError as e:  # A DataLoader worker's error comes with its traceback: keep the message.
+        raise click.ClickException(str(e).strip().splitlines()[-1].split('CorruptImageError: ')[-1]) from None
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise click.ClickException(f'No space left on the device while writing into {c.run_dir}: {e}') from None
+    finally:
+        if logger is not None:
+            logger.close()
+        dist.shutdown()
 
 
 # fmt: off
@@ -154,7 +435,7 @@ def find_resume_state(path: str) -> str:
 # Main options.
 @click.option('--outdir',     help='Where to save the results', metavar='DIR',                       type=str, required=True)
 @click.option('--data',       help='Path to the dataset', metavar='ZIP|DIR|NPZ',                         type=str, required=True)
-@click.option('--preset',     help='Fill unset options from configs/NAME.json', metavar='NAME',      type=str)
+@click.option('--preset',     help='Fill unset options from configs/NAME.json or a JSON FILE', metavar='NAME|FILE', type=str)
 @click.option('--cond',       help='Train class-conditional model', metavar='BOOL',                  type=bool, default=False, show_default=True)
 @click.option('--arch',       help='Network architecture',                                           type=click.Choice(['ddpmpp', 'ncsnpp', 'adm', 'ddpmpp1d']), default='ddpmpp', show_default=True)
 @click.option('--precond',    help='Preconditioning & loss function',                                type=click.Choice(['vp', 've', 'edm']), default='edm', show_default=True)
@@ -209,9 +490,10 @@ def find_resume_state(path: str) -> str:
 @click.option('--tick',       help='How often to print progress', metavar='KIMG',                    type=click.IntRange(min=1), default=50, show_default=True)
 @click.option('--snap',       help='How often to save snapshots', metavar='TICKS',                   type=click.IntRange(min=1), default=50, show_default=True)
 @click.option('--dump',       help='How often to dump state', metavar='TICKS',                       type=click.IntRange(min=1), default=500, show_default=True)
+@click.option('--snap-grid',  help='Sample grid of the first N seeds with each snapshot, 0 = off', metavar='N', type=click.IntRange(min=0, max=1024), default=0, show_default=True)
 @click.option('--seed',       help="Random seed  [default: random, or the resumed run's]", metavar='INT', type=int)
 @click.option('--transfer',   help='Transfer learning from network snapshot or EDM pickle', metavar='PT|PKL|URL', type=str)
-@click.option('--resume',     help="Resume from a training state (ours or EDM's) or run directory", metavar='PT|DIR', type=str)
+@click.option('--resume',     help="Resume from a training state (ours or EDM's) or run directory; auto = continue this command's newest run in place", metavar='PT|DIR|auto', type=str)
 @click.option('-n', '--dry-run', help='Print training options and exit',                             is_flag=True)
 # fmt: on
 def main(**kwargs):
@@ -225,11 +507,12 @@ def main(**kwargs):
     Train DDPM++ for class-conditional CIFAR-10 using 8 GPUs (EDM's command):
     torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs \\
         --data=datasets/cifar10-32x32.zip --cond=1 --arch=ddpmpp
+
+    \b
+    On preemptible machines, run the same command with --resume=auto: each launch continues the newest run of
+    that command in OUTDIR in place from its newest training state (or starts one).
     """
-    opts = dnnlib.EasyDict(kwargs)
-    ctx = click.get_current_context()
-    if opts.preset is not None:
-        apply_preset(ctx, opts)
+    opts, given = options_of(click.get_current_context())
     torch.multiprocessing.set_start_method('spawn', force=True)
     if not opts.dry_run:
         cli.check_output_dir(opts.outdir, '--outdir')
@@ -237,163 +520,14 @@ def main(**kwargs):
         device = dist.init(opts.device)
     except RuntimeError as e:
         raise click.ClickException(str(e)) from None
-    world = dist.get_world_size()
-
-    # Initialize config dict.
-    c = dnnlib.EasyDict()
-    is_sequence_data = opts.data.lower().endswith('.npz')
-    c.dataset_kwargs = dnnlib.EasyDict(
-        class_name=f'training.dataset.{"SequenceDataset" if is_sequence_data else "ImageFolderDataset"}',
-        path=opts.data,
-        use_labels=opts.cond,
-        xflip=opts.xflip,
-        cache=opts.cache,
-    )
-    c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=device.type == 'cuda', num_workers=opts.workers)
-    if opts.workers > 0:
-        c.data_loader_kwargs.prefetch_factor = 2
-    c.network_kwargs = dnnlib.EasyDict()
-    c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
-
-    # Validate dataset options.
-    try:
-        dataset_obj = dnnlib.util.construct_class_by_name(**c.dataset_kwargs)
-        c.dataset_kwargs.resolution = dataset_obj.resolution  # Be explicit about dataset resolution.
-        c.dataset_kwargs.max_size = len(dataset_obj)  # Be explicit about dataset size.
-        img_channels, label_dim = dataset_obj.num_channels, dataset_obj.label_dim
-        discrete_data = opts.sampler == 'infonoise' and opts.info_endpoint == 'auto' and is_discrete_dataset(dataset_obj)
-        del dataset_obj  # Conserve memory.
-    except (OSError, ValueError) as err:
-        raise click.ClickException(f'--data: {err}') from None
-
-    # Sequences (DNA) need the 1-D network and have no geometric augmentation; their x-flip is the reverse complement.
-    if is_sequence_data != (opts.arch in SEQUENCE_ARCHS):
-        if is_sequence_data:
-            raise click.ClickException(f'--data={opts.data} holds sequences; train them with --arch=ddpmpp1d')
-        raise click.ClickException(f'--arch={opts.arch} is for sequence datasets (.npz made by dataset_tool.py)')
-    if is_sequence_data and opts.augment:
-        if ctx.get_parameter_source('augment') == click.core.ParameterSource.COMMANDLINE:
-            raise click.ClickException('--augment is for images; sequences use --xflip=1 (reverse complements)')
-        opts.augment = 0
-
-    # Network architecture.
-    c.network_kwargs.update(ARCH_KWARGS[opts.arch])
-    c.network_kwargs.class_name = f'training.networks.{PRECOND_CLASS[opts.precond]}'
-    if opts.cbase is not None:
-        c.network_kwargs.model_channels = opts.cbase
-    if opts.cres is not None:
-        c.network_kwargs.channel_mult = opts.cres
-    if opts.blocks is not None:
-        c.network_kwargs.num_blocks = opts.blocks
-    if opts.attn is not None:
-        c.network_kwargs.attn_resolutions = opts.attn
-    if opts.augment:
-        c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', p=opts.augment)
-        c.augment_kwargs.update(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
-        c.network_kwargs.augment_dim = 9
-    c.network_kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16)
-
-    # Loss weight and noise sampler.
-    weight = PRECOND_WEIGHT[opts.precond] if opts.weight == 'auto' else opts.weight
-    c.loss_kwargs = dnnlib.EasyDict(class_name='training.loss.DenoisingLoss', weight=weight, sigma_data=0.5)
-    sampler = PRECOND_SAMPLER[opts.precond] if opts.sampler == 'auto' else opts.sampler
-    if sampler == 'infonoise':
-        c.noise_kwargs = infonoise_kwargs(opts, weight, discrete_data)
-    else:
-        given = [f'--{name.replace("_", "-")}' for name in opts if name.startswith('info_') and ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
-        if given:
-            raise click.ClickException(f'{given[0]} only applies to --sampler=infonoise')
-        c.noise_kwargs = dnnlib.EasyDict(SAMPLER_KWARGS[sampler](opts.precond))
-    try:  # Every sampler option is checked here, before anything is written.
-        noise_sampler = dnnlib.util.construct_class_by_name(**c.noise_kwargs)
-    except ValueError as e:
-        raise click.ClickException(f'--sampler={sampler}: {e}') from None
-
-    # Training options.
-    c.total_kimg = max(int(opts.duration * 1000), 1)
-    c.ema_halflife_kimg = opts.ema * 1000
-    c.lr_rampup_kimg = opts.lr_rampup
-    c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu)
-    c.update(loss_scaling=opts.ls, cudnn_benchmark=opts.bench, bf16=opts.bf16, compile=opts.compile)
-    c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump)
-    if opts.fp16 and opts.bf16:
-        raise click.ClickException('--fp16 and --bf16 are mutually exclusive')
-    batch_gpu = opts.batch_gpu or opts.batch // world
-    if opts.batch % world != 0 or (opts.batch // world) % min(batch_gpu, opts.batch // world) != 0:
-        raise click.ClickException(f'--batch={opts.batch} must be divisible by {world} ranks × --batch-gpu={batch_gpu}')
-
-    # Transfer learning and resume.
-    if opts.transfer is not None and opts.resume is not None:
-        raise click.ClickException('--transfer and --resume cannot be specified at the same time')
-    if opts.transfer is not None:
-        try:
-            checkpoint.load_network(opts.transfer)
-        except (OSError, ValueError) as e:
-            raise click.ClickException(f'--transfer: {str(e).splitlines()[0]}') from None
-        c.transfer = opts.transfer
-        c.ema_rampup_ratio = None
-    seed = opts.seed
-    if opts.resume is not None:
-        c.resume_state = os.path.abspath(find_resume_state(opts.resume))
-        net_kwargs = dict(
-            c.network_kwargs, img_resolution=c.dataset_kwargs.resolution, img_channels=img_channels, label_dim=label_dim
-        )
-        try:
-            state = checkpoint.load_training_state(c.resume_state, net_kwargs, c.noise_kwargs)
-            if state['noise_sampler'] is not None:
-                noise_sampler.load_state_dict(state['noise_sampler'])  # Same bins, buffers, ... as this run's?
-        except (OSError, ValueError, KeyError) as e:
-            raise click.ClickException(f'--resume: {e}') from None
-        if seed is None:
-            seed = state['seed']  # Continue the same random streams; EDM's states have none (random, as EDM).
-        del state
-
-    # Random seed.
-    if seed is None:
-        seed = dist.broadcast_object(secrets.randbelow(1 << 31))
-    c.seed = seed
-
-    # Description string.
-    cond_str = 'cond' if c.dataset_kwargs.use_labels else 'uncond'
-    dtype_str = 'fp16' if opts.fp16 else 'bf16' if opts.bf16 else 'fp32'
-    desc = f'{os.path.splitext(os.path.basename(opts.data.rstrip("/")))[0]}-{cond_str}-{opts.arch}-{opts.precond}-{sampler}-gpus{world}-batch{c.batch_size}-{dtype_str}'
-    if opts.desc is not None:
-        desc += f'-{opts.desc}'
-
-    # Pick output directory.
-    if dist.get_rank() != 0:
-        c.run_dir = None
-    elif opts.nosubdir:
-        c.run_dir = opts.outdir
-        # A run directory holds one run: continuing it in place needs --resume from a state inside it.
-        in_place = opts.resume is not None and os.path.dirname(c.resume_state) == os.path.abspath(opts.outdir)
-        if os.path.isfile(os.path.join(opts.outdir, 'training_options.json')) and not (in_place or opts.dry_run):
-            raise click.ClickException(
-                f'--nosubdir: {opts.outdir} already holds a run; use another --outdir, or --resume from its state'
-            )
-    else:
-        c.run_dir = next_run_dir(opts.outdir, desc)
-    c.run_dir = dist.broadcast_object(c.run_dir)
-
-    # Print options.
-    dist.print0()
-    dist.print0('Training options:')
-    dist.print0(json.dumps(c, indent=2))
-    dist.print0()
-    dist.print0(f'Output directory:        {c.run_dir}')
-    dist.print0(f'Dataset path:            {c.dataset_kwargs.path}')
-    dist.print0(f'Class-conditional:       {c.dataset_kwargs.use_labels}')
-    dist.print0(f'Network architecture:    {opts.arch}')
-    dist.print0(f'Preconditioning & loss:  {opts.precond} (weight {weight})')
-    settings = ', '.join(f'{k}={v}' for k, v in c.noise_kwargs.items() if k != 'class_name')
-    dist.print0(f'Noise sampler:           {c.noise_kwargs.class_name}' + (f' ({settings})' if settings else ''))
-    dist.print0(f'Device:                  {device} x {world}')
-    dist.print0(f'Duration:                {c.total_kimg} kimg')
-    dist.print0(f'Batch size:              {c.batch_size}')
-    dist.print0(f'Learning rate:           {c.optimizer_kwargs.lr:g} (ramp-up {c.lr_rampup_kimg:g} kimg)')
-    dist.print0(f'EMA half-life:           {c.ema_halflife_kimg:g} kimg')
-    dist.print0(f'Precision:               {dtype_str}')
-    dist.print0()
+    c = setup_training_config(opts, given, dist.get_world_size(), device.type)
+    new_run = c.run_dir is None
+    if new_run:
+        desc = run_description(opts, dist.get_world_size())
+        c.run_dir = dist.broadcast_object(next_run_dir(opts.outdir, desc) if dist.get_rank() == 0 else None)
+    if c.seed is None:
+        c.seed = dist.broadcast_object(secrets.randbelow(1 << 31))
+    print_options(c, opts, device)
 
     # Dry run? It also shows what the training loop would say first about the noise sampler.
     if opts.dry_run:
@@ -403,31 +537,7 @@ def main(**kwargs):
         dist.print0('Dry run; exiting.')
         dist.shutdown()
         return
-
-    # Create output directory.
-    dist.print0('Creating output directory...')
-    logger = None
-    if dist.get_rank() == 0:
-        if opts.nosubdir:
-            os.makedirs(c.run_dir, exist_ok=True)
-        else:
-            run_dir = create_run_dir(opts.outdir, desc)
-            if run_dir != c.run_dir:
-                dist.print0(f'{c.run_dir} was taken meanwhile; output directory: {run_dir}')
-            c.run_dir = run_dir
-    c.run_dir = dist.broadcast_object(c.run_dir)
-    if dist.get_rank() == 0:
-        with open(os.path.join(c.run_dir, 'training_options.json'), 'w') as f:
-            json.dump(c, f, indent=2)
-        logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
-
-    # Train.
-    try:
-        training_loop.training_loop(**c, device=device)
-    finally:
-        if logger is not None:
-            logger.close()
-        dist.shutdown()
+    launch_training(c, new_run, device)
 
 
 if __name__ == '__main__':

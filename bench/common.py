@@ -23,11 +23,12 @@ import numpy as np
 import torch
 
 import fid
+from generate import generate_images
 from metrics.detectors import load_detector
 from metrics.frechet import FeatureStats, frechet_distance, load_stats, save_stats
 from training import sequences
 from training.networks import SequenceUNet
-from training.sampling import StackedRandomGenerator, edm_sampler, images_to_uint8
+from training.sampling import images_to_uint8
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join('datasets', 'mnist5k-16x16.zip')
@@ -142,27 +143,22 @@ def ensure_dataset(path: str, source_args: tuple[str, ...]) -> None:
         raise click.ClickException(f'dataset_tool.py failed to build {path}: {last}')
 
 
-@torch.no_grad()
 def generate_uint8(
     net, seeds: list[int], sigmas: torch.Tensor, solver: str, binarize: bool, device: torch.device
 ) -> torch.Tensor:
-    """uint8 NCHW images of `seeds` from EDM's deterministic sampler on the grid `sigmas`, as generate.py draws them;
-    for a sequence network, one-hot sequences uint8 [N, 4, 1, L] (255 at the nearest base, as generate.py decodes)."""
+    """uint8 NCHW images of `seeds` from EDM's deterministic sampler on the grid `sigmas`, drawn by generate.py's
+    `generate_images`; for a sequence network, one-hot sequences uint8 [N, 4, 1, L] (255 at the nearest base, as
+    generate.py decodes)."""
     if net.label_dim:
         raise ValueError('The benchmarks evaluate unconditional networks only')
+    is_sequence = isinstance(net.model, SequenceUNet)
     batches = []
-    for start in range(0, len(seeds), GENERATE_BATCH):
-        batch_seeds = seeds[start : start + GENERATE_BATCH]
-        rnd = StackedRandomGenerator(device, batch_seeds)
-        shape = [len(batch_seeds), *net.img_shape]
-        images = edm_sampler(net, rnd.randn(shape, device=device), sigmas, randn_like=rnd.randn_like, solver=solver)
-        if isinstance(net.model, SequenceUNet):
+    for _, images, _ in generate_images(net, seeds, sigmas, device, GENERATE_BATCH, progress=False, solver=solver,
+                                        binarize=binarize and not is_sequence):  # fmt: skip
+        if is_sequence:
             batches.append(torch.from_numpy(sequences.one_hot(sequences.to_tokens(images))))
-            continue
-        if binarize:
-            # generate.py --binarize: x >= 0 is pixel >= 128, the threshold dataset_tool.py binarized the data with.
-            images = torch.where(images >= 0, 1.0, -1.0)
-        batches.append(torch.from_numpy(images_to_uint8(images)).permute(0, 3, 1, 2))
+        else:
+            batches.append(torch.from_numpy(images_to_uint8(images)).permute(0, 3, 1, 2))
     return torch.cat(batches)
 
 

@@ -260,7 +260,7 @@ def train(name: str, seed: int, opts: dnnlib.EasyDict, data: str, device) -> dic
         f'--duration={duration!r}',
         f'--device={device.type}',
     ]
-    command += [f'--tick={opts.eval_every}', '--snap=1', '--dump=1', *recipe.args]
+    command += [f'--tick={opts.eval_every}', '--snap=1', '--dump=1', '--snap-grid=0', *recipe.args]  # Train only.
     if opts.quick and '--sampler=infonoise' in recipe.args:
         command += QUICK_INFONOISE
     if states:

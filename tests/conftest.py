@@ -93,3 +93,13 @@ def digits_zip(tmp_path_factory, digits8):
 
 # A DDPM++ small enough for CPU tests (8x8 images, two levels, attention at 4x4).
 TINY_NET_ARGS = ['--cbase=16', '--cres=1,2', '--blocks=1', '--attn=4']
+
+
+def train_config(*args) -> dict:
+    """The config train.py resolves from these command-line arguments (`setup_training_config`, presets applied), as
+    plain JSON data; the seed is None unless --seed or a resumed state gives one."""
+    import train
+
+    ctx = train.main.make_context('train.py', [str(a) for a in args])
+    opts, given = train.options_of(ctx)
+    return json.loads(json.dumps(train.setup_training_config(opts, given)))

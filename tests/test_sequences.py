@@ -234,6 +234,7 @@ class KmerDetector(torch.nn.Module):
         return torch.cat([x.mean(2), pairs], dim=1)
 
 
+@pytest.mark.filterwarnings('ignore:`torch.jit.:DeprecationWarning')  # A user's detector file may be TorchScript.
 def test_fid_with_a_sequence_detector(tmp_path):
     detector = tmp_path / 'kmer.pt'
     torch.jit.trace(KmerDetector(), torch.zeros(2, 4, 12)).save(str(detector))

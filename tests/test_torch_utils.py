@@ -333,3 +333,5 @@ def test_remove_stale_temp_files_removes_only_dead_writers_temp_files(tmp_path, 
     assert remove_stale_temp_files(str(tmp_path)) == sorted(stale)
     assert sorted(os.listdir(tmp_path)) == sorted(kept)
     assert remove_stale_temp_files(str(tmp_path)) == []
+    # A caller that writes nothing there now: a file with its own pid is a dead writer's (a reused pid).
+    assert remove_stale_temp_files(str(tmp_path), own_pid_is_stale=True) == [f'.state.pt.{me}.0123abcd.tmp']

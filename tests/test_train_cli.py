@@ -1,13 +1,15 @@
 """train.py: presets, dry run, the run-directory layout, and clear one-line errors that write nothing."""
 
+import errno
 import json
 import os
+import zipfile
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY_NET_ARGS, write_edm_zip
+from conftest import TINY_NET_ARGS, train_config, write_edm_zip
 
 import train
 
@@ -24,7 +26,18 @@ def test_dry_run_with_preset_fills_only_unset_options(tmp_path, digits_zip):
     out = tmp_path / 'runs'
     result = run(*base_args(out, digits_zip), '--preset=cifar10-cond-ncsnpp', '--lr=2e-4', '--dry-run')
     assert result.exit_code == 0, result.output
-    config = json.loads(result.output.split('Training options:')[1].split('\n\n')[0])
+    config = train_config(*base_args(out, digits_zip), '--preset=cifar10-cond-ncsnpp', '--lr=2e-4')
+    printed = json.loads(result.output.split('Training options:')[1].split('\n\n')[0])  # What --dry-run shows.
+    assert printed == dict(config, seed=printed['seed'], run_dir=printed['run_dir']) and isinstance(
+        printed['seed'], int
+    )
+    assert (
+        os.path.basename(printed['run_dir']).startswith('00000-')
+        and '-cond-ncsnpp-edm-lognormal-' in printed['run_dir']
+    )
+    for line in ('Duration:                200000 kimg', 'Learning rate:           0.0002 (ramp-up 10000 kimg)',
+                 'EMA half-life:           500 kimg', 'Noise sampler:           infonoise.samplers.LogNormal (P_mean=-1.2, P_std=1.2)'):  # fmt: skip
+        assert line in result.output, line
     assert config['network_kwargs']['embedding_type'] == 'fourier'  # arch from the preset
     assert config['dataset_kwargs']['use_labels'] is True  # cond from the preset
     assert config['optimizer_kwargs']['lr'] == 2e-4  # explicitly given beats the preset
@@ -43,14 +56,12 @@ def test_dry_run_with_preset_fills_only_unset_options(tmp_path, digits_zip):
     ],
 )
 def test_precond_defaults_and_sampler_choice(tmp_path, digits_zip, args, sampler, weight):
-    result = run(*base_args(tmp_path, digits_zip), *args, '--dry-run')
-    assert result.exit_code == 0, result.output
-    config = json.loads(result.output.split('Training options:')[1].split('\n\n')[0])
+    config = train_config(*base_args(tmp_path, digits_zip), *args)
     assert config['noise_kwargs']['class_name'].endswith(sampler) and config['loss_kwargs']['weight'] == weight
 
 
 def test_infonoise_options_and_endpoint_detection(tmp_path, digits_zip):
-    result = run(
+    kwargs = train_config(
         *base_args(tmp_path, digits_zip),
         '--sampler=infonoise',
         '--info-bins=32',
@@ -59,10 +70,7 @@ def test_infonoise_options_and_endpoint_detection(tmp_path, digits_zip):
         '--info-pivot=0.1',
         '--info-base=loguniform',
         '--weight=uniform',
-        '--dry-run',
-    )
-    assert result.exit_code == 0, result.output
-    kwargs = json.loads(result.output.split('Training options:')[1].split('\n\n')[0])['noise_kwargs']
+    )['noise_kwargs']
     assert kwargs['class_name'] == 'infonoise.InfoNoise' and kwargs['weight'] == 'uniform'
     assert (kwargs['num_bins'], kwargs['refresh_kimg'], kwargs['warmup_kimg']) == (32, 2, 10)
     assert (kwargs['pivot'], kwargs['base'], kwargs['endpoint']) == (0.1, 'loguniform', 'continuous')
@@ -71,11 +79,7 @@ def test_infonoise_options_and_endpoint_detection(tmp_path, digits_zip):
     binary = write_edm_zip(
         tmp_path / 'binary.zip', (np.random.default_rng(0).random((16, 8, 8)) > 0.5).astype(np.uint8) * 255
     )
-    result = run(*base_args(tmp_path, binary), '--sampler=infonoise', '--dry-run')
-    assert (
-        json.loads(result.output.split('Training options:')[1].split('\n\n')[0])['noise_kwargs']['endpoint']
-        == 'discrete'
-    )
+    assert train_config(*base_args(tmp_path, binary), '--sampler=infonoise')['noise_kwargs']['endpoint'] == 'discrete'
 
 
 def test_every_preset_dry_runs(tmp_path, digits_zip):
@@ -265,3 +269,53 @@ def test_nosubdir_refuses_a_directory_that_holds_a_run(tmp_path, digits_zip):
     result = run(*args)
     assert result.exit_code != 0 and 'already holds a run' in result.output
     assert sorted(os.listdir(out)) == before and 'Traceback' not in result.output
+
+
+def test_preset_names_and_files(tmp_path, digits_zip):
+    # A name is read from configs/; a path (a '/' or a .json name) is the user's own file, with the same rules.
+    own = tmp_path / 'mine.json'
+    own.write_text(json.dumps({'_comment': 'x', 'lr': 0.003, 'sampler': 'loguniform'}))
+    config = train_config(*base_args(tmp_path / 'runs', digits_zip), f'--preset={own}')
+    assert config['optimizer_kwargs']['lr'] == 0.003 and config['noise_kwargs']['class_name'].endswith('LogUniform')
+    (tmp_path / 'broken.json').write_text('{"lr": 0.003,')
+    (tmp_path / 'list.json').write_text('[1, 2]')
+    (tmp_path / 'nan.json').write_text('{"lr": NaN}')
+    (tmp_path / 'typed.json').write_text('{"batch": [1, 2]}')
+    for preset, message in [
+        (tmp_path / 'broken.json', 'is not valid JSON'),
+        (tmp_path / 'list.json', 'must hold a JSON object'),
+        (tmp_path / 'nan.json', 'not a finite number'),
+        (tmp_path / 'typed.json', '"batch"'),
+        ('../x', '--preset: no such file "../x"'),
+        ('no-such-preset', 'Unknown preset "no-such-preset"; available: afhqv2-64-ddpmpp'),
+    ]:
+        result = run(*base_args(tmp_path / 'runs', digits_zip), f'--preset={preset}')
+        assert result.exit_code == 1 and result.output.count('\n') == 1 and message in result.output, result.output
+    assert not (tmp_path / 'runs').exists()
+
+
+@pytest.mark.parametrize('workers', [0, 1])
+def test_corrupt_image_mid_run_is_one_line(tmp_path, digits8, workers):
+    # The dataset opens fine (its first image is whole); image 40 is cut short and is met only while training.
+    data = write_edm_zip(tmp_path / 'data.zip', digits8[0])
+    with zipfile.ZipFile(data) as z:
+        files = {name: z.read(name) for name in z.namelist()}
+    files['00000/img00000040.png'] = files['00000/img00000040.png'][:60]
+    with zipfile.ZipFile(data, 'w') as z:
+        for name, content in files.items():
+            z.writestr(name, content)
+    args = [*base_args(tmp_path / 'runs', data), '--batch=16', '--duration=0.001', f'--workers={workers}']
+    result = run(*args, '--cache=0')
+    last = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 1 and 'Traceback' not in result.output, result.output
+    assert last.startswith('Error: Cannot decode image "00000/img00000040.png" in '), result.output
+
+
+def test_full_disk_while_training_is_one_line(tmp_path, digits_zip, monkeypatch):
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    monkeypatch.setattr(torch, 'save', no_space)
+    result = run(*base_args(tmp_path / 'runs', digits_zip), '--batch=16', '--duration=0.001')
+    assert result.exit_code == 1 and 'Error: No space left on the device while writing into' in result.output
+    assert 'Traceback' not in result.output and result.output.strip().splitlines()[-1].startswith('Error: No space')

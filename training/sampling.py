@@ -13,12 +13,14 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable, Sequence
+from typing import BinaryIO
 
 import numpy as np
 import PIL.Image
 import torch
 
-from infonoise.grids import vp_coefficients, vp_sigma, vp_t
+from dnnlib.util import atomic_write
+from infonoise.grids import edm_grid, vp_coefficients, vp_sigma, vp_t
 
 
 class StackedRandomGenerator:
@@ -271,16 +273,53 @@ def tile_images(images: np.ndarray, grid_w: int | None = None, scale: int = 1, p
     return np.pad(grid, [(0, pad), (0, pad), (0, 0)], constant_values=255)
 
 
-def save_image(image: np.ndarray, path: str | os.PathLike) -> None:
-    """Save one uint8 HWC image as PNG: mode 'L' for 1 channel, 'RGB' for 3."""
+def save_image(image: np.ndarray, path: str | os.PathLike | BinaryIO) -> None:
+    """Save one uint8 HWC image as PNG (to a path or a binary file): mode 'L' for 1 channel, 'RGB' for 3."""
     if image.ndim != 3 or image.shape[2] not in (1, 3):
         raise ValueError(f'Expected an image of shape [H, W, 1 or 3], got {tuple(image.shape)}')
     if image.shape[2] == 1:
-        PIL.Image.fromarray(image[:, :, 0], 'L').save(path)
+        PIL.Image.fromarray(image[:, :, 0], 'L').save(path, format='PNG')
     else:
-        PIL.Image.fromarray(image, 'RGB').save(path)
+        PIL.Image.fromarray(image, 'RGB').save(path, format='PNG')
 
 
 def save_image_grid(images: torch.Tensor, path: str | os.PathLike, grid_w: int | None = None) -> None:
     """Save a batch of float images in [-1, 1] (NCHW) as one PNG tile grid."""
     save_image(tile_images(images_to_uint8(images), grid_w), path)
+
+
+@torch.no_grad()
+def sample_seeds(
+    net,
+    seeds: Sequence[int],
+    sigmas: torch.Tensor,
+    device: torch.device | str,
+    class_idx: int | None = None,
+    sampler: Callable = edm_sampler,
+    binarize: bool = False,
+    **sampler_kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Samples of `seeds` from `sampler` on the grid `sigmas`, each from its own seed's generator, and their class
+    indices (None for an unconditional network). Labels are drawn even with `class_idx`, so that the noise that
+    follows matches EDM's. `binarize` thresholds at 0 (x >= 0 is pixel >= 128 under EDM's x*127.5 + 128, the rule
+    dataset_tool.py --binarize=threshold applies to the data)."""
+    rnd = StackedRandomGenerator(device, seeds)
+    latents = rnd.randn([len(seeds), *net.img_shape], device=device)
+    labels = class_labels = None
+    if net.label_dim:
+        labels = rnd.randint(net.label_dim, size=[len(seeds)], device=device)
+        if class_idx is not None:
+            labels[:] = class_idx
+        class_labels = torch.eye(net.label_dim, device=device)[labels]
+    images = sampler(net, latents, sigmas, class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
+    return (torch.where(images >= 0, 1.0, -1.0) if binarize else images), labels
+
+
+def save_snapshot_grid(net, num: int, run_dir: str, nimg: int, device: torch.device | str) -> None:
+    """Save RUN_DIR/samples-{kimg:06d}.png: the first `num` seeds as `generate.py --seeds=0-(num-1) --grid-png` draws
+    them from the snapshot of `net` at `nimg` images: EDM's grid (18 steps, rho 7, [0.002, 80] clamped to the
+    network's range), Heun, random classes."""
+    sigma_min, sigma_max = max(0.002, float(net.sigma_min)), min(80.0, float(net.sigma_max))
+    images, _ = sample_seeds(net, list(range(num)), edm_grid(18, sigma_min, sigma_max, 7.0), device)
+    with atomic_write(os.path.join(run_dir, f'samples-{nimg // 1000:06d}.png'), 'wb') as f:  # Never half-written.
+        save_image(tile_images(images_to_uint8(images)), f)

@@ -21,7 +21,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc, training_stats
-from training import checkpoint
+from training import checkpoint, sampling
 
 
 def step_seed(seed: int, rank: int, nimg: int) -> int:
@@ -101,6 +101,7 @@ def training_loop(
     kimg_per_tick=50,  # Interval of progress prints.
     snapshot_ticks=50,  # How often to save network snapshots, None = disable.
     state_dump_ticks=500,  # How often to dump training state, None = disable.
+    snapshot_grid=0,  # Images in the sample grid saved with each snapshot, 0 = none.
     transfer=None,  # Network to initialise from (our snapshot or an EDM pickle), None = none.
     resume_state=None,  # Training state to resume from, None = start fresh.
     bf16=False,  # Run the network under bfloat16 autocast?
@@ -246,29 +247,20 @@ def training_loop(
                     run_dir, cur_nimg, net_kwargs, ema, profile, loss_kwargs=loss_kwargs, noise_kwargs=noise_kwargs,
                     augment_kwargs=augment_kwargs, dataset_kwargs=dataset_kwargs,
                 )  # fmt: skip
+                if snapshot_grid:
+                    sampling.save_snapshot_grid(ema, snapshot_grid, run_dir, cur_nimg, device)
 
         # Save full dump of the training state.
         if state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0:
             misc.check_ddp_consistency(net)
             if rank == 0:
-                checkpoint.save_training_state(
-                    run_dir,
-                    cur_nimg,
-                    net_kwargs,
-                    net,
-                    ema,
-                    optimizer,
-                    noise_kwargs,
-                    noise_sampler,
-                    seed,
-                    dataset_kwargs,
-                )
+                checkpoint.save_training_state(run_dir, cur_nimg, net_kwargs, net, ema, optimizer, noise_kwargs,
+                                               noise_sampler, seed, dataset_kwargs)  # fmt: skip
 
         # Update logs.
         training_stats.default_collector.update()
         if rank == 0:
-            if stats_jsonl is None:
-                stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'a')
+            stats_jsonl = stats_jsonl or open(os.path.join(run_dir, 'stats.jsonl'), 'a')
             stats_jsonl.write(
                 json.dumps(dict(training_stats.default_collector.as_dict(), timestamp=time.time())) + '\n'
             )
