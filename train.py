@@ -315,8 +315,10 @@ def find_resume_state(path: str) -> str:
     return path
 
 
-# Options that may differ when --resume=auto continues a run: where it restarts from, how long it runs, how it loads.
-AUTO_RESUME_FREE = ('resume_state', 'seed', 'total_kimg', 'data_loader_kwargs', 'cudnn_benchmark')
+# Options that may differ when --resume=auto continues a run: where it restarts from, how long it runs, how it loads
+# data, and how often it reports and saves; none changes what the run computes.
+AUTO_RESUME_FREE = ('resume_state', 'seed', 'total_kimg', 'data_loader_kwargs', 'cudnn_benchmark', 'kimg_per_tick',
+                    'snapshot_ticks', 'state_dump_ticks', 'snapshot_grid')  # fmt: skip
 
 
 def auto_resume(c: dnnlib.EasyDict, outdir: str, desc: str, nosubdir: bool) -> str | None:

@@ -113,6 +113,15 @@ def test_generate_writes_seed_exact_images_and_grid(tmp_path, cond_snapshot):
         with PIL.Image.open(tmp_path / 'a' / f'{seed:06d}.png') as image:
             assert np.array_equal(np.array(image), expected[:, :, 0])
 
+    # --grid-scale and --grid-pad: each image enlarged 3 times, 2 white pixels between and around them.
+    scaled = tmp_path / 'scaled.png'
+    argv = [*common, '--outdir', tmp_path / 'a', '--grid-png', scaled, '--grid-scale=3', '--grid-pad=2']
+    assert run_generate(*argv).exit_code == 0
+    with PIL.Image.open(scaled) as big:
+        big = np.array(big)
+    assert big.shape == (2 + 2 * (24 + 2), 2 + 2 * (24 + 2)) and (big[:2] == 255).all() and (big[:, 26:28] == 255).all()
+    assert np.array_equal(big[28:52:3, 28:52:3], grid[8:, 8:]) and np.array_equal(big[29:52:3, 30:52:3], grid[8:, 8:])
+
 
 def test_generate_class_and_subdirs(tmp_path, cond_snapshot):
     common = ['--network', cond_snapshot, '--steps', 2, '--device', 'cpu', '--outdir', tmp_path]

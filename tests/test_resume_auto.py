@@ -116,8 +116,8 @@ def test_resume_auto_starts_a_run_and_refuses_other_options(tmp_path, digits_zip
     result = CliRunner().invoke(train.main, [str(a) for a in [*args, '--lr=0.002']])
     assert result.exit_code != 0 and '--resume=auto:' in result.output and 'optimizer_kwargs' in result.output
     assert os.listdir(out) == [run]
-    # A longer duration is a continuation: it resumes from the newest state in place.
-    result = CliRunner().invoke(train.main, [str(a) for a in [*args, '--duration=0.002']])
+    # A longer duration (and other reporting) is a continuation: it resumes from the newest state in place.
+    result = CliRunner().invoke(train.main, [str(a) for a in [*args, '--duration=0.002', '--snap=2', '--dump=3']])
     assert result.exit_code == 0, result.output
     assert os.listdir(out) == [run] and 'training-state-000002.pt' in os.listdir(out / run)
     # Another --desc is another run.
