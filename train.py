@@ -376,22 +376,31 @@ def print_options(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, device: torch.devic
     dist.print0()
 
 
+def state_nimg(path: str) -> int:
+    """Images done at a training state: our state's exact count (read lazily, without loading its tensors), or the
+    kimg in the name of EDM's."""
+    try:
+        return int(torch.load(path, map_location='cpu', weights_only=True, mmap=True)['cur_nimg'])
+    except Exception:  # EDM's pickled dumps: NNNNNN kimg done.
+        return int(re.sub(r'\D', '', os.path.basename(path))) * 1000
+
+
 def trim_stats(run_dir: str, resume_state: str | None) -> None:
-    """Continuing a run in place: drop the stats.jsonl lines of ticks past the resumed state (the stopped attempt's;
-    they are measured again), so the file holds each tick once."""
+    """Continuing a run in place: keep the stats.jsonl lines of the ticks up to the resumed state and drop those of the
+    stopped attempt after it (they are measured again), so the file holds each tick once, in order."""
     path = os.path.join(run_dir, 'stats.jsonl')
     if not os.path.isfile(path):
         return
-    kimg = int(re.sub(r'\D', '', os.path.basename(resume_state))) if resume_state else 0
-    with open(path, encoding='utf-8') as f:
-        lines = [line for line in f if line.strip()]
+    nimg = state_nimg(resume_state) if resume_state else -1
     keep = []
-    for line in lines:
-        try:
-            if json.loads(line)['Progress/kimg']['mean'] < kimg:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            break  # A line cut short by the stop.
+    with open(path, encoding='utf-8') as f:
+        for line in f:
+            try:
+                if round(json.loads(line)['Progress/kimg']['mean'] * 1000) > nimg:
+                    break
+            except (json.JSONDecodeError, KeyError, TypeError):
+                break  # A line cut short by the stop.
+            keep.append(line)
     with dnnlib.util.atomic_write(path, 'w', encoding='utf-8') as f:
         f.writelines(keep)
 

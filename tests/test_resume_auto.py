@@ -3,6 +3,7 @@ run (CPU, bitwise), continuing its own run directory; and the snapshot sample gr
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ KIMG = 6  # Long enough that each launch is killed before the end.
 def command(outdir, data, *extra):
     return [
         sys.executable, 'train.py', f'--outdir={outdir}', f'--data={data}', '--device=cpu', '--workers=0',
-        *TINY_NET_ARGS, '--batch=16', f'--duration={KIMG / 1000}', '--tick=1', '--snap=1', '--dump=1',
+        *TINY_NET_ARGS, '--batch=32', f'--duration={KIMG / 1000}', '--tick=1', '--snap=100', '--dump=1',
         '--lr-rampup=0', '--sampler=infonoise', '--info-bins=8', '--info-refresh=1', '--info-warmup=1',
         '--info-nmin=2', *extra,
     ]  # fmt: skip
@@ -100,8 +101,10 @@ def test_resume_auto_killed_twice_equals_uninterrupted(tmp_path, digits_zip):
     # One log across the three launches; stats.jsonl holds each tick once, in order; no temporary files are left.
     log = open(run_dir / 'log.txt').read()
     assert log.count('Loading dataset...') == 3 and log.count('Loading training state from') == 2
-    kimg = [json.loads(line)['Progress/kimg']['mean'] for line in open(run_dir / 'stats.jsonl')]
-    assert kimg == sorted(set(kimg)) and kimg[-1] == KIMG
+    nimg = [round(json.loads(line)['Progress/kimg']['mean'] * 1000) for line in open(run_dir / 'stats.jsonl')]
+    assert nimg == sorted(set(nimg)) and nimg[-1] == train.state_nimg(run_dir / final)
+    resumed = re.findall(r'Loading training state from "([^"]+)"', log)
+    assert all(train.state_nimg(path) in nimg for path in resumed)  # The tick each state was saved at is kept.
     assert not [f for f in os.listdir(run_dir) if f.endswith('.tmp')]
 
 
