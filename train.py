@@ -267,13 +267,17 @@ def check_resume_state(c: dnnlib.EasyDict, data: dnnlib.EasyDict) -> int | None:
     return state['seed']  # Continue the same random streams; EDM's states have none (random, as EDM).
 
 
+def precision(opts: dnnlib.EasyDict) -> str:
+    """The network's arithmetic: 'fp16' (EDM's --fp16), 'bf16' (autocast) or 'fp32'."""
+    return 'fp16' if opts.fp16 else 'bf16' if opts.bf16 else 'fp32'
+
+
 def run_description(opts: dnnlib.EasyDict, world_size: int) -> str:
     """The run directory's name after its id: dataset, conditioning, architecture, preconditioning, sampler, ..."""
     cond = 'cond' if opts.cond else 'uncond'
     sampler = PRECOND_SAMPLER[opts.precond] if opts.sampler == 'auto' else opts.sampler
-    dtype = 'fp16' if opts.fp16 else 'bf16' if opts.bf16 else 'fp32'
     data = os.path.splitext(os.path.basename(opts.data.rstrip('/')))[0]
-    desc = f'{data}-{cond}-{opts.arch}-{opts.precond}-{sampler}-gpus{world_size}-batch{opts.batch}-{dtype}'
+    desc = f'{data}-{cond}-{opts.arch}-{opts.precond}-{sampler}-gpus{world_size}-batch{opts.batch}-{precision(opts)}'
     return desc if opts.desc is None else f'{desc}-{opts.desc}'
 
 
@@ -352,7 +356,6 @@ def auto_resume(c: dnnlib.EasyDict, outdir: str, desc: str, nosubdir: bool) -> s
 def print_options(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, device: torch.device) -> None:
     """The resolved config and a summary of what this run will do."""
     settings = ', '.join(f'{k}={v}' for k, v in c.noise_kwargs.items() if k != 'class_name')
-    dtype = 'fp16' if opts.fp16 else 'bf16' if opts.bf16 else 'fp32'
     dist.print0()
     dist.print0('Training options:')
     dist.print0(json.dumps(c, indent=2))
@@ -369,7 +372,7 @@ def print_options(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, device: torch.devic
         ('Batch size', c.batch_size),
         ('Learning rate', f'{c.optimizer_kwargs.lr:g} (ramp-up {c.lr_rampup_kimg:g} kimg)'),
         ('EMA half-life', f'{c.ema_halflife_kimg:g} kimg'),
-        ('Precision', dtype),
+        ('Precision', precision(opts)),
         ('Resume', c.get('resume_state') or 'no'),
     ]:
         dist.print0(f'{name + ":":<25s}{value}')

@@ -52,12 +52,11 @@ accuracies and the floor. FD-ARS of 1,000 held-out real sequences (both labels) 
 
 import os
 
-import click
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metrics.detectors import load_weights, train_and_save
+from metrics.detectors import load_weights, train_and_save, training_command
 from metrics.frechet import FeatureStats, frechet_distance
 from training import sequences
 
@@ -146,10 +145,8 @@ def load_dna_detector(
     """The FD-ARS detector with the committed weights (or those in `path`), in eval mode on `device`."""
     if sequence_length != SEQUENCE_LENGTH:
         raise ValueError(f'Detector "ars" takes sequences of length {SEQUENCE_LENGTH}, not {sequence_length}')
-    data = load_weights(path, FORMAT, 'FD-ARS', 'metrics.dna_detector')
-    net = DNAFeatureNet(**data['kwargs'])
-    net.load_state_dict(data['state_dict'])
-    return DNADetector(net, data['meta']).to(device)
+    net, meta = load_weights(path, FORMAT, 'FD-ARS', 'metrics.dna_detector', DNAFeatureNet)
+    return DNADetector(net, meta).to(device)
 
 
 def corrupt(tokens: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
@@ -278,19 +275,7 @@ def train(seed: int = 0, epochs: int = 4, batch_size: int = 250, lr: float = 3e-
     return net, results
 
 
-@click.command()
-@click.option('--out', help='Where to save the weights', metavar='PT', type=str, required=True)
-@click.option(
-    '--seed',
-    help='Seed for initialisation, batch order and training corruptions',
-    metavar='INT',
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-)
-@click.option(
-    '--epochs', help='Training epochs', metavar='INT', type=click.IntRange(min=1), default=4, show_default=True
-)
+@training_command(seed_help='Seed for initialisation, batch order and training corruptions', epochs=4)
 def main(out: str, seed: int, epochs: int) -> None:
     """Train the FD-ARS feature network on the ARS sequences and save its weights with their held-out accuracies.
 

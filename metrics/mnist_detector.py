@@ -22,13 +22,12 @@ binarised, 98.5% at 16x16, 98.2% as unpadded 28x28); the file's `meta` holds the
 
 import os
 
-import click
 import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from metrics.detectors import load_weights, train_and_save
+from metrics.detectors import load_weights, train_and_save, training_command
 from training.dataset import mnist5k_digits
 
 FEATURE_DIM = 128
@@ -107,10 +106,8 @@ class MNISTDetector(torch.nn.Module):
 
 def load_mnist_detector(device: torch.device | str = 'cpu', path: str = WEIGHTS_PATH) -> MNISTDetector:
     """The FD-MNIST detector with the committed weights (or those in `path`), in eval mode on `device`."""
-    data = load_weights(path, FORMAT, 'FD-MNIST', 'metrics.mnist_detector')
-    net = MNISTFeatureNet(**data['kwargs'])
-    net.load_state_dict(data['state_dict'])
-    return MNISTDetector(net, data['meta']).to(device)
+    net, meta = load_weights(path, FORMAT, 'FD-MNIST', 'metrics.mnist_detector', MNISTFeatureNet)
+    return MNISTDetector(net, meta).to(device)
 
 
 def mnist5k_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -218,19 +215,7 @@ def train(seed: int = 0, epochs: int = 20, batch_size: int = 100, lr: float = 3e
     return net, results
 
 
-@click.command()
-@click.option('--out', help='Where to save the weights', metavar='PT', type=str, required=True)
-@click.option(
-    '--seed',
-    help='Seed for initialisation, batch order and augmentation',
-    metavar='INT',
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-)
-@click.option(
-    '--epochs', help='Training epochs', metavar='INT', type=click.IntRange(min=1), default=20, show_default=True
-)
+@training_command(seed_help='Seed for initialisation, batch order and augmentation', epochs=20)
 def main(out: str, seed: int, epochs: int) -> None:
     """Train the FD-MNIST feature network on MNIST-5k and save its weights with their test accuracies.
 

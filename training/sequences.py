@@ -224,8 +224,8 @@ def is_sequence_file(path: str) -> bool:
 
 
 def write_fasta(path: str, tokens: np.ndarray, headers: list[str]) -> None:
-    """One record per row of `tokens`, 80 bases per line."""
-    with open(path, 'w', encoding='utf-8') as f:
+    """One record per row of `tokens`, 80 bases per line, written atomically."""
+    with dnnlib.util.atomic_write(path, 'w', encoding='utf-8') as f:
         for header, seq in zip(headers, decode(tokens)):
             f.write(f'>{header}\n')
             for start in range(0, len(seq), 80):
