@@ -1,5 +1,7 @@
 """Parameter types shared by the command-line tools."""
 
+import contextlib
+import errno
 import math
 import os
 
@@ -46,3 +48,24 @@ def check_output_dir(path: str, option: str) -> None:
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
         raise click.ClickException(f'{option}: cannot write into "{existing}"')
+
+
+# Write errors that are the machine's, not the program's: they end a command with one line instead of a traceback.
+DISK_ERRORS = {
+    errno.ENOSPC: 'No space left on the device',
+    errno.EFBIG: 'File size limit exceeded',
+    errno.EDQUOT: 'Disk quota exceeded',
+    errno.EROFS: 'Read-only file system',
+}
+
+
+@contextlib.contextmanager
+def disk_errors(where: str):
+    """Turn a full disk, a file size limit (`ulimit -f`: Python ignores SIGXFSZ, so the write fails with EFBIG), a
+    quota or a read-only file system met inside the block into one line naming `where`; other errors pass."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        raise click.ClickException(f'{DISK_ERRORS[e.errno]} while writing {where}: {e.filename or e}') from None

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import importlib
 import io
+import json
 import os
 import re
 import secrets
@@ -109,6 +110,23 @@ def atomic_write(path: str, mode: str = 'wb', **open_kwargs):
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def load_json(text: str | bytes, what: str) -> Any:
+    """Parse JSON text; ValueError, one line naming `what`, for text that is not JSON or nests too deep for Python's
+    parser (a 100,000-deep list raises RecursionError, which no caller expects)."""
+    try:
+        return json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f'{what} is not valid JSON ({e})') from None
+    except RecursionError:
+        raise ValueError(f'{what} nests JSON too deeply to read') from None
+
+
+def read_json(path: str, what: str | None = None) -> Any:
+    """load_json of a file's contents; `what` names it in errors (default: the path in quotes)."""
+    with open(path, 'rb') as f:
+        return load_json(f.read(), what or f'"{path}"')
 
 
 def get_obj_by_name(name: str) -> Any:

@@ -1,15 +1,20 @@
-"""Tests for torch_utils: InfiniteSampler, training_stats, misc helpers, distributed set-up (incl. a 2-process run)."""
+"""Tests for torch_utils and dnnlib: InfiniteSampler, training_stats, misc helpers, distributed set-up (incl. a
+2-process run), atomic writes, JSON reading and disk errors."""
 
+import errno
 import itertools
 import json
 import os
 import subprocess
 import sys
 
+import click
 import numpy as np
 import pytest
 import torch
 
+import dnnlib
+from dnnlib import cli
 from torch_utils import distributed as dist
 from torch_utils import misc, training_stats
 
@@ -335,3 +340,27 @@ def test_remove_stale_temp_files_removes_only_dead_writers_temp_files(tmp_path, 
     assert remove_stale_temp_files(str(tmp_path)) == []
     # A caller that writes nothing there now: a file with its own pid is a dead writer's (a reused pid).
     assert remove_stale_temp_files(str(tmp_path), own_pid_is_stale=True) == [f'.state.pt.{me}.0123abcd.tmp']
+
+
+def test_load_json_refuses_invalid_and_too_deep_json_in_one_line(tmp_path):
+    assert dnnlib.util.load_json('{"a": [1, 2]}', 'x') == {'a': [1, 2]}
+    with pytest.raises(ValueError, match=r'^"f" is not valid JSON \('):
+        dnnlib.util.load_json('{"a": ', '"f"')
+    with pytest.raises(ValueError, match=r'^"f" nests JSON too deeply to read$'):
+        dnnlib.util.load_json('[' * 100_000 + ']' * 100_000, '"f"')
+    path = tmp_path / 'deep.json'
+    path.write_bytes(b'{"k": ' * 100_000 + b'1' + b'}' * 100_000)
+    with pytest.raises(ValueError, match='nests JSON too deeply'):
+        dnnlib.util.read_json(str(path))
+    path.write_bytes(b'\xff\xfe not utf-8')
+    with pytest.raises(ValueError, match='is not valid JSON'):
+        dnnlib.util.read_json(str(path))
+
+
+@pytest.mark.parametrize('code', [errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS])
+def test_disk_errors_become_one_line(code):
+    with pytest.raises(click.ClickException) as info, cli.disk_errors('the images'):
+        raise OSError(code, os.strerror(code), 'out/x.png')
+    assert info.value.message == f'{cli.DISK_ERRORS[code]} while writing the images: out/x.png'
+    with pytest.raises(PermissionError), cli.disk_errors('the images'):  # Not the machine's: passes unchanged.
+        raise PermissionError(errno.EACCES, 'denied')
