@@ -4,15 +4,16 @@ The command line turns into one flat config of `*_kwargs` dicts (each with a `cl
 `training.training_loop.training_loop`, exactly as in EDM; every EDM flag keeps its name and meaning.
 """
 
-import errno
 import json
 import os
-import re
 import secrets
+import shutil
+import sys
 import warnings
 
 import click
 import numpy as np
+import psutil
 import torch
 
 import dnnlib
@@ -21,7 +22,8 @@ from infonoise.grids import VP_BETA_D, VP_BETA_MIN, VP_EPSILON_T
 from infonoise.pivot import is_discrete
 from infonoise.samplers import VPSampler
 from torch_utils import distributed as dist
-from training import checkpoint, training_loop
+from torch_utils import misc
+from training import checkpoint, run_dir, training_loop
 from training.dataset import CorruptImageError
 
 warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')  # False warning printed by PyTorch.
@@ -79,6 +81,11 @@ SAMPLER_KWARGS = {
 }
 
 
+def attn_list(value: str | list[int]) -> list[int]:
+    """--attn: a list of resolutions, or 'none' for a network without self-attention."""
+    return [] if isinstance(value, str) and value.strip().lower() == 'none' else dnnlib.util.parse_int_list(value)
+
+
 def read_preset(name: str) -> dict:
     """A preset's options: configs/NAME.json, or a user's own JSON file when NAME is a path (holds '/' or ends in
     .json); keys starting with '_' are comments."""
@@ -90,13 +97,30 @@ def read_preset(name: str) -> dict:
         names = sorted(f[:-5] for f in os.listdir(CONFIGS_DIR) if f.endswith('.json'))
         raise click.ClickException(f'Unknown preset "{name}"; available: {", ".join(names)} (or a path to a JSON file)')
     try:
-        with open(path, encoding='utf-8') as f:
-            preset = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise click.ClickException(f'--preset: "{path}" is not valid JSON ({e})') from None
+        preset = dnnlib.util.read_json(path)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f'--preset: {e}') from None
     if not isinstance(preset, dict):
         raise click.ClickException(f'--preset: "{path}" must hold a JSON object of option names and values')
     return {key: value for key, value in preset.items() if not key.startswith('_')}
+
+
+def preset_value_error(param: click.Parameter, value) -> str | None:
+    """Why a preset's JSON value does not fit its option's type, which click would coerce silently (true -> 1,
+    32.7 -> 32); None if it fits. Strings go through the option's own parser, as on the command line."""
+    kind = param.type
+    if value is None or isinstance(value, str):
+        return None
+    if isinstance(kind, click.types.BoolParamType):
+        return None if isinstance(value, bool) else f'{value!r} is not true or false'
+    if isinstance(kind, (click.types.IntParamType, click.IntRange)):
+        return None if isinstance(value, int) and not isinstance(value, bool) else f'{value!r} is not an integer'
+    if isinstance(kind, (click.types.FloatParamType, click.FloatRange)):
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else f'{value!r} is not a number'
+    if isinstance(kind, click.types.FuncParamType):  # The list options (--cres, --attn).
+        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+        return None if ok else f'{value!r} is not a list of non-negative integers'
+    return f'{value!r} is not a {kind.name}'
 
 
 def options_of(ctx: click.Context) -> tuple[dnnlib.EasyDict, set[str]]:
@@ -107,13 +131,15 @@ def options_of(ctx: click.Context) -> tuple[dnnlib.EasyDict, set[str]]:
         params = {p.name: p for p in ctx.command.params}
         for key, value in read_preset(opts.preset).items():
             name = key.replace('-', '_')
-            if name not in params or name in ('preset', 'outdir', 'data', 'resume'):
+            if name not in params or name in ('preset', 'outdir', 'data', 'resume', 'allow_changes', 'dry_run'):
                 raise click.ClickException(f'Preset "{opts.preset}" sets unknown or non-presettable option "{key}"')
             if ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT:
                 try:
+                    if message := preset_value_error(params[name], value):
+                        raise ValueError(message)
                     opts[name] = params[name].type_cast_value(ctx, value)
                 except (click.BadParameter, TypeError, ValueError) as e:
-                    message = e.message if isinstance(e, click.BadParameter) else f'{value!r} is not valid'
+                    message = e.message if isinstance(e, click.BadParameter) else str(e) or f'{value!r} is not valid'
                     raise click.ClickException(f'Preset "{opts.preset}": "{key}": {message}') from None
     return opts, given
 
@@ -124,18 +150,24 @@ def is_discrete_dataset(dataset_obj, max_images: int = 256) -> bool:
     return is_discrete(np.stack([dataset_obj[int(i)][0] for i in idx]))
 
 
+# InfoNoise's constructor arguments and the --info-* options that set them.
+INFO_OPTIONS = dict(
+    num_bins='info_bins', buffer_size='info_buffer', ema_rate='info_beta', refresh_kimg='info_refresh',
+    warmup_kimg='info_warmup', min_count='info_nmin', gate_n='info_gate_n', onset_p='info_p', smoothing='info_smooth',
+    endpoint='info_endpoint', pivot='info_pivot', base='info_base', floor='info_floor', sigma_min='info_sigma_min',
+    sigma_max='info_sigma_max',
+)  # fmt: skip
+
+
 def infonoise_kwargs(opts: dnnlib.EasyDict, weight: str, discrete_data: bool) -> dnnlib.EasyDict:
     """InfoNoise's constructor arguments from the --info-* options."""
+    kwargs = dnnlib.EasyDict(class_name='infonoise.InfoNoise', weight=weight, sigma_data=0.5)
+    kwargs.update({name: opts[option] for name, option in INFO_OPTIONS.items()})
     sigma_min, sigma_max = PRECOND_SIGMA_RANGE[opts.precond]
-    endpoint = opts.info_endpoint if opts.info_endpoint != 'auto' else ('discrete' if discrete_data else 'continuous')
-    return dnnlib.EasyDict(
-        class_name='infonoise.InfoNoise', weight=weight, sigma_data=0.5,
-        sigma_min=opts.info_sigma_min or sigma_min, sigma_max=opts.info_sigma_max or sigma_max,
-        num_bins=opts.info_bins, buffer_size=opts.info_buffer, ema_rate=opts.info_beta,
-        refresh_kimg=opts.info_refresh, warmup_kimg=opts.info_warmup, min_count=opts.info_nmin,
-        gate_n=opts.info_gate_n, onset_p=opts.info_p, smoothing=opts.info_smooth, endpoint=endpoint,
-        pivot=opts.info_pivot, base=opts.info_base, floor=opts.info_floor,
-    )  # fmt: skip
+    kwargs.update(sigma_min=kwargs.sigma_min or sigma_min, sigma_max=kwargs.sigma_max or sigma_max)
+    if kwargs.endpoint == 'auto':
+        kwargs.endpoint = 'discrete' if discrete_data else 'continuous'
+    return kwargs
 
 
 def dataset_config(opts: dnnlib.EasyDict, given: set[str]) -> tuple[dnnlib.EasyDict, dnnlib.EasyDict]:
@@ -170,7 +202,7 @@ def dataset_config(opts: dnnlib.EasyDict, given: set[str]) -> tuple[dnnlib.EasyD
 
 
 def setup_training_config(
-    opts: dnnlib.EasyDict, given: set[str] = frozenset(), world_size: int = 1, device_type: str = 'cpu'
+    opts: dnnlib.EasyDict, given: set[str] = frozenset(), world_size: int = 1, device: torch.device | str = 'cpu'
 ) -> dnnlib.EasyDict:
     """EDM's flat config of `*_kwargs` dicts for `training_loop` from the options (presets already applied).
 
@@ -178,14 +210,15 @@ def setup_training_config(
     is written; the first problem is a click.ClickException. `given` names the options set on the command line. The
     seed is left None when neither --seed nor the resumed state gives one.
     """
+    device = torch.device(device)
     c = dnnlib.EasyDict()
     c.dataset_kwargs, data = dataset_config(opts, given)
-    c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=device_type == 'cuda', num_workers=opts.workers)
+    c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=device.type == 'cuda', num_workers=opts.workers)
     if opts.workers > 0:
         c.data_loader_kwargs.prefetch_factor = 2
     c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
 
-    # Network architecture.
+    # Network architecture, built once on the meta device to check every shape option.
     c.network_kwargs = dnnlib.EasyDict(ARCH_KWARGS[opts.arch])
     c.network_kwargs.class_name = f'training.networks.{PRECOND_CLASS[opts.precond]}'
     overrides = dict(cbase='model_channels', cres='channel_mult', blocks='num_blocks', attn='attn_resolutions')
@@ -195,6 +228,7 @@ def setup_training_config(
         c.augment_kwargs.update(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
         c.network_kwargs.augment_dim = 9
     c.network_kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16)
+    check_network(c, data, opts, device)
 
     # Loss weight and noise sampler; every sampler option is checked by building the sampler once.
     weight = PRECOND_WEIGHT[opts.precond] if opts.weight == 'auto' else opts.weight
@@ -217,9 +251,8 @@ def setup_training_config(
     c.lr_rampup_kimg = opts.lr_rampup
     c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu)
     c.update(loss_scaling=opts.ls, cudnn_benchmark=opts.bench, bf16=opts.bf16, compile=opts.compile)
-    c.update(
-        kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump, snapshot_grid=opts.snap_grid
-    )
+    c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump)
+    c.update(snapshot_grid=opts.snap_grid, snapshot_grid_scale=opts.snap_grid_scale, verbose=opts.verbose)
     if opts.fp16 and opts.bf16:
         raise click.ClickException('--fp16 and --bf16 are mutually exclusive')
     batch_gpu = opts.batch_gpu or opts.batch // world_size
@@ -231,6 +264,8 @@ def setup_training_config(
     # Transfer learning, resume and the run directory (None: a new numbered run in --outdir, created at launch).
     if opts.transfer is not None and opts.resume is not None:
         raise click.ClickException('--transfer and --resume cannot be specified at the same time')
+    if opts.allow_changes and opts.resume in (None, 'auto'):
+        raise click.ClickException('--allow-changes applies to --resume=STATE|DIR only')
     if opts.transfer is not None:
         try:
             checkpoint.load_network(opts.transfer)
@@ -240,31 +275,153 @@ def setup_training_config(
     c.seed = opts.seed
     c.run_dir = opts.outdir if opts.nosubdir else None
     if opts.resume == 'auto':
-        c.run_dir = auto_resume(c, opts.outdir, run_description(opts, world_size), opts.nosubdir)
+        find_auto_resume(c, opts, run_description(opts, world_size))
     elif opts.resume is not None:
         c.resume_state = os.path.abspath(find_resume_state(opts.resume))
     if c.get('resume_state') is not None:
-        seed = check_resume_state(c, data)
-        c.seed = seed if c.seed is None else c.seed
+        check_resume_state(c, data, strict=not opts.allow_changes)
     # A run directory holds one run: --nosubdir into one continues it in place or is refused.
     in_place = opts.resume == 'auto' or os.path.dirname(c.get('resume_state') or '') == os.path.abspath(opts.outdir)
-    holds_run = os.path.isfile(os.path.join(opts.outdir, 'training_options.json'))
-    if opts.nosubdir and holds_run and not (in_place or opts.dry_run):
+    if opts.nosubdir and run_dir.holds_run(opts.outdir) and not (in_place or opts.dry_run):
         raise click.ClickException(f'--nosubdir: {opts.outdir} already holds a run; use another --outdir, or --resume')
     return c
 
 
-def check_resume_state(c: dnnlib.EasyDict, data: dnnlib.EasyDict) -> int | None:
-    """Check that c.resume_state fits this config (network, noise sampler and its bins/buffers); its seed."""
+def check_network(c: dnnlib.EasyDict, data: dnnlib.EasyDict, opts: dnnlib.EasyDict, device: torch.device) -> None:
+    """Refuse, before anything is written, a network that cannot be built or would not fit: levels the data cannot
+    halve into, attention at no level, or more memory for weights, EMA, gradients and Adam than the device has."""
+    kwargs = dict(c.network_kwargs, img_resolution=c.dataset_kwargs.resolution, img_channels=data.channels,
+                  label_dim=data.label_dim)  # fmt: skip
+    res, cres = kwargs['img_resolution'], list(kwargs['channel_mult'])
+    what = 'length' if opts.arch in SEQUENCE_ARCHS else 'resolution'
+    if not cres or min(cres) < 1:
+        raise click.ClickException(f'--cres={",".join(map(str, cres))}: channel multipliers must be positive')
+    if res % 2 ** (len(cres) - 1) != 0:
+        most = 1 + next(i for i in range(len(cres)) if res % 2 ** (i + 1) != 0)
+        raise click.ClickException(
+            f'--cres={",".join(map(str, cres))}: {len(cres)} levels halve the {what} {res} {len(cres) - 1} times, '
+            f'which it does not allow; give at most {most} multipliers'
+        )
+    levels = [res >> i for i in range(len(cres))]
+    if opts.attn is not None and (unmatched := sorted(set(opts.attn) - set(levels))):
+        raise click.ClickException(
+            f'--attn={",".join(map(str, opts.attn))}: no level of this network has {what} '
+            f'{",".join(map(str, unmatched))} (its levels: {",".join(map(str, levels))}); choose among them, '
+            'or --attn=none for no attention'
+        )
+    try:
+        with torch.device('meta'):
+            params = sum(p.numel() for p in dnnlib.util.construct_class_by_name(**kwargs).parameters())
+    except Exception as e:
+        raise click.ClickException(f'Cannot build the network from these options: {e}'.splitlines()[0]) from None
+    # Weights, EMA, gradients and Adam's two moments: five float32 copies.
+    need, have = params * 20, device_memory(device)
+    if need > have:
+        raise click.ClickException(
+            f'The network has {params:,} parameters: {need / 2**30:.1f} GiB for weights, EMA, gradients and Adam, '
+            f'more than the {have / 2**30:.1f} GiB of {device}; lower --cbase, --cres or --blocks'
+        )
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory on `device`: the GPU's, or the machine's RAM."""
+    if device.type == 'cuda':
+        return torch.cuda.get_device_properties(device).total_memory
+    return psutil.virtual_memory().total
+
+
+# The option behind each entry of the config, for messages that name what differs (nested keys by their last part).
+CONFIG_FLAGS = dict(
+    path='--data', use_labels='--cond', xflip='--xflip', resolution='--data', max_size='--data', cache='--cache',
+    model_type='--arch', model_channels='--cbase', channel_mult='--cres', num_blocks='--blocks',
+    attn_resolutions='--attn', dropout='--dropout', use_fp16='--fp16', augment_dim='--augment', p='--augment',
+    augment_kwargs='--augment', weight='--weight', lr='--lr', total_kimg='--duration', ema_halflife_kimg='--ema',
+    lr_rampup_kimg='--lr-rampup', batch_size='--batch', batch_gpu='--batch-gpu', loss_scaling='--ls', bf16='--bf16',
+    compile='--compile', seed='--seed', transfer='--transfer', ema_rampup_ratio='--transfer', verbose='--verbose',
+    **{name: '--' + option.replace('_', '-') for name, option in INFO_OPTIONS.items()},
+)  # fmt: skip
+CONFIG_FLAGS.update({'network_kwargs.class_name': '--precond', 'noise_kwargs.class_name': '--sampler'})
+
+
+def differences(old: dict, new: dict, groups) -> list[str]:
+    """'--flag=OLD (now NEW)' for each entry of the config `groups` (top-level keys) whose value differs."""
+    found = []
+    for key, a, b in run_dir.config_differences({k: old.get(k) for k in groups}, {k: new.get(k) for k in groups}):
+        flag = CONFIG_FLAGS.get(key) or CONFIG_FLAGS.get(key.split('.')[-1]) or key
+        found.append(f'{flag}: {json.dumps(a)} (now {json.dumps(b)}{"" if flag == key else f"; {key}"})')
+    return found
+
+
+def check_resume_state(c: dnnlib.EasyDict, data: dnnlib.EasyDict, strict: bool = True) -> None:
+    """Check that c.resume_state fits this config: the same network, and the same data, loss and noise sampler unless
+    not `strict` (--allow-changes); finite numbers; a state the noise sampler can load. Take its seed if none given."""
     net_kwargs = dict(c.network_kwargs, img_resolution=c.dataset_kwargs.resolution, img_channels=data.channels,
                       label_dim=data.label_dim)  # fmt: skip
     try:
-        state = checkpoint.load_training_state(c.resume_state, net_kwargs, c.noise_kwargs)
-        if state['noise_sampler'] is not None:
-            dnnlib.util.construct_class_by_name(**c.noise_kwargs).load_state_dict(state['noise_sampler'])
-    except (OSError, ValueError, KeyError) as e:
+        state = checkpoint.load_training_state(c.resume_state, None)
+    except (OSError, ValueError) as e:
         raise click.ClickException(f'--resume: {e}') from None
-    return state['seed']  # Continue the same random streams; EDM's states have none (random, as EDM).
+    real = lambda kwargs: dict(kwargs or {}, path=os.path.realpath(str((kwargs or {}).get('path'))))  # noqa: E731
+    old = dict(state, dataset_kwargs=dict(real(state.get('dataset_kwargs')), cache=c.dataset_kwargs.cache))
+    new = dict(c, network_kwargs=net_kwargs, dataset_kwargs=real(c.dataset_kwargs))
+    groups = ['network_kwargs'] + [
+        k for k in ('dataset_kwargs', 'loss_kwargs', 'noise_kwargs') if strict and k in state
+    ]
+    if changed := differences(old, new, groups):
+        raise click.ClickException(
+            f'--resume: {c.resume_state} was trained with other options: {"; ".join(changed)}. Start from its '
+            'weights with --transfer' + ('' if 'network_kwargs' in changed[0] else ', or continue with --allow-changes')
+        )
+    if state['noise_sampler'] is not None and run_dir.same_config(state.get('noise_kwargs'), c.noise_kwargs):
+        try:
+            dnnlib.util.construct_class_by_name(**c.noise_kwargs).load_state_dict(state['noise_sampler'])
+        except (ValueError, KeyError, TypeError) as e:
+            raise click.ClickException(f'--resume: {c.resume_state}: cannot restore the noise sampler: {e}') from None
+    if c.seed is None:
+        c.seed = state['seed']  # Continue the same random streams; EDM's states have none (random, as EDM).
+
+
+def find_resume_state(path: str) -> str:
+    """A training-state-*.pt file (ours or EDM's), or the newest one in a run directory."""
+    if os.path.isdir(path):
+        if (state := run_dir.newest(path, 'training-state')) is None:
+            raise click.ClickException(f'--resume: no training-state-*.pt in "{path}"')
+        return state
+    if not os.path.isfile(path):
+        raise click.ClickException(f'--resume: no such file or directory "{path}"')
+    return path
+
+
+# Options that may differ when --resume=auto continues a run: where it restarts from, how long it runs, how it loads
+# data, and how often it reports and saves; none changes what the run computes. A new --seed is refused apart.
+AUTO_RESUME_FREE = ('run_dir', 'resume_state', 'seed', 'total_kimg', 'data_loader_kwargs', 'cudnn_benchmark',
+                    'kimg_per_tick', 'snapshot_ticks', 'state_dump_ticks', 'snapshot_grid', 'snapshot_grid_scale',
+                    'verbose')  # fmt: skip
+
+
+def find_auto_resume(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, desc: str) -> None:
+    """--resume=auto: set c.run_dir to the run to continue in place (OUTDIR itself with --nosubdir, else the newest run
+    in OUTDIR named for this command, `desc`; left as is when there is none yet) and c.resume_state to its newest
+    training state (none if it stopped before its first), c.seed to the run's. A run started with other options is
+    refused, not mixed in, and so is a folder that holds run files but no training_options.json."""
+    directory = opts.outdir if opts.nosubdir else run_dir.newest_of(opts.outdir, desc)
+    if directory is None or not run_dir.holds_run(directory):
+        return
+    try:
+        old = run_dir.read_options(directory)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f'--resume=auto: {e}; restore it, or use another --outdir') from None
+    changed = differences(old, json.loads(json.dumps(c)), sorted({*old, *c} - set(AUTO_RESUME_FREE)))
+    if opts.seed is not None and opts.seed != old.get('seed'):
+        changed.append(f'--seed: {old.get("seed")} (now {opts.seed})')
+    if changed:
+        raise click.ClickException(
+            f'--resume=auto: {directory} was started with other options: {"; ".join(changed)}. Rerun its command, '
+            'or start another run with --desc'
+        )
+    c.run_dir, c.seed = directory, old.get('seed')
+    if (state := run_dir.newest(directory, 'training-state')) is not None:
+        c.resume_state = os.path.abspath(state)
 
 
 def precision(opts: dnnlib.EasyDict) -> str:
@@ -281,79 +438,7 @@ def run_description(opts: dnnlib.EasyDict, world_size: int) -> str:
     return desc if opts.desc is None else f'{desc}-{opts.desc}'
 
 
-def next_run_dir(outdir: str, desc: str) -> str:
-    """OUTDIR/NNNNN-DESC with NNNNN one above the highest run id in `outdir` (EDM's numbering)."""
-    names = [x for x in os.listdir(outdir) if os.path.isdir(os.path.join(outdir, x))] if os.path.isdir(outdir) else []
-    ids = [int(m.group()) for m in (re.match(r'^\d+', x) for x in names) if m is not None]
-    return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
-
-
-def create_run_dir(outdir: str, desc: str) -> str:
-    """Create the next run directory exclusively: a job that lists `outdir` at the same time as another and loses the
-    race to create the directory takes the next id, so two runs never share one."""
-    os.makedirs(outdir, exist_ok=True)
-    while True:
-        run_dir = next_run_dir(outdir, desc)
-        try:
-            os.mkdir(run_dir)
-            return run_dir
-        except FileExistsError:
-            continue
-
-
-def newest_state(run_dir: str) -> str | None:
-    """The training-state-*.pt of `run_dir` with the most kimg, by number: past 999,999 kimg the names grow a digit
-    and text order would pick an older state."""
-    states = [f for f in os.listdir(run_dir) if re.fullmatch(r'training-state-\d+\.pt', f)]
-    return os.path.join(run_dir, max(states, key=lambda f: int(re.sub(r'\D', '', f)))) if states else None
-
-
-def find_resume_state(path: str) -> str:
-    """A training-state-*.pt file (ours or EDM's), or the newest one in a run directory."""
-    if os.path.isdir(path):
-        if (state := newest_state(path)) is None:
-            raise click.ClickException(f'--resume: no training-state-*.pt in "{path}"')
-        return state
-    if not os.path.isfile(path):
-        raise click.ClickException(f'--resume: no such file or directory "{path}"')
-    return path
-
-
-# Options that may differ when --resume=auto continues a run: where it restarts from, how long it runs, how it loads
-# data, and how often it reports and saves; none changes what the run computes.
-AUTO_RESUME_FREE = ('resume_state', 'seed', 'total_kimg', 'data_loader_kwargs', 'cudnn_benchmark', 'kimg_per_tick',
-                    'snapshot_ticks', 'state_dump_ticks', 'snapshot_grid')  # fmt: skip
-
-
-def auto_resume(c: dnnlib.EasyDict, outdir: str, desc: str, nosubdir: bool) -> str | None:
-    """--resume=auto: the run to continue in place, with c.resume_state set to its newest training state (none if it
-    stopped before its first): OUTDIR itself with --nosubdir, else the newest run in OUTDIR named for this command
-    (`desc`). None: no such run yet, start a new one. A run started with other options is refused, not mixed in."""
-    if nosubdir:
-        runs = [outdir]
-    elif os.path.isdir(outdir):
-        runs = [os.path.join(outdir, x) for x in os.listdir(outdir) if re.fullmatch(rf'\d+-{re.escape(desc)}', x)]
-    else:
-        runs = []
-    runs = [x for x in runs if os.path.isfile(os.path.join(x, 'training_options.json'))]
-    if not runs:
-        return outdir if nosubdir else None
-    run_dir = max(runs, key=lambda x: int(os.path.basename(x).split('-')[0]) if not nosubdir else 0)
-    with open(os.path.join(run_dir, 'training_options.json'), encoding='utf-8') as f:
-        old = json.load(f)
-    new = json.loads(json.dumps(c))
-    changed = sorted(k for k in {*old, *new} - {'run_dir', *AUTO_RESUME_FREE} if old.get(k) != new.get(k))
-    if changed:
-        raise click.ClickException(
-            f'--resume=auto: {run_dir} was started with other options ({", ".join(changed)}); '
-            'rerun its command, or start another run with --desc'
-        )
-    if (state := newest_state(run_dir)) is not None:
-        c.resume_state = os.path.abspath(state)
-    return run_dir
-
-
-def print_options(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, device: torch.device) -> None:
+def print_options(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, device: torch.device, threads: str) -> None:
     """The resolved config and a summary of what this run will do."""
     settings = ', '.join(f'{k}={v}' for k, v in c.noise_kwargs.items() if k != 'class_name')
     dist.print0()
@@ -368,6 +453,7 @@ def print_options(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, device: torch.devic
         ('Preconditioning & loss', f'{opts.precond} (weight {c.loss_kwargs.weight})'),
         ('Noise sampler', c.noise_kwargs.class_name + (f' ({settings})' if settings else '')),
         ('Device', f'{device} x {dist.get_world_size()}'),
+        ('CPU threads', threads),
         ('Duration', f'{c.total_kimg} kimg'),
         ('Batch size', c.batch_size),
         ('Learning rate', f'{c.optimizer_kwargs.lr:g} (ramp-up {c.lr_rampup_kimg:g} kimg)'),
@@ -379,69 +465,67 @@ def print_options(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, device: torch.devic
     dist.print0()
 
 
-def state_nimg(path: str) -> int:
-    """Images done at a training state: our state's exact count (read lazily, without loading its tensors), or the
-    kimg in the name of EDM's."""
+def claim_run_dir(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, desc: str, locks: list[int]) -> bool:
+    """Rank 0: lock the run directory for this process (creating a new numbered one if c.run_dir is None) and say
+    whether it is new. --resume=auto also locks OUTDIR/.DESC.lock while it finds or creates its run, so that two
+    launches of one command never train side by side; what it found must still hold once it has the lock."""
+    if opts.resume == 'auto' and not opts.nosubdir:
+        os.makedirs(opts.outdir, exist_ok=True)
+        locks.append(run_dir.lock(os.path.join(opts.outdir, f'.{desc}.lock'), f'--resume=auto of "{desc}"'))
+        found = dnnlib.EasyDict(c, run_dir=None, resume_state=None)
+        find_auto_resume(found, opts, desc)
+        if (found.run_dir, found.resume_state) != (c.run_dir, c.get('resume_state')):
+            raise click.ClickException(f'--resume=auto: {opts.outdir} changed while this launch started; relaunch it')
+    new_run = c.run_dir is None or not run_dir.holds_run(c.run_dir)
+    if c.run_dir is None:
+        c.run_dir = run_dir.create(opts.outdir, desc)
+    os.makedirs(c.run_dir, exist_ok=True)
+    locks.append(run_dir.lock(os.path.join(c.run_dir, run_dir.LOCK), f'Run directory {c.run_dir}'))
+    return new_run
+
+
+def launch_training(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, desc: str, device: torch.device, threads: str) -> None:
+    """Claim the run directory, write training_options.json, log to log.txt and run the training loop until done or
+    stopped by SIGTERM/SIGINT (then with a training state saved and exit status 128 + the signal). A run continued in
+    place keeps its log.txt and its stats.jsonl up to the resumed state."""
+    locks, logger = [], None
     try:
-        return int(torch.load(path, map_location='cpu', weights_only=True, mmap=True)['cur_nimg'])
-    except Exception:  # EDM's pickled dumps: NNNNNN kimg done.
-        return int(re.sub(r'\D', '', os.path.basename(path))) * 1000
-
-
-def trim_stats(run_dir: str, resume_state: str | None) -> None:
-    """Continuing a run in place: keep the stats.jsonl lines of the ticks up to the resumed state and drop those of the
-    stopped attempt after it (they are measured again), so the file holds each tick once, in order."""
-    path = os.path.join(run_dir, 'stats.jsonl')
-    if not os.path.isfile(path):
-        return
-    nimg = state_nimg(resume_state) if resume_state else -1
-    keep = []
-    with open(path, encoding='utf-8') as f:
-        for line in f:
-            try:
-                if round(json.loads(line)['Progress/kimg']['mean'] * 1000) > nimg:
-                    break
-            except (json.JSONDecodeError, KeyError, TypeError):
-                break  # A line cut short by the stop.
-            keep.append(line)
-    with dnnlib.util.atomic_write(path, 'w', encoding='utf-8') as f:
-        f.writelines(keep)
-
-
-def launch_training(c: dnnlib.EasyDict, new_run: bool, device: torch.device) -> None:
-    """Create the run directory c.run_dir (a new numbered one: exclusively, taking the next id if another job took it
-    meanwhile), write training_options.json, log to log.txt and run the training loop. A run continued in place keeps
-    its log.txt and its stats.jsonl up to the resumed state."""
-    dist.print0('Creating output directory...')
-    logger = None
-    if dist.get_rank() == 0:
-        run_dir = c.run_dir
-        if new_run:
-            c.run_dir = create_run_dir(os.path.dirname(run_dir), os.path.basename(run_dir).split('-', 1)[1])
-            if c.run_dir != run_dir:
-                dist.print0(f'{run_dir} was taken meanwhile; output directory: {c.run_dir}')
-        os.makedirs(c.run_dir, exist_ok=True)
-        if os.path.isfile(os.path.join(c.run_dir, 'training_options.json')):  # Continued in place.
-            for name in dnnlib.util.remove_stale_temp_files(c.run_dir, own_pid_is_stale=True):
-                dist.print0(f'Removed "{name}", left by a stopped process')
-            resume_state = c.get('resume_state') or ''
-            trim_stats(c.run_dir, resume_state if os.path.dirname(resume_state) == os.path.abspath(c.run_dir) else None)
-        with dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'w', encoding='utf-8') as f:
-            json.dump(c, f, indent=2)
-        logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
-    c.run_dir = dist.broadcast_object(c.run_dir)
-    try:
-        training_loop.training_loop(**c, device=device)
+        if dist.get_rank() == 0:
+            with cli.disk_errors(f'into {opts.outdir}'):
+                try:
+                    new_run = claim_run_dir(c, opts, desc, locks)
+                except run_dir.Busy as e:
+                    raise click.ClickException(str(e)) from None
+                print_options(c, opts, device, threads)
+                dist.print0('Creating output directory...' if new_run else f'Continuing {c.run_dir} in place...')
+                if not new_run:
+                    for name in dnnlib.util.remove_stale_temp_files(c.run_dir, own_pid_is_stale=True):
+                        dist.print0(f'Removed "{name}", left by a stopped process')
+                    in_place = os.path.dirname(c.get('resume_state') or '') == os.path.abspath(c.run_dir)
+                    run_dir.trim_stats(c.run_dir, run_dir.state_nimg(c.resume_state) if in_place else -1)
+                try:
+                    with dnnlib.util.atomic_write(os.path.join(c.run_dir, run_dir.OPTIONS), 'w') as f:
+                        json.dump(c, f, indent=2)
+                except OSError:
+                    if new_run:  # Leave no run directory without its options behind.
+                        shutil.rmtree(c.run_dir, ignore_errors=True)
+                    raise
+            logger = dnnlib.util.Logger(
+                file_name=os.path.join(c.run_dir, run_dir.LOG), file_mode='a', should_flush=True
+            )
+        c.run_dir = dist.broadcast_object(c.run_dir)
+        with dist.StopSignals() as stop_signals, cli.disk_errors(f'into {c.run_dir}'):
+            result = training_loop.training_loop(**c, device=device, stop_signals=stop_signals)
     except CorruptImageError as e:  # A DataLoader worker's error comes with its traceback: keep the message.
         raise click.ClickException(str(e).strip().splitlines()[-1].split('CorruptImageError: ')[-1]) from None
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        raise click.ClickException(f'No space left on the device while writing into {c.run_dir}: {e}') from None
     finally:
         if logger is not None:
             logger.close()
+        for fd in locks:
+            os.close(fd)  # Releases the lock.
         dist.shutdown()
+    if result.stopped:
+        sys.exit(128 + result.stopped)
 
 
 # fmt: off
@@ -479,8 +563,8 @@ def launch_training(c: dnnlib.EasyDict, new_run: bool, device: torch.device) -> 
 @click.option('--batch-gpu',  help='Limit batch size per GPU', metavar='INT',                        type=click.IntRange(min=1))
 @click.option('--cbase',      help='Channel multiplier  [default: varies]', metavar='INT',           type=click.IntRange(min=1))
 @click.option('--cres',       help='Channels per resolution  [default: varies]', metavar='LIST',     type=dnnlib.util.parse_int_list)
-@click.option('--blocks',     help='Residual blocks per resolution  [default: varies]', metavar='INT', type=click.IntRange(min=1))
-@click.option('--attn',       help='Resolutions with self-attention  [default: varies]', metavar='LIST', type=dnnlib.util.parse_int_list)
+@click.option('--blocks',     help='Residual blocks per resolution  [default: varies]', metavar='INT', type=click.IntRange(min=1, max=64))
+@click.option('--attn',       help='Resolutions with self-attention, none = no attention  [default: varies]', metavar='LIST|none', type=attn_list)
 @click.option('--lr',         help='Learning rate', metavar='FLOAT',                                 type=cli.FloatRange(min=0, min_open=True), default=10e-4, show_default=True)
 @click.option('--lr-rampup',  help='Learning rate ramp-up', metavar='KIMG',                          type=cli.FloatRange(min=0), default=10000, show_default=True)
 @click.option('--ema',        help='EMA half-life', metavar='MIMG',                                  type=cli.FloatRange(min=0), default=0.5, show_default=True)
@@ -505,9 +589,12 @@ def launch_training(c: dnnlib.EasyDict, new_run: bool, device: torch.device) -> 
 @click.option('--snap',       help='How often to save snapshots', metavar='TICKS',                   type=click.IntRange(min=1), default=50, show_default=True)
 @click.option('--dump',       help='How often to dump state', metavar='TICKS',                       type=click.IntRange(min=1), default=500, show_default=True)
 @click.option('--snap-grid',  help='Sample grid of the first N seeds with each snapshot, 0 = off', metavar='N', type=click.IntRange(min=0, max=1024), default=0, show_default=True)
+@click.option('--snap-grid-scale', help='Enlarge each image of the sample grid by this factor', metavar='INT', type=click.IntRange(min=1, max=16), default=1, show_default=True)
+@click.option('--verbose',    help='Print every InfoNoise refresh check (stats.jsonl holds them all)', is_flag=True)
 @click.option('--seed',       help="Random seed  [default: random, or the resumed run's]", metavar='INT', type=int)
 @click.option('--transfer',   help='Transfer learning from network snapshot or EDM pickle', metavar='PT|PKL|URL', type=str)
 @click.option('--resume',     help="Resume from a training state (ours or EDM's) or run directory; auto = continue this command's newest run in place", metavar='PT|DIR|auto', type=str)
+@click.option('--allow-changes', help='With --resume=STATE|DIR: continue although data, loss or noise sampler differ', is_flag=True)
 @click.option('-n', '--dry-run', help='Print training options and exit',                             is_flag=True)
 # fmt: on
 def main(**kwargs):
@@ -534,24 +621,30 @@ def main(**kwargs):
         device = dist.init(opts.device)
     except RuntimeError as e:
         raise click.ClickException(str(e)) from None
-    c = setup_training_config(opts, given, dist.get_world_size(), device.type)
-    new_run = c.run_dir is None
-    if new_run:
-        desc = run_description(opts, dist.get_world_size())
-        c.run_dir = dist.broadcast_object(next_run_dir(opts.outdir, desc) if dist.get_rank() == 0 else None)
+    threads = misc.set_cpu_threads(int(os.environ.get('LOCAL_WORLD_SIZE', '1')))
+    c = setup_training_config(opts, given, dist.get_world_size(), device)
     if c.seed is None:
         c.seed = dist.broadcast_object(secrets.randbelow(1 << 31))
-    print_options(c, opts, device)
+    desc = run_description(opts, dist.get_world_size())
+
+    # Nothing to do for a state at or past the duration: a finished run relaunched stays as it is.
+    if c.get('resume_state') is not None and (nimg := run_dir.state_nimg(c.resume_state)) >= c.total_kimg * 1000:
+        where = c.run_dir if opts.resume == 'auto' else c.resume_state
+        dist.print0(f'{where} is already complete: {nimg / 1e3:g} kimg of --duration={opts.duration:g} Mimg done.')
+        dist.shutdown()
+        return
 
     # Dry run? It also shows what the training loop would say first about the noise sampler.
     if opts.dry_run:
+        c.run_dir = c.run_dir or run_dir.next_id_dir(opts.outdir, desc)
+        print_options(c, opts, device, threads)
         sampler = dnnlib.util.construct_class_by_name(**c.noise_kwargs)
         for line in sampler.schedule_report(c.total_kimg * 1000, c.batch_size):
             dist.print0(line)
         dist.print0('Dry run; exiting.')
         dist.shutdown()
         return
-    launch_training(c, new_run, device)
+    launch_training(c, opts, desc, device, threads)
 
 
 if __name__ == '__main__':

@@ -5,12 +5,13 @@ import sys
 
 import torch
 
+import dnnlib
 import train
 from training import training_loop
 
 if __name__ == '__main__':
     out, args = sys.argv[1], sys.argv[2:]
-    result = {}
+    result = dnnlib.EasyDict()
     loop = training_loop.training_loop
 
     def capture(**kwargs):

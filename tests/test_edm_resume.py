@@ -83,7 +83,7 @@ def test_resume_from_edm_files_equals_resume_from_ours(edm_run, digits_zip):
 
     # Under EDM's EMA ramp-up the resumed EMA hardly outlives two steps, so compare what was loaded, too.
     loaded = checkpoint.load_training_state(
-        str(edm_run.edm / 'training-state-000001.pt'), edm_run.state['network_kwargs'], edm_run.state['noise_kwargs']
+        str(edm_run.edm / 'training-state-000001.pt'), edm_run.state['network_kwargs']
     )
     assert (loaded['cur_nimg'], loaded['noise_sampler'], loaded['seed']) == (1000, None, None)
     for key in ('net', 'ema'):
@@ -138,7 +138,7 @@ def test_edm_resume_refusals(edm_run, digits_zip, tmp_path):
             NET_ARGS,
             'must be named training-state-<kimg>.pt',
         ),
-        (edm_run.edm, ['--cbase=16', '--cres=1', '--blocks=1'], '000001.pt" was written for a different network'),
+        (edm_run.edm, ['--cbase=16', '--cres=1', '--blocks=1'], '--cbase: 8 (now 16; network_kwargs.model_channels)'),
         (
             edm_dir('other-snapshot', {'training-state-000001.pt': state, 'network-snapshot-000001.pkl': wider}),
             NET_ARGS,

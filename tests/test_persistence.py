@@ -80,17 +80,17 @@ def assert_same_weights(a, b):
 
 def test_save_atomic_writes_the_file_and_leaves_no_temp_files(tmp_path):
     path = tmp_path / 'a.pt'
-    persistence.save_atomic({'x': torch.arange(3)}, str(path))
-    persistence.save_atomic({'x': torch.arange(5)}, str(path))
+    checkpoint.save_atomic({'x': torch.arange(3)}, str(path))
+    checkpoint.save_atomic({'x': torch.arange(5)}, str(path))
     assert os.listdir(tmp_path) == ['a.pt']
     assert torch.equal(torch.load(path, weights_only=True)['x'], torch.arange(5))
 
 
 def test_save_atomic_failure_keeps_the_old_file(tmp_path):
     path = tmp_path / 'a.pt'
-    persistence.save_atomic({'x': torch.arange(3)}, str(path))
+    checkpoint.save_atomic({'x': torch.arange(3)}, str(path))
     with pytest.raises(Exception):  # noqa: B017 - whatever torch.save raises for an unpicklable object.
-        persistence.save_atomic({'x': lambda: 0}, str(path))
+        checkpoint.save_atomic({'x': lambda: 0}, str(path))
     assert os.listdir(tmp_path) == ['a.pt']
     assert torch.equal(torch.load(path, weights_only=True)['x'], torch.arange(3))
 
@@ -104,7 +104,7 @@ def test_snapshot_round_trip(tmp_path, class_name):
     net = make_net(class_name)
     snapshot = snapshot_dict(net, class_name)
     path = tmp_path / 'network-snapshot-000012.pt'
-    persistence.save_atomic(snapshot, str(path))
+    checkpoint.save_atomic(snapshot, str(path))
     loaded = checkpoint.load_network(str(path))
     assert type(loaded.net) is TINY_CLASSES[class_name]
     assert not loaded.net.training and not any(p.requires_grad for p in loaded.net.parameters())
@@ -121,7 +121,7 @@ def test_snapshot_round_trip(tmp_path, class_name):
 def test_snapshot_loads_from_file_url(tmp_path):
     net = make_net()
     path = tmp_path / 'snap.pt'
-    persistence.save_atomic(snapshot_dict(net), str(path))
+    checkpoint.save_atomic(snapshot_dict(net), str(path))
     loaded = checkpoint.load_network(path.as_uri())
     assert torch.equal(net_output(loaded.net), net_output(net))
 
@@ -140,7 +140,7 @@ def test_training_state_loads_the_ema(tmp_path):
         rng={},
     )
     path = tmp_path / 'training-state-000012.pt'
-    persistence.save_atomic(state, str(path))
+    checkpoint.save_atomic(state, str(path))
     loaded = checkpoint.load_network(str(path))
     assert_same_weights(loaded.net, ema)
     assert not torch.equal(net_output(loaded.net), net_output(net))
@@ -191,7 +191,7 @@ def test_snapshot_errors(tmp_path):
     cases['shape'] = (snapshot, '1 with a different shape')
     for name, (data, message) in cases.items():
         path = tmp_path / f'{name}.pt'
-        persistence.save_atomic(data, str(path))
+        checkpoint.save_atomic(data, str(path))
         with pytest.raises(ValueError, match=message):
             checkpoint.load_network(str(path))
 

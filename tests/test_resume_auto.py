@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from conftest import TINY_NET_ARGS
 
 import train
+from training.run_dir import state_nimg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS='1')  # A tiny network gains nothing from threads, which a busy machine stalls.
@@ -32,6 +33,11 @@ def command(outdir, data, *extra):
     ]  # fmt: skip
 
 
+def runs(outdir):
+    """The run directories in OUTDIR (not the hidden lock files of --resume=auto)."""
+    return sorted(name for name in os.listdir(outdir) if not name.startswith('.'))
+
+
 def states(run_dir):
     names = [f for f in os.listdir(run_dir) if f.startswith('training-state-')] if os.path.isdir(run_dir) else []
     return sorted(int(f[15:-3]) for f in names)
@@ -42,8 +48,8 @@ def launch_and_kill(cmd, outdir, past_kimg):
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        runs = os.listdir(outdir) if os.path.isdir(outdir) else []
-        if any(k > past_kimg for run in runs for k in states(os.path.join(outdir, run))):
+        names = os.listdir(outdir) if os.path.isdir(outdir) else []
+        if any(k > past_kimg for run in names for k in states(os.path.join(outdir, run))):
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             return
@@ -76,12 +82,12 @@ def assert_equal(a, b, where='state'):
 def test_resume_auto_killed_twice_equals_uninterrupted(tmp_path, digits_zip):
     out = tmp_path / 'auto'
     launch_and_kill(command(out, digits_zip, '--resume=auto'), out, 1)
-    launch_and_kill(command(out, digits_zip, '--resume=auto'), out, max(states(out / os.listdir(out)[0])) + 1)
+    launch_and_kill(command(out, digits_zip, '--resume=auto'), out, max(states(out / runs(out)[0])) + 1)
     result = subprocess.run(
         command(out, digits_zip, '--resume=auto'), cwd=REPO, env=ENV, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    (run_dir,) = [out / name for name in os.listdir(out)]  # Every launch continued the same run directory.
+    (run_dir,) = [out / name for name in runs(out)]  # Every launch continued the same run directory.
     seed = json.load(open(run_dir / 'training_options.json'))['seed']  # Drawn by the first launch, then the state's.
 
     straight = tmp_path / 'straight'
@@ -89,7 +95,7 @@ def test_resume_auto_killed_twice_equals_uninterrupted(tmp_path, digits_zip):
         command(straight, digits_zip, f'--seed={seed}'), cwd=REPO, env=ENV, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    (straight_dir,) = [straight / name for name in os.listdir(straight)]
+    (straight_dir,) = [straight / name for name in runs(straight)]
     assert os.path.basename(run_dir) == os.path.basename(straight_dir)
     final = f'training-state-{KIMG:06d}.pt'
     assert_equal(load_state(run_dir / final), load_state(straight_dir / final))
@@ -102,9 +108,9 @@ def test_resume_auto_killed_twice_equals_uninterrupted(tmp_path, digits_zip):
     log = open(run_dir / 'log.txt').read()
     assert log.count('Loading dataset...') == 3 and log.count('Loading training state from') == 2
     nimg = [round(json.loads(line)['Progress/kimg']['mean'] * 1000) for line in open(run_dir / 'stats.jsonl')]
-    assert nimg == sorted(set(nimg)) and nimg[-1] == train.state_nimg(run_dir / final)
+    assert nimg == sorted(set(nimg)) and nimg[-1] == state_nimg(run_dir / final)
     resumed = re.findall(r'Loading training state from "([^"]+)"', log)
-    assert all(train.state_nimg(path) in nimg for path in resumed)  # The tick each state was saved at is kept.
+    assert all(state_nimg(path) in nimg for path in resumed)  # The tick each state was saved at is kept.
     assert not [f for f in os.listdir(run_dir) if f.endswith('.tmp')]
 
 
@@ -114,18 +120,18 @@ def test_resume_auto_starts_a_run_and_refuses_other_options(tmp_path, digits_zip
     args += ['--batch=16', '--duration=0.001', '--tick=1', '--resume=auto']
     result = CliRunner().invoke(train.main, [str(a) for a in args])
     assert result.exit_code == 0, result.output
-    (run,) = os.listdir(out)
+    (run,) = runs(out)
     # The same command continues it; other options are refused before anything is written.
     result = CliRunner().invoke(train.main, [str(a) for a in [*args, '--lr=0.002']])
-    assert result.exit_code != 0 and '--resume=auto:' in result.output and 'optimizer_kwargs' in result.output
-    assert os.listdir(out) == [run]
+    assert result.exit_code != 0 and '--resume=auto:' in result.output and '--lr: 0.001 (now 0.002; optimizer_kwargs.lr)' in result.output
+    assert runs(out) == [run]
     # A longer duration (and other reporting) is a continuation: it resumes from the newest state in place.
     result = CliRunner().invoke(train.main, [str(a) for a in [*args, '--duration=0.002', '--snap=2', '--dump=3']])
     assert result.exit_code == 0, result.output
-    assert os.listdir(out) == [run] and 'training-state-000002.pt' in os.listdir(out / run)
+    assert runs(out) == [run] and 'training-state-000002.pt' in os.listdir(out / run)
     # Another --desc is another run.
     result = CliRunner().invoke(train.main, [str(a) for a in [*args, '--desc=other']])
-    assert result.exit_code == 0 and len(os.listdir(out)) == 2, result.output
+    assert result.exit_code == 0 and len(runs(out)) == 2, result.output
 
 
 def test_snapshot_grid_is_what_generate_draws(tmp_path, digits_zip):

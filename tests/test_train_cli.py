@@ -3,6 +3,8 @@
 import errno
 import json
 import os
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -12,6 +14,8 @@ from click.testing import CliRunner
 from conftest import TINY_NET_ARGS, train_config, write_edm_zip
 
 import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(*args):
@@ -102,6 +106,7 @@ def test_real_run_writes_run_directory(tmp_path, digits_zip):
     assert run_dir.name == '00000-digits-8x8-uncond-ddpmpp-edm-lognormal-gpus1-batch16-fp32-smoke'
     files = sorted(os.listdir(run_dir))
     assert files == [
+        '.lock',
         'log.txt',
         'network-snapshot-000000.pt',
         'network-snapshot-000001.pt',
@@ -138,10 +143,18 @@ def test_infonoise_says_what_it_does(tmp_path, digits_zip):
     assert not any('InfoNoise check' in line for line in log)  # No check happens during a warm-up.
     # Checks every 128 images after a 256-image warm-up with N_min = 40 in 8 intervals: the first checks are
     # skipped, each saying which interval lacks how many losses, until the intervals fill and refreshes start.
+    # With --verbose every check has its line in the log; without, the tick line's summary stands for them, and
+    # stats.jsonl records every check either way.
     args = ['--duration=0.001', '--info-warmup=0.256', '--info-refresh=0.128', '--info-nmin=40', '--info-floor=0.5']
-    result = run(*common, *args, '--desc=checks')
-    assert result.exit_code == 0, result.output
-    log = (next((tmp_path / 'runs').glob('*-checks')) / 'log.txt').read_text().splitlines()
+    for desc in ('quiet', 'checks'):
+        result = run(*common, *args, f'--desc={desc}', *(['--verbose'] if desc == 'checks' else []))
+        assert result.exit_code == 0, result.output
+    quiet_dir, verbose_dir = (next((tmp_path / 'runs').glob(f'*-{desc}')) for desc in ('quiet', 'checks'))
+    assert not any(line.startswith('InfoNoise ') for line in (quiet_dir / 'log.txt').read_text().splitlines())
+    events = [[dict(e, since_seconds=None) for line in open(d / 'stats.jsonl') for e in json.loads(line).get('Noise/events', [])]
+              for d in (quiet_dir, verbose_dir)]  # fmt: skip
+    assert events[0] == events[1] and [e['nimg'] for e in events[0]] == list(range(384, 1008, 128))
+    log = (verbose_dir / 'log.txt').read_text().splitlines()
     checks = [line for line in log if line.startswith('InfoNoise check at ') or line.startswith('InfoNoise refresh ')]
     # 63 steps of 16 images: checks at 384, 512, ..., 896 images, one line each.
     assert len(checks) == len(range(384, 1008, 128)), checks
@@ -197,35 +210,46 @@ def test_bad_input_gives_one_line_error_and_writes_nothing(tmp_path, digits_zip)
         assert not out.exists(), args
 
 
-def test_resume_of_incompatible_state_is_refused(tmp_path, digits_zip):
+def test_resume_of_incompatible_state_is_refused_naming_flags_and_values(tmp_path, digits_zip, digits8):
     out = tmp_path / 'runs'
     result = run(*base_args(out, digits_zip), '--batch=16', '--duration=0.001', '--tick=1')
     assert result.exit_code == 0, result.output
     (run_dir,) = out.iterdir()
-    result = run(
-        '--outdir',
-        out,
-        '--data',
-        digits_zip,
-        '--device=cpu',
-        '--cbase=8',
-        '--cres=1,2',
-        '--blocks=1',
-        '--attn=4',
-        f'--resume={run_dir}',
-    )
-    assert result.exit_code != 0 and 'different network' in result.output
-    result = run(*base_args(out, digits_zip), '--sampler=infonoise', f'--resume={run_dir}')
-    assert result.exit_code != 0 and 'written with the noise sampler infonoise.samplers.LogNormal' in result.output
-    assert len(list(out.iterdir())) == 1
-    # An InfoNoise state resumed with other InfoNoise bins is refused before a run directory exists.
-    info = ['--sampler=infonoise', '--info-bins=4', '--info-nmin=1', '--info-warmup=0', '--info-refresh=0.016']
-    result = run(*base_args(out, digits_zip), '--batch=16', '--duration=0.001', '--tick=1', *info)
+    other_data = write_edm_zip(tmp_path / 'other.zip', digits8[0][:32])
+    net = ['--outdir', out, '--device=cpu', '--workers=0', '--cres=1,2', '--blocks=1', '--attn=4', '--batch=16']
+    cases = [
+        (['--data', digits_zip, '--cbase=8'], '--cbase: 16 (now 8; network_kwargs.model_channels)'),
+        (['--data', other_data, '--cbase=16'], '--data: 64 (now 32; dataset_kwargs.max_size)'),
+        (
+            ['--data', digits_zip, '--cbase=16', '--weight=uniform'],
+            '--weight: "edm" (now "uniform"; loss_kwargs.weight)',
+        ),
+        (
+            ['--data', digits_zip, '--cbase=16', '--sampler=loguniform'],
+            '--sampler: "infonoise.samplers.LogNormal" (now "infonoise.samplers.LogUniform"; noise_kwargs.class_name)',
+        ),
+    ]
+    for args, message in cases:
+        result = run(*net, *args, f'--resume={run_dir}', '--duration=0.002')
+        error_lines = [line for line in result.output.splitlines() if line.startswith('Error:')]
+        assert result.exit_code != 0 and len(error_lines) == 1 and message in error_lines[0], (args, result.output)
+        assert 'Traceback' not in result.output and len(list(out.iterdir())) == 1
+    # --allow-changes continues another loss weight (not another network), with the sampler's state kept.
+    result = run(*net, '--data', digits_zip, '--cbase=16', '--weight=uniform', f'--resume={run_dir}', '--allow-changes',
+                 '--duration=0.002')  # fmt: skip
+    assert result.exit_code == 0, result.output
+    # An InfoNoise state resumed with other InfoNoise bins is refused naming the option, before a run directory
+    # exists; with --allow-changes the sampler starts fresh.
+    info = ['--sampler=infonoise', '--info-nmin=1', '--info-warmup=0', '--info-refresh=0.016']
+    result = run(*base_args(out, digits_zip), '--batch=16', '--duration=0.001', '--tick=1', *info, '--info-bins=4')
     assert result.exit_code == 0, result.output
     info_dir = max(out.iterdir())
-    result = run(*base_args(out, digits_zip), '--sampler=infonoise', '--info-bins=8', f'--resume={info_dir}')
-    assert result.exit_code != 0 and '--resume: InfoNoise state has buffers' in result.output, result.output
-    assert len(list(out.iterdir())) == 2
+    resume = [*base_args(out, digits_zip), '--batch=16', '--duration=0.002', '--tick=1', *info, '--info-bins=8']
+    result = run(*resume, f'--resume={info_dir}')
+    assert result.exit_code != 0 and '--info-bins: 4 (now 8; noise_kwargs.num_bins)' in result.output, result.output
+    assert len(list(out.iterdir())) == 3
+    result = run(*resume, f'--resume={info_dir}', '--allow-changes')
+    assert result.exit_code == 0 and 'other noise sampler settings; the sampler starts fresh' in result.output
 
 
 @pytest.mark.parametrize('script', ['train', 'generate'])
@@ -245,20 +269,13 @@ def test_resume_picks_the_newest_state_by_kimg(tmp_path):
     assert find_resume_state(str(tmp_path)) == str(tmp_path / 'training-state-2500000.pt')
 
 
-def test_two_runs_never_share_a_directory(tmp_path, monkeypatch):
-    # Job B listed the output directory before job A created 00000-desc: B's mkdir fails and it takes 00001.
-    import train
-
-    (tmp_path / '00000-desc').mkdir()
-    real_listdir, calls = train.os.listdir, []
-
-    def stale_listdir(path):
-        calls.append(path)
-        return [] if len(calls) == 1 else real_listdir(path)
-
-    monkeypatch.setattr(train.os, 'listdir', stale_listdir)
-    assert train.create_run_dir(str(tmp_path), 'desc') == str(tmp_path / '00001-desc')
-    assert len(calls) == 2 and sorted(real_listdir(tmp_path)) == ['00000-desc', '00001-desc']
+def test_two_runs_never_share_a_directory(tmp_path):
+    # Eight processes create the next run directory of one OUTDIR at once: each gets its own, numbered 0-7.
+    code = 'import sys; from training import run_dir; print(run_dir.create(sys.argv[1], "desc"))'
+    procs = [subprocess.Popen([sys.executable, '-c', code, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+             for _ in range(8)]  # fmt: skip
+    made = sorted(proc.communicate()[0].strip() for proc in procs)
+    assert made == [str(tmp_path / f'{i:05d}-desc') for i in range(8)] == sorted(map(str, tmp_path.iterdir()))
 
 
 def test_nosubdir_refuses_a_directory_that_holds_a_run(tmp_path, digits_zip):

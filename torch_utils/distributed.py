@@ -6,6 +6,8 @@ CUDA, Gloo otherwise, so that the same code runs multi-process on CPU-only machi
 """
 
 import os
+import signal
+import threading
 
 import torch
 
@@ -71,11 +73,6 @@ def get_local_rank() -> int:
 
 def get_world_size() -> int:
     return _world_size
-
-
-def get_device() -> torch.device:
-    """The device chosen by `init()` (CPU before it is called)."""
-    return _device
 
 
 def is_main() -> bool:
@@ -147,3 +144,55 @@ def shutdown() -> None:
         torch.distributed.destroy_process_group()
     _rank, _local_rank, _world_size = 0, 0, 1
     training_stats.init_multiprocessing(rank=0, sync_device=None)
+
+
+class StopSignals:
+    """SIGTERM and SIGINT ask a loop to stop cleanly instead of killing it: within the `with` block the first one only
+    sets a flag, and `poll()`, called once per step on every rank, says when to stop. Ranks agree: each step's poll
+    starts an all-reduce (max) of this rank's flag over a CPU (Gloo) group and acts on the previous step's result,
+    so every rank stops after the same step, at most one step after the first signal, with no device sync per step.
+    A second signal stops at once (KeyboardInterrupt). Cluster schedulers send SIGTERM some time before they kill."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = 0
+        self.previous: dict = {}
+        self.pending = None  # (flag tensor, all-reduce work) started by the last poll.
+        self.group = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print0(f'Received {signal.Signals(signum).name}: stopping after this step (send it again to stop at once)')
+
+    def __enter__(self) -> 'StopSignals':
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only.
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        if _world_size > 1:
+            nccl = torch.distributed.get_backend() != 'gloo'
+            self.group = torch.distributed.new_group(backend='gloo') if nccl else torch.distributed.group.WORLD
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pending is not None and exc[0] is None:
+            self.pending[1].wait()  # Leave no collective in flight.
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def poll(self) -> int:
+        """0 to go on; else the signal number on which every rank stops now."""
+        if _world_size == 1:
+            return self.signum
+        decided = 0
+        if self.pending is not None:
+            self.pending[1].wait()
+            decided = int(self.pending[0])  # A CPU tensor: no device sync.
+        if not decided:
+            flag = torch.tensor(self.signum, dtype=torch.int64)
+            work = torch.distributed.all_reduce(
+                flag, op=torch.distributed.ReduceOp.MAX, group=self.group, async_op=True
+            )
+            self.pending = (flag, work)
+        return decided

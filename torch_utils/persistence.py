@@ -1,13 +1,12 @@
-"""Saving and loading networks without pickled code (replaces EDM's torch_utils/persistence.py).
+"""Reading EDM's pickled files without running their code (in place of EDM's torch_utils/persistence.py).
 
-Our network snapshots and training states are plain data (constructor kwargs + state dicts) written by
-`torch.save` and read with `torch.load(weights_only=True)`. Official EDM `.pkl` snapshots (Karras et al. 2022) are
-pickles in which every network object carries the source code of its module and is rebuilt by
-`torch_utils.persistence._reconstruct_persistent_obj`, which EDM implements by executing that source. We never do:
-a restricted unpickler admits only the handful of globals an EDM snapshot uses, turns each persistent object into
-its class name and state, and the EMA network is rebuilt from our own network classes (named by the caller's resolver) and loaded with
-the tensors found in that state. EDM's training states (`training-state-*.pt`, a `torch.save` of the live network and
-the Adam state) are read by `torch.load` through the same restricted unpickler.
+Official EDM `.pkl` snapshots (Karras et al. 2022) are pickles in which every network object carries the source
+code of its module and is rebuilt by `torch_utils.persistence._reconstruct_persistent_obj`, which EDM implements by
+executing that source. We never do: a restricted unpickler admits only the handful of globals an EDM snapshot uses
+and turns each persistent object into its class name and state; `read_edm_pickle` returns the EMA network's
+constructor kwargs and tensors, from which training.checkpoint builds our class of the same name. EDM's training
+states (`training-state-*.pt`, a `torch.save` of the live network and the Adam state) are read by `torch.load`
+through the same restricted unpickler. Our own snapshots and states are plain data: training/checkpoint.py.
 """
 
 import collections
@@ -15,24 +14,14 @@ import dataclasses
 import io
 import pickle
 import zipfile
-from collections.abc import Callable
 
 import numpy as np
 import torch
 
 import dnnlib
 
-SNAPSHOT_FORMAT = 'infonoise-edm-snapshot'
-STATE_FORMAT = 'infonoise-edm-training-state'
-EDM_PICKLE_SOURCE = 'edm-pickle'
 _EDM_PRECONDS = ('EDMPrecond', 'VPPrecond', 'VEPrecond', 'iDDPMPrecond')
 _EDM_PERSISTENCE_VERSION = 6
-
-
-def save_atomic(obj, path: str) -> None:
-    """`torch.save(obj, path)` such that `path` holds either the old file or the complete new one, never a part."""
-    with dnnlib.util.atomic_write(path) as f:
-        torch.save(obj, f)
 
 
 def _reconstruct_persistent_obj(meta):
@@ -187,117 +176,29 @@ def _edm_network_kwargs(net: _PersistentObject) -> dict:
     return {'class_name': f'training.networks.{net.class_name}', **_init_kwargs(net)}
 
 
-# Maps a stored class name ('training.networks.EDMPrecond') to the network class, or raises ValueError. The caller
-# supplies it (training.checkpoint.network_class), so that this module imports nothing of the pipeline.
-ClassResolver = Callable[[str], type]
+def read_edm_pickle(f) -> dnnlib.EasyDict:
+    """Read an official EDM network pickle (an open binary file) without running the code it embeds.
 
-
-def _build_network(network_kwargs: dict, state_dict: dict, device, resolve_class: ClassResolver) -> torch.nn.Module:
-    """Construct the network class named in `network_kwargs` from its kwargs and load the weights strictly."""
-    kwargs = dict(network_kwargs)
-    cls = resolve_class(str(kwargs.pop('class_name', '')))
-    short_name = cls.__name__
-    try:
-        net = cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f'Cannot construct {short_name} from the stored arguments: {e}') from None
-
-    # Compare keys and shapes first, for a short message instead of PyTorch's long one.
-    expected = net.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    reshaped = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or reshaped:
-        problems = [
-            f'{len(keys)} {what} (first "{keys[0]}")'
-            for keys, what in [(missing, 'missing'), (unexpected, 'unexpected'), (reshaped, 'with a different shape')]
-            if keys
-        ]
-        raise ValueError(f'Stored weights do not match {short_name}: ' + ', '.join(problems))
-    net.load_state_dict(state_dict)
-    return net.eval().requires_grad_(False).to(device)
-
-
-def _load_ours(f, device, resolve_class: ClassResolver) -> dnnlib.EasyDict:
-    try:
-        data = torch.load(f, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(
-            'Not a plain-data PyTorch file: it holds pickled objects (as EDM training states do)'
-        ) from None
-    except Exception as e:
-        raise ValueError(f'Not a readable PyTorch file: {_first_line(e)}') from None
-    if not isinstance(data, dict) or data.get('format') not in (SNAPSHOT_FORMAT, STATE_FORMAT):
-        raise ValueError('Not an InfoNoise-EDM network snapshot or training state')
-    if data.get('version') != 1:
-        raise ValueError(f'Unsupported {data["format"]} version {data.get("version")}, expected 1')
-    if not isinstance(data.get('network_kwargs'), dict) or not isinstance(data.get('ema'), dict):
-        raise ValueError(f'{data["format"]} file lacks network_kwargs or ema weights')
-    return dnnlib.EasyDict(
-        net=_build_network(data['network_kwargs'], data['ema'], device, resolve_class),
-        network_kwargs=dict(data['network_kwargs']),
-        profile=data.get('profile'),
-        noise_kwargs=data.get('noise_kwargs'),
-        kimg=data['kimg'] if 'kimg' in data else data.get('cur_nimg', 0) / 1000,
-        dataset_kwargs=data.get('dataset_kwargs'),
-        loss_kwargs=data.get('loss_kwargs'),
-        augment_kwargs=data.get('augment_kwargs'),
-        source=data['format'],
-    )
-
-
-def _load_edm_pickle(f, device, resolve_class: ClassResolver) -> dnnlib.EasyDict:
+    Returns EasyDict(network_kwargs, state_dict, loss_kwargs, augment_kwargs, dataset_kwargs): the EMA network as our
+    class of the same name ('training.networks.EDMPrecond', ...) with its constructor kwargs and its tensors in
+    state-dict order, EDM's loss as its class name and hyperparameters, and the augment pipe's kwargs (ours takes
+    EDM's unchanged); entries the file lacks are None. Raises ValueError for anything else.
+    """
     data = _unpickle_edm(f, torch_zip=False)
     if not isinstance(data, dict) or not isinstance(data.get('ema'), _PersistentObject):
         raise ValueError('Not an EDM network pickle (no "ema" network)')
-
-    # Rebuild the EMA network as our class of the same name.
-    network_kwargs = _edm_network_kwargs(data['ema'])
-    net = _build_network(network_kwargs, _collect_state_dict(data['ema']), device, resolve_class)
-
-    # Describe EDM's loss by its class name and hyperparameters; our augment pipe takes EDM's kwargs unchanged.
-    loss, augment = data.get('loss_fn'), data.get('augment_pipe')
-    loss_kwargs = None
-    if isinstance(loss, _PersistentObject):
-        loss_kwargs = {'class_name': loss.class_name, **_plain_attributes(loss.state)}
-    augment_kwargs = None
-    if isinstance(augment, _PersistentObject):
-        augment_kwargs = {'class_name': f'training.augment.{augment.class_name}', **_init_kwargs(augment)}
-    dataset_kwargs = data.get('dataset_kwargs')
+    loss, augment, dataset_kwargs = data.get('loss_fn'), data.get('augment_pipe'), data.get('dataset_kwargs')
     return dnnlib.EasyDict(
-        net=net,
-        network_kwargs=network_kwargs,
-        profile=None,
-        noise_kwargs=None,
-        kimg=None,
+        network_kwargs=_edm_network_kwargs(data['ema']),
+        state_dict=_collect_state_dict(data['ema']),
+        loss_kwargs={'class_name': loss.class_name, **_plain_attributes(loss.state)}
+        if isinstance(loss, _PersistentObject)
+        else None,
+        augment_kwargs={'class_name': f'training.augment.{augment.class_name}', **_init_kwargs(augment)}
+        if isinstance(augment, _PersistentObject)
+        else None,
         dataset_kwargs=dict(dataset_kwargs) if isinstance(dataset_kwargs, dict) else None,
-        loss_kwargs=loss_kwargs,
-        augment_kwargs=augment_kwargs,
-        source=EDM_PICKLE_SOURCE,
     )
-
-
-def load_network(path_or_url: str, resolve_class: ClassResolver, device='cpu') -> dnnlib.EasyDict:
-    """Load the EMA network of our snapshot or training state, or of an official EDM `.pkl`, without running code.
-
-    `resolve_class` maps the stored class name to the network class (training.checkpoint.load_network passes ours).
-    Returns EasyDict(net, network_kwargs, profile, noise_kwargs, kimg, dataset_kwargs, loss_kwargs, augment_kwargs,
-    source): `net` is
-    the preconditioned network in eval mode with requires_grad off, on `device`; `source` names the file kind
-    ('infonoise-edm-snapshot', 'infonoise-edm-training-state' or 'edm-pickle'). Entries a file does not hold are
-    None. Raises FileNotFoundError for a missing file and ValueError for anything it cannot read.
-    """
-    with dnnlib.util.open_url(path_or_url, verbose=False) as f:
-        magic = f.read(2)
-        f.seek(0)
-        try:
-            if magic == b'PK':  # torch.save's zip format.
-                return _load_ours(f, device, resolve_class)
-            if magic[:1] == b'\x80':  # A binary pickle, as EDM writes.
-                return _load_edm_pickle(f, device, resolve_class)
-            raise ValueError('Neither a PyTorch file nor a pickle')
-        except ValueError as e:
-            raise ValueError(f'Cannot load network "{path_or_url}": {e}') from None
 
 
 def read_edm_state_dump(path: str) -> dnnlib.EasyDict:

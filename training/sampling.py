@@ -315,11 +315,11 @@ def sample_seeds(
     return (torch.where(images >= 0, 1.0, -1.0) if binarize else images), labels
 
 
-def save_snapshot_grid(net, num: int, run_dir: str, nimg: int, device: torch.device | str) -> None:
-    """Save RUN_DIR/samples-{kimg:06d}.png: the first `num` seeds as `generate.py --seeds=0-(num-1) --grid-png` draws
-    them from the snapshot of `net` at `nimg` images: EDM's grid (18 steps, rho 7, [0.002, 80] clamped to the
-    network's range), Heun, random classes."""
+def save_snapshot_grid(net, num: int, run_dir: str, nimg: int, device: torch.device | str, scale: int = 1) -> None:
+    """Save RUN_DIR/samples-{kimg:06d}.png: the first `num` seeds as `generate.py --seeds=0-(num-1) --grid-png
+    --grid-scale=SCALE --grid-pad=SCALE//2` draws them from the snapshot of `net` at `nimg` images: EDM's grid
+    (18 steps, rho 7, [0.002, 80] clamped to the network's range), Heun, random classes."""
     sigma_min, sigma_max = max(0.002, float(net.sigma_min)), min(80.0, float(net.sigma_max))
     images, _ = sample_seeds(net, list(range(num)), edm_grid(18, sigma_min, sigma_max, 7.0), device)
     with atomic_write(os.path.join(run_dir, f'samples-{nimg // 1000:06d}.png'), 'wb') as f:  # Never half-written.
-        save_image(tile_images(images_to_uint8(images)), f)
+        save_image(tile_images(images_to_uint8(images), scale=scale, pad=scale // 2), f)

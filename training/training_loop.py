@@ -9,6 +9,7 @@ without running the code these pickles embed); EDM saves no noise sampler state,
 """
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -52,15 +53,16 @@ def update_ema(ema, net, cur_nimg: int, batch_size: int, halflife_kimg: float, r
 
 
 def status_line(tick: int, nimg: int, total_nimg: float, timing: dict, loss: float, sampler: str, device) -> str:
-    """EDM's tick line plus the loss, the time left at this tick's speed and the noise sampler's state; every number
-    is also reported to training_stats (stats.jsonl)."""
+    """EDM's tick line plus the loss, the time left at this tick's speed (from the second tick of a launch on: the
+    first includes start-up) and the noise sampler's state; every number is also reported to training_stats."""
     report0 = training_stats.report0
     speed = timing['tick_nimg'] / max(timing['tick_sec'], 1e-8)
+    left = '-' if timing['first'] else dnnlib.util.format_time(report0('Timing/left_sec', (total_nimg - nimg) / speed))
     fields = [
         f'tick {report0("Progress/tick", tick):<5d}',
         f'kimg {report0("Progress/kimg", nimg / 1e3):<9.3f}',
         f'time {dnnlib.util.format_time(report0("Timing/total_sec", timing["total_sec"])):<12s}',
-        f'left {dnnlib.util.format_time(report0("Timing/left_sec", max(total_nimg - nimg, 0) / speed)):<12s}',
+        f'left {left:<12s}',
         f'sec/tick {report0("Timing/sec_per_tick", timing["tick_sec"]):<7.1f}',
         f'sec/kimg {report0("Timing/sec_per_kimg", 1e3 / speed):<7.2f}',
         f'img/s {report0("Timing/img_per_sec", speed):<8.1f}',
@@ -78,6 +80,13 @@ def status_line(tick: int, nimg: int, total_nimg: float, timing: dict, loss: flo
         )
         torch.cuda.reset_peak_memory_stats()
     return ' '.join(fields)
+
+
+def event_record(event) -> dict | str:
+    """A noise sampler event as JSON-ready data: a dataclass's fields (NaN as null), else its text."""
+    if not dataclasses.is_dataclass(event):
+        return str(event)
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in dataclasses.asdict(event).items()}
 
 
 def training_loop(
@@ -102,12 +111,15 @@ def training_loop(
     snapshot_ticks=50,  # How often to save network snapshots, None = disable.
     state_dump_ticks=500,  # How often to dump training state, None = disable.
     snapshot_grid=0,  # Images in the sample grid saved with each snapshot, 0 = none.
+    snapshot_grid_scale=1,  # Enlargement of each image in that grid.
+    verbose=False,  # Print every event of the noise sampler (InfoNoise's refresh checks); stats.jsonl has them all.
     transfer=None,  # Network to initialise from (our snapshot or an EDM pickle), None = none.
     resume_state=None,  # Training state to resume from, None = start fresh.
     bf16=False,  # Run the network under bfloat16 autocast?
     compile=False,  # Wrap the network in torch.compile?
     cudnn_benchmark=True,  # Enable torch.backends.cudnn.benchmark?
     device=torch.device('cuda'),  # Device to train on.
+    stop_signals=None,  # dist.StopSignals asking to stop cleanly (SIGTERM/SIGINT), None = never stop early.
 ):
     # Initialise.
     start_time = time.time()
@@ -122,11 +134,12 @@ def training_loop(
     # Select batch size per device.
     batch_gpu_total, batch_gpu, num_accumulation_rounds = split_batch(batch_size, batch_gpu, world)
 
-    # Say first whether and when the noise sampler can adapt in this run, and report each refresh check.
+    # Say first whether and when the noise sampler can adapt in this run; keep its events for stats.jsonl.
     noise_sampler = dnnlib.util.construct_class_by_name(**noise_kwargs)
     for line in noise_sampler.schedule_report(total_kimg * 1000, batch_size):
         dist.print0(line)
-    noise_sampler.callback = lambda event: dist.print0(str(event))
+    events = []
+    noise_sampler.callback = lambda event: (events.append(event), verbose and dist.print0(str(event)))
 
     # Load dataset.
     dist.print0('Loading dataset...')
@@ -160,11 +173,13 @@ def training_loop(
         misc.copy_params_and_buffers(src_module=source.net, dst_module=ema, require_all=False)
         del source
 
-    # Resume training state.
-    cur_nimg = 0
+    # Resume training state, inside the tick it was saved in (a state saved on a stop signal is mid-tick).
+    cur_nimg = cur_tick = tick_start_nimg = 0
     if resume_state is not None:
         dist.print0(f'Loading training state from "{resume_state}"...')
-        cur_nimg = checkpoint.restore(resume_state, net_kwargs, noise_kwargs, net, ema, optimizer, noise_sampler)
+        state = checkpoint.restore(resume_state, net_kwargs, noise_kwargs, net, ema, optimizer, noise_sampler)
+        cur_nimg = int(state['cur_nimg'])
+        cur_tick, tick_start_nimg = int(state.get('cur_tick', 0)), int(state.get('tick_start_nimg', cur_nimg))
 
     # Distribute and optionally compile the network that takes gradient steps.
     ddp = net
@@ -183,12 +198,16 @@ def training_loop(
     # Train.
     dist.print0(f'Training for {total_kimg} kimg...')
     dist.print0()
-    cur_tick = 0
-    tick_start_nimg = cur_nimg
     tick_start_time = time.time()
     maintenance_time = tick_start_time - start_time
+    first_tick = True
     stats_jsonl = None
     tick_loss = training_stats.Collector(regex='Loss/loss')  # The loss over each tick, for the status line.
+    save_state = lambda: checkpoint.save_training_state(  # noqa: E731
+        run_dir, cur_nimg, net, ema, optimizer, noise_sampler, network_kwargs=net_kwargs, noise_kwargs=noise_kwargs,
+        loss_kwargs=loss_kwargs, dataset_kwargs=dataset_kwargs, augment_kwargs=augment_kwargs,
+        optimizer_kwargs=optimizer_kwargs, seed=seed, cur_tick=cur_tick, tick_start_nimg=tick_start_nimg,
+    )  # fmt: skip
     while True:
         # Reseed so that a resumed run draws the same σ, noise, augmentation and dropout.
         torch.manual_seed(step_seed(seed, rank, cur_nimg))
@@ -225,53 +244,60 @@ def training_loop(
         # Perform maintenance tasks once per tick.
         cur_nimg += batch_size
         done = cur_nimg >= total_kimg * 1000
-        if (not done) and (cur_tick != 0) and (cur_nimg < tick_start_nimg + kimg_per_tick * 1000):
-            continue
+        stop = stop_signals.poll() if stop_signals is not None else 0
+        if done or cur_tick == 0 or cur_nimg >= tick_start_nimg + kimg_per_tick * 1000:
+            # Print status line, accumulating the same information in training_stats.
+            tick_end_time = time.time()
+            tick_loss.update()
+            timing = dict(total_sec=tick_end_time - start_time, tick_sec=tick_end_time - tick_start_time,
+                          tick_nimg=max(cur_nimg - tick_start_nimg, 1), maintenance_sec=maintenance_time,
+                          first=first_tick)  # fmt: skip
+            dist.print0(status_line(cur_tick, cur_nimg, total_kimg * 1000, timing, tick_loss.mean('Loss/loss'),
+                                    noise_sampler.summary(), device))  # fmt: skip
+            for name, value in noise_sampler.describe().items():
+                training_stats.report0(f'Noise/{name}', value)
 
-        # Print status line, accumulating the same information in training_stats.
-        tick_end_time = time.time()
-        tick_loss.update()
-        timing = dict(total_sec=tick_end_time - start_time, tick_sec=tick_end_time - tick_start_time,
-                      tick_nimg=max(cur_nimg - tick_start_nimg, 1), maintenance_sec=maintenance_time)  # fmt: skip
-        dist.print0(status_line(cur_tick, cur_nimg, total_kimg * 1000, timing, tick_loss.mean('Loss/loss'),
-                                noise_sampler.summary(), device))  # fmt: skip
-        for name, value in noise_sampler.describe().items():
-            training_stats.report0(f'Noise/{name}', value)
+            # Save network snapshot.
+            if snapshot_ticks is not None and (done or cur_tick % snapshot_ticks == 0):
+                misc.check_ddp_consistency(ema)
+                profile = noise_sampler.profile()
+                if rank == 0:
+                    checkpoint.save_snapshot(
+                        run_dir, cur_nimg, net_kwargs, ema, profile, loss_kwargs=loss_kwargs, noise_kwargs=noise_kwargs,
+                        augment_kwargs=augment_kwargs, dataset_kwargs=dataset_kwargs,
+                    )  # fmt: skip
+                    if snapshot_grid:
+                        sampling.save_snapshot_grid(ema, snapshot_grid, run_dir, cur_nimg, device, snapshot_grid_scale)
 
-        # Save network snapshot.
-        if snapshot_ticks is not None and (done or cur_tick % snapshot_ticks == 0):
-            misc.check_ddp_consistency(ema)
-            profile = noise_sampler.profile()
+            # Update logs before the state dump, so that a run stopped in between measures this tick again.
+            training_stats.default_collector.update()
             if rank == 0:
-                checkpoint.save_snapshot(
-                    run_dir, cur_nimg, net_kwargs, ema, profile, loss_kwargs=loss_kwargs, noise_kwargs=noise_kwargs,
-                    augment_kwargs=augment_kwargs, dataset_kwargs=dataset_kwargs,
-                )  # fmt: skip
-                if snapshot_grid:
-                    sampling.save_snapshot_grid(ema, snapshot_grid, run_dir, cur_nimg, device)
+                stats_jsonl = stats_jsonl or open(os.path.join(run_dir, 'stats.jsonl'), 'a')
+                line = dict(training_stats.default_collector.as_dict(), timestamp=time.time())
+                line.update({'Noise/events': [event_record(event) for event in events]} if events else {})
+                stats_jsonl.write(json.dumps(line) + '\n')
+                stats_jsonl.flush()
+            events.clear()
 
-        # Save full dump of the training state.
-        if state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0:
-            misc.check_ddp_consistency(net)
+            # Update state, then save a full dump of it.
+            dump = state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0
+            cur_tick += 1
+            tick_start_nimg = cur_nimg
+            if dump:
+                misc.check_ddp_consistency(net)
+                if rank == 0:
+                    save_state()
+            tick_start_time = time.time()
+            maintenance_time = tick_start_time - tick_end_time
+            first_tick = False
+            stop = 0 if dump or done else stop  # The state at this step is saved already.
+
+        # Stop on a signal: save the state at this step, mid-tick, and leave the loop as if done.
+        if stop:
             if rank == 0:
-                checkpoint.save_training_state(run_dir, cur_nimg, net_kwargs, net, ema, optimizer, noise_kwargs,
-                                               noise_sampler, seed, dataset_kwargs)  # fmt: skip
-
-        # Update logs.
-        training_stats.default_collector.update()
-        if rank == 0:
-            stats_jsonl = stats_jsonl or open(os.path.join(run_dir, 'stats.jsonl'), 'a')
-            stats_jsonl.write(
-                json.dumps(dict(training_stats.default_collector.as_dict(), timestamp=time.time())) + '\n'
-            )
-            stats_jsonl.flush()
-
-        # Update state.
-        cur_tick += 1
-        tick_start_nimg = cur_nimg
-        tick_start_time = time.time()
-        maintenance_time = tick_start_time - tick_end_time
-        if done:
+                save_state()
+            dist.print0(f'Stopped at {cur_nimg / 1e3:g} kimg; training state saved. Resume with --resume=auto.')
+        if done or stop:
             break
 
     # Done.
@@ -279,4 +305,4 @@ def training_loop(
         stats_jsonl.close()
     dist.print0()
     dist.print0('Exiting...')
-    return dnnlib.EasyDict(net=net, ema=ema, noise_sampler=noise_sampler, cur_nimg=cur_nimg)
+    return dnnlib.EasyDict(net=net, ema=ema, noise_sampler=noise_sampler, cur_nimg=cur_nimg, stopped=stop)
