@@ -123,7 +123,11 @@ def test_resume_auto_starts_a_run_and_refuses_other_options(tmp_path, digits_zip
     (run,) = runs(out)
     # The same command continues it; other options are refused before anything is written.
     result = CliRunner().invoke(train.main, [str(a) for a in [*args, '--lr=0.002']])
-    assert result.exit_code != 0 and '--resume=auto:' in result.output and '--lr: 0.001 (now 0.002; optimizer_kwargs.lr)' in result.output
+    assert (
+        result.exit_code != 0
+        and '--resume=auto:' in result.output
+        and '--lr: 0.001 (now 0.002; optimizer_kwargs.lr)' in result.output
+    )
     assert runs(out) == [run]
     # A longer duration (and other reporting) is a continuation: it resumes from the newest state in place.
     result = CliRunner().invoke(train.main, [str(a) for a in [*args, '--duration=0.002', '--snap=2', '--dump=3']])
