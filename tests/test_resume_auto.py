@@ -35,7 +35,7 @@ def command(outdir, data, *extra):
 
 def runs(outdir):
     """The run directories in OUTDIR (not the hidden lock files of --resume=auto)."""
-    return sorted(name for name in os.listdir(outdir) if not name.startswith('.'))
+    return sorted(name for name in os.listdir(outdir) if not name.startswith('.')) if os.path.isdir(outdir) else []
 
 
 def states(run_dir):

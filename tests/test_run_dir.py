@@ -1,0 +1,159 @@
+"""A run one can trust to stop and start (issue 22): a finished run relaunched changes nothing, SIGTERM/SIGINT save a
+training state and the relaunch ends bitwise where an uninterrupted run ends, two launches of one command never
+train side by side, and the run directory's names and stats have one home (training/run_dir.py)."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import TINY_NET_ARGS
+from test_resume_auto import assert_equal, load_state, runs
+
+from training import run_dir
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS='1')
+
+
+def command(outdir, data, kimg, *extra):
+    return [
+        sys.executable, 'train.py', f'--outdir={outdir}', f'--data={data}', '--device=cpu', '--workers=0',
+        *TINY_NET_ARGS, '--batch=32', f'--duration={kimg / 1000}', '--tick=2', '--snap=1', '--dump=100',
+        '--lr-rampup=0', '--sampler=infonoise', '--info-bins=8', '--info-refresh=1', '--info-warmup=1',
+        '--info-nmin=2', '--seed=7', '--resume=auto', *extra,
+    ]  # fmt: skip
+
+
+def launch(cmd):
+    return subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc, timeout=240):
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def wait_for(predicate, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if predicate():
+            return
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail(f'train.py ended (exit {proc.wait()}) before the awaited moment: {proc.stderr.read()[-2000:]}')
+
+
+def ticks(directory):
+    """kimg of each stats.jsonl line."""
+    return [json.loads(line)['Progress/kimg']['mean'] for line in open(os.path.join(directory, run_dir.STATS))]
+
+
+def digest(directory):
+    """Every file of a folder with its bytes' hash and its modification time."""
+    return {
+        name: (hashlib.sha256(open(os.path.join(directory, name), 'rb').read()).hexdigest(),
+               os.stat(os.path.join(directory, name)).st_mtime_ns)
+        for name in sorted(os.listdir(directory))
+    }  # fmt: skip
+
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory, digits_zip):
+    """An uninterrupted 4-kimg run: the reference every stopped-and-relaunched run must end equal to."""
+    out = tmp_path_factory.mktemp('straight')
+    code, _, err = finish(launch(command(out, digits_zip, 4)))
+    assert code == 0, err[-2000:]
+    return out / runs(out)[0]
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_state_and_the_relaunch_ends_equal(tmp_path, digits_zip, straight, signum):
+    # Stop mid-tick (ticks every 2 kimg): the state is saved at the step the signal arrived, exit status 128 + signal.
+    out = tmp_path / 'out'
+    proc = launch(command(out, digits_zip, 4))
+    wait_for(lambda: any(run_dir.find(out / name, 'network-snapshot') for name in runs(out) if '-' in name), proc)
+    time.sleep(0.5)
+    proc.send_signal(signum)
+    code, stdout, err = finish(proc)
+    assert code == 128 + signum, err[-2000:]
+    assert f'Received {signal.Signals(signum).name}' in stdout and 'training state saved' in stdout
+    (directory,) = [out / name for name in runs(out)]
+    (state,) = run_dir.find(directory, 'training-state').values()
+    stopped = run_dir.state_nimg(state)
+    assert 0 < stopped < 4000 and 'Traceback' not in err
+    assert ticks(directory) == [t for t in ticks(straight) if t * 1000 <= stopped]  # Lines of finished ticks only.
+
+    # The same command continues in place, inside the stopped tick, and ends where the uninterrupted run ends.
+    code, stdout, err = finish(launch(command(out, digits_zip, 4)))
+    assert code == 0, err[-2000:]
+    assert f'Continuing {directory} in place' in stdout and 'Loading training state from' in stdout
+    assert_equal(load_state(run_dir.newest(directory, 'training-state')), load_state(straight / os.path.basename(
+        run_dir.newest(straight, 'training-state'))))  # fmt: skip
+    for kimg, path in run_dir.find(straight, 'network-snapshot').items():  # Same ticks, same snapshots.
+        assert_equal(torch.load(path, weights_only=True)['ema'],
+                     torch.load(run_dir.path(directory, 'network-snapshot', kimg * 1000), weights_only=True)['ema'])  # fmt: skip
+    assert ticks(directory) == ticks(straight)
+    assert [json.loads(line)['Progress/tick']['mean'] for line in open(directory / run_dir.STATS)] == [0, 1, 2]
+
+
+def test_finished_run_relaunched_changes_no_byte(tmp_path, digits_zip, straight):
+    out = straight.parent
+    before = digest(straight), sorted(os.listdir(out))
+    code, stdout, err = finish(launch(command(out, digits_zip, 4)))
+    assert code == 0, err[-2000:]
+    assert f'{straight} is already complete: 4 kimg of --duration=0.004 Mimg done.' in stdout
+    assert (digest(straight), sorted(os.listdir(out))) == before
+    # An explicit --resume of a state at the end of the duration says so too, and creates no run directory.
+    state = run_dir.newest(straight, 'training-state')
+    cmd = [a for a in command(tmp_path, digits_zip, 4) if a != '--resume=auto'] + [f'--resume={state}']
+    code, stdout, err = finish(launch(cmd))
+    assert code == 0 and 'is already complete' in stdout and os.listdir(tmp_path) == [], err[-2000:]
+
+
+def test_two_launches_of_one_command_one_trains_the_other_refuses(tmp_path, digits_zip, straight):
+    # A requeued job while the first still runs: the second says who holds the run and trains nothing.
+    out = tmp_path / 'out'
+    first = launch(command(out, digits_zip, 40))
+    wait_for(lambda: any(run_dir.find(out / name, 'network-snapshot') for name in runs(out) if '-' in name), first)
+    code, stdout, err = finish(launch(command(out, digits_zip, 40)))
+    (directory,) = [out / name for name in runs(out)]
+    assert code == 1 and f'is in use by pid {first.pid} on ' in err and err.count('\n') == 1, err
+    assert first.poll() is None  # The second ended while the first still trains.
+    first.send_signal(signal.SIGTERM)
+    code, _, err = finish(first)
+    assert code == 128 + signal.SIGTERM, err[-2000:]
+    assert sorted(set(ticks(directory))) == ticks(directory)  # Every tick once: the second launch wrote nothing.
+
+    # Two fresh launches at once: one gets the command's lock and trains, the other refuses.
+    out = tmp_path / 'fresh'
+    procs = [launch(command(out, digits_zip, 8)) for _ in range(2)]
+    results = sorted(finish(proc) for proc in procs)
+    assert [code for code, _, _ in results] == [0, 1], results
+    assert 'is in use by pid' in results[1][2] and len(runs(out)) == 1
+
+
+def test_stats_line_is_written_before_the_state(tmp_path, digits_zip, monkeypatch):
+    # A kill between a state's rename and its stats line would lose that tick's line: the line comes first.
+    from click.testing import CliRunner
+
+    import train
+    from training import checkpoint
+
+    saved, real_save = [], checkpoint.save_training_state
+
+    def save(directory, nimg, *args, **kwargs):
+        saved.append((nimg, ticks(directory)[-1]))
+        real_save(directory, nimg, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, 'save_training_state', save)
+    args = ['--outdir', tmp_path, '--data', digits_zip, '--device=cpu', '--workers=0', *TINY_NET_ARGS, '--batch=32']
+    result = CliRunner().invoke(train.main, [str(a) for a in [*args, '--duration=0.002', '--tick=1', '--dump=1']])
+    assert result.exit_code == 0, result.output
+    # Ticks end at 32 (tick 0, no dump), 1056 and 2016 images.
+    assert [(nimg, round(kimg * 1000)) for nimg, kimg in saved] == [(1056, 1056), (2016, 2016)]
