@@ -257,7 +257,8 @@ def ref(dataset_path, dest_path, max_size, seed, overwrite, max_batch_size, dete
 
     dist.print0(f'Saving dataset reference statistics to "{dest_path}"...')
     if dist.get_rank() == 0:
-        save_stats(dest_path, mu, sigma)
+        with cli.disk_errors(f'--dest "{dest_path}"'):
+            save_stats(dest_path, mu, sigma)
     dist.barrier()
     dist.print0('Done.')
     dist.shutdown()

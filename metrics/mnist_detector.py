@@ -1,23 +1,7 @@
-"""FD-MNIST: a small CNN trained here on MNIST-5k whose 128-d penultimate features stand in for Inception-v3.
-
-FID (Heusel et al. 2017, as computed by EDM's fid.py) is the Fréchet distance between Gaussian fits to Inception-v3
-pool features. Inception costs about 0.15 s per image on this project's 2-core CPU (`fid.py ref` of 500 digits:
-74 s), which rules it out for CPU benchmarks that score thousands of samples many times; this network (110,698 parameters) embeds a digit in under a millisecond, so the same Fréchet distance
-on its features ("FD-MNIST") takes seconds. FD-MNIST values are comparable with each other, never with FIDs.
-
-The detector follows the project's detector protocol: `feature_dim` and `detector(images)` on uint8 NCHW images
-(1 or 3 channels, any resolution, resized to 32x32) returning float32 features [N, 128]. It is trained with
-random scaling, rotation and shifts, binarisation and down-up resizing (16, 28 or 32 pixels), so that it also
-recognises binarised digits, 16x16 demo samples and unpadded 28x28 MNIST.
-
-The committed weights (`metrics/mnist_detector.pt`) come from
-
-    python -m metrics.mnist_detector --out metrics/mnist_detector.pt --seed 0 --epochs 20
-
-which trains on 4,000 of the 5,000 digits (split fixed by SPLIT_SEED) in 72 s on 2 CPU cores, deterministically
-(runs here gave bit-identical weights). Of the 1,000 held-out digits it classifies 98.5% correctly (98.0%
-binarised, 98.5% at 16x16, 98.2% as unpadded 28x28); the file's `meta` holds the command (run as
-`training.mnist_detector`, this module's path before metrics/ existed) and the accuracies.
+"""FD-MNIST: a small CNN trained here on MNIST-5k whose 128-d penultimate features stand in for Inception-v3 in fast
+CPU-scale Fréchet distances on digits (comparable with each other, never with FIDs). Its model card (data, training
+command, held-out accuracies) is in docs/evaluation.md, "Detectors trained here"; `python -m metrics.mnist_detector`
+trains it.
 """
 
 import os
@@ -27,7 +11,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from metrics.detectors import load_weights, train_and_save, training_command
+from metrics.trained_detector import TrainedDetector, load_weights, train_and_save, training_command
 from training.dataset import mnist5k_digits
 
 FEATURE_DIM = 128
@@ -88,26 +72,11 @@ def to_net_input(images: torch.Tensor) -> torch.Tensor:
     return x / 127.5 - 1
 
 
-class MNISTDetector(torch.nn.Module):
-    """The detector protocol around a trained `MNISTFeatureNet`: `detector(uint8 images) -> float32 [N, 128]`."""
-
-    feature_dim = FEATURE_DIM
-
-    def __init__(self, net: MNISTFeatureNet, meta: dict | None = None):
-        super().__init__()
-        self.net = net.eval().requires_grad_(False)
-        self.meta = meta or {}
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        device = next(self.net.parameters()).device
-        return self.net.features(to_net_input(images.to(device))).to(torch.float32)
-
-
-def load_mnist_detector(device: torch.device | str = 'cpu', path: str = WEIGHTS_PATH) -> MNISTDetector:
-    """The FD-MNIST detector with the committed weights (or those in `path`), in eval mode on `device`."""
+def load_mnist_detector(device: torch.device | str = 'cpu', path: str = WEIGHTS_PATH) -> TrainedDetector:
+    """The FD-MNIST detector with the committed weights (or those in `path`), in eval mode on `device`: uint8 images
+    [N, 1 or 3, H, W] -> float32 features [N, 128]."""
     net, meta = load_weights(path, FORMAT, 'FD-MNIST', 'metrics.mnist_detector', MNISTFeatureNet)
-    return MNISTDetector(net, meta).to(device)
+    return TrainedDetector(net, to_net_input, meta).to(device)
 
 
 def mnist5k_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from metrics.detectors import load_detector, train_and_save
+from metrics.detectors import load_detector
 from metrics.dna_detector import (
     FEATURE_DIM,
     FLOOR_SIZE,
@@ -17,7 +17,6 @@ from metrics.dna_detector import (
     NUM_TRAIN,
     SEQUENCE_LENGTH,
     WEIGHTS_PATH,
-    DNADetector,
     DNAFeatureNet,
     accuracy,
     ars_split,
@@ -27,6 +26,7 @@ from metrics.dna_detector import (
     real_floor,
     tokens_to_net_input,
 )
+from metrics.trained_detector import TrainedDetector, train_and_save
 from training.sequences import one_hot, save_npz
 
 
@@ -106,7 +106,7 @@ def test_input_checks(detector):
 
 def test_ars_spec(detector):
     ars = load_detector('ars', 'cpu', sequence_length=128)
-    assert isinstance(ars, DNADetector) and ars.feature_dim == 128
+    assert isinstance(ars, TrainedDetector) and ars.feature_dim == 128
     seqs = torch.from_numpy(one_hot(random_tokens(4, seed=2)))
     assert torch.equal(ars(seqs), detector(seqs))
     with pytest.raises(ValueError, match='length 128, not 150'):

@@ -6,11 +6,18 @@ are exact in float32 (multiples of 2^-8 below 2^16), so every statistic fid.py w
 numpy to float64 rounding, whatever the batching.
 """
 
+import errno
+import hashlib
+import http.server
 import importlib.util
 import os
 import pathlib
+import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import PIL.Image
@@ -20,7 +27,9 @@ import torch
 from click.testing import CliRunner
 from conftest import write_edm_zip
 
+import dnnlib
 import fid
+from dnnlib import cli
 from metrics.detectors import load_detector, resize_bilinear
 from metrics.frechet import frechet_distance
 from torch_utils import distributed as dist
@@ -338,3 +347,89 @@ def test_two_ranks_give_the_same_fid_as_one(tmp_path, data, detector_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == one
     assert float(one) > 1
+
+
+def error_lines(result) -> list[str]:
+    """The lines fid.py wrote to stderr, less tqdm's progress bar, for a command that failed."""
+    assert result.exit_code != 0 and 'Traceback' not in result.output, result.output
+    return [line for line in result.stderr.splitlines() if line.strip() and 'batch/s]' not in line]
+
+
+# A closed port (connection refused) and a name that never resolves (RFC 6761 reserves .invalid).
+@pytest.mark.parametrize('url', ['http://127.0.0.1:1/x.pt', 'https://nonexistent.invalid/x.pt'])
+def test_an_unreachable_detector_url_fails_in_seconds_with_one_line(tmp_path, data, monkeypatch, url):
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))  # Not in the cache.
+    start = time.monotonic()
+    result = run_fid('ref', '--data', data['zip'], '--dest', tmp_path / 'ref.npz', '--detector', url, '--workers', 0)
+    seconds = time.monotonic() - start
+    [error] = error_lines(result)
+    assert error.startswith(f'Error: Could not download "{url}": ') and seconds < 5, (error, seconds)
+    for alternative in ('--detector=mnist', '--detector=fid-helper', 'make fid-helper', 'local TorchScript file'):
+        assert alternative in error
+    assert not (tmp_path / 'ref.npz').exists()
+
+
+def test_a_cached_detector_url_opens_offline(tmp_path, detector_path, monkeypatch):
+    url = 'http://127.0.0.1:1/inception.pt'
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path))
+    (tmp_path / 'downloads').mkdir()
+    shutil.copy(detector_path, tmp_path / 'downloads' / f'{hashlib.md5(url.encode()).hexdigest()}_inception.pt')
+    assert load_detector(url, 'cpu').feature_dim == FEATURE_DIM
+
+
+def test_downloads_retry_only_once_the_server_answers(tmp_path):
+    # A server that fails its first answer is retried (one second later); a host that accepts the connection but
+    # never answers within the timeout is given up at once.
+    requests = []
+
+    class Flaky(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            self.send_response(500 if len(requests) == 1 else 200)
+            self.end_headers()
+            self.wfile.write(b'payload')
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(('127.0.0.1', 0), Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f'http://127.0.0.1:{server.server_port}/x.pt'
+        with dnnlib.util.open_url(url, num_attempts=2, verbose=False, cache=False) as f:
+            assert f.read() == b'payload' and len(requests) == 2
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    with socket.socket() as silent:  # Listening: the kernel completes the handshake, and nobody ever replies.
+        silent.bind(('127.0.0.1', 0))
+        silent.listen()
+        url = f'http://127.0.0.1:{silent.getsockname()[1]}/x.pt'
+        start = time.monotonic()
+        with pytest.raises(OSError, match='timed out'):
+            dnnlib.util.open_url(url, cache_dir=str(tmp_path), verbose=False, timeout=0.5)
+        assert time.monotonic() - start < 3  # One attempt: ten would sleep 1 + 2 + 4 + ... seconds between them.
+
+
+@pytest.mark.parametrize('code', [errno.ENOSPC, errno.EFBIG])
+def test_ref_on_a_full_disk_or_past_the_file_size_limit_is_one_line(tmp_path, data, detector_path, monkeypatch, code):
+    def savez(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(np, 'savez', savez)
+    dest = tmp_path / 'refs' / 'ref.npz'
+    result = run_fid('ref', '--data', data['zip'], '--dest', dest, '--detector', detector_path, '--workers', 0)
+    assert error_lines(result) == [
+        f'Error: {cli.DISK_ERRORS[code]} while writing --dest "{dest}": [Errno {code}] {os.strerror(code)}'
+    ]
+    assert os.listdir(dest.parent) == []  # Neither --dest nor the temporary file it was written through.
+
+
+def test_ref_reads_no_json_so_a_100000_deep_dataset_json_is_harmless(tmp_path, data, detector_path):
+    # fid.py reads no labels; were it to start, this deep dataset.json must give one line, not a RecursionError.
+    folder = write_folder(tmp_path / 'deep', data['images'])
+    (tmp_path / 'deep' / 'dataset.json').write_text('{"labels": ' + '[' * 100_000 + ']' * 100_000 + '}')
+    result = run_fid('ref', '--data', folder, '--dest', tmp_path / 'ref.npz', '--detector', detector_path,
+                     '--workers', 0)  # fmt: skip
+    assert result.exit_code == 0 or len(error_lines(result)) == 1, result.output

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from metrics.detectors import train_and_save
+from metrics.detectors import load_detector
 from metrics.mnist_detector import (
     FEATURE_DIM,
     FORMAT,
@@ -20,6 +20,7 @@ from metrics.mnist_detector import (
     mnist5k_split,
     to_net_input,
 )
+from metrics.trained_detector import TrainedDetector, train_and_save
 
 
 @pytest.fixture(scope='module')
@@ -33,6 +34,7 @@ def split():
 
 
 def test_committed_weights_load(detector):
+    assert isinstance(detector, TrainedDetector) and isinstance(load_detector('mnist', 'cpu'), TrainedDetector)
     assert detector.feature_dim == FEATURE_DIM == 128
     assert not detector.net.training
     assert not any(p.requires_grad for p in detector.parameters())
