@@ -133,14 +133,15 @@ def options_of(ctx: click.Context) -> tuple[dnnlib.EasyDict, set[str]]:
             name = key.replace('-', '_')
             if name not in params or name in ('preset', 'outdir', 'data', 'resume', 'allow_changes', 'dry_run'):
                 raise click.ClickException(f'Preset "{opts.preset}" sets unknown or non-presettable option "{key}"')
+            try:  # Every value is checked, also those the command line overrides.
+                if message := preset_value_error(params[name], value):
+                    raise ValueError(message)
+                value = params[name].type_cast_value(ctx, value)
+            except (click.BadParameter, TypeError, ValueError) as e:
+                message = e.message if isinstance(e, click.BadParameter) else str(e) or f'{value!r} is not valid'
+                raise click.ClickException(f'Preset "{opts.preset}": "{key}": {message}') from None
             if ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT:
-                try:
-                    if message := preset_value_error(params[name], value):
-                        raise ValueError(message)
-                    opts[name] = params[name].type_cast_value(ctx, value)
-                except (click.BadParameter, TypeError, ValueError) as e:
-                    message = e.message if isinstance(e, click.BadParameter) else str(e) or f'{value!r} is not valid'
-                    raise click.ClickException(f'Preset "{opts.preset}": "{key}": {message}') from None
+                opts[name] = value
     return opts, given
 
 

@@ -298,11 +298,22 @@ def test_preset_names_and_files(tmp_path, digits_zip):
     (tmp_path / 'list.json').write_text('[1, 2]')
     (tmp_path / 'nan.json').write_text('{"lr": NaN}')
     (tmp_path / 'typed.json').write_text('{"batch": [1, 2]}')
+    (tmp_path / 'deep.json').write_text('{"cres": ' + '[' * 100_000 + ']' * 100_000 + '}')
+    # Values click would coerce silently (true -> 1, 32.7 -> 32) are refused like a wrong flag.
+    typed = {'true': ('{"batch": true}', '"batch": True is not an integer'),
+             'fraction': ('{"batch": 32.7}', '"batch": 32.7 is not an integer'),
+             'strings': ('{"cres": ["x"]}', '"cres": [\'x\'] is not a list of non-negative integers'),
+             'flag': ('{"cond": 1}', '"cond": 1 is not true or false'),
+             'number': ('{"lr": "fast"}', '"lr": \'fast\' is not a valid float')}  # fmt: skip
+    for name, (text, _) in typed.items():
+        (tmp_path / f'{name}.json').write_text(text)
     for preset, message in [
         (tmp_path / 'broken.json', 'is not valid JSON'),
         (tmp_path / 'list.json', 'must hold a JSON object'),
         (tmp_path / 'nan.json', 'not a finite number'),
         (tmp_path / 'typed.json', '"batch"'),
+        (tmp_path / 'deep.json', 'nests JSON too deeply to read'),
+        *[(tmp_path / f'{name}.json', message) for name, (_, message) in typed.items()],
         ('../x', '--preset: no such file "../x"'),
         ('no-such-preset', 'Unknown preset "no-such-preset"; available: afhqv2-64-ddpmpp'),
     ]:
@@ -326,6 +337,40 @@ def test_corrupt_image_mid_run_is_one_line(tmp_path, digits8, workers):
     last = result.output.strip().splitlines()[-1]
     assert result.exit_code == 1 and 'Traceback' not in result.output, result.output
     assert last.startswith('Error: Cannot decode image "00000/img00000040.png" in '), result.output
+
+
+def shape_cases(tmp_path):
+    from training import sequences
+
+    dna = tmp_path / 'dna.npz'
+    sequences.save_npz(str(dna), np.random.default_rng(0).integers(0, 4, (16, 12)).astype(np.uint8))
+    return [
+        (['--cres=0'], '--cres=0: channel multipliers must be positive'),
+        (['--cres=1,1,1,1,1,1'], '--cres=1,1,1,1,1,1: 6 levels halve the resolution 8 5 times, which it does not '
+                                 'allow; give at most 4 multipliers'),
+        (['--cbase=100000'], 'The network has 33,160,061,900,001 parameters: 617654.3 GiB for weights, EMA, '
+                             'gradients and Adam, more than the'),
+        (['--blocks=1000000'], "Invalid value for '--blocks': 1000000 is not in the range 1<=x<=64."),
+        (['--cres=1,2', '--attn=16'], '--attn=16: no level of this network has resolution 16 (its levels: 8,4); '
+                                      'choose among them, or --attn=none for no attention'),
+        (['--data', dna, '--arch=ddpmpp1d', '--cres=1,2,2,2'], '--cres=1,2,2,2: 4 levels halve the length 12 3 times'),
+    ]  # fmt: skip
+
+
+def test_network_shape_options_are_checked_before_anything_is_written(tmp_path, digits_zip):
+    out = tmp_path / 'runs'
+    for args, message in shape_cases(tmp_path):
+        result = run('--outdir', out, '--data', digits_zip, '--device=cpu', *args)
+        error_lines = [line for line in result.output.splitlines() if line.startswith('Error:')]
+        assert result.exit_code != 0 and len(error_lines) == 1 and message in error_lines[0], (args, result.output)
+        assert not out.exists() and 'Traceback' not in result.output, args
+    # --attn=none is a network without attention; the default attention of an architecture is never refused.
+    config = train_config('--outdir', out, '--data', digits_zip, '--cres=1,2', '--attn=none')
+    assert config['network_kwargs']['attn_resolutions'] == []
+    assert (
+        train_config('--outdir', out, '--data', digits_zip, '--cres=1,2')['network_kwargs'].get('attn_resolutions')
+        is None
+    )
 
 
 def test_full_disk_while_training_is_one_line(tmp_path, digits_zip, monkeypatch):
