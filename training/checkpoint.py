@@ -20,7 +20,7 @@ from infonoise.profile import Profile
 from torch_utils import distributed as dist
 from torch_utils import persistence
 from torch_utils.persistence import SNAPSHOT_FORMAT, STATE_FORMAT, save_atomic
-from training import networks
+from training import networks, networks_1d  # noqa: F401 (networks_1d adds SequenceUNet to networks.MODEL_TYPES)
 
 __all__ = ['SNAPSHOT_FORMAT', 'STATE_FORMAT', 'save_atomic']
 

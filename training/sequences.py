@@ -4,7 +4,7 @@ The InfoNoise paper's third discrete domain is DNA (regulatory elements of DNA-D
 sequence of L bases is a 4 x L one-hot matrix with entries in {-1, +1} (A, C, G, T rows). In this code base a
 sequence travels as a 4-channel "image" of height 1 and width L, [4, 1, L], so that the training loop, the loss, the
 preconditioners and the samplers, which broadcast sigma over [N, C, H, W], handle sequences unchanged; the 1-D U-Net
-(`training.networks.SequenceUNet`) treats the width as the sequence axis.
+(`training.networks_1d.SequenceUNet`) treats the width as the sequence axis.
 
 Dataset file (`dataset_tool.py --source=X.fasta|X.tsv|ars --dest=Y.npz`, read by `training.dataset.SequenceDataset`):
 an .npz with
