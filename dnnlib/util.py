@@ -61,16 +61,18 @@ def is_live_process(pid: int) -> bool:
     return True
 
 
-def remove_stale_temp_files(directory: str, own_pid_is_stale: bool = False) -> list[str]:
+def remove_stale_temp_files(directory: str, own_pid_is_stale: bool = False, base: str | None = None) -> list[str]:
     """Remove the temporary files (or folders) named as temp_path names them whose writer process is gone from this
     host, e.g. after a SIGKILL or power loss; return their names, sorted. Everything else stays, including the
     temporary files of live processes. A directory shared with other hosts may hold a live writer's file whose pid
     is free here: call this only on directories that processes of this host write. `own_pid_is_stale`: the caller
     writes nothing there now, so a file with its pid is a dead writer's whose pid it reuses (a restarted container
-    numbers its processes from 1 again)."""
+    numbers its processes from 1 again). `base`: remove only the temporary files of `directory/base`."""
     removed = []
     for name in sorted(os.listdir(directory)):
         match = TEMP_NAME.fullmatch(name)
+        if match is not None and base is not None and match.group('base') != base:
+            continue
         pid = int(match.group('pid')) if match else 0
         # A pid beyond any pid_t was not written by temp_path: keep the file rather than guess.
         if match is None or pid >= 2**31 or (is_live_process(pid) and not (own_pid_is_stale and pid == os.getpid())):

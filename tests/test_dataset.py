@@ -129,6 +129,14 @@ def dataset_of(images, **kwargs):
     return lambda tmp_path: write_edm_dataset(tmp_path / 'd.zip', images, **kwargs)
 
 
+def deep_json_dataset(tmp_path):
+    """A folder dataset whose dataset.json nests 100,000 lists (Python's parser raises RecursionError on it)."""
+    path = write_edm_dataset(tmp_path / 'd', random_images(1))
+    with open(os.path.join(path, 'dataset.json'), 'w') as f:
+        f.write('{"labels": ' + '[' * 100_000 + ']' * 100_000 + '}')
+    return path
+
+
 NAMES = ['00000/img00000000.png', '00000/img00000001.png']
 ERROR_CASES = {
     'missing path': (lambda tmp_path: str(tmp_path / 'nope.zip'), {}, 'Dataset not found'),
@@ -158,14 +166,18 @@ ERROR_CASES = {
         'Malformed dataset.json',
     ),
     'bad max_size': (dataset_of(random_images(1)), {'max_size': 0}, 'max_size must be at least 1'),
+    'too deep json': (deep_json_dataset, {'use_labels': True}, 'dataset.json in '),
 }
 
 
 @pytest.mark.parametrize('case', list(ERROR_CASES))
 def test_errors(tmp_path, case):
     make, kwargs, message = ERROR_CASES[case]
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
         ImageFolderDataset(make(tmp_path), **kwargs)
+    assert '\n' not in str(error.value)  # One line.
+    if case == 'too deep json':
+        assert str(error.value) == f'dataset.json in {tmp_path / "d"} nests JSON too deeply to read'
 
 
 def test_image_of_another_size_fails_on_access(tmp_path):

@@ -8,10 +8,13 @@ import io
 import json
 import os
 import pickle
+import resource
+import signal
 import struct
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 
 import click
@@ -21,6 +24,7 @@ import pytest
 from conftest import convert, edm_names, invoke, png_bytes, write_fasta
 
 import dataset_tool
+import dnnlib.dataset_writer
 import dnnlib.util
 from training import dataset, sequences
 from training.dataset import ImageFolderDataset
@@ -314,6 +318,23 @@ def corrupt_gzip_idx(src):
     return write_bytes('train-images-idx3-ubyte.gz')(src)
 
 
+def deep_json(name):
+    """A source whose dataset.json nests 100,000 lists (Python's parser raises RecursionError on it)."""
+    deep = '{"labels": ' + '[' * 100_000 + ']' * 100_000 + '}'
+
+    def make(src):
+        if name.endswith('.zip'):
+            with zipfile.ZipFile(src / name, 'w') as z:
+                z.writestr('a.png', png_bytes(random_images(1, 4, 4)[0]))
+                z.writestr('dataset.json', deep)
+            return src / name
+        folder_of(random_images(1, 4, 4))(src)
+        (src / 'imgs' / 'dataset.json').write_text(deep)
+        return src / 'imgs'
+
+    return make
+
+
 ERROR_CASES = {
     'missing source': (lambda src: src / 'nope', [], 'Missing input file or directory'),
     'unknown source': (write_bytes('a.dat', b'hello'), [], 'Unknown source type'),
@@ -344,6 +365,8 @@ ERROR_CASES = {
     'bad resolution': (folder_of(random_images(1, 8, 8)), ['--resolution', '8by8'], 'expected WxH or W,H'),
     'empty folder': (folder_of([]), [], 'No images to write'),
     'broken png': (broken_png, [], 'Cannot decode image a.png: broken PNG file'),
+    'deep dataset.json in a folder': (deep_json('imgs'), [], 'imgs/dataset.json nests JSON too deeply to read'),
+    'deep dataset.json in a zip': (deep_json('src.zip'), [], 'src.zip/dataset.json nests JSON too deeply to read'),
 }
 
 
@@ -354,7 +377,7 @@ def test_errors_leave_nothing_behind(tmp_path, case, dest):
     source = make_source(tmp_path)
     before = tree(tmp_path)
     result = run_tool('--source', source, '--dest', tmp_path / dest, *extra)
-    assert result.exit_code != 0
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit)  # A click error, no traceback.
     assert message in result.output
     assert tree(tmp_path) == before
 
@@ -465,7 +488,7 @@ def fill_disk_after(monkeypatch, num_writes):
 
     monkeypatch.setattr(zipfile.ZipFile, 'writestr', full_writestr)
     monkeypatch.setattr(zipfile.ZipFile, 'close', full_close)
-    monkeypatch.setattr(dataset_tool, 'open', full_open, raising=False)  # The folder writer's open.
+    monkeypatch.setattr(dnnlib.dataset_writer, 'open', full_open, raising=False)  # The folder writer's open.
 
 
 FULL_DISK_CASES = [
@@ -491,8 +514,9 @@ def test_dataset_tool_temp_output_is_found_by_remove_stale_temp_files(tmp_path, 
     # A dataset_tool.py killed mid-write (os._exit skips all cleanup) leaves its temporary output, under the naming
     # of dnnlib.util.temp_path, which remove_stale_temp_files then removes.
     code = (
-        'import os, sys, dataset_tool\n'
-        'writer = dataset_tool.DatasetWriter(sys.argv[1])\n'
+        'import os, sys\n'
+        'from dnnlib.dataset_writer import DatasetWriter, check_dest\n'
+        'writer = DatasetWriter(sys.argv[1], check_dest(sys.argv[1], False))\n'
         'writer.write("00000/img00000000.png", b"x")\n'
         'os._exit(0)\n'
     )
@@ -500,6 +524,105 @@ def test_dataset_tool_temp_output_is_found_by_remove_stale_temp_files(tmp_path, 
     (leftover,) = os.listdir(tmp_path)
     assert dnnlib.util.TEMP_NAME.fullmatch(leftover) and leftover.startswith(f'.{dest}.')
     assert dnnlib.util.remove_stale_temp_files(str(tmp_path)) == [leftover] and os.listdir(tmp_path) == []
+
+
+def test_the_next_conversion_removes_a_killed_conversions_temp_output(tmp_path):
+    # A SIGKILL cannot be caught: the next conversion to the same --dest removes what the killed one left (its writer
+    # process is gone), and nothing of other destinations or of live writers.
+    code = 'import os, sys\nfrom dnnlib.dataset_writer import DatasetWriter\nDatasetWriter(sys.argv[1], sys.argv[2])\nos._exit(0)\n'
+    for dest, kind in [('out.zip', 'zip'), ('other.zip', 'zip'), ('out', 'folder')]:
+        subprocess.run([sys.executable, '-c', code, str(tmp_path / dest), kind], cwd=ROOT, check=True)
+    (killed,) = [name for name in os.listdir(tmp_path) if name.startswith('.out.zip.')]
+    live = os.path.basename(dnnlib.util.temp_path(str(tmp_path / 'out.zip')))  # This process's: a live writer's.
+    (tmp_path / live).write_bytes(b'')
+    others = set(os.listdir(tmp_path)) - {killed}
+    convert('--source', folder_of(random_images(2, 4, 4))(tmp_path), '--dest', tmp_path / 'out.zip')
+    assert set(os.listdir(tmp_path)) == others | {'imgs', 'out.zip'}
+
+
+# A conversion slowed to 10 ms per image, so that a signal surely arrives while it writes.
+SLOW_CONVERSION = (
+    'import time\n'
+    'import dataset_tool\n'
+    'encode_png = dataset_tool.encode_png\n'
+    'dataset_tool.encode_png = lambda img: time.sleep(0.01) or encode_png(img)\n'
+    'dataset_tool.main()\n'
+)
+
+
+def images_written(tmp_path, dest):
+    """How many images the temporary output beside `dest` holds so far (0 before it exists)."""
+    temps = [name for name in os.listdir(tmp_path) if dnnlib.util.TEMP_NAME.fullmatch(name)]
+    if not temps:
+        return 0
+    path = tmp_path / temps[0]
+    if dest.endswith('.zip'):
+        return path.stat().st_size // 1000  # About 1 kB per 32x32 PNG.
+    return len(os.listdir(path / '00000')) if (path / '00000').is_dir() else 0
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize('dest', ['out.zip', 'out'])
+def test_a_signal_mid_conversion_removes_the_temporary_output(tmp_path, dest, signum):
+    # Cluster schedulers send SIGTERM before they kill, Ctrl-C sends SIGINT: a real dataset_tool.py process gets one
+    # while it writes images, and leaves nothing behind.
+    args = [sys.executable, '-c', SLOW_CONVERSION, '--source=mnist5k', f'--dest={tmp_path / dest}']
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while images_written(tmp_path, dest) < 5 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    # SIGTERM ends it with the shell's status for that signal (128 + 15); SIGINT with click's "Aborted!".
+    assert proc.returncode == (128 + signum if signum == signal.SIGTERM else 1), err
+    assert 'Traceback' not in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_signal_during_the_final_rename_waits_for_it(tmp_path, monkeypatch):
+    # Replacing a folder takes two renames (old one aside, new one in). A SIGTERM that arrives between them is raised
+    # only once the new dataset is in place, so the old one is never lost half moved.
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'out' / 'old.txt').write_text('old')
+    rename = os.rename
+
+    def rename_then_signal(src, dst):
+        rename(src, dst)
+        os.kill(os.getpid(), signal.SIGTERM)  # Handled by the writer's handler before the next rename.
+
+    with pytest.raises(SystemExit) as exit_info:
+        with dnnlib.dataset_writer.DatasetWriter(str(tmp_path / 'out'), 'folder') as writer:
+            writer.write('new.txt', b'new')
+            monkeypatch.setattr(os, 'rename', rename_then_signal)
+    monkeypatch.undo()
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert os.listdir(tmp_path) == ['out'] and os.listdir(tmp_path / 'out') == ['new.txt']
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # The writer's handler is gone again.
+
+
+def limit_file_size():
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))  # `ulimit -f 128` (blocks of 512 bytes).
+
+
+@pytest.mark.parametrize('dest', ['out.zip', 'deep/new/out.zip', 'out.npz'])
+def test_file_size_limit_is_one_line_and_leaves_nothing(tmp_path, dest):
+    # Python ignores SIGXFSZ, so a write beyond `ulimit -f` fails with EFBIG: one line, no traceback, no output.
+    if dest.endswith('.npz'):
+        rng = np.random.default_rng(0)
+        source = write_fasta(tmp_path / 'x.fa', [''.join(rng.choice(list('ACGT'), 200)) for _ in range(2000)], None)
+    else:
+        source = folder_of(random_images(300, 16, 16, 3))(tmp_path)
+    before = tree(tmp_path)
+    args = [sys.executable, 'dataset_tool.py', f'--source={source}', f'--dest={tmp_path / dest}']
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, preexec_fn=limit_file_size)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr
+    message = f'Error: Cannot write --dest {tmp_path / dest}: [Errno {errno.EFBIG}] {os.strerror(errno.EFBIG)}'
+    assert result.stderr.splitlines()[-1] == message
+    assert tree(tmp_path) == before
 
 
 def test_help_matches_committed_docs():

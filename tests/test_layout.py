@@ -2,6 +2,7 @@
 
 import ast
 import os
+import re
 import sys
 
 import pytest
@@ -36,6 +37,33 @@ def imported_packages(path: str) -> set[str]:
     return names
 
 
+def imported_modules(path: str, package: str = '') -> set[str]:
+    """Dotted names of every module `path` imports, at any depth of the file, and of every string constant that is a
+    dotted name (class_name='training.loss.EDMLoss', importlib): `from a import b` gives a and a.b, as b may be a
+    module; relative imports resolve against `package`."""
+    with open(path, encoding='utf-8') as f:
+        tree = ast.parse(f.read(), path)
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            parts = package.split('.') if node.level else []
+            base = '.'.join(parts[: len(parts) - node.level + 1])
+            module = '.'.join(part for part in (base, node.module) if part)
+            names.add(module)
+            names.update(f'{module}.{alias.name}' for alias in node.names)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if re.fullmatch(r'[A-Za-z_]\w*(\.\w+)+', node.value):
+                names.add(node.value)
+    return names
+
+
+def names_module(names: set[str], module: str) -> bool:
+    """Whether `module` or anything inside it is among the dotted `names`."""
+    return any(name == module or name.startswith(module + '.') for name in names)
+
+
 def modules(package: str) -> list[str]:
     folder = os.path.join(ROOT, package)
     return sorted(os.path.join(folder, name) for name in os.listdir(folder) if name.endswith('.py'))
@@ -63,6 +91,20 @@ def test_training_loop_does_not_name_the_library():
     assert 'infonoise' not in imported_packages(os.path.join(ROOT, 'training', 'training_loop.py'))
 
 
+@pytest.mark.parametrize('name', ['networks.py', 'networks_1d.py'])
+def test_networks_never_import_the_loss(name):
+    # A network is built and run without a loss (generation, EDM pickles, the meta-device shape check); the loss calls
+    # the network, never the reverse.
+    names = imported_modules(os.path.join(ROOT, 'training', name), 'training')
+    assert not names_module(names, 'training.loss'), sorted(names)
+
+
+def test_networks_do_not_import_the_1d_networks():
+    # networks_1d imports networks and adds SequenceUNet to networks.MODEL_TYPES: the reverse import would be a cycle.
+    names = imported_modules(os.path.join(ROOT, 'training', 'networks.py'), 'training')
+    assert not names_module(names, 'training.networks_1d'), sorted(names)
+
+
 def test_library_imports_only_torch_numpy_and_the_standard_library():
     allowed = {'torch', 'numpy', 'infonoise', *sys.stdlib_module_names}
     for path in modules('infonoise'):
@@ -77,3 +119,20 @@ def test_the_scan_sees_imports(tmp_path):
     assert imported_packages(str(path)) == {'os', 'training', 'dnnlib'}
     path.write_text('if True:\n    from metrics.frechet import frechet_distance\n')
     assert imported_packages(str(path)) == {'metrics'}
+
+
+def test_the_module_scan_sees_loss_imports(tmp_path):
+    # The finer scan can fail too: every way of reaching training.loss below is found.
+    cases = [
+        ('def f():\n    from training import loss\n', ''),
+        ('import training.loss as L\n', ''),
+        ('from .loss import EDMLoss\n', 'training'),
+        ('from . import loss\n', 'training'),
+        ("import dnnlib\nnet = dnnlib.util.construct_class_by_name(class_name='training.loss.EDMLoss')\n", ''),
+    ]
+    path = tmp_path / 'module.py'
+    for text, package in cases:
+        path.write_text(text)
+        assert names_module(imported_modules(str(path), package), 'training.loss'), text
+    path.write_text('from training import networks, lossy\nx = "training.lossy"\n')
+    assert not names_module(imported_modules(str(path)), 'training.loss')

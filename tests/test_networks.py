@@ -1,7 +1,11 @@
-"""Tests for training/networks.py: EDM's parameter counts and state-dict layout, preconditioning formulas (EDM
-Table 1), layer math, initialisation and real forward/backward passes on tiny networks."""
+"""Tests for training/networks.py and training/networks_1d.py: EDM's parameter counts and state-dict layout,
+preconditioning formulas (EDM Table 1), layer math, initialisation, real forward/backward passes on tiny networks, the
+build on the meta device, and every architecture's output against a reference written here from EDM's formulas."""
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,6 +13,8 @@ import torch
 
 import train
 from training import networks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The architecture presets of EDM's train.py (--arch), as our train.py defines them.
 PRESETS = train.ARCH_KWARGS
@@ -618,12 +624,11 @@ def test_forward_backward(arch):
         assert all(g is not None and torch.isfinite(g).all() for g in grads)
         assert sum(g.abs().sum() for g in grads) > 0
 
-    # Eval mode is deterministic; bf16 autocast returns float32 close to the float32 result.
+    # bf16 autocast returns float32 close to the float32 result (which section 7 checks against a reference).
     net.eval()
     with torch.no_grad():
         sigma = torch.tensor([0.01, 1.0, 30.0])
         ref = net(x, sigma, labels)
-        torch.testing.assert_close(net(x, sigma, labels), ref)
         with torch.autocast('cpu', dtype=torch.bfloat16):
             D_x = net(x, sigma, labels)
     assert D_x.dtype == torch.float32
@@ -649,3 +654,373 @@ def test_label_dropout(arch):
     torch.testing.assert_close(dropped[0], dropped[1])
     torch.testing.assert_close(dropped[0], net(x, sigma, torch.zeros(2, 4)).detach())
     assert not torch.allclose(kept[0], kept[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. Every architecture builds on the meta device (shape options can be checked before anything is written), and the
+#    1-D network is known wherever stored network kwargs are turned into a network.
+
+SHAPES = {'ddpmpp': (32, 3), 'ncsnpp': (32, 3), 'adm': (64, 3), 'ddpmpp1d': (128, 4)}
+
+
+@pytest.mark.parametrize('precond', ['VPPrecond', 'VEPrecond', 'iDDPMPrecond', 'EDMPrecond'])
+@pytest.mark.parametrize('arch', sorted(PRESETS))
+def test_every_arch_builds_on_the_meta_device(arch, precond):
+    assert set(PRESETS) == set(SHAPES)  # A new --arch needs a shape here.
+    resolution, channels = SHAPES[arch]
+    kwargs = dict(img_resolution=resolution, img_channels=channels, label_dim=10, augment_dim=9, **PRESETS[arch])
+    with torch.device('meta'):
+        net = getattr(networks, precond)(**kwargs)
+    assert all(p.device.type == 'meta' for p in net.parameters())
+    assert net.img_shape == [channels, 1 if arch == 'ddpmpp1d' else resolution, resolution]
+
+    # The same shapes as a real build (at a small width, to stay fast).
+    small = dict(kwargs, model_channels=16, num_blocks=1)
+    with torch.device('meta'):
+        meta = getattr(networks, precond)(**small)
+    assert shapes(meta) == shapes(getattr(networks, precond)(**small))
+
+
+def test_model_types_are_known_wherever_networks_are_built_from_stored_kwargs():
+    # training/networks.py never imports networks_1d (no cycle); training/checkpoint.py, which every trainer and
+    # loader imports, does. A fresh process that imports only checkpoint builds a stored 1-D network by name.
+    code = (
+        'import torch\n'
+        'from training import checkpoint, networks\n'
+        "assert sorted(networks.MODEL_TYPES) == ['DhariwalUNet', 'SequenceUNet', 'SongUNet'], networks.MODEL_TYPES\n"
+        "cls = checkpoint.network_class('training.networks.EDMPrecond')\n"
+        "with torch.device('meta'):\n"
+        "    net = cls(img_resolution=16, img_channels=4, model_type='SequenceUNet', model_channels=8)\n"
+        "assert type(net.model).__module__ == 'training.networks_1d' and net.img_shape == [4, 1, 16]\n"
+    )
+    subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True)
+
+    # Without networks_1d the name is refused in one line.
+    code = (
+        'from training import networks\n'
+        "try:\n    networks.EDMPrecond(16, 4, model_type='SequenceUNet')\n"
+        'except ValueError as e:\n    print(e)\n'
+    )
+    out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    assert out == "Invalid model_type \"SequenceUNet\"; expected one of ['DhariwalUNet', 'SongUNet']\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 7. The forward pass, composed from blocks written here from EDM's formulas (edm-facts 3.3 and 3.4). The reference
+#    reads only the state dict and uses torch's plain convolution and softmax; group norm, resampling, attention,
+#    embeddings, skip connections and the U-Net wiring are written out below, independently of training/networks*.py.
+
+silu = torch.nn.functional.silu
+
+
+def ref_group_norm(x, weight, bias, eps):
+    groups = min(32, x.shape[1] // 4)
+    g = x.reshape(x.shape[0], groups, -1)
+    g = (g - g.mean(dim=2, keepdim=True)) / (g.var(dim=2, unbiased=False, keepdim=True) + eps).sqrt()
+    per_channel = [1, -1] + [1] * (x.ndim - 2)
+    return g.reshape(x.shape) * weight.reshape(per_channel) + bias.reshape(per_channel)
+
+
+def fir_down(x, taps, pad):
+    """2x downsampling of the last axis by the FIR filter taps / sum(taps): y[i] = sum_k f[k] x[2i + k - pad]."""
+    f = [t / sum(taps) for t in taps]
+    x = torch.nn.functional.pad(x, (pad, pad))
+    n = (x.shape[-1] - len(f)) // 2 + 1
+    return sum(f[k] * x[..., k : k + 2 * n - 1 : 2] for k in range(len(f)))
+
+
+def fir_up(x, taps, pad):
+    """2x upsampling of the last axis, the transpose of fir_down with gain 2: x[i] adds 2 f[k] to y[2i + k - pad]."""
+    n = x.shape[-1]
+    y = x.new_zeros(*x.shape[:-1], 2 * n + len(taps))
+    for k, t in enumerate(taps):
+        y[..., k : k + 2 * n : 2] += 2 * t / sum(taps) * x
+    return y[..., pad : pad + 2 * n]
+
+
+def ref_resample(x, taps, up, pad=None):
+    """Separable 2x resampling of every spatial axis ([N, C, H, W] or [N, C, L])."""
+    pad = (len(taps) - 1) // 2 if pad is None else pad
+    for _ in range(x.ndim - 2):
+        x = (fir_up if up else fir_down)(x, taps, pad).movedim(-1, 2)  # Each axis in turn is the last one.
+    return x
+
+
+def ref_linear(sd, name, x):
+    bias = sd.get(f'{name}.bias')
+    return x @ sd[f'{name}.weight'].T + (0 if bias is None else bias)
+
+
+def ref_conv(sd, name, x, taps=(1, 1), up=False, down=False, fused_down=False):
+    """EDM's Conv2d (or our Conv1d): resample, then convolve with 'same' padding, bias last. A fused downsampling
+    convolves first, with the filter's padding added, then filters without padding."""
+    weight, bias = sd.get(f'{name}.weight'), sd.get(f'{name}.bias')
+    conv = torch.nn.functional.conv1d if x.ndim == 3 else torch.nn.functional.conv2d
+    if fused_down:
+        x = ref_resample(conv(x, weight, padding=weight.shape[-1] // 2 + (len(taps) - 1) // 2), taps, False, pad=0)
+    else:
+        if up or down:
+            x = ref_resample(x, taps, up)
+        if weight is not None:
+            x = conv(x, weight, padding=weight.shape[-1] // 2)
+    return x if bias is None else x + bias.reshape([1, -1] + [1] * (x.ndim - 2))
+
+
+def ref_attention(q, k, v):
+    """softmax over keys of q.k / sqrt(C), applied to v; [N, heads, C, L] each."""
+    w = torch.softmax(torch.einsum('nhci,nhcj->nhij', q, k) / math.sqrt(q.shape[2]), dim=-1)
+    return torch.einsum('nhij,nhcj->nhci', w, v)
+
+
+def ref_block(sd, name, x, emb, heads, skip_scale, eps, adaptive, taps=(1, 1), up=False, down=False):
+    """UNetBlock (edm-facts 3.3): conditioned residual branch, skip, then optional multi-head self-attention."""
+
+    def norm(t, layer):
+        return ref_group_norm(t, sd[f'{name}.{layer}.weight'], sd[f'{name}.{layer}.bias'], eps)
+
+    h = ref_conv(sd, f'{name}.conv0', silu(norm(x, 'norm0')), taps, up, down)
+    params = ref_linear(sd, f'{name}.affine', emb).reshape(*emb.shape[:1], -1, *[1] * (x.ndim - 2))
+    if adaptive:  # ADM: scale (first half) and shift.
+        scale, shift = params[:, : h.shape[1]], params[:, h.shape[1] :]
+        h = silu(norm(h, 'norm1') * (scale + 1) + shift)
+    else:
+        h = silu(norm(h + params, 'norm1'))
+    h = ref_conv(sd, f'{name}.conv1', h)
+    has_skip = any(key.startswith(f'{name}.skip.') for key in sd)
+    x = (h + (ref_conv(sd, f'{name}.skip', x, taps, up, down) if has_skip else x)) * skip_scale
+    if heads:
+        # The qkv channels are laid out as (head, channel in head, {q, k, v}).
+        qkv = ref_conv(sd, f'{name}.qkv', norm(x, 'norm2')).reshape(x.shape[0], heads, x.shape[1] // heads, 3, -1)
+        a = ref_attention(qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]).reshape(x.shape)
+        x = (ref_conv(sd, f'{name}.proj', a) + x) * skip_scale
+    return x
+
+
+def positional_freqs(channels, endpoint):
+    """f_j = (1 / 10000)^(j / (C/2 - endpoint)), j < C/2, computed in float32 as EDM computes them."""
+    j = torch.arange(channels // 2, dtype=torch.float32)
+    return ((1 / 10000) ** (j / (channels // 2 - endpoint))).double()
+
+
+def ref_song_embedding(sd, c_noise, labels, augment_labels, noise_channels, fourier):
+    """DDPM++ / NCSN++ mapping: [sin, cos] of the noise label (the halves of EDM's embedding swapped)."""
+    if fourier:
+        arg = 2 * math.pi * torch.outer(c_noise, sd['map_noise.freqs'])
+    else:
+        arg = torch.outer(c_noise, positional_freqs(noise_channels, endpoint=True))
+    emb = torch.cat([arg.sin(), arg.cos()], dim=1)
+    emb = emb + ref_linear(sd, 'map_label', labels * math.sqrt(labels.shape[1]))
+    emb = emb + ref_linear(sd, 'map_augment', augment_labels)
+    return silu(ref_linear(sd, 'map_layer1', silu(ref_linear(sd, 'map_layer0', emb))))
+
+
+def ref_song_unet(sd, x, c_noise, labels, augment_labels, cfg):
+    """SongUNet / SequenceUNet: encoder, bottleneck, decoder with skip concatenation, summed output heads."""
+    res, mult, num_blocks, attn = cfg['res'], cfg['channel_mult'], cfg['num_blocks'], cfg['attn_resolutions']
+    taps, enc_type, dec_type = cfg.get('taps', (1, 1)), cfg.get('encoder_type'), cfg.get('decoder_type')
+    noise_channels = cfg['model_channels'] * cfg.get('channel_mult_noise', 1)
+    emb = ref_song_embedding(sd, c_noise, labels, augment_labels, noise_channels, cfg.get('fourier', False))
+    block = dict(skip_scale=math.sqrt(0.5), eps=1e-6, adaptive=False, taps=taps)
+    name = (lambda r: f'{r}') if cfg.get('sequence') else (lambda r: f'{r}x{r}')
+    levels = len(mult)
+
+    skips, aux = [], x
+    for level in range(levels):
+        r = res >> level
+        if level == 0:
+            x = ref_conv(sd, f'enc.{name(r)}_conv', x)
+        else:
+            x = ref_block(sd, f'enc.{name(r)}_down', x, emb, heads=0, down=True, **block)
+            if enc_type == 'skip':
+                aux = ref_resample(aux, taps, up=False)
+                x = x + ref_conv(sd, f'enc.{name(r)}_aux_skip', aux)
+            if enc_type == 'residual':
+                x = aux = (x + ref_conv(sd, f'enc.{name(r)}_aux_residual', aux, taps, fused_down=True)) / math.sqrt(2)
+        skips.append(x)
+        for i in range(num_blocks):
+            x = ref_block(sd, f'enc.{name(r)}_block{i}', x, emb, heads=int(r in attn), **block)
+            skips.append(x)
+
+    out = None
+    for level in reversed(range(levels)):
+        r = res >> level
+        if level == levels - 1:
+            x = ref_block(sd, f'dec.{name(r)}_in0', x, emb, heads=1, **block)
+            x = ref_block(sd, f'dec.{name(r)}_in1', x, emb, heads=0, **block)
+        else:
+            x = ref_block(sd, f'dec.{name(r)}_up', x, emb, heads=0, up=True, **block)
+        for i in range(num_blocks + 1):
+            heads = int(i == num_blocks and r in attn)
+            x = ref_block(sd, f'dec.{name(r)}_block{i}', torch.cat([x, skips.pop()], dim=1), emb, heads, **block)
+        if cfg.get('sequence') and level == 0:
+            normed = ref_group_norm(x, sd['out_norm.weight'], sd['out_norm.bias'], 1e-6)
+            out = ref_conv(sd, 'out_conv', silu(normed))
+        elif dec_type == 'skip' or level == 0:
+            if out is not None:
+                out = ref_resample(out, taps, up=True)
+            normed = ref_group_norm(x, sd[f'dec.{name(r)}_aux_norm.weight'], sd[f'dec.{name(r)}_aux_norm.bias'], 1e-6)
+            out = ref_conv(sd, f'dec.{name(r)}_aux_conv', silu(normed)) + (0 if out is None else out)
+    assert not skips
+    return out
+
+
+def ref_dhariwal_unet(sd, x, c_noise, labels, augment_labels, cfg):
+    """DhariwalUNet (ADM): [cos, sin] embedding, scale-shift blocks, attention in every block at attn_resolutions."""
+    res, mult, num_blocks, attn, mc = (
+        cfg[k] for k in ('res', 'channel_mult', 'num_blocks', 'attn_resolutions', 'model_channels')
+    )
+    arg = torch.outer(c_noise, positional_freqs(mc, endpoint=False))
+    emb = torch.cat([arg.cos(), arg.sin()], dim=1) + ref_linear(sd, 'map_augment', augment_labels)
+    emb = ref_linear(sd, 'map_layer1', silu(ref_linear(sd, 'map_layer0', emb)))
+    emb = silu(emb + ref_linear(sd, 'map_label', labels))
+    block = dict(skip_scale=1, eps=1e-5, adaptive=True)
+    heads = lambda r, channels: channels // 64 if r in attn else 0  # noqa: E731
+
+    skips = []
+    for level, m in enumerate(mult):
+        r = res >> level
+        if level == 0:
+            x = ref_conv(sd, f'enc.{r}x{r}_conv', x)
+        else:
+            x = ref_block(sd, f'enc.{r}x{r}_down', x, emb, heads=0, down=True, **block)
+        skips.append(x)
+        for i in range(num_blocks):
+            x = ref_block(sd, f'enc.{r}x{r}_block{i}', x, emb, heads=heads(r, mc * m), **block)
+            skips.append(x)
+    for level, m in reversed(list(enumerate(mult))):
+        r = res >> level
+        if level == len(mult) - 1:
+            x = ref_block(sd, f'dec.{r}x{r}_in0', x, emb, heads=x.shape[1] // 64, **block)
+            x = ref_block(sd, f'dec.{r}x{r}_in1', x, emb, heads=0, **block)
+        else:
+            x = ref_block(sd, f'dec.{r}x{r}_up', x, emb, heads=0, up=True, **block)
+        for i in range(num_blocks + 1):
+            x = ref_block(
+                sd, f'dec.{r}x{r}_block{i}', torch.cat([x, skips.pop()], dim=1), emb, heads(r, mc * m), **block
+            )
+    return ref_conv(sd, 'out_conv', silu(ref_group_norm(x, sd['out_norm.weight'], sd['out_norm.bias'], 1e-5)))
+
+
+TINY = dict(channel_mult=[1, 2], attn_resolutions=[4], dropout=0)
+REFERENCE_CASES = {
+    # arch: (train.py preset, overrides, image shape [C, H, W], what the reference needs to know)
+    'ddpmpp': ('ddpmpp', dict(TINY, model_channels=8, num_blocks=2), [3, 8, 8], {}),
+    'ncsnpp': ('ncsnpp', dict(TINY, model_channels=8, num_blocks=1), [3, 8, 8], dict(taps=(1, 3, 3, 1), fourier=True)),
+    'skip': (
+        'ddpmpp',
+        dict(TINY, model_channels=8, num_blocks=1, encoder_type='skip', decoder_type='skip'),
+        [3, 8, 8],
+        {},
+    ),
+    # 64 and 128 channels: one and two attention heads of 64 channels.
+    'adm': ('adm', dict(TINY, model_channels=64, num_blocks=1), [3, 8, 8], {}),
+    'ddpmpp1d': (
+        'ddpmpp1d',
+        dict(TINY, model_channels=8, num_blocks=1, channel_mult=[1, 2, 2], attn_resolutions=[8]),
+        [4, 1, 16],
+        dict(sequence=True),
+    ),
+}
+
+
+def reference_network(arch, precond='EDMPrecond', seed=0):
+    """A tiny network with every weight drawn at random (so that zero-initialised layers count), in float64 and eval
+    mode, and its configuration for the reference."""
+    preset, overrides, shape, extra = REFERENCE_CASES[arch]
+    kwargs = dict(PRESETS[preset], **overrides)
+    torch.manual_seed(seed)
+    net = getattr(networks, precond)(shape[2], shape[0], label_dim=3, augment_dim=2, **kwargs)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    cfg = dict(kwargs, res=shape[2], **extra)
+    return net.double().eval(), cfg, shape
+
+
+def reference_model(net, cfg, x, c_noise, labels, augment_labels):
+    """F(x; c_noise) by the reference, from the state dict of the network inside the preconditioner."""
+    sd = {key.removeprefix('model.'): value for key, value in net.state_dict().items()}
+    if cfg['model_type'] == 'DhariwalUNet':
+        return ref_dhariwal_unet(sd, x, c_noise, labels, augment_labels, cfg)
+    if cfg.get('sequence'):
+        return ref_song_unet(sd, x[:, :, 0], c_noise, labels, augment_labels, cfg).unsqueeze(2)
+    return ref_song_unet(sd, x, c_noise, labels, augment_labels, cfg)
+
+
+def reference_inputs(shape, n=3):
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(n, *shape, dtype=torch.float64, generator=generator)
+    labels = torch.eye(3, dtype=torch.float64)[[2, 0, 1][:n]]
+    augment_labels = torch.randn(n, 2, dtype=torch.float64, generator=generator)
+    return x, labels, augment_labels
+
+
+@pytest.mark.parametrize('arch', list(REFERENCE_CASES))
+def test_network_matches_the_reference_in_float64(arch):
+    net, cfg, shape = reference_network(arch)
+    x, labels, augment_labels = reference_inputs(shape)
+    c_noise = torch.tensor([-1.3, 0.2, 0.9], dtype=torch.float64)
+    with torch.no_grad():
+        F_x = net.model(x, c_noise, labels, augment_labels=augment_labels)
+    expected = reference_model(net, cfg, x, c_noise, labels, augment_labels)
+    assert F_x.dtype == torch.float64 and F_x.shape == expected.shape
+    assert expected.std() > 0.1  # Not a trivially small output.
+    torch.testing.assert_close(F_x, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    'precond, arch',
+    [('EDMPrecond', arch) for arch in REFERENCE_CASES]
+    + [('VPPrecond', 'ddpmpp'), ('VEPrecond', 'ncsnpp'), ('iDDPMPrecond', 'adm'), ('VPPrecond', 'ddpmpp1d')],
+)
+def test_preconditioned_network_matches_the_reference(precond, arch):
+    # D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) with EDM Table 1's closed forms (closed_forms above) and the
+    # reference F. The preconditioner runs in float32, as EDM's does, hence the float32 tolerance.
+    net, cfg, shape = reference_network(arch, precond)
+    x, labels, augment_labels = reference_inputs(shape)
+    sigma = np.array([0.05, 1.3, 20.0])
+    c_skip, c_out, c_in, c_noise = (torch.as_tensor(c) for c in closed_forms(precond, sigma, net))
+    reshape = lambda c: c.reshape(-1, *[1] * len(shape))  # noqa: E731
+    F_x = reference_model(net, cfg, reshape(c_in) * x, c_noise, labels, augment_labels)
+    if precond == 'iDDPMPrecond':
+        F_x = F_x[:, : shape[0]]  # The variance half of the output is not used.
+    expected = reshape(c_skip) * x + reshape(c_out) * F_x
+    with torch.no_grad():
+        D_x = net(x, torch.as_tensor(sigma), labels, augment_labels=augment_labels)
+    assert D_x.dtype == torch.float32
+    torch.testing.assert_close(D_x.double(), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+SONG_BLOCK = dict(skip_scale=math.sqrt(0.5), eps=1e-6, resample_proj=True, adaptive_scale=False)
+NCSN_BLOCK = dict(SONG_BLOCK, resample_filter=[1, 3, 3, 1])
+BLOCK_CASES = {
+    # name: UNetBlock kwargs (beyond channels and emb_channels), input channels, output channels
+    'song down': (dict(SONG_BLOCK, down=True), 8, 8),
+    'song up, attention': (dict(SONG_BLOCK, up=True, attention=True, num_heads=1), 8, 8),
+    'song new channels': (dict(SONG_BLOCK, attention=True, num_heads=1), 8, 12),
+    'ncsn down': (dict(NCSN_BLOCK, down=True), 8, 8),
+    'ncsn up': (dict(NCSN_BLOCK, up=True), 8, 8),
+    'adm two heads': (dict(attention=True, channels_per_head=64), 64, 128),
+    'adm down': (dict(down=True), 16, 16),
+}
+
+
+@pytest.mark.parametrize('case', list(BLOCK_CASES))
+def test_unet_block_matches_the_reference(case):
+    kwargs, cin, cout = BLOCK_CASES[case]
+    torch.manual_seed(0)
+    block = networks.UNetBlock(cin, cout, emb_channels=6, **kwargs)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    block = block.double()
+    x = torch.randn(2, cin, 8, 8, dtype=torch.float64)
+    emb = torch.randn(2, 6, dtype=torch.float64)
+    heads = block.num_heads
+    assert heads == (2 if case == 'adm two heads' else int(kwargs.get('attention', False)))
+    adaptive = kwargs.get('adaptive_scale', True)
+    expected = ref_block(
+        {f'b.{key}': value for key, value in block.state_dict().items()}, 'b', x, emb, heads, kwargs.get('skip_scale', 1), kwargs.get('eps', 1e-5), adaptive,
+        tuple(kwargs.get('resample_filter', (1, 1))), kwargs.get('up', False), kwargs.get('down', False),
+    )  # fmt: skip
+    torch.testing.assert_close(block(x, emb), expected, rtol=1e-12, atol=1e-12)

@@ -15,7 +15,8 @@ import generate
 import train
 from training import sequences
 from training.dataset import SequenceDataset
-from training.networks import EDMPrecond, SequenceUNet
+from training.networks import EDMPrecond
+from training.networks_1d import SequenceUNet
 
 COMPLEMENT = str.maketrans('ACGT', 'TGCA')
 TINY_SEQ_NET = ['--arch=ddpmpp1d', '--cbase=16', '--cres=1,2', '--blocks=1', '--dropout=0', '--workers=0']

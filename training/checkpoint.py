@@ -19,7 +19,7 @@ from infonoise import plots
 from infonoise.profile import Profile
 from torch_utils import distributed as dist
 from torch_utils import persistence
-from training import networks, run_dir
+from training import networks, networks_1d, run_dir  # noqa: F401 (networks_1d adds SequenceUNet to networks.MODEL_TYPES)
 
 SNAPSHOT_FORMAT = 'infonoise-edm-snapshot'
 STATE_FORMAT = 'infonoise-edm-training-state'

@@ -9,7 +9,6 @@ decoded raises CorruptImageError, whose one-line message names the file and the 
 
 import functools
 import io
-import json
 import os
 import zipfile
 import zlib
@@ -295,8 +294,10 @@ class ImageFolderDataset(Dataset):
     def _load_raw_labels(self) -> np.ndarray | None:
         if 'dataset.json' not in self._all_fnames:
             return None
+        # load_json: a one-line ValueError also for JSON nested too deeply for Python's parser.
+        meta = dnnlib.util.load_json(self._read_file('dataset.json'), f'dataset.json in {self._path}')
         try:
-            labels = json.loads(self._read_file('dataset.json'))['labels']
+            labels = meta['labels']
             labels = None if labels is None else dict(labels)
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f'Malformed dataset.json in {self._path}: {e!r}') from None

@@ -2,8 +2,9 @@
 Diffusion-Based Generative Models").
 
 Architectures: `SongUNet` (DDPM++ and NCSN++ of Song et al. 2021) and `DhariwalUNet` (ADM of Dhariwal & Nichol
-2021), built from the shared layers below. Preconditioners (EDM Table 1): `VPPrecond`, `VEPrecond`, `iDDPMPrecond`
-and `EDMPrecond` wrap a raw network F as D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x; c_noise(sigma)).
+2021), built from the shared layers below (our 1-D `SequenceUNet` for DNA is in training/networks_1d.py).
+Preconditioners (EDM Table 1): `VPPrecond`, `VEPrecond`, `iDDPMPrecond` and `EDMPrecond` wrap a raw network F as
+D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x; c_noise(sigma)).
 
 Class names, constructor arguments, defaults, parameter shapes, state-dict keys and the order in which weights are
 drawn at initialisation follow NVlabs/edm, so EDM checkpoints load by name. List defaults are written as tuples and
@@ -54,19 +55,9 @@ class Conv2d(torch.nn.Module):
     """Convolution with optional 2x up/downsampling by a separable FIR filter; kernel=0 gives a pure resampler."""
 
     def __init__(
-        self,
-        in_channels,
-        out_channels,
-        kernel,
-        bias=True,
-        up=False,
-        down=False,
-        resample_filter=(1, 1),
-        fused_resample=False,
-        init_mode='kaiming_normal',
-        init_weight=1,
-        init_bias=0,
-    ):
+        self, in_channels, out_channels, kernel, bias=True, up=False, down=False, resample_filter=(1, 1),
+        fused_resample=False, init_mode='kaiming_normal', init_weight=1, init_bias=0,
+    ):  # fmt: skip
         if up and down:
             raise ValueError('Conv2d cannot upsample and downsample at the same time')
         super().__init__()
@@ -76,13 +67,11 @@ class Conv2d(torch.nn.Module):
         self.down = down
         self.fused_resample = fused_resample
         init_kwargs = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
-        self.weight = None
-        self.bias = None
-        if kernel:
-            weight = weight_init([out_channels, in_channels, kernel, kernel], **init_kwargs) * init_weight
-            self.weight = torch.nn.Parameter(weight)
-            if bias:
-                self.bias = torch.nn.Parameter(weight_init([out_channels], **init_kwargs) * init_bias)
+        w = weight_init([out_channels, in_channels, kernel, kernel], **init_kwargs) * init_weight if kernel else None
+        self.weight = torch.nn.Parameter(w) if kernel else None
+        self.bias = (
+            torch.nn.Parameter(weight_init([out_channels], **init_kwargs) * init_bias) if kernel and bias else None
+        )
         # Separable 2-D filter, normalised to unit DC gain.
         f = torch.as_tensor(resample_filter, dtype=torch.float32)
         f = torch.outer(f, f).reshape(1, 1, len(f), len(f)) / f.sum().square()
@@ -156,8 +145,7 @@ class AttentionOp(torch.autograd.Function):
         dtype = torch.promote_types(q.dtype, torch.float32)
         with torch.autocast(device_type=q.device.type, enabled=False):
             # Softmax backward: d logits = w * (dw - sum_k(dw * w)).
-            w = w.to(dtype)
-            dw = dw.to(dtype)
+            w, dw = w.to(dtype), dw.to(dtype)
             db = w * (dw - (dw * w).sum(dim=2, keepdim=True))
             dq = torch.einsum('nck,nqk->ncq', k.to(dtype), db).to(q.dtype) / np.sqrt(k.shape[1])
             dk = torch.einsum('ncq,nqk->nck', q.to(dtype), db).to(k.dtype) / np.sqrt(k.shape[1])
@@ -168,43 +156,26 @@ class UNetBlock(torch.nn.Module):
     """Residual U-Net block with optional up/downsampling and self-attention (union of DDPM++, NCSN++ and ADM)."""
 
     def __init__(
-        self,
-        in_channels,
-        out_channels,
-        emb_channels,
-        up=False,
-        down=False,
-        attention=False,
-        num_heads=None,
-        channels_per_head=64,
-        dropout=0,
-        skip_scale=1,
-        eps=1e-5,
-        resample_filter=(1, 1),
-        resample_proj=False,
-        adaptive_scale=True,
-        init=None,
-        init_zero=None,
-        init_attn=None,
-    ):
+        self, in_channels, out_channels, emb_channels, up=False, down=False, attention=False, num_heads=None,
+        channels_per_head=64, dropout=0, skip_scale=1, eps=1e-5, resample_filter=(1, 1), resample_proj=False,
+        adaptive_scale=True, init=None, init_zero=None, init_attn=None,
+    ):  # fmt: skip
         super().__init__()
         init = {} if init is None else init
         init_zero = dict(init_weight=0) if init_zero is None else init_zero
+        init_attn = init if init_attn is None else init_attn
+        resample = dict(up=up, down=down, resample_filter=resample_filter)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.emb_channels = emb_channels
-        if not attention:
-            self.num_heads = 0
-        else:
-            self.num_heads = num_heads if num_heads is not None else out_channels // channels_per_head
+        heads = num_heads if num_heads is not None else out_channels // channels_per_head
+        self.num_heads = heads if attention else 0
         self.dropout = dropout
         self.skip_scale = skip_scale
         self.adaptive_scale = adaptive_scale
 
         self.norm0 = GroupNorm(num_channels=in_channels, eps=eps)
-        self.conv0 = Conv2d(
-            in_channels, out_channels, kernel=3, up=up, down=down, resample_filter=resample_filter, **init
-        )
+        self.conv0 = Conv2d(in_channels, out_channels, kernel=3, **resample, **init)
         self.affine = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1), **init)
         self.norm1 = GroupNorm(num_channels=out_channels, eps=eps)
         self.conv1 = Conv2d(out_channels, out_channels, kernel=3, **init_zero)
@@ -213,15 +184,11 @@ class UNetBlock(torch.nn.Module):
         self.skip = None
         if out_channels != in_channels or up or down:
             kernel = 1 if resample_proj or out_channels != in_channels else 0
-            self.skip = Conv2d(
-                in_channels, out_channels, kernel, up=up, down=down, resample_filter=resample_filter, **init
-            )
+            self.skip = Conv2d(in_channels, out_channels, kernel, **resample, **init)
 
         if self.num_heads:
             self.norm2 = GroupNorm(num_channels=out_channels, eps=eps)
-            self.qkv = Conv2d(
-                out_channels, out_channels * 3, kernel=1, **(init_attn if init_attn is not None else init)
-            )
+            self.qkv = Conv2d(out_channels, out_channels * 3, kernel=1, **init_attn)
             self.proj = Conv2d(out_channels, out_channels, kernel=1, **init_zero)
 
     def forward(self, x, emb):
@@ -284,6 +251,22 @@ def _drop_labels(class_labels, label_dropout, batch_size):
     return class_labels * keep.to(class_labels.dtype)
 
 
+def song_embedding(net, noise_labels, class_labels, augment_labels, batch_size):
+    """The mapping network of SongUNet (and of networks_1d.SequenceUNet, whose mapping layers have the same names):
+    noise embedding with its halves swapped to [sin, cos] as in Song et al., plus labels and augment labels."""
+    emb = net.map_noise(noise_labels)
+    emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)
+    if net.map_label is not None:
+        labels = class_labels
+        if net.training and net.label_dropout:
+            labels = _drop_labels(labels, net.label_dropout, batch_size)
+        emb = emb + net.map_label(labels * np.sqrt(net.map_label.in_features))
+    if net.map_augment is not None and augment_labels is not None:
+        emb = emb + net.map_augment(augment_labels)
+    emb = silu(net.map_layer0(emb))
+    return silu(net.map_layer1(emb))
+
+
 class SongUNet(torch.nn.Module):
     """DDPM++ / NCSN++ U-Net (Song et al. 2021) as re-implemented in EDM."""
 
@@ -321,18 +304,10 @@ class SongUNet(torch.nn.Module):
         init_zero = dict(init_mode='xavier_uniform', init_weight=1e-5)
         init_attn = dict(init_mode='xavier_uniform', init_weight=np.sqrt(0.2))
         block_kwargs = dict(
-            emb_channels=emb_channels,
-            num_heads=1,
-            dropout=dropout,
-            skip_scale=np.sqrt(0.5),
-            eps=1e-6,
-            resample_filter=resample_filter,
-            resample_proj=True,
-            adaptive_scale=False,
-            init=init,
-            init_zero=init_zero,
+            emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=np.sqrt(0.5), eps=1e-6,
+            resample_filter=resample_filter, resample_proj=True, adaptive_scale=False, init=init, init_zero=init_zero,
             init_attn=init_attn,
-        )
+        )  # fmt: skip
 
         # Mapping.
         if embedding_type == 'positional':
@@ -361,10 +336,8 @@ class SongUNet(torch.nn.Module):
                     self.enc[f'{res}x{res}_aux_down'] = aux_down
                     self.enc[f'{res}x{res}_aux_skip'] = Conv2d(caux, cout, kernel=1, **init)
                 if encoder_type == 'residual':
-                    aux_residual = Conv2d(
-                        caux, cout, kernel=3, down=True, resample_filter=resample_filter, fused_resample=True, **init
-                    )
-                    self.enc[f'{res}x{res}_aux_residual'] = aux_residual
+                    fused_down = dict(down=True, resample_filter=resample_filter, fused_resample=True)
+                    self.enc[f'{res}x{res}_aux_residual'] = Conv2d(caux, cout, kernel=3, **fused_down, **init)
                     caux = cout
             for idx in range(num_blocks):
                 cin = cout
@@ -394,23 +367,8 @@ class SongUNet(torch.nn.Module):
                 self.dec[f'{res}x{res}_aux_norm'] = GroupNorm(num_channels=cout, eps=1e-6)
                 self.dec[f'{res}x{res}_aux_conv'] = Conv2d(cout, out_channels, kernel=3, **init_zero)
 
-    def embed(self, noise_labels, class_labels, augment_labels, batch_size):
-        """The mapping network; the embedding halves are swapped to [sin, cos] as in Song et al. (SequenceUNet,
-        whose mapping layers have the same names, shares it)."""
-        emb = self.map_noise(noise_labels)
-        emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)
-        if self.map_label is not None:
-            labels = class_labels
-            if self.training and self.label_dropout:
-                labels = _drop_labels(labels, self.label_dropout, batch_size)
-            emb = emb + self.map_label(labels * np.sqrt(self.map_label.in_features))
-        if self.map_augment is not None and augment_labels is not None:
-            emb = emb + self.map_augment(augment_labels)
-        emb = silu(self.map_layer0(emb))
-        return silu(self.map_layer1(emb))
-
     def forward(self, x, noise_labels, class_labels, augment_labels=None):
-        emb = self.embed(noise_labels, class_labels, augment_labels, x.shape[0])
+        emb = song_embedding(self, noise_labels, class_labels, augment_labels, x.shape[0])
 
         # Encoder; every non-auxiliary output is kept for the decoder's skip connections.
         skips = []
@@ -545,194 +503,25 @@ class DhariwalUNet(torch.nn.Module):
         return self.out_conv(silu(self.out_norm(x)))
 
 
-class Conv1d(torch.nn.Module):
-    """1-D convolution with optional 2x resampling: nearest-neighbour upsampling and pair averaging, the 1-D
-    counterparts of Conv2d with DDPM++'s resample_filter=(1, 1); kernel=0 gives a pure resampler."""
-
-    def __init__(
-        self, in_channels, out_channels, kernel, bias=True, up=False, down=False, init_mode='xavier_uniform',
-        init_weight=1, init_bias=0,
-    ):  # fmt: skip
-        if up and down:
-            raise ValueError('Conv1d cannot upsample and downsample at the same time')
-        super().__init__()
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.up = up
-        self.down = down
-        init_kwargs = dict(mode=init_mode, fan_in=in_channels * kernel, fan_out=out_channels * kernel)
-        self.weight = None
-        self.bias = None
-        if kernel:
-            self.weight = torch.nn.Parameter(
-                weight_init([out_channels, in_channels, kernel], **init_kwargs) * init_weight
-            )
-            if bias:
-                self.bias = torch.nn.Parameter(weight_init([out_channels], **init_kwargs) * init_bias)
-
-    def forward(self, x):
-        if self.up:
-            x = x.repeat_interleave(2, dim=2)
-        if self.down:
-            x = torch.nn.functional.avg_pool1d(x, 2)
-        if self.weight is not None:
-            w = self.weight.to(x.dtype)
-            x = torch.nn.functional.conv1d(x, w, padding=w.shape[-1] // 2)
-        if self.bias is not None:
-            x = x + self.bias.to(x.dtype).reshape(1, -1, 1)
-        return x
-
-
-class SequenceBlock(torch.nn.Module):
-    """UNetBlock of DDPM++ (additive embedding, skip scale sqrt(1/2), one attention head) on [N, C, L]."""
-
-    def __init__(self, in_channels, out_channels, emb_channels, up=False, down=False, attention=False, dropout=0):
-        super().__init__()
-        init = dict(init_mode='xavier_uniform')
-        init_zero = dict(init_mode='xavier_uniform', init_weight=1e-5)
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.dropout = dropout
-        self.norm0 = GroupNorm(num_channels=in_channels, eps=1e-6)
-        self.conv0 = Conv1d(in_channels, out_channels, kernel=3, up=up, down=down, **init)
-        self.affine = Linear(emb_channels, out_channels, **init)
-        self.norm1 = GroupNorm(num_channels=out_channels, eps=1e-6)
-        self.conv1 = Conv1d(out_channels, out_channels, kernel=3, **init_zero)
-        self.skip = None
-        if out_channels != in_channels or up or down:
-            self.skip = Conv1d(in_channels, out_channels, kernel=1, up=up, down=down, **init)
-        self.attention = attention
-        if attention:
-            self.norm2 = GroupNorm(num_channels=out_channels, eps=1e-6)
-            self.qkv = Conv1d(
-                out_channels, out_channels * 3, kernel=1, init_mode='xavier_uniform', init_weight=np.sqrt(0.2)
-            )
-            self.proj = Conv1d(out_channels, out_channels, kernel=1, **init_zero)
-
-    def forward(self, x, emb):
-        orig = x
-        x = self.conv0(silu(self.norm0(x)))
-        x = silu(self.norm1(x + self.affine(emb).unsqueeze(2).to(x.dtype)))
-        x = self.conv1(torch.nn.functional.dropout(x, p=self.dropout, training=self.training))
-        x = (x + (self.skip(orig) if self.skip is not None else orig)) * np.sqrt(0.5)
-        if self.attention:
-            q, k, v = self.qkv(self.norm2(x)).reshape(x.shape[0], x.shape[1], 3, -1).unbind(2)
-            w = AttentionOp.apply(q, k)
-            x = (self.proj(torch.einsum('nqk,nck->ncq', w, v)) + x) * np.sqrt(0.5)
-        return x
-
-
-class SequenceUNet(torch.nn.Module):
-    """A 1-D U-Net for sequences (DNA one-hot matrices), the DDPM++ design of SongUNet with 1-D convolutions: the
-    same mapping network, 'standard' encoder and decoder, residual blocks and skip connections, halving the length
-    at each level. Inputs are [N, C, 1, L] (see training/sequences.py), so every preconditioner wraps it unchanged;
-    `img_resolution` is the length L, which must be divisible by 2^(len(channel_mult) - 1). `attn_resolutions`
-    lists the lengths with self-attention. This is our analogue of DNA-Diffusion's U-Net, not a copy of it."""
-
-    def __init__(
-        self,
-        img_resolution,  # Sequence length L.
-        in_channels,  # Channels per position (4 for DNA).
-        out_channels,  # Channels of the output.
-        label_dim=0,  # Number of class labels, 0 = unconditional.
-        augment_dim=0,  # Augmentation label dimensionality, 0 = no augmentation.
-        model_channels=128,  # Base multiplier for the number of channels.
-        channel_mult=(1, 2, 2),  # Per-level multipliers for the number of channels.
-        channel_mult_emb=4,  # Multiplier for the dimensionality of the embedding vector.
-        num_blocks=2,  # Number of residual blocks per level.
-        attn_resolutions=(),  # Sequence lengths with self-attention.
-        dropout=0.10,  # Dropout probability of intermediate activations.
-        label_dropout=0,  # Dropout probability of class labels for classifier-free guidance.
-    ):
-        levels = len(channel_mult)
-        if img_resolution < 1 or img_resolution % (1 << (levels - 1)) != 0:
-            raise ValueError(
-                f'Sequence length {img_resolution} must be a positive multiple of 2^{levels - 1} for {levels} levels '
-                f'(channel_mult={list(channel_mult)})'
-            )
-        super().__init__()
-        self.label_dropout = label_dropout
-        emb_channels = model_channels * channel_mult_emb
-        init = dict(init_mode='xavier_uniform')
-        self.map_noise = PositionalEmbedding(num_channels=model_channels, endpoint=True)
-        self.map_label = Linear(label_dim, model_channels, **init) if label_dim else None
-        self.map_augment = Linear(augment_dim, model_channels, bias=False, **init) if augment_dim else None
-        self.map_layer0 = Linear(model_channels, emb_channels, **init)
-        self.map_layer1 = Linear(emb_channels, emb_channels, **init)
-        block = dict(emb_channels=emb_channels, dropout=dropout)
-
-        # Encoder.
-        self.enc = torch.nn.ModuleDict()
-        cout = model_channels
-        self.enc[f'{img_resolution}_conv'] = Conv1d(in_channels, cout, kernel=3, **init)
-        for level, mult in enumerate(channel_mult):
-            length = img_resolution >> level
-            if level > 0:
-                self.enc[f'{length}_down'] = SequenceBlock(cout, cout, down=True, **block)
-            for idx in range(num_blocks):
-                cin, cout = cout, model_channels * mult
-                self.enc[f'{length}_block{idx}'] = SequenceBlock(
-                    cin, cout, attention=length in attn_resolutions, **block
-                )
-        skips = [b.out_channels for b in self.enc.values()]
-
-        # Decoder.
-        self.dec = torch.nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            length = img_resolution >> level
-            if level == levels - 1:
-                self.dec[f'{length}_in0'] = SequenceBlock(cout, cout, attention=True, **block)
-                self.dec[f'{length}_in1'] = SequenceBlock(cout, cout, **block)
-            else:
-                self.dec[f'{length}_up'] = SequenceBlock(cout, cout, up=True, **block)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), model_channels * mult
-                attn = idx == num_blocks and length in attn_resolutions
-                self.dec[f'{length}_block{idx}'] = SequenceBlock(cin, cout, attention=attn, **block)
-        self.out_norm = GroupNorm(num_channels=cout, eps=1e-6)
-        self.out_conv = Conv1d(cout, out_channels, kernel=3, init_mode='xavier_uniform', init_weight=1e-5)
-
-    def forward(self, x, noise_labels, class_labels, augment_labels=None):
-        if x.ndim != 4 or x.shape[2] != 1:
-            raise ValueError(f'SequenceUNet takes [N, C, 1, L], got {list(x.shape)}')
-        emb = SongUNet.embed(self, noise_labels, class_labels, augment_labels, x.shape[0])
-
-        x = x[:, :, 0, :]
-        skips = []
-        for block in self.enc.values():
-            x = block(x, emb) if isinstance(block, SequenceBlock) else block(x)
-            skips.append(x)
-        for block in self.dec.values():
-            if x.shape[1] != block.in_channels:
-                x = torch.cat([x, skips.pop()], dim=1)
-            x = block(x, emb)
-        return self.out_conv(silu(self.out_norm(x))).unsqueeze(2)
-
-
-_MODEL_TYPES = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet, 'SequenceUNet': SequenceUNet}
+# The networks a preconditioner wraps, by the `model_type` name its kwargs store. training/networks_1d.py adds
+# 'SequenceUNet' when imported (this file never imports it, so there is no import cycle).
+MODEL_TYPES = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet}
 
 
 class _Precond(torch.nn.Module):
-    """Shared body of the preconditioners: D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (EDM Eq. 7).
-
-    Subclasses define `coefficients(sigma) -> (c_skip, c_out, c_in, c_noise)` for sigma of shape [N, 1, 1, 1].
-    """
+    """Shared body of the preconditioners: D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (EDM Eq. 7). Subclasses
+    define `coefficients(sigma) -> (c_skip, c_out, c_in, c_noise)` for sigma of shape [N, 1, 1, 1]."""
 
     def __init__(self, img_resolution, img_channels, label_dim, use_fp16, model_type, model_out_channels, model_kwargs):
         super().__init__()
-        if model_type not in _MODEL_TYPES:
-            raise ValueError(f'Invalid model_type "{model_type}"; expected one of {sorted(_MODEL_TYPES)}')
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f'Invalid model_type "{model_type}"; expected one of {sorted(MODEL_TYPES)}')
         self.img_resolution = img_resolution
         self.img_channels = img_channels
         self.label_dim = label_dim
         self.use_fp16 = use_fp16
-        self.model = _MODEL_TYPES[model_type](
-            img_resolution=img_resolution,
-            in_channels=img_channels,
-            out_channels=model_out_channels,
-            label_dim=label_dim,
-            **model_kwargs,
-        )
+        shape = dict(img_resolution=img_resolution, in_channels=img_channels, out_channels=model_out_channels)
+        self.model = MODEL_TYPES[model_type](**shape, label_dim=label_dim, **model_kwargs)
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
         x = x.to(torch.float32)
@@ -755,10 +544,8 @@ class _Precond(torch.nn.Module):
 
     @property
     def img_shape(self) -> list[int]:
-        """Shape [C, H, W] of one sample: [C, 1, L] for sequence models, [C, R, R] for images."""
-        if isinstance(self.model, SequenceUNet):
-            return [self.img_channels, 1, self.img_resolution]
-        return [self.img_channels, self.img_resolution, self.img_resolution]
+        """Shape [C, H, W] of one sample: [C, R, R] for images, [C, 1, L] for sequence models (img_height = 1)."""
+        return [self.img_channels, getattr(self.model, 'img_height', self.img_resolution), self.img_resolution]
 
     def round_sigma(self, sigma):
         return torch.as_tensor(sigma)

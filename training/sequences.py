@@ -4,10 +4,10 @@ The InfoNoise paper's third discrete domain is DNA (regulatory elements of DNA-D
 sequence of L bases is a 4 x L one-hot matrix with entries in {-1, +1} (A, C, G, T rows). In this code base a
 sequence travels as a 4-channel "image" of height 1 and width L, [4, 1, L], so that the training loop, the loss, the
 preconditioners and the samplers, which broadcast sigma over [N, C, H, W], handle sequences unchanged; the 1-D U-Net
-(`training.networks.SequenceUNet`) treats the width as the sequence axis.
+(`training.networks_1d.SequenceUNet`) treats the width as the sequence axis.
 
-Dataset file (`dataset_tool.py --source=X.fasta|X.tsv|ars --dest=Y.npz`, read by `training.dataset.SequenceDataset`):
-an .npz with
+Dataset file (`dataset_tool.py --source=X.fasta|X.tsv|ars --dest=Y.npz`, which calls `convert`, read by
+`training.dataset.SequenceDataset`): an .npz with
 - `sequences`: uint8 [N, L], base indices into ALPHABET ('ACGT');
 - `labels` (optional): int64 [N], class indices; `label_names`: str [K], the class of each index;
 - `seeds` (optional): int64 [N], written by generate.py --npz for generated sequences.
@@ -16,8 +16,10 @@ Reverse complement is the flip of both axes of the one-hot matrix, because ALPHA
 a benchmark) can redo to know which rows were held out.
 """
 
+import functools
 import gzip
 import importlib.util
+import io
 import os
 
 import numpy as np
@@ -27,6 +29,7 @@ import dnnlib
 ALPHABET = 'ACGT'
 FASTA_SUFFIXES = ('.fa', '.fasta', '.fna', '.fa.gz', '.fasta.gz', '.fna.gz')
 TABLE_SUFFIXES = ('.tsv', '.txt', '.tsv.gz', '.txt.gz')
+BUILTIN_SOURCES = ('ars',)  # Sources named by a word instead of a path (see read_source).
 SPLITS = ('all', 'train', 'test')
 SPLIT_SEED = 0  # Fixes the order behind split_indices' train/test split; changing it changes every split.
 _CODES = np.full(256, 255, dtype=np.uint8)
@@ -34,9 +37,9 @@ for _i, _base in enumerate(ALPHABET):
     _CODES[ord(_base)] = _CODES[ord(_base.lower())] = _i
 
 
-def is_sequence_source(path: str) -> bool:
-    """Whether dataset_tool.py should read `path` as sequences (FASTA or TSV, optionally gzipped)."""
-    return path.lower().endswith(FASTA_SUFFIXES + TABLE_SUFFIXES)
+def is_sequence_source(source: str) -> bool:
+    """Whether dataset_tool.py should read `source` as sequences (FASTA or TSV, optionally gzipped, or built in)."""
+    return source in BUILTIN_SOURCES or source.lower().endswith(FASTA_SUFFIXES + TABLE_SUFFIXES)
 
 
 def _open_text(path: str):
@@ -118,6 +121,56 @@ def read_ars(path: str | None = None) -> tuple[list[str], list[str], list[str]]:
     return names, seqs, ['selected' if int(count) > 0 else 'library' for count in selected]
 
 
+@functools.lru_cache(maxsize=1)
+def _ars_table(path: str) -> tuple[list[str], list[str], list[str]]:
+    return read_ars(path)  # Parsed once per process (seconds), as training.dataset.mnist5k_digits.
+
+
+def read_source(source: str, seq_column: str = 'sequence', label_column: str | None = None):
+    """(names, sequences, labels or None) of a FASTA file, a TSV table (columns `seq_column`, `label_column`) or the
+    built-in 'ars' set. The columns are dataset_tool.py's --seq-column and --label-column, which apply to TSV only."""
+    if source not in BUILTIN_SOURCES and not os.path.isfile(source):
+        raise ValueError(f'Missing input file: {source}')
+    if source == 'ars' or source.lower().endswith(FASTA_SUFFIXES):
+        where = 'the ars table has fixed columns' if source == 'ars' else 'FASTA labels come from label=NAME'
+        if label_column is not None:
+            raise ValueError(f'--label-column applies to TSV; {where}')
+        if seq_column != 'sequence':
+            raise ValueError(f'--seq-column applies to TSV; {where}')
+    if source == 'ars':
+        return _ars_table(ars_path())
+    if source.lower().endswith(FASTA_SUFFIXES):
+        return read_fasta(source)
+    return read_table(source, seq_column, label_column)
+
+
+def label_indices(names: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Class indices of label names, numbered in sorted order (numeric order when every name is an integer)."""
+    numeric = all(n.lstrip('-').isdigit() for n in set(names))
+    unique = sorted(set(names), key=lambda x: (int(x), x) if numeric else (0, x))
+    index = {name: i for i, name in enumerate(unique)}
+    return np.array([index[name] for name in names], dtype=np.int64), unique
+
+
+def convert(
+    source: str, length: int | None = None, split: str = 'all', test_fraction: float = 0.1, max_rows: int | None = None,
+    seq_column: str = 'sequence', label_column: str | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:  # fmt: skip
+    """What `dataset_tool.py --source=SOURCE --dest=X.npz` writes: (tokens [M, L], labels [M] or None, label names or
+    None) of the first `max_rows` rows of `split` (split_indices), centre-cropped to `length`. ValueError or OSError
+    for a source that cannot be read."""
+    names, seqs, labels = read_source(source, seq_column, label_column)
+    rows = split_indices(len(seqs), split, test_fraction)[:max_rows]
+    if len(rows) == 0:
+        raise ValueError(f'The {split} split of {len(seqs)} sequences at --test-fraction={test_fraction} is empty')
+    tokens = encode([seqs[i] for i in rows], [names[i] for i in rows], length)
+    if labels is None:
+        return tokens, None, None
+    # Classes are numbered over the whole source, so that every split and subset of it numbers them alike.
+    label_ids, label_names = label_indices(labels)
+    return tokens, label_ids[rows], label_names
+
+
 def split_indices(num: int, split: str, test_fraction: float = 0.1) -> np.ndarray:
     """Row indices int64 [M] of a data set of `num` rows kept by `split`: 'all' is every row in file order; 'train'
     and 'test' put the rows in one fixed random order (drawn from SPLIT_SEED, so every caller gets the same split)
@@ -179,8 +232,8 @@ def to_tokens(x) -> np.ndarray:
     return x[:, :, 0, :].argmax(axis=1).astype(np.uint8)
 
 
-def save_npz(path: str, tokens: np.ndarray, labels: np.ndarray | None = None, label_names=None, seeds=None) -> None:
-    """Write the dataset file described in the module docstring."""
+def npz_bytes(tokens: np.ndarray, labels: np.ndarray | None = None, label_names=None, seeds=None) -> bytes:
+    """The dataset file described in the module docstring."""
     arrays = dict(sequences=np.asarray(tokens, dtype=np.uint8))
     if labels is not None:
         arrays['labels'] = np.asarray(labels, dtype=np.int64)
@@ -188,10 +241,17 @@ def save_npz(path: str, tokens: np.ndarray, labels: np.ndarray | None = None, la
             arrays['label_names'] = np.asarray(label_names, dtype=str)
     if seeds is not None:
         arrays['seeds'] = np.asarray(seeds, dtype=np.int64)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def save_npz(path: str, tokens: np.ndarray, labels: np.ndarray | None = None, label_names=None, seeds=None) -> None:
+    """Write the dataset file (npz_bytes) to `path`."""
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
     with dnnlib.util.atomic_write(path) as f:  # A failed write leaves no half-written file at `path`.
-        np.savez(f, **arrays)
+        f.write(npz_bytes(tokens, labels, label_names, seeds))
 
 
 def load_npz(path: str) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
