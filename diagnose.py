@@ -36,10 +36,10 @@ from dnnlib.util import atomic_write
 from infonoise import pivot as pivots
 from infonoise.empirical_bayes import EmpiricalBayesDenoiser, denoising_rows
 from infonoise.grids import information_coordinate
+from infonoise.info_noise import InfoNoise
 from infonoise.plots import plural, save_denoising_figure, save_profile_plot
 from infonoise.profile import LogGrid, Profile, entropy_rate
 from infonoise.profile import build_profile as refresh_profile
-from infonoise.schedule import InfoNoise
 from infonoise.weights import WEIGHTS
 from training.checkpoint import load_network
 from training.dataset import Dataset

@@ -25,9 +25,10 @@ from infonoise.conversions import (
     velocity_loss_weight,
 )
 from infonoise.grids import edm_grid, infogrid, information_coordinate, loguniform_grid
+from infonoise.info_noise import InfoNoise
 from infonoise.profile import Profile
+from infonoise.reporting import RefreshCheck
 from infonoise.samplers import LogNormal, LogUniform, NoiseSampler, VPSampler
-from infonoise.schedule import InfoNoise, RefreshCheck
 from infonoise.weights import WEIGHTS, edm_weight, inverse_variance_weight, uniform_weight
 
 __version__ = '0.1.0'

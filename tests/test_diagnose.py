@@ -15,9 +15,9 @@ from bench.gaussian import GaussianDenoiser, exact_profile
 from infonoise import oracles
 from infonoise.empirical_bayes import EmpiricalBayesDenoiser, empirical_bayes_denoiser
 from infonoise.grids import edm_grid, infogrid
+from infonoise.info_noise import InfoNoise
 from infonoise.plots import save_denoising_figure, save_profile_plot
 from infonoise.profile import LogGrid, Profile
-from infonoise.schedule import InfoNoise
 from training.networks import EDMPrecond
 from training.sampling import edm_sampler
 

@@ -11,9 +11,9 @@ import scipy.stats
 import torch
 
 from infonoise import oracles
+from infonoise.info_noise import InfoNoise
 from infonoise.pivot import onset_pivot
 from infonoise.profile import LogGrid, gate, normalize_density
-from infonoise.schedule import InfoNoise
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAM = torch.logspace(-2, 0, 64, dtype=torch.float64)  # Per-pixel variances of a Gaussian source.
