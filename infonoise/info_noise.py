@@ -4,22 +4,25 @@ Each observed (σ, ℓ) goes to the FIFO buffer of its log-grid interval. Every 
 and every interval holds at least `min_count` losses (pooled over ranks), the per-interval buffer means update an
 EMA of the loss (line 11), which gives the entropy-rate estimate r̂ = mse/σ³ (Eq. 11); a pivot c is calibrated
 from r̂ (Sec. 4), the low-noise gate g_{c,n} applied (Eq. 17), optionally smoothed, divided by the loss weight
-(Eq. 16) and turned into a continuous inverse-CDF table. Until the first refresh σ comes from the base sampler.
+(Eq. 16) and turned into a continuous inverse-CDF table. Until the first refresh σ comes from the warm-up law.
 
-Two additions to a bare reading of Algorithm 1, both documented in the README: durations are in images (kimg),
-like the rest of the pipeline, or in steps (calls of `observe`); and a `floor` of weight ε. During warm-up σ comes from (1 − ε)·base + ε·log-uniform,
-so that every interval gets losses (a log-normal base practically never reaches σ > 30). After a refresh the
-floor acts on the emphasis: φ = (1 − ε)·ρ + ε·(log-uniform), π = φ/w, so the table can never collapse onto a few
-intervals while the realised emphasis stays within ε of the target ρ.
+Two additions to a bare reading of Algorithm 1, both documented in docs/infonoise.md: durations are in images
+(kimg), like the rest of the pipeline, or in steps (calls of `observe`); and a `floor` of weight ε. During warm-up
+σ comes from the mixture (1 − ε)·base + ε·log-uniform (`samplers.Mixture`, drawn by its exact inverse CDF), so that
+every interval gets losses (a log-normal base practically never reaches σ > 30). After a refresh the floor acts on
+the emphasis: φ = (1 − ε)·ρ + ε·(log-uniform), π = φ/w, so the table can never collapse onto a few intervals while
+the realised emphasis stays within ε of the target ρ.
 
 Per-step work (`sample`, `observe`) is device-side tensor code without host synchronisation; the only syncs
-(and the cross-rank all-reduce of per-bin sums and counts) happen at refresh checks.
+(and the cross-rank all-reduce of per-bin sums and counts) happen at refresh checks. Inputs `observe` cannot bin
+(σ not positive and finite, negative losses) are counted on the device and refused at the next check.
 
 InfoNoise says what it does: every refresh check produces a `RefreshCheck` (refreshed, with the pivot, the peak of
 ρ and the quantiles of ln σ; or skipped, with the reason), handed to `callback` if one is set, and
 `schedule_report` tells before training whether and when the schedule can adapt at all.
 """
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,21 +32,20 @@ import torch
 from infonoise import pivot as pivots
 from infonoise.pivot import Pivot
 from infonoise.profile import LogGrid, Profile, build_profile, entropy_rate
-from infonoise.reporting import RefreshCheck, schedule_report
-from infonoise.samplers import LogNormal, LogUniform, NoiseSampler, ln_sigma_strata
+from infonoise.reporting import RefreshCheck, schedule_report, shortest_interval
+from infonoise.samplers import (
+    LogNormal,
+    LogUniform,
+    Mixture,
+    NoiseSampler,
+    check_int,
+    check_number,
+    check_observation,
+    check_sigma_range,
+)
+from infonoise.state import load_state, save_state
 from infonoise.table import InverseCDFTable
 from infonoise.weights import WeightFn, resolve_weight
-
-
-def _base_sampler(base: str | NoiseSampler, sigma_min: float, sigma_max: float) -> NoiseSampler:
-    """The warm-up sampler: an instance as given, or 'lognormal' (EDM's) / 'loguniform' (on the estimation grid)."""
-    if isinstance(base, NoiseSampler):
-        return base
-    if base == 'lognormal':
-        return LogNormal(P_mean=-1.2, P_std=1.2)
-    if base == 'loguniform':
-        return LogUniform(sigma_min, sigma_max)
-    raise ValueError(f'Unknown base sampler "{base}"; choose "lognormal", "loguniform" or pass a NoiseSampler')
 
 
 class InfoNoise(NoiseSampler):
@@ -88,31 +90,46 @@ class InfoNoise(NoiseSampler):
     ):
         if endpoint not in ('continuous', 'discrete'):
             raise ValueError(f'endpoint must be "continuous" or "discrete", got "{endpoint}"')
-        if num_bins < 2 or buffer_size < 1 or min_count < 1 or not 0 < ema_rate <= 1 or not 0 <= floor <= 1:
-            raise ValueError('Need num_bins >= 2, buffer_size >= 1, min_count >= 1, 0 < ema_rate <= 1, 0 <= floor <= 1')
         if (refresh_steps is None) != (warmup_steps is None):
             raise ValueError('Give refresh_steps and warmup_steps together (durations in steps), or neither')
         self.in_steps = refresh_steps is not None
         if self.in_steps and (refresh_kimg is not None or warmup_kimg is not None):
             raise ValueError('Give durations in images (refresh_kimg, warmup_kimg) or in steps, not both')
         if self.in_steps:
-            self.refresh_every, self.warmup = int(refresh_steps), int(warmup_steps)
+            self.refresh_every, self.warmup = (
+                check_int('refresh_steps', refresh_steps, 1),
+                check_int('warmup_steps', warmup_steps, 0),
+            )
         else:
-            self.refresh_every = 1000 * (50.0 if refresh_kimg is None else refresh_kimg)
-            self.warmup = 1000 * (1000.0 if warmup_kimg is None else warmup_kimg)
-        if self.refresh_every <= 0 or self.warmup < 0 or (pivot is not None and pivot <= 0):
-            raise ValueError('Need a positive refresh period, a non-negative warm-up and a positive pivot')
-        if not sigma_data > 0:
-            raise ValueError(f'sigma_data must be positive, got {sigma_data}')
-        self.weight_fn = resolve_weight(weight, float(sigma_data))
-        self.sigma_data = float(sigma_data)
-        self.grid = LogGrid.make(num_bins, sigma_min, sigma_max)
-        self.buffer_size, self.ema_rate, self.min_count = int(buffer_size), float(ema_rate), int(min_count)
-        self.gate_n, self.onset_p, self.smoothing = float(gate_n), float(onset_p), float(smoothing)
-        self.endpoint, self.fixed_pivot, self.floor = endpoint, pivot, float(floor)
-        self.base = _base_sampler(base, sigma_min, sigma_max)
+            refresh_kimg, warmup_kimg = (
+                50.0 if refresh_kimg is None else refresh_kimg,
+                1000.0 if warmup_kimg is None else warmup_kimg,
+            )
+            self.refresh_every = 1000 * check_number(
+                'refresh_kimg', refresh_kimg, 'a finite number > 0', lambda v: v > 0
+            )
+            self.warmup = 1000 * check_number('warmup_kimg', warmup_kimg, 'a finite number >= 0', lambda v: v >= 0)
+        sigma_min, sigma_max = check_sigma_range(sigma_min, sigma_max)
+        self.sigma_data = check_number('sigma_data', sigma_data, 'a finite number > 0', lambda v: v > 0)
+        self.weight_fn = resolve_weight(weight, self.sigma_data)
+        self.grid = LogGrid.make(check_int('num_bins', num_bins, 2), sigma_min, sigma_max)
+        self.buffer_size = check_int('buffer_size', buffer_size, 1)
+        self.min_count = check_int('min_count', min_count, 1)
+        self.ema_rate = check_number('ema_rate', ema_rate, 'a number in (0, 1]', lambda v: 0 < v <= 1)
+        self.gate_n = check_number('gate_n', gate_n, 'a finite number > 0', lambda v: v > 0)
+        self.onset_p = check_number('onset_p', onset_p, 'a number in (0, 1)', lambda v: 0 < v < 1)
+        self.smoothing = check_number('smoothing', smoothing, 'a finite number >= 0', lambda v: v >= 0)
+        self.floor = check_number('floor', floor, 'a number in [0, 1]', lambda v: 0 <= v <= 1)
+        if pivot is not None:
+            pivot = check_number('pivot', pivot, 'a finite number > 0 (or None: calibrated)', lambda v: v > 0)
+        self.endpoint, self.fixed_pivot = endpoint, pivot
+        # The warm-up's base: an instance as given, or EDM's log-normal, or log-uniform on the estimation grid.
+        named = dict(lognormal=lambda: LogNormal(-1.2, 1.2), loguniform=lambda: LogUniform(sigma_min, sigma_max))
+        if not isinstance(base, NoiseSampler) and base not in named:
+            raise ValueError(f'Unknown base sampler "{base}"; choose "lognormal", "loguniform" or pass a NoiseSampler')
+        self.base = base if isinstance(base, NoiseSampler) else named[base]()
         self.base_name = base if isinstance(base, str) else type(base).__name__
-        self.floor_sampler = LogUniform(sigma_min, sigma_max)
+        self.warmup_law = Mixture([1 - self.floor, self.floor], [self.base, LogUniform(sigma_min, sigma_max)])
         self.device = torch.device('cpu')
         self.callback = callback
         self._reset()
@@ -123,9 +140,10 @@ class InfoNoise(NoiseSampler):
         self.ptr = torch.zeros(K, dtype=torch.int64)  # Next write position per interval.
         self.count = torch.zeros(K, dtype=torch.int64)  # n_k = min(pushed, B).
         self.nonfinite = torch.zeros((), dtype=torch.int64)  # Ignored non-finite losses.
+        self.invalid = torch.zeros(2, dtype=torch.int64)  # σ not positive and finite, negative losses: refused.
         self.mse = torch.zeros(K, dtype=torch.float64)  # EMA of the per-interval mean loss.
         self.table: InverseCDFTable | None = None
-        self.last_profile: Profile | None = None
+        self._profile: Profile | None = None
         self.last_check: RefreshCheck | None = None
         self.nimg = 0  # Images observed, all ranks together.
         self.steps = 0  # Calls of `observe`.
@@ -145,7 +163,7 @@ class InfoNoise(NoiseSampler):
         device = torch.device(device)
         if device != self.device:
             self.device = device
-            for name in ('buffer', 'ptr', 'count', 'nonfinite'):
+            for name in ('buffer', 'ptr', 'count', 'nonfinite', 'invalid'):
                 setattr(self, name, getattr(self, name).to(device))
             self.table = self.table.to(device) if self.table is not None else None
 
@@ -153,42 +171,40 @@ class InfoNoise(NoiseSampler):
         """w(σ), the loss weight that π divides out."""
         return self.weight_fn(sigma)
 
-    # Sampling: the table after the first refresh; before it, the base mixed with the log-uniform floor.
+    # Sampling: the table after the first refresh; before it, the warm-up mixture of the base and the floor.
     def icdf(self, u: torch.Tensor) -> torch.Tensor:
-        return self.table.icdf(u) if self.table is not None else self.base.icdf(u)
+        return self.table.icdf(u) if self.table is not None else self.warmup_law.icdf(u)
 
     def cdf(self, sigma: torch.Tensor) -> torch.Tensor:
         """P(σ' <= σ) under the current law: the table's, or before the first refresh the warm-up mixture."""
-        if self.table is not None:
-            return self.table.cdf_at(sigma)
-        return (1 - self.floor) * self.base.cdf(sigma) + self.floor * self.floor_sampler.cdf(sigma)
+        return self.table.cdf_at(sigma) if self.table is not None else self.warmup_law.cdf(sigma)
 
     def sample(self, n: int, device: torch.device | str = 'cpu') -> torch.Tensor:
-        """n σ values (float32, on `device`, torch's global RNG): from the table after the first refresh, before
-        it from the base sampler mixed with the log-uniform floor."""
+        """n σ values (float32, on `device`, torch's global RNG): icdf of one uniform each, so from the table after
+        the first refresh and from the warm-up mixture before it."""
         self._to(device)
-        u = torch.rand(n, device=device, dtype=torch.float64).clamp_(min=2.0**-40)
-        if self.table is not None:
-            return self.icdf(u).to(torch.float32)
-        use_floor = torch.rand(n, device=device) < self.floor
-        return torch.where(use_floor, self.floor_sampler.icdf(u), self.icdf(u)).to(torch.float32)
+        return super().sample(n, device)
 
     def observe(self, sigma: torch.Tensor, mse: torch.Tensor) -> None:
         """Alg. 1 line 8: push each per-sample loss (σ [N] VE, mse [N] unweighted x₀-space MSE, mean over elements)
         into its interval's FIFO buffer, evicting the oldest; refresh when a check is due. Non-finite losses are
-        counted and ignored. In a distributed run every rank must call this equally often."""
+        counted and ignored; σ that is not positive and finite, and negative losses, are counted and refused
+        (ValueError) at the next check. In a distributed run every rank must call this equally often."""
+        check_observation(sigma, mse)
         self._to(sigma.device)
         B, K = self.buffer_size, self.grid.num_bins
-        sigma, mse = sigma.detach().flatten(), mse.detach().flatten().to(torch.float32)
-        finite = torch.isfinite(mse) & torch.isfinite(sigma)
-        self.nonfinite += (~finite).sum()
-        bins = self.grid.bin_index(torch.where(finite, sigma, 1.0))
-        onehot = torch.nn.functional.one_hot(bins, K) * finite[:, None]
+        sigma, mse = sigma.detach(), mse.detach().to(torch.float32)
+        good_sigma, finite = (sigma > 0) & (sigma < math.inf), torch.isfinite(mse)
+        self.invalid += torch.stack([(~good_sigma).sum(), (finite & (mse < 0)).sum()])
+        self.nonfinite += (good_sigma & ~finite).sum()
+        use = good_sigma & finite & (mse >= 0)
+        bins = self.grid.bin_index(torch.where(use, sigma, 1.0))
+        onehot = torch.nn.functional.one_hot(bins, K) * use[:, None]
         rank = ((onehot.cumsum(0) - onehot) * onehot).sum(1)  # Earlier same-interval losses in this batch.
         new = onehot.sum(0)
-        keep = finite & (rank >= new[bins] - B)  # Only the newest B of a batch can survive.
+        keep = use & (rank >= new[bins] - B)  # Only the newest B of a batch can survive.
         col = torch.where(keep, (self.ptr[bins] + rank) % B, B)
-        self.buffer.index_put_((bins, col), torch.where(finite, mse, 0.0))
+        self.buffer.index_put_((bins, col), torch.where(use, mse, 0.0))
         self.ptr = (self.ptr + new) % B
         self.count = torch.minimum(self.count + new, torch.full_like(self.count, B))
 
@@ -198,6 +214,7 @@ class InfoNoise(NoiseSampler):
         self.steps += 1
         if self.clock >= self.next_check:
             self.next_check = (self.clock // self.refresh_every + 1) * self.refresh_every
+            self._refuse_invalid()
             if self.clock > self.warmup:
                 self.refresh()
 
@@ -210,15 +227,15 @@ class InfoNoise(NoiseSampler):
             torch.distributed.all_reduce(stats)
         return stats[0].cpu(), stats[1].cpu(), stats[2].cpu()
 
-    def _shortest_interval(self, counts: torch.Tensor) -> str:
-        """Why a refresh must wait: the interval with the fewest losses, against N_min."""
-        k = int(counts.argmin())
-        lo, hi = float(self.grid.edges[k]), float(self.grid.edges[k + 1])
-        short = int((counts < self.min_count).sum())
-        return (
-            f'interval {k + 1} of {self.grid.num_bins} (σ {lo:.3g}-{hi:.3g}) holds {int(counts[k])} of N_min = '
-            f'{self.min_count} losses ({short} interval{"s" if short > 1 else ""} short)'
-        )
+    def _refuse_invalid(self) -> None:
+        """At a check (which reads the device anyway): ValueError if `observe` got inputs it cannot bin."""
+        bad_sigma, bad_mse = self.invalid.tolist()
+        if bad_sigma or bad_mse:
+            raise ValueError(
+                f'InfoNoise.observe got {bad_sigma} σ that are not positive and finite (a negative or NaN σ, or a '
+                f'DiscreteTimesteps timestep outside its table) and {bad_mse} negative losses by step {self.steps}; '
+                'σ must be the VE noise level drawn and mse the per-sample squared error'
+            )
 
     def refresh(self) -> bool:
         """Alg. 1 lines 10–16; returns whether the table was rebuilt. Reports the check to `callback`."""
@@ -227,19 +244,22 @@ class InfoNoise(NoiseSampler):
         seconds = None if self.last_refresh_time is None else time.monotonic() - self.last_refresh_time
         check = dict(nimg=self.nimg, step=self.steps, refreshes=self.refreshes, since_nimg=since, since_seconds=seconds)
         if counts.min() < self.min_count:
-            return self._report(RefreshCheck(refreshed=False, reason=self._shortest_interval(counts), **check))
+            reason = shortest_interval(self.grid, counts, self.min_count)
+            return self._report(RefreshCheck(refreshed=False, reason=reason, **check))
         means = sums / counts
         # Relative standard error of each buffer mean; recorded at the scale of the EMA (which starts from 0).
         rel_err = ((squares / counts - means.square()).clamp(min=0) / (counts - 1).clamp(min=1)).sqrt() / means
         mse = (1 - self.ema_rate) * self.mse + self.ema_rate * means
         sigma, widths = self.grid.centers, self.grid.widths
         try:
-            calibrated = self.calibrate_pivot(sigma, entropy_rate(mse, sigma), rel_err)
-            pivot = (
-                calibrated.value
-                if calibrated.rule == 'fixed'
-                else pivots.debounce([*self.raw_pivots, calibrated.value])
-            )
+            # Sec. 4 / App. B.4: a fixed c, or calibrated (onset for continuous, power-law break for discrete
+            # endpoints, `infonoise.pivot`) and debounced over the last refreshes.
+            if self.fixed_pivot is not None:
+                calibrated, pivot = Pivot(self.fixed_pivot, 'fixed'), self.fixed_pivot
+            else:
+                rate = entropy_rate(mse, sigma)
+                calibrated = pivots.calibrate(sigma, rate, self.endpoint, rel_err, self.onset_p, self.sigma_data)
+                pivot = pivots.debounce([*self.raw_pivots, calibrated.value])
             profile = build_profile(
                 self.grid, mse, pivot, self.loss_weight(sigma), self.gate_n, self.smoothing, self.floor,
                 refreshes=self.refreshes + 1, count=counts, stderr=rel_err * mse, raw_pivot=calibrated.value,
@@ -252,7 +272,7 @@ class InfoNoise(NoiseSampler):
         self.mse, self.table, self.pivot = mse, table.to(self.device), profile.pivot
         self.raw_pivots = [*self.raw_pivots, calibrated.value][-pivots.DEBOUNCE :]
         self.refreshes += 1
-        self.last_profile = profile
+        self._profile = profile
         self.last_refresh_nimg, self.last_refresh_time = self.nimg, time.monotonic()
         q = self.describe()
         quantiles = tuple(q[f'ln_sigma_q{p}'] for p in (10, 50, 90))
@@ -266,29 +286,13 @@ class InfoNoise(NoiseSampler):
             self.callback(check)
         return check.refreshed
 
-    def calibrate_pivot(self, sigma: torch.Tensor, rate: torch.Tensor, rel_err: torch.Tensor | None = None) -> Pivot:
-        """Sec. 4 / App. B.4: a fixed c, the onset of information (continuous endpoints) or the power-law break
-        (discrete endpoints), with the onset rule anchored at σ_ref = 0.004·σ_data (`infonoise.pivot`)."""
-        if self.fixed_pivot is not None:
-            return Pivot(float(self.fixed_pivot), 'fixed')
-        if not torch.isfinite(rate).all() or not (rate > 0).any():
-            raise ValueError('the entropy-rate estimate is not finite and positive')
-        return pivots.calibrate(sigma, rate, self.endpoint, rel_err, self.onset_p, self.sigma_data)
-
     def schedule_report(self, total_nimg: int, batch_size: int) -> list[str]:
         """Before training: whether and when this schedule can adapt in a run (`infonoise.reporting.schedule_report`)."""
         return schedule_report(self, total_nimg, batch_size)
 
-    def profile(self) -> dict[str, Any] | None:
-        return self.last_profile.to_dict() if self.last_profile is not None else None
-
-    def ln_sigma_points(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.table is not None:
-            return ln_sigma_strata(self.table.to('cpu').icdf)
-        # Warm-up mixture: base strata weighted 1 − floor, log-uniform strata weighted floor.
-        x_base, w_base = self.base.ln_sigma_points()
-        x_floor, w_floor = self.floor_sampler.ln_sigma_points()
-        return torch.cat([x_base, x_floor]), torch.cat([(1 - self.floor) * w_base, self.floor * w_floor])
+    def profile(self) -> Profile | None:
+        """The profile built by the last refresh (σ_k, mse, rate, gated rate, ρ, u, π, φ, w, pivot); None before."""
+        return self._profile
 
     def describe(self) -> dict[str, float]:
         stats = dict(super().describe(), refreshes=float(self.refreshes), nonfinite=float(self.nonfinite))
@@ -301,28 +305,9 @@ class InfoNoise(NoiseSampler):
         return f'refreshes {self.refreshes:<4d}{pivot}'
 
     def state_dict(self) -> dict[str, Any]:
-        return dict(
-            buffer=self.buffer.cpu(), ptr=self.ptr.cpu(), count=self.count.cpu(), nonfinite=self.nonfinite.cpu(),
-            mse=self.mse.clone(), nimg=self.nimg, steps=self.steps, next_check=self.next_check, refreshes=self.refreshes,
-            pivot=self.pivot, raw_pivots=list(self.raw_pivots), last_refresh_nimg=self.last_refresh_nimg,
-            table=None if self.table is None else dict(sigma=self.table.sigma.cpu(), cdf=self.table.cdf.cpu()),
-            profile=self.profile(),
-        )  # fmt: skip
+        return save_state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        K, B = self.grid.num_bins, self.buffer_size
-        if tuple(state['buffer'].shape) != (K, B + 1):
-            raise ValueError(f'InfoNoise state has buffers {tuple(state["buffer"].shape)}, expected {(K, B + 1)}')
-        self._reset()
-        self.device = torch.device('cpu')
-        self.buffer, self.ptr, self.count = state['buffer'].clone(), state['ptr'].clone(), state['count'].clone()
-        self.nonfinite, self.mse = state['nonfinite'].clone(), state['mse'].clone()
-        self.nimg, self.steps = state['nimg'], state.get('steps', 0)
-        self.next_check = state['next_check'] if 'next_check' in state else state['next_check_nimg']
-        self.refreshes, self.pivot = state['refreshes'], state['pivot']
-        # States written before debouncing existed hold no pivot history: it starts from the pivot in use.
-        self.raw_pivots = list(state.get('raw_pivots', [] if self.refreshes == 0 else [self.pivot]))
-        self.last_refresh_nimg = state.get('last_refresh_nimg')
-        if state['table'] is not None:
-            self.table = InverseCDFTable(sigma=state['table']['sigma'], cdf=state['table']['cdf'])
-        self.last_profile = Profile.from_dict(state['profile']) if state['profile'] is not None else None
+        """Restore what `state_dict` returned; ValueError naming the field if the state does not fit this sampler
+        (`infonoise.state.check_state`). States written before a field existed load with its default."""
+        load_state(self, state)

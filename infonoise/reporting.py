@@ -12,6 +12,7 @@ import torch
 
 if TYPE_CHECKING:
     from infonoise.info_noise import InfoNoise
+    from infonoise.profile import LogGrid
 
 
 @dataclass(frozen=True)
@@ -32,19 +33,29 @@ class RefreshCheck:
     since_seconds: float | None = None  # Wall time since the last refresh, if this process saw it.
 
     def __str__(self) -> str:
-        if self.since_nimg is None:
-            since = 'no refresh yet'
-        else:
+        since = ''  # Before the first refresh there is nothing to count from.
+        if self.since_nimg is not None:
             seconds = '' if self.since_seconds is None else f' ({self.since_seconds:.0f} s)'
-            since = f'{self.since_nimg / 1e3:g} kimg{seconds} since the last refresh'
+            since = f'; {self.since_nimg / 1e3:g} kimg{seconds} since the last refresh'
         if not self.refreshed:
-            return f'InfoNoise check at {self.nimg / 1e3:g} kimg (step {self.step}) skipped: {self.reason}; {since}'
+            return f'InfoNoise check at {self.nimg / 1e3:g} kimg (step {self.step}) skipped: {self.reason}{since}'
         q = '/'.join(f'{v:.2f}' for v in self.ln_sigma_quantiles)
         return (
             f'InfoNoise refresh {self.refreshes} at {self.nimg / 1e3:g} kimg (step {self.step}): pivot c = {self.pivot:.4g} '
             f'({self.pivot_rule}; this refresh {self.raw_pivot:.4g}), ρ peaks at σ = {self.peak:.3g}, '
-            f'ln σ q10/q50/q90 = {q}; {since}'
+            f'ln σ q10/q50/q90 = {q}{since}'
         )
+
+
+def shortest_interval(grid: 'LogGrid', counts: torch.Tensor, min_count: int) -> str:
+    """Why a refresh must wait: the interval of `grid` with the fewest losses `counts` [K], against N_min."""
+    k = int(counts.argmin())
+    lo, hi = float(grid.edges[k]), float(grid.edges[k + 1])
+    short = int((counts < min_count).sum())
+    return (
+        f'interval {k + 1} of {grid.num_bins} (σ {lo:.3g}-{hi:.3g}) holds {int(counts[k])} of N_min = '
+        f'{min_count} losses ({short} interval{"s" if short > 1 else ""} short)'
+    )
 
 
 def schedule_report(noise: 'InfoNoise', total_nimg: int, batch_size: int) -> list[str]:

@@ -126,7 +126,7 @@ def test_build_profile_equals_an_infonoise_refresh(endpoint):
     mse = 0.3 * sigma**2 / (0.3 + sigma**2) + 0.01 * sigma**2 / (0.01 + sigma**2)
     sampler.observe(sigma.float(), mse.float())
     assert sampler.refresh()
-    expected = sampler.last_profile
+    expected = sampler.profile()
     got = diagnose.build_profile(sampler.grid, sampler.mse, endpoint=endpoint)
     assert got.pivot == expected.pivot
     for name in ('sigma', 'mse', 'rate', 'gated', 'rho', 'u', 'pi', 'phi', 'weight'):

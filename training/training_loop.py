@@ -241,7 +241,7 @@ def training_loop(
         # Save network snapshot.
         if snapshot_ticks is not None and (done or cur_tick % snapshot_ticks == 0):
             misc.check_ddp_consistency(ema)
-            profile = noise_sampler.profile()
+            profile = None if noise_sampler.profile() is None else noise_sampler.profile().to_dict()
             if rank == 0:
                 checkpoint.save_snapshot(
                     run_dir, cur_nimg, net_kwargs, ema, profile, loss_kwargs=loss_kwargs, noise_kwargs=noise_kwargs,
