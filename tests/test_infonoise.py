@@ -439,6 +439,7 @@ def test_load_state_dict_refuses_broken_states():
         r'next_check \(0\) must lie after the images': dict(next_check=0),
         'nimg must be an integer >= 0': dict(nimg=-5),
         'refreshes must be an integer >= 0': dict(refreshes=1.5),
+        'profile is not a profile': dict(profile=dict(good['profile'], rho=None)),
         'raw_pivots must be a list of at most 5 positive numbers': dict(raw_pivots=[0.1] * 6),
     }
     for message, change in broken.items():
