@@ -1,5 +1,6 @@
 """InfoNoise sampler against closed-form oracles, plus its engineering contract: cadence, state, ranks, robustness."""
 
+import contextlib
 import math
 import os
 import subprocess
@@ -9,11 +10,12 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+from torch.overrides import TorchFunctionMode
 
 from infonoise import oracles
 from infonoise.info_noise import InfoNoise
 from infonoise.pivot import onset_pivot
-from infonoise.profile import LogGrid, gate, normalize_density
+from infonoise.profile import gate, normalize_density
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAM = torch.logspace(-2, 0, 64, dtype=torch.float64)  # Per-pixel variances of a Gaussian source.
@@ -295,18 +297,75 @@ def test_schedule_report_chance_matches_simulation():
     assert abs(refreshed / 60 - predicted) < 0.2, (refreshed, predicted)
 
 
-def test_no_host_sync_in_per_step_path(monkeypatch):
-    s = InfoNoise(num_bins=16, refresh_kimg=1000)
-    sigma = s.sample(64, 'cpu')  # Allocates state.
+# Tensor operations that copy a value to the host: a device synchronisation on an accelerator.
+HOST_READS = {'item', 'tolist', 'cpu', 'numpy', '__bool__', '__float__', '__int__', '__index__'}
 
-    def forbidden(*args, **kwargs):
-        raise AssertionError('host sync in the per-step path')
 
-    for name in ('item', 'tolist', 'cpu', 'numpy', '__bool__', '__float__', '__int__'):
-        monkeypatch.setattr(torch.Tensor, name, forbidden)
-    for _ in range(3):
-        sigma = s.sample(64, 'cpu')
-        s.observe(sigma, torch.rand(64))
+class HostReads(TorchFunctionMode):
+    """Records every host read (HOST_READS, and .to() from an accelerator onto the CPU) made inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, '__name__', str(func))
+        target = kwargs.get('device', args[1] if name == 'to' and len(args) > 1 else None)
+        to_cpu = name == 'to' and isinstance(target, str | torch.device) and torch.device(target).type == 'cpu'
+        if name in HOST_READS or (to_cpu and args[0].device.type != 'cpu'):
+            self.reads.append(name)
+        return func(*args, **kwargs)
+
+
+def test_host_reads_are_counted():
+    # The counter itself: each kind of read is seen, tensor arithmetic is not.
+    x = torch.ones(3)
+    with HostReads() as mode:
+        x.sum(), x * 2, torch.where(x > 0, x, 0.0)
+        assert mode.reads == []
+        x[0].item(), float(x[0]), int(x[0]), bool(x[0] > 0), x.tolist(), x.cpu(), x.numpy()
+        if x[1] > 0:
+            pass
+    assert mode.reads == ['item', '__float__', '__int__', '__bool__', 'tolist', 'cpu', 'numpy', '__bool__']
+
+
+@contextlib.contextmanager
+def counted(device: str, strict: bool):
+    """HostReads over the block; on CUDA with `strict`, also torch's sync debug mode, which raises on any
+    synchronising call."""
+    with HostReads() as mode:
+        if device == 'cuda' and strict:
+            torch.cuda.set_sync_debug_mode('error')
+        try:
+            yield mode
+        finally:
+            if device == 'cuda':
+                torch.cuda.set_sync_debug_mode('default')
+
+
+@pytest.mark.parametrize('device', ['cpu', *(['cuda'] if torch.cuda.is_available() else [])])
+def test_no_host_sync_in_per_step_path(device):
+    # 40 steps in steps: warm-up 10, a check every 5. Steps 5 and 10 are checks in the warm-up (they read the count
+    # of invalid inputs), 15, 20, ... refresh. Every other step samples (from the warm-up mixture until step 15,
+    # then from the table) and observes without a single host read. The checks do read, which shows that the
+    # counter sees what a read in the per-step path would be.
+    s = InfoNoise(num_bins=8, min_count=2, buffer_size=32, refresh_steps=5, warmup_steps=10, floor=0.5)
+    checks = []
+    s.callback = checks.append
+    gen = torch.Generator().manual_seed(0)
+    reads = {}
+    for step in range(1, 41):
+        noise = torch.rand(64, generator=gen).to(device)  # The test's own data, outside the counted blocks.
+        with counted(device, strict=step % 5 != 0) as drawing:
+            sigma = s.sample(64, device)
+        losses = sigma**2 / (0.25 + sigma**2) * (0.5 + noise)  # A Gaussian source's mmse, with noise.
+        with counted(device, strict=step % 5 != 0) as observing:
+            s.observe(sigma, losses)
+        reads[step] = drawing.reads + observing.reads
+    assert {step: r for step, r in reads.items() if r and step % 5} == {}  # No read on a per-step step.
+    assert all(reads[step] for step in range(5, 41, 5))
+    assert [c.step for c in checks] == list(range(15, 41, 5)) and s.refreshes >= 3 and s.table is not None
 
 
 def test_state_round_trip_continues_identically():
@@ -453,6 +512,16 @@ def test_load_state_dict_refuses_broken_states():
 
 
 def test_grid_matches_sampler_range():
+    # K = 8 log-spaced intervals over [0.01, 10] span 3 decades: edge k is 10^(-2 + 3k/8), centre k is
+    # 10^(-2 + 3(k + 1/2)/8). The numbers are written out, not recomputed by the grid's own code.
     s = InfoNoise(sigma_min=0.01, sigma_max=10, num_bins=8)
-    assert torch.equal(s.grid.edges, LogGrid.make(8, 0.01, 10).edges)
-    assert np.isclose(s.grid.edges[0].item(), 0.01) and np.isclose(s.grid.edges[-1].item(), 10)
+    edges = [0.01, 0.023713737056616554, 0.05623413251903491, 0.1333521432163324, 0.31622776601683794,
+             0.7498942093324559, 1.7782794100389228, 4.216965034285822, 10.0]  # fmt: skip
+    torch.testing.assert_close(s.grid.edges, torch.tensor(edges, dtype=torch.float64), rtol=1e-14, atol=0)
+    assert s.grid.edges[0].item() == 0.01 and s.grid.edges[-1].item() == 10.0  # The ends are pinned exactly.
+    centres = [0.015399265260594916, 0.03651741272548377, 0.08659643233600653, 0.2053525026457146,
+               0.4869675251658631, 1.1547819846894583, 2.7384196342643614, 6.493816315762113]  # fmt: skip
+    torch.testing.assert_close(s.grid.centers, torch.tensor(centres, dtype=torch.float64), rtol=1e-14, atol=0)
+    # A σ on an edge belongs to the interval above it; values outside the range go to the end intervals.
+    sigma = torch.tensor([0.001, 0.01, 0.0237, 0.0238, s.grid.edges[4], 9.99, 10.0, 1e3], dtype=torch.float64)
+    assert s.grid.bin_index(sigma).tolist() == [0, 0, 0, 1, 4, 7, 7, 7]
