@@ -36,10 +36,10 @@ from dnnlib.util import atomic_write
 from infonoise import pivot as pivots
 from infonoise.empirical_bayes import EmpiricalBayesDenoiser, denoising_rows
 from infonoise.grids import information_coordinate
+from infonoise.info_noise import InfoNoise
 from infonoise.plots import plural, save_denoising_figure, save_profile_plot
 from infonoise.profile import LogGrid, Profile, entropy_rate
 from infonoise.profile import build_profile as refresh_profile
-from infonoise.schedule import InfoNoise
 from infonoise.weights import WEIGHTS
 from training.checkpoint import load_network
 from training.dataset import Dataset
@@ -190,20 +190,22 @@ def to_float(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def check_output(path: str | None, option: str) -> None:
-    """Fail before the computation, not after it, when an output could not be written."""
-    if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        raise click.ClickException(f'{option}: directory of "{path}" does not exist')
+    """Create the folder of an output before the computation, and fail then, not after it, if it cannot be."""
+    if path is not None:
+        folder = os.path.dirname(os.path.abspath(path))
+        cli.check_output_dir(folder, option)
+        os.makedirs(folder, exist_ok=True)
 
 
 def run_profile(net, dataset: Dataset, source: str, title: str, sigma_data: float, opts: dict) -> None:
     """Measure, build, write and summarise the profile of `net` on `dataset` (shared by `profile` and `bayes`);
     `title` heads the plot."""
-    check_output(opts['out'], '--out')
-    check_output(opts['plot'], '--plot')
     if not 0 < opts['sigma_min'] < opts['sigma_max']:
         raise click.ClickException(
             f'Need 0 < --sigma-min < --sigma-max, got {opts["sigma_min"]} and {opts["sigma_max"]}'
         )
+    check_output(opts['out'], '--out')
+    check_output(opts['plot'], '--plot')
     shape = list(getattr(net, 'img_shape', [net.img_channels, net.img_resolution, net.img_resolution]))
     if dataset.image_shape != shape:
         raise click.ClickException(f'--data has images of shape {dataset.image_shape}, the denoiser expects {shape}')

@@ -16,62 +16,36 @@ the four bases), and `--npz` then holds the sequences in the sequence dataset fo
 import json
 import math
 import os
-from collections.abc import Iterator
 
 import click
 import numpy as np
-import PIL.Image
 import torch
-import tqdm
 
 import dnnlib
 from dnnlib import cli
 from dnnlib.util import atomic_write, parse_int_list
-from infonoise import grids
+from infonoise import grid_files, grids
+from infonoise.profile import Profile
 from torch_utils import distributed as dist
 from training import sequences
 from training.checkpoint import load_network
 from training.networks_1d import SequenceUNet
-from training.sampling import ablation_sampler, edm_sampler, images_to_uint8, sample_seeds, save_image, tile_images
-
-GRID_NAMES = ('edm', 'infogrid', 'loguniform', 'tangent', 'vp', 've', 'iddpm')
-
-
-def image_path(outdir: str, seed: int, subdirs: bool) -> str:
-    """Where the image of `seed` goes: outdir/{seed:06d}.png, or one subdirectory per 1000 seeds."""
-    image_dir = os.path.join(outdir, f'{seed - seed % 1000:06d}') if subdirs else outdir
-    return os.path.join(image_dir, f'{seed:06d}.png')
-
-
-def write_images(outdir: str, seeds: list[int], images: torch.Tensor, subdirs: bool) -> None:
-    """One PNG per seed, each written atomically (fid.py never reads a half-written image)."""
-    for seed, image in zip(seeds, images_to_uint8(images)):
-        path = image_path(outdir, seed, subdirs)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with atomic_write(path, 'wb') as f:
-            save_image(image, f)
-
-
-def read_images(outdir: str, seeds: list[int], subdirs: bool) -> np.ndarray:
-    """The saved images of `seeds` as uint8 NHWC, read back from disk (so every rank's images are included)."""
-    images = np.stack([np.array(PIL.Image.open(image_path(outdir, seed, subdirs))) for seed in seeds])
-    return images.reshape(*images.shape[:3], -1)
-
-
-def write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
-    """One .npz of arrays, written atomically."""
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    with atomic_write(path, 'wb') as f:
-        np.savez(f, **arrays)
+from training.sampling import (
+    ablation_sampler,
+    edm_sampler,
+    generate_images,
+    read_images,
+    save_image,
+    tile_images,
+    write_images,
+)
 
 
 def write_image_collections(outdir, seeds, subdirs, labels, grid_png, npz, scale: int, pad: int) -> None:
     """--grid-png (all images tiled) and --npz (uint8 NHWC "arr_0", "seeds" and "labels" if conditional)."""
     images = read_images(outdir, seeds, subdirs)
     if grid_png is not None:
-        if os.path.dirname(grid_png):
-            os.makedirs(os.path.dirname(grid_png), exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(grid_png)), exist_ok=True)
         with atomic_write(grid_png, 'wb') as f:
             save_image(tile_images(images, scale=scale, pad=pad), f)
         dist.print0(f'Saved image grid to "{grid_png}"')
@@ -79,7 +53,9 @@ def write_image_collections(outdir, seeds, subdirs, labels, grid_png, npz, scale
         arrays = dict(arr_0=images, seeds=np.asarray(seeds, dtype=np.int64))
         if labels:
             arrays['labels'] = np.asarray([labels[seed] for seed in seeds], dtype=np.int64)
-        write_npz(npz, arrays)
+        os.makedirs(os.path.dirname(os.path.abspath(npz)), exist_ok=True)
+        with atomic_write(npz, 'wb') as f:
+            np.savez(f, **arrays)
         dist.print0(f'Saved {len(seeds)} images to "{npz}"')
 
 
@@ -95,141 +71,52 @@ def write_sequences(outdir: str, npz: str | None, seeds: list[int], tokens: dict
         dist.print0(f'Saved {len(seeds)} sequences to "{npz}"')
 
 
-def generate_images(
-    net,
-    seeds: list[int],
-    sigmas: torch.Tensor,
-    device: torch.device,
-    max_batch_size: int = 64,
-    progress: bool = True,
-    **sample_kwargs,
-) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
-    """This rank's samples of `seeds` in batches of at most `max_batch_size` (EDM's split across ranks): yields
-    (batch seeds, float samples in [-1, 1], class indices or None). `sample_kwargs` go to
-    `training.sampling.sample_seeds` (class_idx, sampler, binarize and the sampler's options). Every rank must
-    exhaust the iterator: each batch starts at a barrier, as in EDM."""
-    for batch_seeds in tqdm.tqdm(
-        dist.split_batches(seeds, max_batch_size), unit='batch', disable=(dist.get_rank() != 0 or not progress)
-    ):
-        dist.barrier()
-        if batch_seeds:
-            yield batch_seeds, *sample_seeds(net, batch_seeds, sigmas, device, **sample_kwargs)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
-# Information profiles and grids.
+# Grid inputs: the information profile (infogrid) and the Gaussian variances (tangent).
 
 
-def read_profile(path: str) -> dict:
-    """An information profile from a JSON file or from our network snapshot / training state (its 'profile')."""
-    if not os.path.isfile(path):
-        raise click.ClickException(f'--profile: no such file "{path}"')
-    try:
-        with open(path, encoding='utf-8') as f:
-            data = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+def read_profile(path: str | None, loaded) -> tuple[Profile, str]:
+    """--profile, else the network file's own InfoNoise profile; and where it came from."""
+    if path is not None:
+        if not os.path.isfile(path):
+            raise click.ClickException(f'--profile: no such file "{path}"')
         try:
-            data = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception:
-            raise click.ClickException(f'--profile: "{path}" is neither JSON nor a network snapshot') from None
-    if isinstance(data, dict) and isinstance(data.get('profile'), dict):
-        data = data['profile']
-    if not isinstance(data, dict) or 'sigma' not in data or not ('rate' in data or 'mse' in data):
-        raise click.ClickException(f'--profile: "{path}" holds no profile (a "sigma" list and a "rate" or "mse" list)')
-    return data
+            return Profile.load(path), path
+        except (OSError, ValueError) as e:
+            raise click.ClickException(f'--profile: {e}') from None
+    if loaded.profile is not None:
+        return Profile.from_dict(loaded.profile, partial=True), 'network'
+    noise, why = loaded.noise_kwargs or {}, 'the network has none (it was not trained with InfoNoise)'
+    if str(noise.get('class_name', '')).endswith('InfoNoise'):
+        why = (
+            f'InfoNoise trained this network but had not refreshed yet at {loaded.kimg:g} kimg (warm-up '
+            f'{noise.get("warmup_kimg")} kimg, a refresh check every {noise.get("refresh_kimg")} kimg; the log says '
+            'why checks were skipped); use a later snapshot or'
+        )
+    raise click.ClickException(f'--grid=infogrid needs an information profile: {why}; pass --profile=FILE')
 
 
-def profile_points(profile: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sigma, rate) of a profile; the rate r = mmse/sigma^3 is derived from "mse" when the profile has no "rate"."""
-    try:
-        sigma = torch.as_tensor(profile['sigma'], dtype=torch.float64)
-        rate = profile.get('rate')
-        rate = sigma.new_tensor(rate) if rate is not None else sigma.new_tensor(profile['mse']) / sigma**3
-    except (TypeError, ValueError, RuntimeError):
-        raise click.ClickException('--profile: "sigma" and "rate"/"mse" must be lists of numbers') from None
-    return sigma, rate
-
-
-def gaussian_variances(spec: str | None, sigma_data: float | None) -> list[float]:
-    """Variances for the tangent grid: a number (one scale, the data's standard deviation), or a JSON file with a
-    "variances" list (e.g. the data's PCA spectrum); by default the network's sigma_data."""
+def read_variances(spec: str | None, sigma_data: float | None) -> list[float]:
+    """--variances (`infonoise.grid_files.read_variances`: a scale or a JSON file), by default the network's sigma_data."""
+    if spec is None and sigma_data is None:
+        raise click.ClickException(
+            '--grid=tangent needs --variances (a scale or a file): the network has no sigma_data'
+        )
     if spec is None:
-        if sigma_data is None:
-            raise click.ClickException(
-                '--grid=tangent needs --profile (a scale or a variances file): the network has no sigma_data'
-            )
         return [float(sigma_data) ** 2]
     try:
-        scale = float(spec)
-    except ValueError:
-        pass
-    else:
-        if not 0 < scale < math.inf:
-            raise click.ClickException(f'--profile: the tangent scale must be a positive number, got {spec}')
-        return [scale**2]
-    if not os.path.isfile(spec):
-        raise click.ClickException(f'--profile: "{spec}" is neither a number nor a file')
-    try:
-        with open(spec, encoding='utf-8') as f:
-            data = json.load(f)
-        variances = data['variances'] if isinstance(data, dict) else data
-        return [float(v) for v in variances]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
-        raise click.ClickException(f'--profile: "{spec}" holds no "variances" list of numbers') from None
+        return grid_files.read_variances(spec)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f'--variances: {e}') from None
 
 
-def missing_profile_error(loaded) -> click.ClickException:
-    """Why a network file holds no information profile: not trained with InfoNoise, or InfoNoise had not refreshed."""
-    noise = loaded.noise_kwargs or {}
-    if not str(noise.get('class_name', '')).endswith('InfoNoise'):
-        return click.ClickException(
-            '--grid=infogrid needs an information profile: the network has none (it was not trained with InfoNoise); '
-            'pass --profile=FILE'
-        )
-    return click.ClickException(
-        f'--grid=infogrid needs an information profile: InfoNoise trained this network but had not refreshed yet at '
-        f'{loaded.kimg:g} kimg (warm-up {noise.get("warmup_kimg")} kimg, a refresh check every '
-        f'{noise.get("refresh_kimg")} kimg; the log says why checks were skipped); use a later snapshot or pass '
-        '--profile=FILE'
-    )
-
-
-def build_grid(
-    grid: str, num_steps: int, sigma_min: float, sigma_max: float, rho: float, profile: str | None, loaded
-) -> tuple[torch.Tensor, dict]:
-    """The sigma-grid named by --grid (with the ends already clamped to the network), and how it was made."""
-    info = dict(grid=grid, sigma_min=sigma_min, sigma_max=sigma_max)
-    if grid == 'edm':
-        return grids.edm_grid(num_steps, sigma_min, sigma_max, rho), dict(info, rho=rho)
-    if grid in ('loguniform', 've'):
-        return grids.loguniform_grid(num_steps, sigma_min, sigma_max), info
-    if grid == 'vp':
-        return grids.vp_grid(num_steps, sigma_min, sigma_max), info
-    if grid == 'iddpm':
-        return grids.iddpm_grid(num_steps, sigma_min, sigma_max), info
-    if grid == 'tangent':
-        variances = gaussian_variances(profile, getattr(loaded.net, 'sigma_data', None))
-        summary = f'{len(variances)} variances' if len(variances) > 1 else f'scale {math.sqrt(variances[0]):g}'
-        return grids.tangent_grid(num_steps, variances, sigma_min, sigma_max), dict(info, profile=profile or summary)
-    if grid == 'infogrid':
-        if profile is not None:
-            data, source = read_profile(profile), profile
-        elif loaded.profile is not None:
-            data, source = loaded.profile, 'network'
-        else:
-            raise missing_profile_error(loaded)
-        sigma, rate = profile_points(data)
-        return grids.infogrid(num_steps, sigma, rate, sigma_min, sigma_max), dict(info, profile=source)
-    raise AssertionError(grid)
-
-
-def resolve_grid(grid, num_steps, steps_given, sigma_min, sigma_max, rho, profile, loaded):
-    """Build the grid for `--grid` (a name or a file), checking it against the network's noise range."""
-    net = loaded.net
-    if grid not in GRID_NAMES:
+def resolve_grid(opts: dnnlib.EasyDict, steps_given: bool, loaded) -> tuple[torch.Tensor, dict]:
+    """The grid of `--grid` (a name or a file) on the network's noise range, and how it was made."""
+    net, grid, num_steps = loaded.net, opts.grid, opts.num_steps
+    if grid not in grids.GRID_NAMES:
         if not os.path.isfile(grid):
-            raise click.ClickException(f'--grid: "{grid}" is neither one of {", ".join(GRID_NAMES)} nor a file')
-        sigmas = grids.read_grid_file(grid)
+            raise click.ClickException(f'--grid: "{grid}" is neither one of {", ".join(grids.GRID_NAMES)} nor a file')
+        sigmas = grid_files.read_grid_file(grid)
         if steps_given and num_steps != len(sigmas) - 1:
             raise click.ClickException(f'--steps={num_steps}, but the grid file "{grid}" has {len(sigmas) - 1} steps')
         if sigmas[-2] < net.sigma_min or sigmas[0] > net.sigma_max:
@@ -241,13 +128,24 @@ def resolve_grid(grid, num_steps, steps_given, sigma_min, sigma_max, rho, profil
 
     # The range: the user's or the grid's default (EDM's per discretization), clamped to the network as in EDM.
     default_min, default_max = grids.DEFAULT_RANGES.get(grid, grids.DEFAULT_RANGES['edm'])
-    sigma_min = max(default_min if sigma_min is None else sigma_min, float(net.sigma_min))
-    sigma_max = min(default_max if sigma_max is None else sigma_max, float(net.sigma_max))
+    sigma_min = max(default_min if opts.sigma_min is None else opts.sigma_min, float(net.sigma_min))
+    sigma_max = min(default_max if opts.sigma_max is None else opts.sigma_max, float(net.sigma_max))
     if sigma_min >= sigma_max:
         raise click.ClickException(
             f'Empty noise range for this network: sigma_min={sigma_min:g} >= sigma_max={sigma_max:g}'
         )
-    return build_grid(grid, num_steps, sigma_min, sigma_max, rho, profile, loaded)
+    info = dict(grid=grid, sigma_min=sigma_min, sigma_max=sigma_max)
+    profile = variances = None
+    if grid == 'edm':
+        info.update(rho=opts.rho)
+    elif grid == 'infogrid':
+        profile, info['profile'] = read_profile(opts.profile, loaded)
+    elif grid == 'tangent':
+        variances = read_variances(opts.variances, getattr(net, 'sigma_data', None))
+        scale = f'scale {math.sqrt(variances[0]):g}' if len(variances) == 1 else f'{len(variances)} variances'
+        info.update(variances=opts.variances or scale)
+    grid_kwargs = dict(rho=opts.rho, profile=profile, variances=variances)
+    return grids.build_grid(grid, num_steps, sigma_min, sigma_max, **grid_kwargs), info
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -255,14 +153,16 @@ def resolve_grid(grid, num_steps, steps_given, sigma_min, sigma_max, rho, profil
 
 
 def check_options(ctx: click.Context, opts: dnnlib.EasyDict) -> None:
-    """Checks that need no network: --disc against --grid (EDM's name for it), --profile, and an output layout whose
-    folder fid.py can read (no grid PNG inside it). Sets opts.grid from --disc."""
+    """Checks that need no network: --disc against --grid (EDM's name for it), --profile and --variances against
+    --grid, and an output layout whose folder fid.py can read (no grid PNG inside it). Sets opts.grid from --disc."""
     if opts.discretization is not None:
         if ctx.get_parameter_source('grid') != click.core.ParameterSource.DEFAULT and opts.grid != opts.discretization:
             raise click.ClickException(f'--disc={opts.discretization} contradicts --grid={opts.grid}; give one of them')
         opts.grid = opts.discretization
-    if opts.profile is not None and opts.grid not in ('infogrid', 'tangent'):
-        raise click.ClickException(f'--profile is used by --grid=infogrid or tangent, not --grid={opts.grid}')
+    if opts.profile is not None and opts.grid != 'infogrid':
+        raise click.ClickException(f'--profile is used by --grid=infogrid, not --grid={opts.grid}')
+    if opts.variances is not None and opts.grid != 'tangent':
+        raise click.ClickException(f'--variances is used by --grid=tangent, not --grid={opts.grid}')
     outdir, grid_png = os.path.abspath(opts.outdir), opts.grid_png
     if grid_png is not None and os.path.commonpath([os.path.abspath(grid_png), outdir]) == outdir:
         raise click.ClickException(
@@ -274,14 +174,13 @@ def check_options(ctx: click.Context, opts: dnnlib.EasyDict) -> None:
 def check_network(net, opts: dnnlib.EasyDict) -> bool:
     """Check the options against the loaded network; whether it is a sequence (DNA) network."""
     is_sequence = isinstance(getattr(net, 'model', None), SequenceUNet)
-    image_flags = (
-        ('--grid-png', opts.grid_png is not None),
-        ('--binarize', opts.binarize),
-        ('--subdirs', opts.subdirs),
-    )
-    for flag, given in image_flags if is_sequence else ():
-        if given:
-            raise click.ClickException(f'{flag} is for images; a sequence network writes sequences.fasta')
+    image_flags = [
+        flag
+        for name, flag in (('grid_png', '--grid-png'), ('binarize', '--binarize'), ('subdirs', '--subdirs'))
+        if opts[name]
+    ]
+    if is_sequence and image_flags:
+        raise click.ClickException(f'{image_flags[0]} is for images; a sequence network writes sequences.fasta')
     if opts.class_idx is not None and not net.label_dim:
         raise click.ClickException('--class given, but the network is unconditional')
     if opts.class_idx is not None and opts.class_idx >= net.label_dim:
@@ -301,17 +200,9 @@ def write_grid_record(opts: dnnlib.EasyDict, sigmas: torch.Tensor, grid_info: di
     os.makedirs(opts.outdir, exist_ok=True)
     churn = {k: v if math.isfinite(v) else str(v) for k, v in churn.items()}  # Strict JSON has no inf.
     record = dict(
-        grid_info,
-        network=opts.network_pkl,
-        solver=opts.solver,
-        schedule=opts.schedule,
-        scaling=opts.scaling,
-        num_steps=len(sigmas) - 1,
-        nfe=nfe,
-        **churn,
-        binarize=opts.binarize,
-        sigmas=sigmas.tolist(),
-    )
+        grid_info, network=opts.network_pkl, solver=opts.solver, schedule=opts.schedule, scaling=opts.scaling,
+        num_steps=len(sigmas) - 1, nfe=nfe, **churn, binarize=opts.binarize, sigmas=sigmas.tolist(),
+    )  # fmt: skip
     with atomic_write(os.path.join(opts.outdir, 'grid.json'), 'w', encoding='utf-8') as f:
         json.dump(record, f, indent=2, allow_nan=False)
 
@@ -335,7 +226,8 @@ NON_NEGATIVE_INT = click.IntRange(min=0)
 @click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=POSITIVE_INT, default=64)
 # Sigma-grid.
 @click.option('--grid',                   help='Sigma-grid: edm|infogrid|loguniform|tangent|vp|ve|iddpm or a FILE of sigmas', metavar='NAME|FILE', default='edm')
-@click.option('--profile',                help='Information profile for infogrid (JSON or snapshot); variances file or scale for tangent', metavar='FILE|FLOAT')
+@click.option('--profile',                help='Information profile for --grid=infogrid (JSON, snapshot or training state)  [default: the network\'s]', metavar='FILE')
+@click.option('--variances',              help='Gaussian source of --grid=tangent: its scale, or a JSON file of variances  [default: sigma_data]', metavar='FILE|FLOAT')
 @click.option('--steps', 'num_steps',     help='Number of sampling steps', metavar='INT', type=click.IntRange(min=2), default=18)
 @click.option('--sigma_min',              help='Lowest noise level  [default: varies]', metavar='FLOAT', type=POSITIVE)
 @click.option('--sigma_max',              help='Highest noise level  [default: varies]', metavar='FLOAT', type=POSITIVE)
@@ -382,6 +274,8 @@ def main(**kwargs):
     The noise range [sigma_min, sigma_max] defaults to [0.002, 80], or to EDM's range of the vp/ve/iddpm
     discretization, and is always clamped to the range the network supports, as in EDM. With Heun's solver,
     N steps cost 2N-1 network evaluations (NFE); with Euler's, N. The grid used is written to OUTDIR/grid.json.
+    --profile (InfoGrid) defaults to the InfoNoise profile stored in the network file; --variances (tangent) to
+    one scale, the network's sigma_data.
     """
     ctx = click.get_current_context()
     opts = dnnlib.EasyDict(kwargs)
@@ -403,37 +297,39 @@ def main(**kwargs):
 
     # Build the sigma-grid and record it next to the images.
     steps_given = ctx.get_parameter_source('num_steps') != click.core.ParameterSource.DEFAULT
-    grid_args = opts.grid, opts.num_steps, steps_given, opts.sigma_min, opts.sigma_max, opts.rho, opts.profile
     try:
-        sigmas, grid_info = resolve_grid(*grid_args, loaded)
+        sigmas, grid_info = resolve_grid(opts, steps_given, loaded)
     except ValueError as e:
         raise click.ClickException(f'--grid={opts.grid}: {e}') from None
     num_steps = len(sigmas) - 1
-    nfe = 2 * num_steps - 1 if opts.solver == 'heun' else num_steps
+    nfe = grids.nfe(num_steps, opts.solver)
     if dist.get_rank() == 0:
-        write_grid_record(opts, sigmas, grid_info, nfe, churn)
+        with cli.disk_errors(f'"{os.path.join(outdir, "grid.json")}"'):
+            write_grid_record(opts, sigmas, grid_info, nfe, churn)
 
     # Generate, writing each batch's images as it comes (sequences are collected and written at the end).
     how = f'{opts.grid} grid, {opts.solver}, {num_steps} steps, {nfe} NFE'
     dist.print0(f'Generating {len(seeds)} images to "{outdir}" ({how})...')
     rank_labels, rank_tokens = {}, {}
     kwargs = dict(class_idx=opts.class_idx, binarize=opts.binarize, **pick_sampler(opts, churn))
-    for batch_seeds, images, labels in generate_images(net, seeds, sigmas, device, opts.max_batch_size, **kwargs):
-        if labels is not None:
-            rank_labels.update(zip(batch_seeds, labels.tolist()))
-        if is_sequence:
-            rank_tokens.update(zip(batch_seeds, sequences.to_tokens(images)))
-        else:
-            write_images(outdir, batch_seeds, images, subdirs)
+    with cli.disk_errors(f'the images in "{outdir}"'):
+        for batch_seeds, images, labels in generate_images(net, seeds, sigmas, device, opts.max_batch_size, **kwargs):
+            if labels is not None:
+                rank_labels.update(zip(batch_seeds, labels.tolist()))
+            if is_sequence:
+                rank_tokens.update(zip(batch_seeds, sequences.to_tokens(images)))
+            else:
+                write_images(outdir, batch_seeds, images, subdirs)
 
     # Collect all ranks' outputs into sequences.fasta, one PNG grid and/or one .npz.
     dist.barrier()
     labels = {seed: label for part in dist.all_gather_object(rank_labels) for seed, label in part.items()}
     tokens = {seed: row for part in dist.all_gather_object(rank_tokens) for seed, row in part.items()}
-    if dist.get_rank() == 0 and is_sequence:
-        write_sequences(outdir, opts.npz, seeds, tokens, labels if net.label_dim else None)
-    elif dist.get_rank() == 0 and (opts.grid_png is not None or opts.npz is not None):
-        write_image_collections(outdir, seeds, subdirs, labels, opts.grid_png, opts.npz, opts.grid_scale, opts.grid_pad)
+    with cli.disk_errors('the outputs (' + ', '.join(f'"{p}"' for p in (outdir, opts.grid_png, opts.npz) if p) + ')'):
+        if dist.get_rank() == 0 and is_sequence:
+            write_sequences(outdir, opts.npz, seeds, tokens, labels if net.label_dim else None)
+        elif dist.get_rank() == 0 and (opts.grid_png is not None or opts.npz is not None):
+            write_image_collections(outdir, seeds, subdirs, labels, opts.grid_png, opts.npz, opts.grid_scale, opts.grid_pad)
     dist.print0('Done.')
     dist.shutdown()
 

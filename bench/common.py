@@ -23,12 +23,11 @@ import numpy as np
 import torch
 
 import fid
-from generate import generate_images
 from metrics.detectors import load_detector
 from metrics.frechet import FeatureStats, frechet_distance, load_stats, save_stats
 from training import sequences
 from training.networks_1d import SequenceUNet
-from training.sampling import images_to_uint8
+from training.sampling import generate_images, images_to_uint8
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join('datasets', 'mnist5k-16x16.zip')

@@ -22,7 +22,7 @@ import PIL.Image
 import torch
 
 from bench.common import parse_nfe
-from infonoise.grids import edm_grid, infogrid, loguniform_grid
+from infonoise.grids import edm_grid, infogrid, loguniform_grid, num_steps_for
 from infonoise.oracles import gaussian_denoiser, gaussian_mmse
 from infonoise.profile import entropy_rate
 from training.dataset import mnist5k_digits
@@ -248,16 +248,6 @@ def sampler_kl(lam: torch.Tensor, sigmas: torch.Tensor, solver: str = 'heun') ->
 
 # InfoGrid reads the exact profile at this many log-spaced points over [sigma_min, sigma_max].
 PROFILE_POINTS = 2048
-
-
-def num_steps_for(nfe: int, solver: str) -> int:
-    """Steps N at a budget of network evaluations: Heun spends 2N - 1 (no correction on the last step), Euler N."""
-    if solver == 'heun' and nfe % 2 == 0:
-        raise ValueError(f'Heun spends 2N - 1 evaluations on N steps, so NFE must be odd, got {nfe}')
-    num_steps = (nfe + 1) // 2 if solver == 'heun' else nfe
-    if num_steps < 2:
-        raise ValueError(f'NFE {nfe} gives {num_steps} {solver} step; a σ-grid needs at least 2')
-    return num_steps
 
 
 def compare_grids(

@@ -48,7 +48,7 @@ from bench.common import (
     write_json,
 )
 from dnnlib.cli import pick_device
-from infonoise.grids import edm_grid, infogrid, loguniform_grid
+from infonoise.grids import edm_grid, infogrid, loguniform_grid, num_steps_for
 from infonoise.profile import LogGrid
 from training.checkpoint import load_network
 
@@ -156,7 +156,7 @@ def evaluate_model(model: str, path: str, opts, data: str, fd_mnist: FrechetScor
                 if variant == 'infogrid-offline':
                     key += f'|{opts.profile_points}|{opts.profile_samples}|{data}'
                 if key not in cache:
-                    sigmas = grid_for(variant, gaussian.num_steps_for(nfe, solver), profiles)
+                    sigmas = grid_for(variant, num_steps_for(nfe, solver), profiles)
                     seeds = list(range(opts.eval_images))
                     cache[key] = fd_mnist(generate_uint8(loaded.net, seeds, sigmas, solver, False, device))
                     write_json(os.path.join(opts.outdir, 'fd-cache.json'), cache)
@@ -216,7 +216,7 @@ def main(**kwargs):
         apply_quick(click.get_current_context(), opts, dict(QUICK, nfe=parse_nfe(None, None, QUICK['nfe'])))
     opts.solvers = opts.solvers.split(',')
     try:
-        steps = {f'{solver}-{n}': gaussian.num_steps_for(n, solver) for solver in opts.solvers for n in opts.nfe}
+        steps = {f'{solver}-{n}': num_steps_for(n, solver) for solver in opts.solvers for n in opts.nfe}
     except ValueError as e:
         raise click.ClickException(f'--nfe: {e}') from None
     device = pick_device(opts.device)

@@ -31,8 +31,8 @@ from bench.common import apply_quick, generate_uint8, markdown_table, run_record
 from bench.sampler_overhead import demo_network, make_samplers, time_sampler_work, time_training
 from dnnlib.cli import pick_device
 from infonoise.grids import edm_grid
+from infonoise.info_noise import InfoNoise
 from infonoise.samplers import LogNormal, LogUniform
-from infonoise.schedule import InfoNoise
 from metrics.frechet import frechet_distance
 
 SAMPLERS = ('lognormal', 'loguniform', 'infonoise')

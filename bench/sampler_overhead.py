@@ -17,8 +17,8 @@ import torch
 
 import dnnlib
 from bench.common import sync
+from infonoise.info_noise import InfoNoise
 from infonoise.samplers import LogNormal, LogUniform
-from infonoise.schedule import InfoNoise
 from training.loss import DenoisingLoss
 from training.networks import EDMPrecond
 

@@ -75,7 +75,7 @@ from bench.common import (
     write_json,
 )
 from dnnlib.cli import pick_device
-from infonoise.grids import edm_grid
+from infonoise.grids import edm_grid, nfe
 from metrics.sequence_metrics import sequence_stats
 from training import sequences
 from training.checkpoint import load_network
@@ -553,7 +553,7 @@ def main(**kwargs):
             tables.append(table)
     results['settings'] = dict(
         kimg=opts.kimg, eval_every=opts.eval_every, seeds=seeds, recipes=names, eval_images=opts.eval_images,
-        eval_seeds=f'0-{opts.eval_images - 1}', steps=opts.steps, nfe=2 * opts.steps - 1, grid='edm', rho=7,
+        eval_seeds=f'0-{opts.eval_images - 1}', steps=opts.steps, nfe=nfe(opts.steps, 'heun'), grid='edm', rho=7,
         solver='heun', quick=opts.quick, infonoise_overrides=list(QUICK_INFONOISE) if opts.quick else [],
     )  # fmt: skip
     results['run'] = run_record('bench.time_to_quality', start_time, device)

@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run from anywhere in the repo.
 from examples.common import UNET_KWARGS, load_images, update_ema, with_options  # noqa: E402
 from infonoise import InfoNoise, edm_grid, edm_weight, infogrid  # noqa: E402
+from infonoise.grids import nfe  # noqa: E402
 from training.networks import EDMPrecond  # noqa: E402
 from training.sampling import edm_sampler, save_image_grid  # noqa: E402
 
@@ -58,12 +59,13 @@ def main(data, steps, batch, warmup_steps, refresh_steps, bins, min_count, nfe_s
         noise.observe(sigma, mse)  # Every step, on every rank, before the next sample()
         update_ema(ema, net, batch)
 
-    profile = noise.last_profile  # None if InfoNoise never refreshed: fall back to EDM's grid.
+    profile = noise.profile()  # None if InfoNoise never refreshed: fall back to EDM's grid.
     grid = edm_grid(nfe_steps) if profile is None else infogrid(nfe_steps, profile.sigma, profile.rate)
     with torch.no_grad():
         x = edm_sampler(ema, torch.randn(64, *images.shape[1:], generator=torch.Generator().manual_seed(0)), grid)
     save_image_grid(x.float(), out)
-    print(f'Wrote {out}: 64 samples on {"EDM" if profile is None else "InfoGrid"} ({nfe_steps} Heun steps)')
+    how = f'{"EDM" if profile is None else "InfoGrid"} ({nfe_steps} Heun steps, {nfe(nfe_steps, "heun")} NFE)'
+    print(f'Wrote {out}: 64 samples on {how}')
 
 
 if __name__ == '__main__':

@@ -9,8 +9,8 @@ arXiv 2602.18647). It imports only torch and numpy; `infonoise.plots` needs matp
     noise.observe(sigma, per_sample_unweighted_x0_mse)    # [N], after the forward pass
 
 Other parameterisations (VP/DDPM ε- or v-prediction, discrete `alphas_cumprod`, rectified flow) convert exactly
-with `infonoise.conversions`. After training, `infogrid(n, p.sigma, p.rate)` with `p = noise.last_profile` gives
-an inference σ-grid.
+with `infonoise.conversions`. After training, `infogrid(n, p.sigma, p.rate)` with `p = noise.profile()` gives
+an inference σ-grid. Every sampler follows one protocol, written in `NoiseSampler`'s docstring.
 """
 
 from infonoise.conversions import (
@@ -25,9 +25,10 @@ from infonoise.conversions import (
     velocity_loss_weight,
 )
 from infonoise.grids import edm_grid, infogrid, information_coordinate, loguniform_grid
+from infonoise.info_noise import InfoNoise
 from infonoise.profile import Profile
-from infonoise.samplers import LogNormal, LogUniform, NoiseSampler, VPSampler
-from infonoise.schedule import InfoNoise, RefreshCheck
+from infonoise.reporting import RefreshCheck
+from infonoise.samplers import LogNormal, LogUniform, Mixture, NoiseSampler, VPSampler
 from infonoise.weights import WEIGHTS, edm_weight, inverse_variance_weight, uniform_weight
 
 __version__ = '0.1.0'
@@ -39,6 +40,7 @@ __all__ = [
     'InfoNoise',
     'LogNormal',
     'LogUniform',
+    'Mixture',
     'NoiseSampler',
     'Profile',
     'RefreshCheck',

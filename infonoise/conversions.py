@@ -27,10 +27,17 @@ from collections.abc import Callable
 
 import torch
 
-from infonoise.samplers import NoiseSampler
+from infonoise.samplers import NoiseSampler, check_observation
 
 # Names of the prediction targets, as diffusers' schedulers call them.
 PREDICTIONS = ('epsilon', 'v_prediction', 'sample')
+
+
+def _check_sampler(sampler: NoiseSampler, members: tuple[str, ...]) -> None:
+    """TypeError unless `sampler` has the protocol members an adapter calls (`NoiseSampler`'s docstring)."""
+    missing = [name for name in members if not callable(getattr(sampler, name, None))]
+    if missing:
+        raise TypeError(f'{type(sampler).__name__} is not a noise sampler: it has no {", ".join(missing)}')
 
 
 # VP / DDPM.
@@ -102,6 +109,7 @@ class FlowMatching:
     """
 
     def __init__(self, sampler: NoiseSampler):
+        _check_sampler(sampler, ('sample', 'observe', 'cdf'))
         self.sampler = sampler
 
     def sample_t(self, n: int, device: torch.device | str = 'cpu') -> torch.Tensor:
@@ -110,7 +118,9 @@ class FlowMatching:
         return flow_t_from_sigma(sigma).to(torch.float32)
 
     def observe(self, t: torch.Tensor, velocity_mse: torch.Tensor) -> None:
-        """Hand the sampler σ = t/(1 − t) and the x₀-space MSE t²·velocity_mse (both [N], per sample, unweighted)."""
+        """Hand the sampler σ = t/(1 − t) and the x₀-space MSE t²·velocity_mse (both [N], per sample, unweighted).
+        A t outside [0, 1) gives a σ that is not positive and finite, which InfoNoise refuses at its next check."""
+        check_observation(t, velocity_mse)
         t = t.detach().to(torch.float64)
         self.sampler.observe(flow_sigma_from_t(t), t**2 * velocity_mse.detach().to(torch.float64))
 
@@ -143,6 +153,7 @@ class DiscreteTimesteps:
             raise ValueError('alphas_cumprod must decrease strictly and lie in (0, 1)')
         if prediction not in PREDICTIONS:
             raise ValueError(f'Unknown prediction "{prediction}"; choose from {", ".join(PREDICTIONS)}')
+        _check_sampler(sampler, ('observe', 'cdf'))
         self.sampler, self.prediction = sampler, prediction
         self.sigmas = sigma_from_alpha_bar(alpha_bar)  # [T] increasing
         self._cache: dict = {}  # Per device: σ_i, and the cumulative probabilities with the law they were made for.
@@ -192,6 +203,16 @@ class DiscreteTimesteps:
         return torch.searchsorted(cumulative, u, right=True).clamp(max=self.sigmas.numel() - 1)
 
     def observe(self, timesteps: torch.Tensor, mse: torch.Tensor) -> None:
-        """Hand the sampler σ_i and the x₀-space MSE of per-sample losses `mse` in the prediction's target."""
-        sigma = self._on(timesteps.device)['sigmas'][timesteps]
+        """Hand the sampler σ_i and the x₀-space MSE of per-sample losses `mse` in the prediction's target.
+
+        A timestep outside [0, T) (which indexing would wrap, e.g. −1 to T − 1) becomes σ = NaN, which InfoNoise
+        counts on the device and refuses at its next refresh check: no host synchronisation per step."""
+        if not isinstance(timesteps, torch.Tensor) or timesteps.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f'observe: timesteps must be an int32/int64 tensor, got {getattr(timesteps, "dtype", timesteps)}'
+            )
+        sigmas = self._on(timesteps.device)['sigmas']
+        inside = (timesteps >= 0) & (timesteps < len(sigmas))
+        sigma = torch.where(inside, sigmas[timesteps.clamp(0, len(sigmas) - 1)], math.nan)
+        check_observation(sigma, mse)
         self.sampler.observe(sigma, x0_mse(mse.detach().to(torch.float64), sigma, self.prediction))

@@ -11,15 +11,21 @@ are pure functions of their arguments; samplers (`training.sampling`) take one a
   u(sigma) ∝ Σ sqrt(lambda) arctan(sigma/sqrt(lambda)) (the "tangent law" of Poor, Sun & Zhang 2026).
 - `loguniform_grid`: geometric spacing, which is also EDM's "ve" discretization.
 - `vp_grid`, `iddpm_grid`: EDM's "vp" and "iddpm" discretizations (EDM Table 1), for its ablations.
-- `read_grid_file`: a grid from a text or JSON list of sigma values.
+
+Grids and the tangent grid's variances read from files: `infonoise.grid_files`.
+`build_grid` picks one by name (what `generate.py --grid` offers); `nfe` and `num_steps_for` convert between
+steps and network evaluations of the Heun and Euler solvers.
 """
 
-import json
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from infonoise.profile import Profile
 
 # EDM's default noise range of each discretization (EDM's ablation sampler); the VP one is sigma_VP(1e-3), sigma_VP(1).
 # EDM's VP schedule (Table 1): σ(t) = √(exp(½β_d t² + β_min t) − 1), t ∈ [ε_t, 1] in training, [ε_s, 1] in sampling.
@@ -216,37 +222,60 @@ def infogrid(
     return _uniform_in(information_coordinate(sigma, rate), num_steps, sigma_min, sigma_max)
 
 
-def parse_grid_values(values: Sequence[float] | dict) -> torch.Tensor:
-    """A grid from a list of sigma values (or a dict with a "sigmas" list): descending, positive, 0 appended if absent."""
-    if isinstance(values, dict):
-        values = values.get('sigmas')
-    try:
-        sigmas = torch.as_tensor(values, dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError('a grid must be a list of numbers (or a JSON object with a "sigmas" list)') from None
-    if sigmas.ndim != 1:
-        raise ValueError('a grid must be a flat list of numbers')
-    if len(sigmas) and sigmas[-1] != 0:
-        sigmas = torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
-    if len(sigmas) < 3:
-        raise ValueError(f'a grid needs at least 2 positive sigma values, got {len(sigmas) - 1}')
-    if not torch.isfinite(sigmas).all() or not (sigmas[:-1] > 0).all() or not (sigmas[1:] < sigmas[:-1]).all():
-        raise ValueError('grid values must be finite, positive and strictly descending (a final 0 is optional)')
-    return sigmas
+GRID_NAMES = ('edm', 'infogrid', 'loguniform', 'tangent', 'vp', 've', 'iddpm')
 
 
-def read_grid_file(path: str) -> torch.Tensor:
-    """A grid from a file: a JSON list (or object with "sigmas", as generate.py writes) or whitespace/comma-separated text."""
-    with open(path, encoding='utf-8') as f:
-        text = f.read()
-    try:
-        values = json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            values = [float(v) for v in text.replace(',', ' ').split()]
-        except ValueError:
-            raise ValueError(f'"{path}" is neither JSON nor a list of numbers') from None
-    try:
-        return parse_grid_values(values)
-    except ValueError as e:
-        raise ValueError(f'"{path}": {e}') from None
+def build_grid(
+    name: str,
+    num_steps: int,
+    sigma_min: float,
+    sigma_max: float,
+    *,
+    rho: float = 7.0,
+    profile: 'Profile | None' = None,
+    variances: Sequence[float] | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The σ-grid `name` (one of GRID_NAMES) with `num_steps` steps on [sigma_min, sigma_max]: 'edm' uses `rho`,
+    'infogrid' the profile's σ and rate, 'tangent' the Gaussian source's `variances`; 've' is 'loguniform'.
+    ValueError for an unknown name or a missing input."""
+    if name == 'edm':
+        return edm_grid(num_steps, sigma_min, sigma_max, rho)
+    if name in ('loguniform', 've'):
+        return loguniform_grid(num_steps, sigma_min, sigma_max)
+    if name == 'vp':
+        return vp_grid(num_steps, sigma_min, sigma_max)
+    if name == 'iddpm':
+        return iddpm_grid(num_steps, sigma_min, sigma_max)
+    if name == 'tangent':
+        if variances is None:
+            raise ValueError('the tangent grid needs the variances of the Gaussian source')
+        return tangent_grid(num_steps, variances, sigma_min, sigma_max)
+    if name == 'infogrid':
+        if profile is None:
+            raise ValueError('InfoGrid needs an information profile')
+        return infogrid(num_steps, profile.sigma, profile.rate, sigma_min, sigma_max)
+    raise ValueError(f'Unknown σ-grid "{name}"; choose from {", ".join(GRID_NAMES)}')
+
+
+SOLVERS = ('heun', 'euler')
+
+
+def nfe(num_steps: int, solver: str) -> int:
+    """Network evaluations of an N-step solve: Heun 2N − 1 (no correction on the last step to σ = 0, EDM
+    Algorithm 2), Euler N."""
+    if solver not in SOLVERS:
+        raise ValueError(f'Unknown solver "{solver}"; expected "heun" or "euler"')
+    return 2 * num_steps - 1 if solver == 'heun' else num_steps
+
+
+def num_steps_for(nfe: int, solver: str) -> int:
+    """The steps N that spend exactly `nfe` network evaluations (the inverse of `nfe`); ValueError if none do
+    (an even budget for Heun) or if N < 2 (a σ-grid needs at least 2 steps)."""
+    if solver not in SOLVERS:
+        raise ValueError(f'Unknown solver "{solver}"; expected "heun" or "euler"')
+    if solver == 'heun' and nfe % 2 == 0:
+        raise ValueError(f'Heun spends 2N - 1 evaluations on N steps, so NFE must be odd, got {nfe}')
+    num_steps = (nfe + 1) // 2 if solver == 'heun' else nfe
+    if num_steps < 2:
+        raise ValueError(f'NFE {nfe} gives {num_steps} {solver} step; a σ-grid needs at least 2')
+    return num_steps

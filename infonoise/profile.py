@@ -7,8 +7,10 @@ functions, and the `Profile` record that a refresh produces. All tabulated quant
 """
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -183,21 +185,72 @@ class Profile:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> 'Profile':
-        missing = [k for k in (*_PROFILE_TENSORS, 'pivot', 'refreshes') if k not in d and k not in _OPTIONAL_TENSORS]
-        if missing:
-            raise ValueError(f'Profile data lacks {", ".join(missing)}')
-        num = len(d['sigma'])
-        tensors = {
-            name: torch.tensor([math.nan if v is None else v for v in d.get(name, [None] * num)], dtype=torch.float64)
-            for name in _PROFILE_TENSORS
-        }
-        raw, nimg = d.get('raw_pivot'), d.get('nimg')
+    def from_dict(cls, d: dict, partial: bool = False) -> 'Profile':
+        """The profile `to_dict` wrote (fields older files lack load as NaN). With `partial`, a record of just a
+        "sigma" list and a "rate" or "mse" list (a hand-made profile, enough for InfoGrid) loads too: the missing
+        one of rate and mse follows from r = mse/σ³ (Eq. 11), everything else is unknown (NaN). ValueError else."""
+        if not isinstance(d, dict):
+            raise ValueError(f'a profile must be a dict of lists, got {type(d).__name__}')
+        required = ('sigma',) if partial else (*_PROFILE_TENSORS, 'pivot', 'refreshes')
+        missing = [k for k in required if k not in d and k not in _OPTIONAL_TENSORS]
+        if missing or ('rate' not in d and 'mse' not in d):
+            raise ValueError(f'Profile data lacks {", ".join(missing or ["rate (or mse)"])}')
+        try:
+            num = len(d['sigma'])
+            tensors = {
+                name: torch.tensor(
+                    [math.nan if v is None else v for v in d.get(name, [None] * num)], dtype=torch.float64
+                )
+                for name in _PROFILE_TENSORS
+            }
+            pivot, refreshes = float(d.get('pivot', math.nan)), int(d.get('refreshes', 0))
+            raw, nimg = d.get('raw_pivot'), d.get('nimg')
+            raw, nimg = math.nan if raw is None else float(raw), None if nimg is None else int(nimg)
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            raise ValueError('Profile values must be lists of numbers (null where unknown) and numbers') from None
+        if 'rate' not in d:
+            tensors['rate'] = entropy_rate(tensors['mse'], tensors['sigma'])
+        elif 'mse' not in d:
+            tensors['mse'] = tensors['rate'] * tensors['sigma'] ** 3
         return cls(
-            **tensors, pivot=float(d['pivot']), refreshes=int(d['refreshes']),
-            raw_pivot=math.nan if raw is None else float(raw), pivot_rule=str(d.get('pivot_rule', '')),
-            nimg=None if nimg is None else int(nimg),
-        )  # fmt: skip
+            **tensors,
+            pivot=pivot,
+            refreshes=refreshes,
+            raw_pivot=raw,
+            pivot_rule=str(d.get('pivot_rule', '')),
+            nimg=nimg,
+        )
+
+    @classmethod
+    def load(cls, path: str) -> 'Profile':
+        """The profile in a file: JSON (as training's profile-*.json and diagnose.py write it, or a hand-made
+        "sigma" with "rate" or "mse", see `from_dict`) or a torch file (torch.load(weights_only=True)) holding one
+        under 'profile', such as our network snapshot, or our training state under 'noise_sampler'. OSError if the
+        file cannot be read, ValueError (one line, naming the file) if it holds no profile."""
+        with open(path, 'rb') as f:
+            content = f.read(2)
+            is_torch = content == b'PK'  # torch.save writes a zip archive, read by torch.load below.
+            content += b'' if is_torch else f.read()
+        try:
+            data: Any = torch.load(path, map_location='cpu', weights_only=True) if is_torch else json.loads(content)
+        except RecursionError:  # json.loads of a deeply nested file.
+            raise ValueError(f'"{path}" nests JSON too deeply to read') from None
+        except Exception:
+            raise ValueError(f'"{path}" is neither JSON nor a torch file that loads with weights_only=True') from None
+        if isinstance(data, dict) and isinstance(data.get('noise_sampler'), dict) and 'profile' not in data:
+            data = data['noise_sampler']  # A training state.
+        if isinstance(data, dict) and 'profile' in data and 'sigma' not in data:
+            if data['profile'] is None:
+                raise ValueError(
+                    f'"{path}" holds no profile: not trained with InfoNoise, or saved before its first refresh'
+                )
+            data = data['profile']
+        if not isinstance(data, dict) or 'sigma' not in data or not ('rate' in data or 'mse' in data):
+            raise ValueError(f'"{path}" holds no profile (a "sigma" list and a "rate" or "mse" list)')
+        try:
+            return cls.from_dict(data, partial=True)
+        except ValueError as e:
+            raise ValueError(f'"{path}": {e}') from None
 
     def peak(self) -> float:
         """σ at the maximum of the target density per unit ln σ, σ·ρ (where the schedule puts most mass)."""

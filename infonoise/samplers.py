@@ -1,28 +1,79 @@
 """Training noise samplers: where σ comes from (InfoNoise paper, Sec. 2.1: the schedule π(σ) of Eq. 5).
 
-Every sampler implements one protocol (DESIGN.md): `sample(n, device)` draws σ by the inverse CDF of uniforms,
-`observe(sigma, mse)` receives the per-sample σ and unweighted denoising error after each forward pass (a no-op
-for the fixed samplers here), and `state_dict()` / `load_state_dict()` carry what an exact resume needs. The loss
-never draws σ and the training loop never names a concrete sampler class.
+Every sampler implements one protocol, stated once in `NoiseSampler`'s docstring: what a training loop may call,
+which members are required and which are optional with their defaults. The loss never draws σ and the training
+loop never names a concrete sampler class.
 
 The fixed samplers reproduce EDM's training distributions (Karras et al. 2022, Table 1): log-normal for EDM,
-log-uniform for VE, and the VP schedule's σ(t) with t uniform on [ε_t, 1].
+log-uniform for VE, and the VP schedule's σ(t) with t uniform on [ε_t, 1]. `Mixture` is a weighted sum of
+samplers (InfoNoise's warm-up law), with an exact inverse CDF.
 """
 
 import abc
 import math
-from collections.abc import Callable
-from typing import Any
+import numbers
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from infonoise.grids import VP_BETA_D, VP_BETA_MIN, VP_EPSILON_T, vp_sigma, vp_t
+
+if TYPE_CHECKING:
+    from infonoise.profile import Profile
 
 # Smallest uniform draw: keeps Φ⁻¹(u) finite when torch.rand returns exactly 0.
 _U_MIN = 2.0**-40
 
 # Strata used to describe a distribution by quantiles.
 _NUM_STRATA = 4096
+
+# Halvings of the bisection that inverts a mixture's CDF: 2⁻⁵² of the bracket, which for the warm-up mixture is
+# under 5 in ln σ (between the log-normal's and the log-uniform's quantiles), so about float64's spacing of ln σ.
+_BISECTIONS = 52
+
+
+def check_number(name: str, value: Any, rule: str, ok: Callable[[float], bool] = lambda v: True) -> float:
+    """`value` as a float if it is a finite real number for which `ok` holds; else ValueError
+    '<name> must be <rule>, got <value>' (NaN and ±inf are refused whatever `ok` says)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not ok(value):
+        raise ValueError(f'{name} must be {rule}, got {value!r}')
+    return float(value)
+
+
+def check_int(name: str, value: Any, minimum: int) -> int:
+    """`value` as an int if it is an integer >= `minimum`; else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f'{name} must be an integer >= {minimum}, got {value!r}')
+    return int(value)
+
+
+def check_sigma_range(sigma_min: Any, sigma_max: Any) -> tuple[float, float]:
+    """(sigma_min, sigma_max) as floats if 0 < sigma_min < sigma_max < inf; else ValueError naming both."""
+    numbers_ok = all(not isinstance(v, bool) and isinstance(v, numbers.Real) for v in (sigma_min, sigma_max))
+    if not (numbers_ok and 0 < sigma_min < sigma_max < math.inf):
+        raise ValueError(f'Need 0 < sigma_min < sigma_max < inf, got sigma_min={sigma_min!r}, sigma_max={sigma_max!r}')
+    return float(sigma_min), float(sigma_max)
+
+
+def check_observation(sigma: Any, mse: Any) -> None:
+    """Refuse what `observe` cannot use: non-tensors, non-float dtypes, σ not 1-D, an mse of another shape or
+    device than σ (the common mistake: `loss.mean()` instead of the per-sample losses). Host-side metadata only:
+    no value is read, so no host synchronisation."""
+    for name, x in (('sigma', sigma), ('mse', mse)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f'observe: {name} must be a tensor, got {type(x).__name__}')
+        if not x.is_floating_point():
+            raise ValueError(f'observe: {name} must be a floating-point tensor, got {x.dtype}')
+    if sigma.ndim != 1:
+        raise ValueError(f'observe: sigma must be 1-D (one σ per sample), got shape {tuple(sigma.shape)}')
+    if mse.shape != sigma.shape:
+        raise ValueError(
+            f'observe: mse has shape {tuple(mse.shape)} but sigma {tuple(sigma.shape)}; pass the per-sample MSE '
+            '(mean over elements of each sample, one value per σ), not e.g. loss.mean()'
+        )
+    if mse.device != sigma.device:
+        raise ValueError(f'observe: mse is on {mse.device} but sigma on {sigma.device}')
 
 
 def ln_sigma_strata(icdf: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,10 +83,36 @@ def ln_sigma_strata(icdf: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch
 
 
 class NoiseSampler(abc.ABC):
-    """Base class: a density over σ given by its inverse CDF."""
+    """A density over σ given by its inverse CDF. Its docstring is THE noise-sampler protocol: a training loop
+    (training/training_loop.py, examples/) builds a sampler from its config, never names its class, and calls
+    only the members below. Subclasses implement `icdf`; every other member has a default here.
 
-    # Called with each event of an adaptive sampler (InfoNoise: every refresh check, printable); fixed samplers
-    # have none.
+    Required (a fixed sampler keeps the defaults):
+        icdf(u) -> Tensor                   σ (float64) for uniforms u ∈ [0, 1) (float64), monotone; abstract.
+        sample(n, device) -> Tensor[n]      n σ (float32) on `device`: icdf(u) of u = torch.rand(n, float64)
+                                            clamped to >= 2⁻⁴⁰, one draw from torch's global RNG, so that
+                                            reseeding reproduces it and icdf describes exactly what is drawn.
+        observe(sigma, mse) -> None         after every forward pass, on every rank, with equal batch sizes: σ [N]
+                                            as drawn and the per-sample, unweighted x₀-space MSE [N] (mean over
+                                            elements, Alg. 1 line 7). Default: `check_observation`, nothing else.
+        state_dict() -> dict                everything a bit-exact resume needs, as plain tensors, numbers, lists
+                                            and dicts (torch.load(weights_only=True)). Default: {}.
+        load_state_dict(state) -> None      restore it; ValueError naming what is wrong. Default: refuses any key.
+    Optional, with their defaults:
+        callback: Callable | None = None    called with each event of an adaptive sampler (InfoNoise: every
+                                            refresh check, a printable `RefreshCheck`); the loop prints them.
+        cdf(sigma) -> Tensor                P(σ' <= σ) (float64); default raises NotImplementedError.
+        profile() -> Profile | None         the learned information profile (InfoNoise); None.
+        schedule_report(total_nimg, batch_size) -> list[str]   lines to print before training; [].
+        summary() -> str                    a few words of state for the tick line; ''.
+        describe() -> dict[str, float]      tick statistics: mean and 10/50/90 % quantiles of ln σ.
+        ln_sigma_points() -> (ln σ, weights)   equal-probability strata of ln σ, behind `describe`.
+
+    `sample` and `observe` run every step and must not synchronise with the host (no .item(), no bool of a device
+    tensor); the other members run once per tick, check or checkpoint.
+    """
+
+    # Called with each event of an adaptive sampler; fixed samplers have none.
     callback: Callable[[Any], None] | None = None
 
     @abc.abstractmethod
@@ -47,14 +124,15 @@ class NoiseSampler(abc.ABC):
         raise NotImplementedError(f'{type(self).__name__} has no CDF')
 
     def sample(self, n: int, device: torch.device | str = 'cpu') -> torch.Tensor:
-        """Draw n noise levels (float32) from torch's global RNG on `device`."""
+        """Draw n noise levels (float32) from torch's global RNG on `device`: icdf of one uniform each."""
         u = torch.rand(n, device=device, dtype=torch.float64).clamp_(min=_U_MIN)
         return self.icdf(u).to(torch.float32)
 
-    def observe(self, sigma: torch.Tensor, mse: torch.Tensor) -> None:  # noqa: B027
-        """Per-sample σ and unweighted MSE of the step just taken; fixed samplers ignore them."""
+    def observe(self, sigma: torch.Tensor, mse: torch.Tensor) -> None:
+        """Per-sample σ and unweighted MSE of the step just taken; fixed samplers only check their shapes."""
+        check_observation(sigma, mse)
 
-    def profile(self) -> dict[str, Any] | None:
+    def profile(self) -> 'Profile | None':
         """The learned information profile (InfoNoise); fixed samplers have none."""
         return None
 
@@ -87,18 +165,17 @@ class NoiseSampler(abc.ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned."""
-        if state:
-            raise ValueError(f'{type(self).__name__} has no state, got keys {sorted(state)}')
+        if not isinstance(state, dict) or state:
+            what = f'keys {sorted(state)}' if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f'{type(self).__name__} has no state, got {what}')
 
 
 class LogNormal(NoiseSampler):
     """EDM's training distribution: ln σ ~ N(P_mean, P_std²) (EDM Table 1)."""
 
     def __init__(self, P_mean: float = -1.2, P_std: float = 1.2):
-        if P_std <= 0:
-            raise ValueError(f'P_std must be positive, got {P_std}')
-        self.P_mean = float(P_mean)
-        self.P_std = float(P_std)
+        self.P_mean = check_number('P_mean', P_mean, 'a finite number')
+        self.P_std = check_number('P_std', P_std, 'a finite number > 0', lambda v: v > 0)
 
     def icdf(self, u: torch.Tensor) -> torch.Tensor:
         # Φ⁻¹(u) = √2 · erfinv(2u − 1).
@@ -114,10 +191,7 @@ class LogUniform(NoiseSampler):
     """ln σ uniform on [ln σ_min, ln σ_max]; with (0.02, 100) it is EDM's VE training distribution."""
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
-        if not 0 < sigma_min < sigma_max:
-            raise ValueError(f'Need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}')
-        self.sigma_min = float(sigma_min)
-        self.sigma_max = float(sigma_max)
+        self.sigma_min, self.sigma_max = check_sigma_range(sigma_min, sigma_max)
 
     def icdf(self, u: torch.Tensor) -> torch.Tensor:
         return self.sigma_min * (self.sigma_max / self.sigma_min) ** u
@@ -131,11 +205,10 @@ class VPSampler(NoiseSampler):
     """EDM's VP training distribution: t ~ U[ε_t, 1], σ(t) = √(exp(½β_d t² + β_min t) − 1)."""
 
     def __init__(self, beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN, epsilon_t: float = VP_EPSILON_T):
-        if not 0 < epsilon_t < 1:
-            raise ValueError(f'epsilon_t must be in (0, 1), got {epsilon_t}')
-        self.beta_d = float(beta_d)
-        self.beta_min = float(beta_min)
-        self.epsilon_t = float(epsilon_t)
+        # β_d > 0 and β_min >= 0 keep σ(t) increasing and t(σ) defined (vp_t divides by β_d).
+        self.beta_d = check_number('beta_d', beta_d, 'a finite number > 0', lambda v: v > 0)
+        self.beta_min = check_number('beta_min', beta_min, 'a finite number >= 0', lambda v: v >= 0)
+        self.epsilon_t = check_number('epsilon_t', epsilon_t, 'a number in (0, 1)', lambda v: 0 < v < 1)
 
     def icdf(self, u: torch.Tensor) -> torch.Tensor:
         return vp_sigma(1 + u * (self.epsilon_t - 1), self.beta_d, self.beta_min)
@@ -144,3 +217,40 @@ class VPSampler(NoiseSampler):
         # σ increases with t, and t = 1 + u(ε_t − 1) is uniform on [ε_t, 1].
         t = vp_t(sigma.to(torch.float64), self.beta_d, self.beta_min)
         return ((t - self.epsilon_t) / (1 - self.epsilon_t)).clamp(0, 1)
+
+
+class Mixture(NoiseSampler):
+    """Σ_i w_i·(law of sampler i), e.g. InfoNoise's warm-up law (1 − ε)·base + ε·log-uniform.
+
+    `icdf` is the exact inverse of the mixture's CDF F = Σ w_i F_i, so `sample` draws from the mixture with one
+    uniform per σ and a grid of `icdf` values describes what is drawn. F is a weighted mean of the F_i, so the root
+    of F(σ) = u lies between the smallest and the largest component quantile F_i⁻¹(u); a fixed number of
+    bisection steps in ln σ finds it to float64 precision, vectorised on u's device without host synchronisation,
+    and monotone in u. Components of weight 0 are dropped; a single remaining one is used as is, so only a true
+    mixture needs every component's `cdf`.
+    """
+
+    def __init__(self, weights: Sequence[float], samplers: Sequence[NoiseSampler]):
+        if len(weights) != len(samplers) or not samplers:
+            raise ValueError(f'Mixture needs as many weights as samplers, got {len(weights)} and {len(samplers)}')
+        w = [check_number('A mixture weight', v, 'a finite number >= 0', lambda v: v >= 0) for v in weights]
+        if not math.isclose(sum(w), 1, abs_tol=1e-9):
+            raise ValueError(f'Mixture weights must sum to 1, got {sum(w)}')
+        self.components = [(v, s) for v, s in zip(w, samplers) if v > 0]
+        for _, s in self.components:
+            if len(self.components) > 1 and type(s).cdf is NoiseSampler.cdf:
+                raise ValueError(f'{type(s).__name__} has no cdf, which a mixture needs to invert its CDF')
+
+    def cdf(self, sigma: torch.Tensor) -> torch.Tensor:
+        return sum(w * s.cdf(sigma) for w, s in self.components)
+
+    def icdf(self, u: torch.Tensor) -> torch.Tensor:
+        if len(self.components) == 1:
+            return self.components[0][1].icdf(u)
+        quantiles = torch.stack([s.icdf(u).to(torch.float64) for _, s in self.components]).log()
+        lo, hi = quantiles.min(0).values, quantiles.max(0).values
+        for _ in range(_BISECTIONS):
+            mid = 0.5 * (lo + hi)
+            below = self.cdf(mid.exp()) < u
+            lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+        return (0.5 * (lo + hi)).exp()

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from infonoise.schedule import InfoNoise
+from infonoise.info_noise import InfoNoise
 from torch_utils import distributed as dist
 
 KWARGS = dict(

@@ -171,6 +171,38 @@ def test_discrete_timesteps_observe_and_infonoise():
     torch.testing.assert_close(steps._on('cpu')['cumulative'], p.cumsum(0))
 
 
+def test_out_of_range_timesteps_are_refused_not_wrapped():
+    # Indexing would wrap −1 to the last timestep; the adapter hands the sampler σ = NaN instead (no host sync),
+    # and InfoNoise refuses it at its next refresh check.
+    alpha_bar = ddpm_alphas_cumprod(100)
+    recorder = Recorder()
+    DiscreteTimesteps(alpha_bar, recorder).observe(torch.tensor([-1, 0, 99, 100]), torch.ones(4))
+    sigma = recorder.seen[0][0]
+    assert sigma[[0, 3]].isnan().all() and torch.equal(sigma[1:3], conversions.sigma_from_alpha_bar(alpha_bar)[[0, 99]])
+    lo, hi = conversions.sigma_from_alpha_bar(alpha_bar)[[0, -1]].tolist()
+    noise = InfoNoise(sigma_min=lo, sigma_max=hi, num_bins=4, refresh_steps=2, warmup_steps=10)
+    steps = DiscreteTimesteps(alpha_bar, noise)
+    steps.observe(torch.tensor([-1, 5]), torch.ones(2))
+    with pytest.raises(ValueError, match='1 σ that are not positive and finite .*DiscreteTimesteps timestep outside'):
+        steps.observe(torch.tensor([3, 5]), torch.ones(2))
+    with pytest.raises(ValueError, match='timesteps must be an int32/int64 tensor, got torch.float32'):
+        steps.observe(torch.tensor([3.0, 5.0]), torch.ones(2))
+    with pytest.raises(ValueError, match='per-sample MSE'):
+        steps.observe(torch.tensor([3, 5]), torch.ones(2).mean())
+    # Flow matching: t = 1 is σ = ∞, refused the same way.
+    fm = FlowMatching(InfoNoise(num_bins=4, refresh_steps=1, warmup_steps=10))
+    with pytest.raises(ValueError, match='1 σ that are not positive and finite'):
+        fm.observe(torch.tensor([0.5, 1.0]), torch.ones(2))
+
+
+def test_adapters_need_a_noise_sampler():
+    for make in (lambda: FlowMatching(object()), lambda: DiscreteTimesteps(ddpm_alphas_cumprod(10), 'lognormal')):
+        with pytest.raises(TypeError, match='is not a noise sampler: it has no'):
+            make()
+    with pytest.raises(ValueError, match='must decrease strictly and lie in'):
+        DiscreteTimesteps(torch.tensor([0.9, math.nan]), LogNormal())
+
+
 def test_discrete_timesteps_reject_bad_tables():
     with pytest.raises(ValueError, match='decrease strictly'):
         DiscreteTimesteps(torch.tensor([0.5, 0.9]), LogNormal())

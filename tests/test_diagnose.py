@@ -10,14 +10,13 @@ import torch
 from click.testing import CliRunner
 
 import diagnose
-import generate
 from bench.gaussian import GaussianDenoiser, exact_profile
 from infonoise import oracles
 from infonoise.empirical_bayes import EmpiricalBayesDenoiser, empirical_bayes_denoiser
 from infonoise.grids import edm_grid, infogrid
+from infonoise.info_noise import InfoNoise
 from infonoise.plots import save_denoising_figure, save_profile_plot
 from infonoise.profile import LogGrid, Profile
-from infonoise.schedule import InfoNoise
 from training.networks import EDMPrecond
 from training.sampling import edm_sampler
 
@@ -126,7 +125,7 @@ def test_build_profile_equals_an_infonoise_refresh(endpoint):
     mse = 0.3 * sigma**2 / (0.3 + sigma**2) + 0.01 * sigma**2 / (0.01 + sigma**2)
     sampler.observe(sigma.float(), mse.float())
     assert sampler.refresh()
-    expected = sampler.last_profile
+    expected = sampler.profile()
     got = diagnose.build_profile(sampler.grid, sampler.mse, endpoint=endpoint)
     assert got.pivot == expected.pivot
     for name in ('sigma', 'mse', 'rate', 'gated', 'rho', 'u', 'pi', 'phi', 'weight'):
@@ -150,7 +149,7 @@ def recorded_titles(monkeypatch) -> list[str]:
 
 
 def test_bayes_cli_writes_a_profile_that_training_and_generate_readers_take(digits_zip, tmp_path, monkeypatch):
-    out, plot = tmp_path / 'exact.json', tmp_path / 'exact.png'
+    out, plot = tmp_path / 'new' / 'exact.json', tmp_path / 'plots' / 'exact.png'  # Folders that do not exist yet.
     titles = recorded_titles(monkeypatch)
     result = run_cli(
         'bayes', '--data', digits_zip, '--out', out, '--plot', plot, '--points', 12, '--samples', 64, '--device', 'cpu'
@@ -168,8 +167,8 @@ def test_bayes_cli_writes_a_profile_that_training_and_generate_readers_take(digi
     assert (np.diff(u_info) >= 0).all() and 0 <= u_info[0] < u_info[-1] <= 1
     assert PIL.Image.open(plot).format == 'PNG' and titles == ['Exact profile (empirical Bayes, 64 images)']
 
-    sigma, rate = generate.profile_points(generate.read_profile(str(out)))
-    grid = infogrid(10, sigma, rate)
+    loaded = Profile.load(str(out))  # As `generate.py --grid=infogrid --profile` reads it.
+    grid = infogrid(10, loaded.sigma, loaded.rate)
     assert grid[0] == 80 and grid[-2] == 0.002 and grid[-1] == 0 and (grid[1:] < grid[:-1]).all()
 
 
@@ -207,7 +206,7 @@ def test_figure_cli_rows_of_noisy_and_denoised_images(digits_zip, digits8, tmp_p
         return calls[-1][1]
 
     monkeypatch.setattr(diagnose, 'save_denoising_figure', recording)
-    out = tmp_path / 'figure.png'
+    out = tmp_path / 'figures' / 'figure.png'  # diagnose.py creates the folder.
     result = run_cli('figure', '--data', digits_zip, '--out', out, '--images', 3, '--sigmas', '0.001,1,1000')
     assert result.exit_code == 0, result.output
     assert result.output == f'Wrote {out}: 3 images x 3 noise levels\n'
@@ -236,7 +235,7 @@ def test_figure_cli_says_one_image_and_one_noise_level(digits_zip, tmp_path):
 def bad_invocations(digits_zip, tmp_path):
     return [
         (['bayes', '--data', tmp_path / 'missing.zip', '--out', tmp_path / 'p.json'], 'no such file'),
-        (['bayes', '--data', digits_zip, '--out', tmp_path / 'nowhere' / 'p.json'], 'does not exist'),
+        (['bayes', '--data', digits_zip, '--out', tmp_path / 'net.pt' / 'p.json'], 'exists and is not a folder'),
         (['bayes', '--data', digits_zip, '--out', tmp_path / 'p.json', '--sigma-min', 1, '--sigma-max', 0.5], 'Need 0 <'),
         (['figure', '--data', tmp_path, '--out', tmp_path / 'f.png'], 'No images found'),
         (['profile', '--network', digits_zip, '--data', digits_zip, '--out', tmp_path / 'p.json'], 'Cannot load network'),

@@ -19,14 +19,13 @@ from bench.gaussian import (
     make_spectrum,
     mnist5k_images,
     mnist5k_spectrum,
-    num_steps_for,
     ode_limit_variance,
     output_variance,
     pca,
     sampler_gain,
     sampler_kl,
 )
-from infonoise.grids import edm_grid, infogrid, loguniform_grid, tangent_grid
+from infonoise.grids import edm_grid, infogrid, loguniform_grid, num_steps_for, tangent_grid
 from training.dataset import mnist5k_digits
 from training.sampling import edm_sampler
 

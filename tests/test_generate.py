@@ -1,8 +1,10 @@
 """Tests for generate.py end to end on tiny network snapshots: seeds, grids, profiles, outputs, ranks, errors."""
 
+import errno
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 
@@ -158,7 +160,7 @@ def test_every_grid_generates_and_records_the_grid_it_used(tmp_path, info_snapsh
     common = ['--network', info_snapshot, '--seeds', '0-2', '--steps', 5, '--device', 'cpu']
     expected = {
         'edm': grids.edm_grid(5),
-        'infogrid': grids.infogrid(5, *generate.profile_points(gaussian_profile())),
+        'infogrid': grids.infogrid(5, gaussian_profile()['sigma'], gaussian_profile()['rate']),
         'tangent': grids.tangent_grid(5, [0.25]),  # EDMPrecond's sigma_data = 0.5 is the default scale.
         'loguniform': grids.loguniform_grid(5),
         'vp': grids.vp_grid(5, *grids.DEFAULT_RANGES['vp']),
@@ -195,7 +197,7 @@ def test_every_grid_generates_and_records_the_grid_it_used(tmp_path, info_snapsh
 
 def test_infogrid_profile_sources(tmp_path, info_snapshot, cond_snapshot):
     common = ['--seeds', '0', '--steps', 4, '--device', 'cpu', '--grid', 'infogrid']
-    reference = grids.infogrid(4, *generate.profile_points(gaussian_profile()))
+    reference = grids.infogrid(4, gaussian_profile()['sigma'], gaussian_profile()['rate'])
 
     # A network without a profile needs --profile, which may be JSON (rate or mse) or a snapshot with a profile.
     # The error says why it has none: not trained with InfoNoise, or InfoNoise had not refreshed yet.
@@ -217,12 +219,14 @@ def test_infogrid_profile_sources(tmp_path, info_snapshot, cond_snapshot):
         sigmas = torch.tensor(json.loads((outdir / 'grid.json').read_text())['sigmas'], dtype=torch.float64)
         assert torch.allclose(sigmas, reference, rtol=1e-9, atol=0), source
 
-    # Tangent: a scale, or a variances file.
+    # Tangent: --variances is a scale, or a file with a variances list (or a bare list).
     (tmp_path / 'variances.json').write_text(json.dumps({'variances': [0.25, 0.01]}))
-    for spec, variances in (('0.1', [0.01]), (tmp_path / 'variances.json', [0.25, 0.01])):
+    (tmp_path / 'list.json').write_text(json.dumps([0.25, 0.01]))
+    specs = (('0.1', [0.01]), (tmp_path / 'variances.json', [0.25, 0.01]), (tmp_path / 'list.json', [0.25, 0.01]))
+    for spec, variances in specs:
         outdir = tmp_path / 'tangent'
         result = run_generate(
-            *common[:-1], 'tangent', '--network', cond_snapshot, '--profile', spec, '--outdir', outdir
+            *common[:-1], 'tangent', '--network', cond_snapshot, '--variances', spec, '--outdir', outdir
         )
         assert result.exit_code == 0, result.output
         sigmas = torch.tensor(json.loads((outdir / 'grid.json').read_text())['sigmas'], dtype=torch.float64)
@@ -269,16 +273,29 @@ def test_bad_generate_inputs_give_clear_errors(tmp_path, info_snapshot, cond_sna
     (tmp_path / 'ascending.json').write_text('[0.1, 1, 10]')
     (tmp_path / 'wide.json').write_text('[200, 1, 0.01]')
     (tmp_path / 'junk.json').write_text('{"hello": 1}')
+    (tmp_path / 'deep.json').write_text('[' * 100_000 + ']' * 100_000)
     cases = [
         (['--grid', 'ddim'], 'neither one of edm'),
         (['--grid', tmp_path / 'bad.txt'], 'neither JSON nor a list of numbers'),
         (['--grid', tmp_path / 'ascending.json'], 'strictly descending'),
         (['--steps', 1], "Invalid value for '--steps'"),
-        (['--grid', 'edm', '--profile', tmp_path / 'junk.json'], '--profile is used by'),
+        (
+            ['--grid', 'edm', '--profile', tmp_path / 'junk.json'],
+            '--profile is used by --grid=infogrid, not --grid=edm',
+        ),
+        (['--grid', 'tangent', '--profile', tmp_path / 'junk.json'], '--profile is used by --grid=infogrid'),
+        (['--grid', 'infogrid', '--variances', '0.5'], '--variances is used by --grid=tangent, not --grid=infogrid'),
         (['--grid', 'infogrid', '--profile', tmp_path / 'junk.json'], 'holds no profile'),
+        (['--grid', 'infogrid', '--profile', tmp_path / 'bad.txt'], 'is neither JSON nor a torch file'),
         (['--grid', 'infogrid', '--profile', tmp_path / 'missing.json'], 'no such file'),
-        (['--grid', 'tangent', '--profile', '-1'], 'positive number'),
-        (['--grid', 'tangent', '--profile', tmp_path / 'junk.json'], 'no "variances" list'),
+        (['--grid', 'tangent', '--variances', '-1'], 'positive finite number'),
+        (['--grid', 'tangent', '--variances', 'nan'], 'positive finite number'),
+        (['--grid', 'tangent', '--variances', tmp_path / 'junk.json'], 'holds no JSON list of variances'),
+        (['--grid', 'tangent', '--variances', tmp_path / 'missing.json'], 'is neither a number nor a file'),
+        # 100,000-deep JSON: a one-line error from every JSON reader, not a RecursionError traceback.
+        (['--grid', tmp_path / 'deep.json'], 'nests JSON too deeply'),
+        (['--grid', 'infogrid', '--profile', tmp_path / 'deep.json'], 'nests JSON too deeply'),
+        (['--grid', 'tangent', '--variances', tmp_path / 'deep.json'], 'nests JSON too deeply'),
         (['--grid', 'edm', '--disc', 'vp'], 'contradicts'),
         (['--grid', 'iddpm', '--steps', 5000], 'iDDPM noise levels'),
         (['--sigma_min', 100], 'Empty noise range'),
@@ -286,7 +303,8 @@ def test_bad_generate_inputs_give_clear_errors(tmp_path, info_snapshot, cond_sna
     ]
     for args, message in cases:
         result = run_generate(*common, *args)
-        assert result.exit_code != 0 and message in result.output, (args, result.output)
+        errors = [line for line in result.output.splitlines() if line.startswith('Error:')]
+        assert result.exit_code != 0 and len(errors) == 1 and message in errors[0], (args, result.output)
         assert 'Traceback' not in result.output
     assert not (tmp_path / 'out').exists()
     ve = save_tiny_snapshot(tmp_path / 've.pt', 1, 0)
@@ -295,6 +313,30 @@ def test_bad_generate_inputs_give_clear_errors(tmp_path, info_snapshot, cond_sna
     torch.save(snapshot, ve)
     result = run_generate(*common[2:], '--network', ve, '--grid', tmp_path / 'wide.json')
     assert result.exit_code != 0 and "outside the network's noise range" in result.output
+
+
+def test_full_disk_and_file_size_limit_are_one_line(tmp_path, cond_snapshot, monkeypatch):
+    common = ['--network', cond_snapshot, '--seeds', '0-1', '--steps', 2, '--device', 'cpu']
+
+    def full_disk(outdir, seeds, images, subdirs):
+        raise OSError(errno.ENOSPC, 'No space left on device', os.path.join(outdir, '000000.png'))
+
+    monkeypatch.setattr(generate, 'write_images', full_disk)
+    result = run_generate(*common, '--outdir', tmp_path / 'full')
+    errors = [line for line in result.output.splitlines() if line.startswith('Error:')]
+    assert result.exit_code != 0 and 'Traceback' not in result.output, result.output
+    assert errors == [f'Error: No space left on the device while writing the images in "{tmp_path / "full"}": '
+                      f'{tmp_path / "full" / "000000.png"}']  # fmt: skip
+    # A real file size limit (`ulimit -f`): grid.json, the first file written, is larger than 64 bytes.
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO, PYTHONDONTWRITEBYTECODE='1')
+    cmd = [sys.executable, 'generate.py', *map(str, common), '--outdir', str(tmp_path / 'limit')]
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))  # noqa: E731
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180, preexec_fn=limit)
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith('Error: File size limit exceeded while writing "'), (
+        proc.stderr
+    )
+    assert 'grid.json' in proc.stderr
 
 
 def test_two_ranks_write_the_same_images_as_one(tmp_path, cond_snapshot):

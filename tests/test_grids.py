@@ -1,4 +1,5 @@
-"""Tests for the inference sigma-grids: shape contract, EDM's values, closed forms, and grid files."""
+"""Tests for the inference sigma-grids: shape contract, EDM's values, closed forms, grid files, choice by name and
+the NFE of the solvers."""
 
 import json
 import math
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from infonoise import grids
+from infonoise import grid_files, grids
+from infonoise.profile import Profile
 
 # EDM's 18-step grid as printed in the reference facts (section 7).
 EDM_GRID_18 = '80 57.586 40.786 28.375 19.352 12.910 8.401 5.315 3.257 1.923 1.088 0.585 0.296 0.140 0.0600 0.0229 0.00753 0.002 0'
@@ -145,10 +147,10 @@ def test_grid_files_round_trip_and_reject_garbage(tmp_path):
     grid = grids.edm_grid(7)
     as_json = tmp_path / 'grid.json'
     as_json.write_text(json.dumps({'grid': 'edm', 'sigmas': grid.tolist()}))
-    assert torch.equal(grids.read_grid_file(str(as_json)), grid)
+    assert torch.equal(grid_files.read_grid_file(str(as_json)), grid)
     as_text = tmp_path / 'grid.txt'
     as_text.write_text('\n'.join(str(v) for v in grid[:-1].tolist()))  # No final 0: it is appended.
-    assert torch.equal(grids.read_grid_file(str(as_text)), grid)
+    assert torch.equal(grid_files.read_grid_file(str(as_text)), grid)
 
     for name, text in {
         'words.txt': 'eighty forty',
@@ -157,8 +159,58 @@ def test_grid_files_round_trip_and_reject_garbage(tmp_path):
         'nested.json': '[[80, 1]]',
         'negative.txt': '80 -1 0',
         'object.json': '{"steps": 4}',
+        'deep.json': '[' * 100_000 + ']' * 100_000,  # Too deep for Python's parser: a ValueError, not RecursionError.
     }.items():
         path = tmp_path / name
         path.write_text(text)
         with pytest.raises(ValueError, match=name):
-            grids.read_grid_file(str(path))
+            grid_files.read_grid_file(str(path))
+
+
+def test_variances_from_a_scale_or_a_file(tmp_path):
+    assert grid_files.read_variances('0.5') == [0.25]
+    (tmp_path / 'object.json').write_text(json.dumps({'variances': [1.0, 0.01]}))
+    (tmp_path / 'list.json').write_text('[1.0, 0.01]')
+    for name in ('object.json', 'list.json'):
+        assert grid_files.read_variances(str(tmp_path / name)) == [1.0, 0.01]
+    (tmp_path / 'deep.json').write_text('[' * 100_000 + ']' * 100_000)
+    (tmp_path / 'words.json').write_text('{"variances": ["a"]}')
+    cases = {'-1': 'positive finite', 'inf': 'positive finite', 'nan': 'positive finite', 'nofile': 'neither a number',
+             str(tmp_path / 'deep.json'): 'too deeply', str(tmp_path / 'words.json'): 'no JSON list of variances'}  # fmt: skip
+    for spec, message in cases.items():
+        with pytest.raises(ValueError, match=message):
+            grid_files.read_variances(spec)
+
+
+def test_build_grid_by_name_is_the_named_function():
+    sigma, rate = gaussian_profile()
+    profile = Profile.from_dict(dict(sigma=sigma.tolist(), rate=rate.tolist()), partial=True)
+    expected = {
+        'edm': grids.edm_grid(9, 0.01, 50.0, 5.0),
+        'loguniform': grids.loguniform_grid(9, 0.01, 50.0),
+        've': grids.loguniform_grid(9, 0.01, 50.0),
+        'vp': grids.vp_grid(9, 0.01, 50.0),
+        'iddpm': grids.iddpm_grid(9, 0.01, 50.0),
+        'tangent': grids.tangent_grid(9, LAMBDAS, 0.01, 50.0),
+        'infogrid': grids.infogrid(9, sigma, rate, 0.01, 50.0),
+    }
+    assert set(expected) == set(grids.GRID_NAMES)
+    for name, grid in expected.items():
+        built = grids.build_grid(name, 9, 0.01, 50.0, rho=5.0, profile=profile, variances=LAMBDAS)
+        assert torch.equal(built, grid), name
+    for name, message in (('infogrid', 'information profile'), ('tangent', 'variances'), ('ddim', 'Unknown σ-grid')):
+        with pytest.raises(ValueError, match=message):
+            grids.build_grid(name, 9, 0.01, 50.0)
+
+
+def test_nfe_and_its_inverse():
+    # EDM's 18 Heun steps are its 35-NFE sampler (Algorithm 2 skips the correction of the last step); Euler: N.
+    assert grids.nfe(18, 'heun') == 35 and grids.nfe(2, 'heun') == 3 and grids.nfe(18, 'euler') == 18
+    for solver in grids.SOLVERS:
+        for num_steps in range(2, 40):
+            assert grids.num_steps_for(grids.nfe(num_steps, solver), solver) == num_steps
+    for nfe, solver, message in ((8, 'heun', 'must be odd'), (1, 'heun', 'at least 2'), (1, 'euler', 'at least 2')):
+        with pytest.raises(ValueError, match=message):
+            grids.num_steps_for(nfe, solver)
+    with pytest.raises(ValueError, match='Unknown solver'):
+        grids.nfe(4, 'rk4')

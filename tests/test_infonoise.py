@@ -1,5 +1,6 @@
 """InfoNoise sampler against closed-form oracles, plus its engineering contract: cadence, state, ranks, robustness."""
 
+import contextlib
 import math
 import os
 import subprocess
@@ -9,11 +10,12 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+from torch.overrides import TorchFunctionMode
 
 from infonoise import oracles
+from infonoise.info_noise import InfoNoise
 from infonoise.pivot import onset_pivot
-from infonoise.profile import LogGrid, gate, normalize_density
-from infonoise.schedule import InfoNoise
+from infonoise.profile import gate, normalize_density
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAM = torch.logspace(-2, 0, 64, dtype=torch.float64)  # Per-pixel variances of a Gaussian source.
@@ -66,7 +68,7 @@ def test_rate_and_density_match_closed_form(source):
     s = oracle_sampler()
     losses = gaussian_losses if source == 'gaussian' else two_point_losses
     feed(s, losses, steps=160)
-    prof = s.last_profile
+    prof = s.profile()
     assert prof is not None and s.refreshes >= 1
     sigma = prof.sigma
     # Each interval's buffer averages mmse over the σ drawn in it (Gauss–Legendre over σ in [e_k, e_k+1]).
@@ -96,7 +98,7 @@ def test_rate_and_density_match_closed_form(source):
 def test_edm_weight_is_divided_out():
     s = oracle_sampler(weight='edm')
     feed(s, gaussian_losses, steps=160)
-    prof = s.last_profile
+    prof = s.profile()
     w = (prof.sigma**2 + 0.25) / (prof.sigma * 0.5) ** 2
     assert torch.allclose(prof.weight, w)
     assert torch.allclose(prof.pi, normalize_density(prof.gated / w, s.grid.widths), rtol=1e-9)
@@ -106,7 +108,7 @@ def test_edm_weight_is_divided_out():
 def test_draws_follow_the_table_and_the_floor_lives_in_the_emphasis():
     s = oracle_sampler(weight='edm', floor=0.1)
     feed(s, gaussian_losses, steps=160)
-    prof = s.last_profile
+    prof = s.profile()
     # φ = (1 − ε)·ρ + ε·log-uniform and π ∝ φ/w: the realised emphasis stays within ε of the target.
     log_uniform = normalize_density(1 / prof.sigma, s.grid.widths)
     assert torch.allclose(prof.phi, 0.9 * prof.rho + 0.1 * log_uniform, rtol=1e-9)
@@ -123,12 +125,33 @@ def test_warmup_draws_mix_base_and_floor():
     ln_sigma = s.sample(200_000).double().log().numpy()
     lo, hi = math.log(0.002), math.log(80)
 
-    def mixture_cdf(x):
+    def mixture_cdf(x):  # 0.8·N(−1.2, 1.2²) + 0.2·U[ln 0.002, ln 80] in ln σ, written out independently.
         return 0.8 * scipy.stats.norm.cdf(x, -1.2, 1.2) + 0.2 * np.clip((x - lo) / (hi - lo), 0, 1)
 
     assert scipy.stats.kstest(ln_sigma, mixture_cdf).pvalue > 1e-3
+    # The sampler's own cdf is that law, so strata and grids built from its icdf describe what is drawn.
+    x = np.linspace(-8, 6, 57)
+    np.testing.assert_allclose(s.cdf(torch.from_numpy(np.exp(x))).numpy(), mixture_cdf(x), rtol=0, atol=1e-12)
+    assert scipy.stats.kstest(ln_sigma, lambda v: s.cdf(torch.from_numpy(np.exp(v))).numpy()).pvalue > 1e-3
     stats = s.describe()
     assert stats['refreshes'] == 0 and 'pivot' not in stats
+
+
+def test_warmup_icdf_is_what_sample_draws():
+    # During warm-up `sample` used to mix base and floor with a second uniform while `icdf` was the base's alone.
+    s = InfoNoise(floor=0.2)
+    torch.manual_seed(3)
+    drawn = s.sample(50_000)
+    torch.manual_seed(3)
+    u = torch.rand(50_000, dtype=torch.float64).clamp(min=2.0**-40)
+    assert torch.equal(drawn, s.icdf(u).float())
+    # icdf inverts the mixture's CDF to float64 precision and is monotone, ends included.
+    grid = torch.linspace(0, 1, 100_001, dtype=torch.float64)[1:-1]
+    sigma = s.icdf(grid)
+    assert (sigma[1:] >= sigma[:-1]).all() and (s.cdf(sigma) - grid).abs().max() < 1e-13
+    assert s.icdf(torch.tensor([0.0], dtype=torch.float64)) == 0
+    # With no floor the warm-up law is the base itself, exactly.
+    assert torch.equal(InfoNoise(floor=0.0).icdf(grid), s.base.icdf(grid))
 
 
 def test_warmup_min_count_and_refresh_cadence():
@@ -208,16 +231,18 @@ def test_every_refresh_check_is_reported():
     assert 'of N_min = 8 losses' in first.reason and str(first).startswith(
         'InfoNoise check at 1.536 kimg (step 24) skipped: '
     )
-    assert first.since_nimg is None and 'no refresh yet' in str(first)
+    # Before the first refresh the line says nothing about a time since one.
+    assert first.since_nimg is None and str(first).endswith('short)') and 'refresh yet' not in str(first)
     assert int(first.reason.split('interval ')[1].split(' ')[0]) - 1 in range(16) and counts.min() >= 8
     r0, r1 = refreshed[0], refreshed[1]
     assert r0.refreshes == 1 and r1.refreshes == 2 and r1.since_nimg == r1.nimg - r0.nimg
+    assert 'since' not in str(r0) and str(r1).endswith(' s) since the last refresh')
     assert r1.since_seconds is not None and r1.since_seconds >= 0
     assert r1.pivot > 0 and r1.pivot_rule == 'onset' and len(r1.ln_sigma_quantiles) == 3
     text = str(r1)
     assert text.startswith('InfoNoise refresh 2 at ') and 'pivot c = ' in text and 'ρ peaks at σ = ' in text
     assert s.last_check is checks[-1]
-    assert s.last_profile.nimg == refreshed[-1].nimg  # The profile says when it was built.
+    assert s.profile().nimg == refreshed[-1].nimg  # The profile says when it was built.
 
 
 def test_profile_records_counts_and_standard_errors():
@@ -228,7 +253,7 @@ def test_profile_records_counts_and_standard_errors():
     sigma = s.grid.centers.float().repeat_interleave(4)
     losses = torch.tensor([1.0, 2.0, 3.0, 6.0] * 4) * sigma**3  # Interval k holds 1, 2, 3, 6 times σ_k³.
     s.observe(sigma, losses)
-    profile = s.last_profile
+    profile = s.profile()
     assert profile is not None and profile.count.tolist() == [4.0] * 4
     values = torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=torch.float64)
     rel = values.std() / (2 * values.mean())
@@ -272,18 +297,75 @@ def test_schedule_report_chance_matches_simulation():
     assert abs(refreshed / 60 - predicted) < 0.2, (refreshed, predicted)
 
 
-def test_no_host_sync_in_per_step_path(monkeypatch):
-    s = InfoNoise(num_bins=16, refresh_kimg=1000)
-    sigma = s.sample(64, 'cpu')  # Allocates state.
+# Tensor operations that copy a value to the host: a device synchronisation on an accelerator.
+HOST_READS = {'item', 'tolist', 'cpu', 'numpy', '__bool__', '__float__', '__int__', '__index__'}
 
-    def forbidden(*args, **kwargs):
-        raise AssertionError('host sync in the per-step path')
 
-    for name in ('item', 'tolist', 'cpu', 'numpy', '__bool__', '__float__', '__int__'):
-        monkeypatch.setattr(torch.Tensor, name, forbidden)
-    for _ in range(3):
-        sigma = s.sample(64, 'cpu')
-        s.observe(sigma, torch.rand(64))
+class HostReads(TorchFunctionMode):
+    """Records every host read (HOST_READS, and .to() from an accelerator onto the CPU) made inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, '__name__', str(func))
+        target = kwargs.get('device', args[1] if name == 'to' and len(args) > 1 else None)
+        to_cpu = name == 'to' and isinstance(target, str | torch.device) and torch.device(target).type == 'cpu'
+        if name in HOST_READS or (to_cpu and args[0].device.type != 'cpu'):
+            self.reads.append(name)
+        return func(*args, **kwargs)
+
+
+def test_host_reads_are_counted():
+    # The counter itself: each kind of read is seen, tensor arithmetic is not.
+    x = torch.ones(3)
+    with HostReads() as mode:
+        x.sum(), x * 2, torch.where(x > 0, x, 0.0)
+        assert mode.reads == []
+        x[0].item(), float(x[0]), int(x[0]), bool(x[0] > 0), x.tolist(), x.cpu(), x.numpy()
+        if x[1] > 0:
+            pass
+    assert mode.reads == ['item', '__float__', '__int__', '__bool__', 'tolist', 'cpu', 'numpy', '__bool__']
+
+
+@contextlib.contextmanager
+def counted(device: str, strict: bool):
+    """HostReads over the block; on CUDA with `strict`, also torch's sync debug mode, which raises on any
+    synchronising call."""
+    with HostReads() as mode:
+        if device == 'cuda' and strict:
+            torch.cuda.set_sync_debug_mode('error')
+        try:
+            yield mode
+        finally:
+            if device == 'cuda':
+                torch.cuda.set_sync_debug_mode('default')
+
+
+@pytest.mark.parametrize('device', ['cpu', *(['cuda'] if torch.cuda.is_available() else [])])
+def test_no_host_sync_in_per_step_path(device):
+    # 40 steps in steps: warm-up 10, a check every 5. Steps 5 and 10 are checks in the warm-up (they read the count
+    # of invalid inputs), 15, 20, ... refresh. Every other step samples (from the warm-up mixture until step 15,
+    # then from the table) and observes without a single host read. The checks do read, which shows that the
+    # counter sees what a read in the per-step path would be.
+    s = InfoNoise(num_bins=8, min_count=2, buffer_size=32, refresh_steps=5, warmup_steps=10, floor=0.5)
+    checks = []
+    s.callback = checks.append
+    gen = torch.Generator().manual_seed(0)
+    reads = {}
+    for step in range(1, 41):
+        noise = torch.rand(64, generator=gen).to(device)  # The test's own data, outside the counted blocks.
+        with counted(device, strict=step % 5 != 0) as drawing:
+            sigma = s.sample(64, device)
+        losses = sigma**2 / (0.25 + sigma**2) * (0.5 + noise)  # A Gaussian source's mmse, with noise.
+        with counted(device, strict=step % 5 != 0) as observing:
+            s.observe(sigma, losses)
+        reads[step] = drawing.reads + observing.reads
+    assert {step: r for step, r in reads.items() if r and step % 5} == {}  # No read on a per-step step.
+    assert all(reads[step] for step in range(5, 41, 5))
+    assert [c.step for c in checks] == list(range(15, 41, 5)) and s.refreshes >= 3 and s.table is not None
 
 
 def test_state_round_trip_continues_identically():
@@ -336,20 +418,110 @@ def test_two_ranks_build_the_pooled_table(tmp_path):
 
 
 def test_bad_arguments():
-    for kwargs in (
-        dict(weight='nope'),
-        dict(endpoint='x'),
-        dict(base='x'),
-        dict(num_bins=1),
-        dict(floor=2),
-        dict(refresh_kimg=0),
-        dict(pivot=-1),
+    cases = {
+        'Unknown loss weight': [dict(weight='nope')],
+        'endpoint must be': [dict(endpoint='x')],
+        'Unknown base sampler': [dict(base='x')],
+        'num_bins must be an integer >= 2': [dict(num_bins=1), dict(num_bins=2.5), dict(num_bins=True)],
+        'buffer_size must be an integer >= 1': [dict(buffer_size=0)],
+        'min_count must be an integer >= 1': [dict(min_count=0)],
+        'floor must be a number in': [dict(floor=2), dict(floor=math.nan)],
+        'ema_rate must be a number in': [dict(ema_rate=0), dict(ema_rate=math.nan)],
+        'refresh_kimg must be a finite number > 0': [dict(refresh_kimg=0), dict(refresh_kimg=math.inf)],
+        'warmup_kimg must be a finite number >= 0': [dict(warmup_kimg=math.nan), dict(warmup_kimg=-1)],
+        'refresh_steps must be an integer >= 1': [dict(refresh_steps=0, warmup_steps=0)],
+        'warmup_steps must be an integer >= 0': [dict(refresh_steps=1, warmup_steps=1.5)],
+        'pivot must be a finite number > 0': [dict(pivot=-1), dict(pivot=math.nan)],
+        'Need 0 < sigma_min < sigma_max < inf': [
+            dict(sigma_max=math.inf),
+            dict(sigma_max=0.001),
+            dict(sigma_min=math.nan),
+            dict(sigma_min=-1),
+        ],
+        'sigma_data must be a finite number > 0': [dict(sigma_data=math.inf)],
+        'gate_n must be a finite number > 0': [dict(gate_n=math.inf)],
+        'onset_p must be a number in': [dict(onset_p=1)],
+        'smoothing must be a finite number >= 0': [dict(smoothing=-1)],
+    }
+    for message, kwargs_list in cases.items():
+        for kwargs in kwargs_list:
+            with pytest.raises(ValueError, match=message):
+                InfoNoise(**kwargs)
+
+
+def test_observe_refuses_invalid_inputs_at_the_next_check():
+    # Negative or NaN σ and negative losses cannot be binned. Reading them per step would sync the host, so they
+    # are counted on the device and refused at the next refresh check, which reads the device anyway.
+    for sigma, mse, what in (
+        (torch.tensor([0.5, -0.5]), torch.ones(2), '1 σ that are not positive and finite'),
+        (torch.tensor([0.5, math.nan]), torch.ones(2), '1 σ that are not positive and finite'),
+        (torch.tensor([0.5, 0.0]), torch.ones(2), '1 σ that are not positive and finite'),
+        (torch.tensor([0.5, 1.0]), torch.tensor([1.0, -1.0]), 'and 1 negative losses'),
     ):
-        with pytest.raises(ValueError):
-            InfoNoise(**kwargs)
+        s = InfoNoise(num_bins=4, refresh_steps=3, warmup_steps=100)  # The check at step 3 is still in warm-up.
+        s.observe(sigma, mse)
+        s.observe(torch.ones(2), torch.ones(2))  # Step 2: no check, no error.
+        assert int(s.count.sum()) == 3  # The invalid entry was not binned.
+        with pytest.raises(ValueError, match=f'InfoNoise.observe got .*{what}.* by step 3'):
+            s.observe(torch.ones(2), torch.ones(2))
+    # The loss of a whole batch instead of per-sample losses is refused at once, naming both shapes.
+    with pytest.raises(ValueError, match=r'mse has shape \(\) but sigma \(2,\); pass the per-sample MSE'):
+        InfoNoise().observe(torch.ones(2), torch.ones(2).mean())
+
+
+def refreshed_state() -> dict:
+    s = oracle_sampler(num_bins=8, min_count=4, buffer_size=16)
+    feed(s, gaussian_losses, steps=6)
+    assert s.refreshes > 0
+    return s.state_dict()
+
+
+def test_load_state_dict_refuses_broken_states():
+    good = refreshed_state()
+    fresh = lambda: oracle_sampler(num_bins=8, min_count=4, buffer_size=16)  # noqa: E731
+    fresh().load_state_dict(good)
+    table = good['table']
+    broken = {
+        'lacks ptr': dict(ptr=None),
+        r'has buffers \(8, 9\), expected \(8, 17\)': dict(buffer=torch.zeros(8, 9)),
+        'buffer holds non-finite losses': dict(
+            buffer=good['buffer'].clone().index_fill_(1, torch.tensor([0]), math.nan)
+        ),
+        r'ptr must lie in \[0, 16\)': dict(ptr=torch.full((8,), 16)),
+        'ptr must be a torch.int64 tensor of shape': dict(ptr=good['ptr'].float()),
+        r'count must lie in \[0, 16\]': dict(count=torch.full((8,), -1)),
+        'mse must be finite and >= 0': dict(mse=torch.full((8,), math.nan, dtype=torch.float64)),
+        'table.cdf must be a CDF': dict(table=dict(table, cdf=table['cdf'].flip(0))),
+        'table.sigma must be finite, positive and strictly increasing': dict(table=dict(table, sigma=-table['sigma'])),
+        'table and profile must be present exactly when refreshes > 0': dict(table=None),
+        'pivot must be a finite number > 0 after a refresh': dict(pivot=math.nan),
+        r'next_check \(0\) must lie after the images': dict(next_check=0),
+        'nimg must be an integer >= 0': dict(nimg=-5),
+        'refreshes must be an integer >= 0': dict(refreshes=1.5),
+        'profile is not a profile': dict(profile=dict(good['profile'], rho=None)),
+        'raw_pivots must be a list of at most 5 positive numbers': dict(raw_pivots=[0.1] * 6),
+    }
+    for message, change in broken.items():
+        state = {k: v for k, v in dict(good, **change).items() if v is not None or k in ('table', 'profile')}
+        if 'lacks' in message:
+            state.pop('ptr', None)
+        with pytest.raises(ValueError, match=message):
+            fresh().load_state_dict(state)
+    with pytest.raises(ValueError, match='InfoNoise state must be a dict, got list'):
+        fresh().load_state_dict([])
 
 
 def test_grid_matches_sampler_range():
+    # K = 8 log-spaced intervals over [0.01, 10] span 3 decades: edge k is 10^(-2 + 3k/8), centre k is
+    # 10^(-2 + 3(k + 1/2)/8). The numbers are written out, not recomputed by the grid's own code.
     s = InfoNoise(sigma_min=0.01, sigma_max=10, num_bins=8)
-    assert torch.equal(s.grid.edges, LogGrid.make(8, 0.01, 10).edges)
-    assert np.isclose(s.grid.edges[0].item(), 0.01) and np.isclose(s.grid.edges[-1].item(), 10)
+    edges = [0.01, 0.023713737056616554, 0.05623413251903491, 0.1333521432163324, 0.31622776601683794,
+             0.7498942093324559, 1.7782794100389228, 4.216965034285822, 10.0]  # fmt: skip
+    torch.testing.assert_close(s.grid.edges, torch.tensor(edges, dtype=torch.float64), rtol=1e-14, atol=0)
+    assert s.grid.edges[0].item() == 0.01 and s.grid.edges[-1].item() == 10.0  # The ends are pinned exactly.
+    centres = [0.015399265260594916, 0.03651741272548377, 0.08659643233600653, 0.2053525026457146,
+               0.4869675251658631, 1.1547819846894583, 2.7384196342643614, 6.493816315762113]  # fmt: skip
+    torch.testing.assert_close(s.grid.centers, torch.tensor(centres, dtype=torch.float64), rtol=1e-14, atol=0)
+    # A σ on an edge belongs to the interval above it; values outside the range go to the end intervals.
+    sigma = torch.tensor([0.001, 0.01, 0.0237, 0.0238, s.grid.edges[4], 9.99, 10.0, 1e3], dtype=torch.float64)
+    assert s.grid.bin_index(sigma).tolist() == [0, 0, 0, 1, 4, 7, 7, 7]

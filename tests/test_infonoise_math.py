@@ -185,6 +185,40 @@ def test_profile_round_trips_through_weights_only_load():
         Profile.from_dict({key: v for key, v in profile.to_dict().items() if key != 'rho'})
 
 
+def test_profile_load_reads_json_snapshots_and_states(tmp_path):
+    k = 8
+    sigma = torch.logspace(-2, 1, k, dtype=torch.float64)
+    mse = sigma**2 / (1 + sigma**2)  # A unit Gaussian source.
+    full = Profile(sigma=sigma, mse=mse, rate=mse / sigma**3, **{n: torch.ones(k, dtype=torch.float64) for n in
+                   ('gated', 'rho', 'u', 'pi', 'phi', 'weight', 'count', 'stderr')}, pivot=0.2, refreshes=3)  # fmt: skip
+    files = {
+        'profile.json': lambda p: p.write_text(json.dumps(full.to_dict())),
+        'mse-only.json': lambda p: p.write_text(json.dumps(dict(sigma=sigma.tolist(), mse=mse.tolist()))),
+        'snapshot.pt': lambda p: torch.save(dict(format='snapshot', ema={}, profile=full.to_dict()), p),
+        'state.pt': lambda p: torch.save(dict(net={}, noise_sampler=dict(buffer=None, profile=full.to_dict())), p),
+    }
+    for name, write in files.items():
+        write(tmp_path / name)
+        loaded = Profile.load(str(tmp_path / name))
+        # r = mse/σ³ (Eq. 11) is derived when a hand-made profile gives only the mse.
+        torch.testing.assert_close(loaded.rate, mse / sigma**3, rtol=1e-15, atol=0)
+        assert torch.equal(loaded.sigma, sigma) and (loaded.pivot == 0.2 if name != 'mse-only.json' else True)
+    bad = {
+        'words.txt': ('hello', 'neither JSON nor a torch file'),
+        'deep.json': ('[' * 100_000 + ']' * 100_000, 'nests JSON too deeply'),
+        'list.json': ('[1, 2]', 'holds no profile'),
+        'strings.json': ('{"sigma": ["a"], "rate": [1]}', 'must be lists of numbers'),
+        'ragged.json': ('{"sigma": [1, 2], "rate": [1]}', 'has shape'),
+    }
+    for name, (text, message) in bad.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=message):
+            Profile.load(str(tmp_path / name))
+    torch.save(dict(format='snapshot', profile=None), tmp_path / 'early.pt')
+    with pytest.raises(ValueError, match='holds no profile: not trained with InfoNoise, or saved before'):
+        Profile.load(str(tmp_path / 'early.pt'))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Inverse-CDF tables.
 

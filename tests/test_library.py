@@ -42,7 +42,7 @@ def test_library_imports_only_torch_and_numpy(block_matplotlib):
     # With the pipeline's packages (and scipy, click, ...) blocked, every module imports; matplotlib is needed by
     # infonoise.plots alone (and pulls in PIL).
     modules = [m for m in LIBRARY_MODULES if not (block_matplotlib and m == 'infonoise.plots')]
-    assert 'infonoise.schedule' in modules and 'infonoise.conversions' in modules
+    assert 'infonoise.info_noise' in modules and 'infonoise.reporting' in modules and 'infonoise.conversions' in modules
     code = ISOLATION % (['matplotlib', 'PIL'] if block_matplotlib else [], modules)
     result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -274,19 +274,22 @@ def test_power_law_break_scales_with_the_data(k):
         assert close(powerlaw_break(s, rate / k), k * c1, step())
 
 
-# Learned profiles of the CPU benchmarks (tests/data/, K = 32 on [0.002, 80]) and the pivot each rule gives on
-# them, as InfoNoise calibrates it (before debouncing). bmnist16: binarized MNIST-5k 16x16, w = 1, seed 0, at 10,
-# 40 and 80 kEx; mnist16: MNIST-5k 16x16, EDM objective, seed 0, at 10, 40 and 80 kEx; 'firstrule' is the 60-kEx profile of the run made with the first version of the rule, whose low-
-# noise slope steepens by 0.6 below the bump (docs/pivot-rules.md).
+# Learned profiles of the CPU benchmarks (tests/data/, K = 32 on [0.002, 80]) and the rule InfoNoise calibrates on
+# each (before debouncing). bmnist16: binarized MNIST-5k 16x16, w = 1, seed 0, at 10, 40 and 80 kEx; mnist16:
+# MNIST-5k 16x16, EDM objective, seed 0, at 10, 40 and 80 kEx; 'firstrule' is the 60-kEx profile of the run made
+# with the first version of the rule, whose low-noise slope steepens by 0.6 below the bump (docs/pivot-rules.md).
+# An onset pivot is checked against its definition (Eq. 18); a power-law break, which has no closed form, against
+# the pivot recorded when the fixture was made and the slope change that defines it.
 LEARNED = {
-    'profile-bmnist16-seed0-000010.json': ('discrete', 0.3389633974419356, 'onset, no break'),
-    'profile-bmnist16-seed0-000040.json': ('discrete', 0.29203596236502466, 'break'),
-    'profile-bmnist16-seed0-000080.json': ('discrete', 0.296911523942866, 'break'),
-    'profile-bmnist16-firstrule-seed0-000060.json': ('discrete', 0.29203596236502466, 'break'),
-    'profile-mnist16-seed0-000010.json': ('continuous', 0.24341000721717487, 'onset'),
-    'profile-mnist16-seed0-000040.json': ('continuous', 0.1747930073293957, 'onset'),
-    'profile-mnist16-seed0-000080.json': ('continuous', 0.1747930073293957, 'onset'),
+    'profile-bmnist16-seed0-000010.json': ('discrete', 'onset, no break', None),
+    'profile-bmnist16-seed0-000040.json': ('discrete', 'break', 0.29203596236502466),
+    'profile-bmnist16-seed0-000080.json': ('discrete', 'break', 0.296911523942866),
+    'profile-bmnist16-firstrule-seed0-000060.json': ('discrete', 'break', 0.29203596236502466),
+    'profile-mnist16-seed0-000010.json': ('continuous', 'onset', None),
+    'profile-mnist16-seed0-000040.json': ('continuous', 'onset', None),
+    'profile-mnist16-seed0-000080.json': ('continuous', 'onset', None),
 }
+P = 0.002  # The paper's onset threshold p.
 
 
 def learned(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -297,25 +300,52 @@ def learned(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.tensor(d['sigma'], dtype=torch.float64), torch.tensor(d['rate'], dtype=torch.float64), stderr / mse
 
 
+def assert_eq_18(s: torch.Tensor, rate: torch.Tensor, c: float) -> None:
+    """c = inf{σ : r̄(σ') < p for all σ' >= σ} on the grid (Eq. 18, scanning down from high noise; see
+    `onset_pivot` for why inf), with r̄ = r̂ / max r̂ (Eq. above it): c is a grid value, r̄ < p at c and at every
+    grid value above it, and r̄ >= p at the grid value just below it (the first persistent crossing)."""
+    r_bar = (rate / rate.max()).tolist()
+    k = s.tolist().index(c)
+    assert all(v < P for v in r_bar[k:]), r_bar[k:]
+    assert k > 0 and r_bar[k - 1] >= P, (k, r_bar[max(k - 1, 0)])
+
+
 @pytest.mark.parametrize('name', LEARNED)
-def test_learned_profiles_give_the_recorded_pivots(name):
-    endpoint, expected, rule = LEARNED[name]
+def test_learned_profiles_give_the_defined_pivots(name):
+    endpoint, rule, recorded = LEARNED[name]
     s, rate, rel_err = learned(name)
-    assert calibrate(s, rate, endpoint, rel_err, sigma_data=0.5) == pivot.Pivot(pytest.approx(expected, rel=1e-9), rule)
-    if rule == 'break':  # At the foot of the mid-noise bump: the slope rises by more than 1 across c.
+    c = calibrate(s, rate, endpoint, rel_err, sigma_data=0.5)
+    assert c.rule == rule
+    if rule.startswith('onset'):
+        # On EDM's grid with σ_data = 0.5 the reference σ_ref = 0.002 lies in the lowest bin, so r_ref = max r̂:
+        # the paper's normalisation, which `assert_eq_18` uses.
+        torch.testing.assert_close(s, LogGrid.make(32, 0.002, 80.0).centers, rtol=1e-12, atol=0)
+        assert_eq_18(s, rate, c.value)
+    else:  # At the foot of the mid-noise bump: the slope rises by more than 1 across c.
+        assert c.value == pytest.approx(recorded, rel=1e-9)
         x, y = s.log().numpy(), rate.log().numpy()
         half = 0.5 * math.log(10)
-        below = np.polyfit(*(v[(x < math.log(expected)) & (x > math.log(expected) - half)] for v in (x, y)), 1)[0]
-        above = np.polyfit(*(v[(x > math.log(expected)) & (x < math.log(expected) + half)] for v in (x, y)), 1)[0]
+        below = np.polyfit(*(v[(x < math.log(c.value)) & (x > math.log(c.value) - half)] for v in (x, y)), 1)[0]
+        above = np.polyfit(*(v[(x > math.log(c.value)) & (x < math.log(c.value) + half)] for v in (x, y)), 1)[0]
         assert above - below > 1
+
+
+def test_eq_18_check_can_fail():
+    # The definition check itself rejects a pivot one grid value too high or too low.
+    s, rate, _ = learned('profile-mnist16-seed0-000040.json')
+    k = s.tolist().index(onset_pivot(s, rate, P))
+    for wrong in (s[k - 1].item(), s[k + 1].item()):
+        with pytest.raises(AssertionError):
+            assert_eq_18(s, rate, wrong)
 
 
 @pytest.mark.parametrize('name', LEARNED)
 def test_learned_profiles_on_other_grids(name):
     # The same learned profile resampled (log-log) onto every grid, its standard errors scaled with the bins'
     # widths: c within one interval of the coarser grid of the pivot on its own grid.
-    endpoint, expected, _ = LEARNED[name]
+    endpoint = LEARNED[name][0]
     s, rate, rel_err = learned(name)
+    expected = calibrate(s, rate, endpoint, rel_err, sigma_data=0.5).value
     own_step = math.log(s[1] / s[0])
     for grid in GRIDS:
         t = centers(grid)

@@ -7,7 +7,7 @@ import pytest
 import scipy.stats
 import torch
 
-from infonoise.samplers import LogNormal, LogUniform, NoiseSampler, VPSampler
+from infonoise.samplers import LogNormal, LogUniform, Mixture, NoiseSampler, VPSampler
 from infonoise.weights import edm_weight
 from training.loss import DenoisingLoss
 
@@ -60,17 +60,70 @@ def test_fixed_samplers_have_empty_state():
     s = LogNormal()
     s.observe(torch.ones(3), torch.ones(3))
     assert s.state_dict() == {}
-    with pytest.raises(ValueError):
-        s.load_state_dict({'x': 1})
+    s.load_state_dict({})
+    for bad in ({'x': 1}, [], None):
+        with pytest.raises(ValueError, match='LogNormal has no state'):
+            s.load_state_dict(bad)
 
 
-def test_bad_sampler_arguments():
-    with pytest.raises(ValueError):
-        LogNormal(P_std=0)
-    with pytest.raises(ValueError):
-        LogUniform(1, 0.5)
-    with pytest.raises(ValueError):
-        DenoisingLoss(weight='nope')
+@pytest.mark.parametrize(
+    'make, message',
+    [
+        (lambda: LogNormal(P_std=0), 'P_std must be a finite number > 0, got 0'),
+        (lambda: LogNormal(P_std=math.nan), 'P_std must be a finite number > 0, got nan'),
+        (lambda: LogNormal(P_mean=math.inf), 'P_mean must be a finite number, got inf'),
+        (lambda: LogNormal(P_mean='-1.2'), "P_mean must be a finite number, got '-1.2'"),
+        (lambda: LogUniform(1, 0.5), 'Need 0 < sigma_min < sigma_max < inf, got sigma_min=1, sigma_max=0.5'),
+        (
+            lambda: LogUniform(0.002, math.inf),
+            'Need 0 < sigma_min < sigma_max < inf, got sigma_min=0.002, sigma_max=inf',
+        ),
+        (lambda: LogUniform(math.nan, 80), 'got sigma_min=nan, sigma_max=80'),
+        (lambda: LogUniform(0, 80), 'got sigma_min=0, sigma_max=80'),
+        (lambda: LogUniform('0.1', 80), "got sigma_min='0.1', sigma_max=80"),
+        (lambda: VPSampler(beta_d=0), 'beta_d must be a finite number > 0'),
+        (lambda: VPSampler(beta_min=-0.1), 'beta_min must be a finite number >= 0'),
+        (lambda: VPSampler(epsilon_t=1), r'epsilon_t must be a number in \(0, 1\)'),
+        (lambda: VPSampler(epsilon_t=math.nan), 'epsilon_t must be a number in'),
+        (lambda: Mixture([0.5, 0.6], [LogNormal(), LogUniform()]), 'sum to 1'),
+        (lambda: Mixture([0.5], [LogNormal(), LogUniform()]), 'as many weights as samplers'),
+        (lambda: DenoisingLoss(weight='nope'), 'Unknown loss weight'),
+    ],
+)
+def test_bad_sampler_arguments(make, message):
+    # Every number is checked, NaN and inf included: LogUniform(0.002, inf) used to draw 5 % infinite σ.
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+class NoCDF(NoiseSampler):
+    def icdf(self, u):
+        return u + 1
+
+
+def test_mixture_needs_cdfs_only_to_mix():
+    assert Mixture([1.0, 0.0], [NoCDF(), LogUniform()]).icdf(torch.tensor([0.5], dtype=torch.float64)) == 1.5
+    with pytest.raises(ValueError, match='NoCDF has no cdf'):
+        Mixture([0.5, 0.5], [NoCDF(), LogUniform()])
+
+
+@pytest.mark.parametrize('sampler', [LogNormal(), LogUniform(), VPSampler()])
+def test_observe_refuses_what_it_cannot_use(sampler):
+    # The fixed samplers ignore observations, but check them as InfoNoise does: the same loop must not fail only
+    # once the sampler is switched.
+    sigma, mse = torch.rand(8) + 0.1, torch.rand(8)
+    sampler.observe(sigma, mse)
+    cases = [
+        ((sigma, mse.mean()), r'mse has shape \(\) but sigma \(8,\); pass the per-sample MSE'),
+        ((sigma, mse[:4]), r'mse has shape \(4,\) but sigma \(8,\)'),
+        ((sigma[:, None], mse[:, None]), r'sigma must be 1-D \(one σ per sample\), got shape \(8, 1\)'),
+        ((sigma, (mse * 100).long()), 'mse must be a floating-point tensor, got torch.int64'),
+        ((sigma, 0.5), 'mse must be a tensor, got float'),
+        ((sigma, mse.to('meta')), 'mse is on meta but sigma on cpu'),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            sampler.observe(*args)
 
 
 def test_weights_closed_form():

@@ -6,21 +6,24 @@ with optional "churn" that adds noise before each step. `ablation_sampler` is ED
 ablations (EDM Table 1, Algorithm 1): the same ODE integrated in a time t with noise schedule sigma(t) and signal
 scaling s(t), and Heun's correction evaluated at t + alpha h. Both run on whatever sigma-grid they are given (see
 `infonoise.grids`); they never build one. `StackedRandomGenerator` gives every sample its own seeded generator,
-so an image depends only on its seed, not on the batch it was drawn in.
+so an image depends only on its seed, not on the batch it was drawn in; `generate_images` splits seeds across
+ranks in batches as EDM's generate.py does.
 """
 
 import dataclasses
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import BinaryIO
 
 import numpy as np
 import PIL.Image
 import torch
+import tqdm
 
 from dnnlib.util import atomic_write
 from infonoise.grids import edm_grid, vp_coefficients, vp_sigma, vp_t
+from torch_utils import distributed as dist
 
 
 class StackedRandomGenerator:
@@ -315,11 +318,53 @@ def sample_seeds(
     return (torch.where(images >= 0, 1.0, -1.0) if binarize else images), labels
 
 
-def save_snapshot_grid(net, num: int, run_dir: str, nimg: int, device: torch.device | str, scale: int = 1) -> None:
-    """Save RUN_DIR/samples-{kimg:06d}.png: the first `num` seeds as `generate.py --seeds=0-(num-1) --grid-png
-    --grid-scale=SCALE --grid-pad=SCALE//2` draws them from the snapshot of `net` at `nimg` images: EDM's grid
-    (18 steps, rho 7, [0.002, 80] clamped to the network's range), Heun, random classes."""
+def generate_images(
+    net,
+    seeds: list[int],
+    sigmas: torch.Tensor,
+    device: torch.device,
+    max_batch_size: int = 64,
+    progress: bool = True,
+    **sample_kwargs,
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
+    """This rank's samples of `seeds` in batches of at most `max_batch_size` (EDM's split across ranks): yields
+    (batch seeds, float samples in [-1, 1], class indices or None). `sample_kwargs` go to
+    `sample_seeds` (class_idx, sampler, binarize and the sampler's options). Every rank must
+    exhaust the iterator: each batch starts at a barrier, as in EDM."""
+    for batch_seeds in tqdm.tqdm(
+        dist.split_batches(seeds, max_batch_size), unit='batch', disable=(dist.get_rank() != 0 or not progress)
+    ):
+        dist.barrier()
+        if batch_seeds:
+            yield batch_seeds, *sample_seeds(net, batch_seeds, sigmas, device, **sample_kwargs)
+
+
+def image_path(outdir: str, seed: int, subdirs: bool) -> str:
+    """Where the image of `seed` goes: outdir/{seed:06d}.png, or one subdirectory per 1000 seeds."""
+    image_dir = os.path.join(outdir, f'{seed - seed % 1000:06d}') if subdirs else outdir
+    return os.path.join(image_dir, f'{seed:06d}.png')
+
+
+def write_images(outdir: str, seeds: list[int], images: torch.Tensor, subdirs: bool) -> None:
+    """One PNG per seed, each written atomically (fid.py never reads a half-written image)."""
+    for seed, image in zip(seeds, images_to_uint8(images)):
+        path = image_path(outdir, seed, subdirs)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with atomic_write(path, 'wb') as f:
+            save_image(image, f)
+
+
+def read_images(outdir: str, seeds: list[int], subdirs: bool) -> np.ndarray:
+    """The saved images of `seeds` as uint8 NHWC, read back from disk (so every rank's images are included)."""
+    images = np.stack([np.array(PIL.Image.open(image_path(outdir, seed, subdirs))) for seed in seeds])
+    return images.reshape(*images.shape[:3], -1)
+
+
+def save_snapshot_grid(net, num: int, path: str, device: torch.device | str, scale: int = 1) -> None:
+    """Save the sample grid `path` (RUN_DIR/samples-NNNNNN.png): the first `num` seeds as `generate.py
+    --seeds=0-(num-1) --grid-png --grid-scale=SCALE --grid-pad=SCALE//2` draws them from the snapshot of `net`:
+    EDM's grid (18 steps, rho 7, [0.002, 80] clamped to the network's range), Heun, random classes."""
     sigma_min, sigma_max = max(0.002, float(net.sigma_min)), min(80.0, float(net.sigma_max))
     images, _ = sample_seeds(net, list(range(num)), edm_grid(18, sigma_min, sigma_max, 7.0), device)
-    with atomic_write(os.path.join(run_dir, f'samples-{nimg // 1000:06d}.png'), 'wb') as f:  # Never half-written.
+    with atomic_write(path, 'wb') as f:  # Never half-written.
         save_image(tile_images(images_to_uint8(images), scale=scale, pad=scale // 2), f)

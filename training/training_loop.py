@@ -23,6 +23,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc, training_stats
 from training import checkpoint, sampling
+from training import run_dir as rundir
 
 
 def step_seed(seed: int, rank: int, nimg: int) -> int:
@@ -260,14 +261,15 @@ def training_loop(
             # Save network snapshot.
             if snapshot_ticks is not None and (done or cur_tick % snapshot_ticks == 0):
                 misc.check_ddp_consistency(ema)
-                profile = noise_sampler.profile()
+                profile = None if noise_sampler.profile() is None else noise_sampler.profile().to_dict()
                 if rank == 0:
                     checkpoint.save_snapshot(
                         run_dir, cur_nimg, net_kwargs, ema, profile, loss_kwargs=loss_kwargs, noise_kwargs=noise_kwargs,
                         augment_kwargs=augment_kwargs, dataset_kwargs=dataset_kwargs,
                     )  # fmt: skip
                     if snapshot_grid:
-                        sampling.save_snapshot_grid(ema, snapshot_grid, run_dir, cur_nimg, device, snapshot_grid_scale)
+                        grid_path = rundir.path(run_dir, 'samples', cur_nimg)
+                        sampling.save_snapshot_grid(ema, snapshot_grid, grid_path, device, snapshot_grid_scale)
 
             # Update logs before the state dump, so that a run stopped in between measures this tick again.
             training_stats.default_collector.update()
