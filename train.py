@@ -13,72 +13,19 @@ import warnings
 
 import click
 import numpy as np
-import psutil
 import torch
 
 import dnnlib
 from dnnlib import cli
-from infonoise.grids import VP_BETA_D, VP_BETA_MIN, VP_EPSILON_T
 from infonoise.pivot import is_discrete
-from infonoise.samplers import VPSampler
 from torch_utils import distributed as dist
 from torch_utils import misc
-from training import checkpoint, run_dir, training_loop
+from training import checkpoint, options, resume, run_dir, training_loop
 from training.dataset import CorruptImageError
 
 warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')  # False warning printed by PyTorch.
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
-
-# Architecture presets of EDM's train.py.
-ARCH_KWARGS = {
-    'ddpmpp': dict(
-        model_type='SongUNet',
-        embedding_type='positional',
-        encoder_type='standard',
-        decoder_type='standard',
-        channel_mult_noise=1,
-        resample_filter=[1, 1],
-        model_channels=128,
-        channel_mult=[2, 2, 2],
-    ),
-    'ncsnpp': dict(
-        model_type='SongUNet',
-        embedding_type='fourier',
-        encoder_type='residual',
-        decoder_type='standard',
-        channel_mult_noise=2,
-        resample_filter=[1, 3, 3, 1],
-        model_channels=128,
-        channel_mult=[2, 2, 2],
-    ),
-    'adm': dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4]),
-    # Not EDM's: the 1-D DDPM++ analogue for DNA sequences (training/networks_1d.py, SequenceUNet).
-    'ddpmpp1d': dict(model_type='SequenceUNet', model_channels=128, channel_mult=[1, 2, 2], num_blocks=2),
-}
-SEQUENCE_ARCHS = ('ddpmpp1d',)
-PRECOND_CLASS = {'vp': 'VPPrecond', 've': 'VEPrecond', 'edm': 'EDMPrecond'}
-
-# Each preconditioning's own training distribution and loss weight (EDM Table 1), used for 'auto'.
-PRECOND_SAMPLER = {'edm': 'lognormal', 'vp': 'vp', 've': 'loguniform'}
-PRECOND_WEIGHT = {'edm': 'edm', 'vp': 'inverse-variance', 've': 'inverse-variance'}
-# EDM's σ ranges: the EDM sampling range, VEPrecond's, and VP's σ(ε_t)..σ(1) (the VP sampler's icdf at u = 1 and 0).
-PRECOND_SIGMA_RANGE = {
-    'edm': (0.002, 80.0),
-    've': (0.02, 100.0),
-    'vp': tuple(float(s) for s in VPSampler().icdf(torch.tensor([1.0, 0.0], dtype=torch.float64))),
-}
-SAMPLER_KWARGS = {
-    'lognormal': lambda precond: dict(class_name='infonoise.samplers.LogNormal', P_mean=-1.2, P_std=1.2),
-    'loguniform': lambda precond: dict(
-        class_name='infonoise.samplers.LogUniform',
-        sigma_min=PRECOND_SIGMA_RANGE[precond][0],
-        sigma_max=PRECOND_SIGMA_RANGE[precond][1],
-    ),
-    'vp': lambda precond: dict(
-        class_name='infonoise.samplers.VPSampler', beta_d=VP_BETA_D, beta_min=VP_BETA_MIN, epsilon_t=VP_EPSILON_T
-    ),
-}
 
 
 def attn_list(value: str | list[int]) -> list[int]:
@@ -86,89 +33,16 @@ def attn_list(value: str | list[int]) -> list[int]:
     return [] if isinstance(value, str) and value.strip().lower() == 'none' else dnnlib.util.parse_int_list(value)
 
 
-def read_preset(name: str) -> dict:
-    """A preset's options: configs/NAME.json, or a user's own JSON file when NAME is a path (holds '/' or ends in
-    .json); keys starting with '_' are comments."""
-    is_path = '/' in name or os.sep in name or name.endswith('.json')
-    path = name if is_path else os.path.join(CONFIGS_DIR, f'{name}.json')
-    if not os.path.isfile(path):
-        if is_path:
-            raise click.ClickException(f'--preset: no such file "{name}"')
-        names = sorted(f[:-5] for f in os.listdir(CONFIGS_DIR) if f.endswith('.json'))
-        raise click.ClickException(f'Unknown preset "{name}"; available: {", ".join(names)} (or a path to a JSON file)')
-    try:
-        preset = dnnlib.util.read_json(path)
-    except (OSError, ValueError) as e:
-        raise click.ClickException(f'--preset: {e}') from None
-    if not isinstance(preset, dict):
-        raise click.ClickException(f'--preset: "{path}" must hold a JSON object of option names and values')
-    return {key: value for key, value in preset.items() if not key.startswith('_')}
-
-
-def preset_value_error(param: click.Parameter, value) -> str | None:
-    """Why a preset's JSON value does not fit its option's type, which click would coerce silently (true -> 1,
-    32.7 -> 32); None if it fits. Strings go through the option's own parser, as on the command line."""
-    kind = param.type
-    if value is None or isinstance(value, str):
-        return None
-    if isinstance(kind, click.types.BoolParamType):
-        return None if isinstance(value, bool) else f'{value!r} is not true or false'
-    if isinstance(kind, (click.types.IntParamType, click.IntRange)):
-        return None if isinstance(value, int) and not isinstance(value, bool) else f'{value!r} is not an integer'
-    if isinstance(kind, (click.types.FloatParamType, click.FloatRange)):
-        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else f'{value!r} is not a number'
-    if isinstance(kind, click.types.FuncParamType):  # The list options (--cres, --attn).
-        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
-        return None if ok else f'{value!r} is not a list of non-negative integers'
-    return f'{value!r} is not a {kind.name}'
-
-
 def options_of(ctx: click.Context) -> tuple[dnnlib.EasyDict, set[str]]:
     """The command line's options with the preset filling those the user did not set, and the names the user set."""
-    opts = dnnlib.EasyDict(ctx.params)
-    given = {name for name in opts if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
-    if opts.preset is not None:
-        params = {p.name: p for p in ctx.command.params}
-        for key, value in read_preset(opts.preset).items():
-            name = key.replace('-', '_')
-            if name not in params or name in ('preset', 'outdir', 'data', 'resume', 'allow_changes', 'dry_run'):
-                raise click.ClickException(f'Preset "{opts.preset}" sets unknown or non-presettable option "{key}"')
-            try:  # Every value is checked, also those the command line overrides.
-                if message := preset_value_error(params[name], value):
-                    raise ValueError(message)
-                value = params[name].type_cast_value(ctx, value)
-            except (click.BadParameter, TypeError, ValueError) as e:
-                message = e.message if isinstance(e, click.BadParameter) else str(e) or f'{value!r} is not valid'
-                raise click.ClickException(f'Preset "{opts.preset}": "{key}": {message}') from None
-            if ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT:
-                opts[name] = value
-    return opts, given
+    fixed = ('preset', 'outdir', 'data', 'resume', 'allow_changes', 'dry_run')
+    return cli.options_with_preset(ctx, ctx.params['preset'], CONFIGS_DIR, fixed)
 
 
 def is_discrete_dataset(dataset_obj, max_images: int = 256) -> bool:
     """Whether the data has discrete endpoints: pixels only at the two extremes (e.g. binarised MNIST)."""
     idx = np.linspace(0, len(dataset_obj) - 1, min(len(dataset_obj), max_images)).round().astype(np.int64)
     return is_discrete(np.stack([dataset_obj[int(i)][0] for i in idx]))
-
-
-# InfoNoise's constructor arguments and the --info-* options that set them.
-INFO_OPTIONS = dict(
-    num_bins='info_bins', buffer_size='info_buffer', ema_rate='info_beta', refresh_kimg='info_refresh',
-    warmup_kimg='info_warmup', min_count='info_nmin', gate_n='info_gate_n', onset_p='info_p', smoothing='info_smooth',
-    endpoint='info_endpoint', pivot='info_pivot', base='info_base', floor='info_floor', sigma_min='info_sigma_min',
-    sigma_max='info_sigma_max',
-)  # fmt: skip
-
-
-def infonoise_kwargs(opts: dnnlib.EasyDict, weight: str, discrete_data: bool) -> dnnlib.EasyDict:
-    """InfoNoise's constructor arguments from the --info-* options."""
-    kwargs = dnnlib.EasyDict(class_name='infonoise.InfoNoise', weight=weight, sigma_data=0.5)
-    kwargs.update({name: opts[option] for name, option in INFO_OPTIONS.items()})
-    sigma_min, sigma_max = PRECOND_SIGMA_RANGE[opts.precond]
-    kwargs.update(sigma_min=kwargs.sigma_min or sigma_min, sigma_max=kwargs.sigma_max or sigma_max)
-    if kwargs.endpoint == 'auto':
-        kwargs.endpoint = 'discrete' if discrete_data else 'continuous'
-    return kwargs
 
 
 def dataset_config(opts: dnnlib.EasyDict, given: set[str]) -> tuple[dnnlib.EasyDict, dnnlib.EasyDict]:
@@ -189,7 +63,7 @@ def dataset_config(opts: dnnlib.EasyDict, given: set[str]) -> tuple[dnnlib.EasyD
         raise click.ClickException(f'--data: {err}') from None
 
     # Sequences (DNA) need the 1-D network and have no geometric augmentation; their x-flip is the reverse complement.
-    if is_sequence_data != (opts.arch in SEQUENCE_ARCHS):
+    if is_sequence_data != (opts.arch in options.SEQUENCE_ARCHS):
         if is_sequence_data:
             raise click.ClickException(f'--data={opts.data} holds sequences; train them with --arch=ddpmpp1d')
         raise click.ClickException(f'--arch={opts.arch} is for sequence datasets (.npz made by dataset_tool.py)')
@@ -220,8 +94,8 @@ def setup_training_config(
     c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
 
     # Network architecture, built once on the meta device to check every shape option.
-    c.network_kwargs = dnnlib.EasyDict(ARCH_KWARGS[opts.arch])
-    c.network_kwargs.class_name = f'training.networks.{PRECOND_CLASS[opts.precond]}'
+    c.network_kwargs = dnnlib.EasyDict(options.ARCH_KWARGS[opts.arch])
+    c.network_kwargs.class_name = f'training.networks.{options.PRECOND_CLASS[opts.precond]}'
     overrides = dict(cbase='model_channels', cres='channel_mult', blocks='num_blocks', attn='attn_resolutions')
     c.network_kwargs.update({key: opts[option] for option, key in overrides.items() if opts[option] is not None})
     if opts.augment:
@@ -229,18 +103,21 @@ def setup_training_config(
         c.augment_kwargs.update(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
         c.network_kwargs.augment_dim = 9
     c.network_kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16)
-    check_network(c, data, opts, device)
+    try:
+        options.check_network(c, data, opts, device)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
 
     # Loss weight and noise sampler; every sampler option is checked by building the sampler once.
-    weight = PRECOND_WEIGHT[opts.precond] if opts.weight == 'auto' else opts.weight
+    weight = options.PRECOND_WEIGHT[opts.precond] if opts.weight == 'auto' else opts.weight
     c.loss_kwargs = dnnlib.EasyDict(class_name='training.loss.DenoisingLoss', weight=weight, sigma_data=0.5)
-    sampler = PRECOND_SAMPLER[opts.precond] if opts.sampler == 'auto' else opts.sampler
+    sampler = options.PRECOND_SAMPLER[opts.precond] if opts.sampler == 'auto' else opts.sampler
     if sampler == 'infonoise':
-        c.noise_kwargs = infonoise_kwargs(opts, weight, data.discrete)
+        c.noise_kwargs = options.infonoise_kwargs(opts, weight, data.discrete)
     elif info_given := sorted(name for name in given if name.startswith('info_')):
         raise click.ClickException(f'--{info_given[0].replace("_", "-")} only applies to --sampler=infonoise')
     else:
-        c.noise_kwargs = dnnlib.EasyDict(SAMPLER_KWARGS[sampler](opts.precond))
+        c.noise_kwargs = dnnlib.EasyDict(options.SAMPLER_KWARGS[sampler](opts.precond))
     try:
         dnnlib.util.construct_class_by_name(**c.noise_kwargs)
     except ValueError as e:
@@ -275,154 +152,23 @@ def setup_training_config(
         c.update(transfer=opts.transfer, ema_rampup_ratio=None)
     c.seed = opts.seed
     c.run_dir = opts.outdir if opts.nosubdir else None
-    if opts.resume == 'auto':
-        find_auto_resume(c, opts, run_description(opts, world_size))
-    elif opts.resume is not None:
-        c.resume_state = os.path.abspath(find_resume_state(opts.resume))
-    if c.get('resume_state') is not None:
-        check_resume_state(c, data, strict=not opts.allow_changes)
+    net_kwargs = dict(c.network_kwargs, img_resolution=c.dataset_kwargs.resolution, img_channels=data.channels,
+                      label_dim=data.label_dim)  # fmt: skip
+    try:
+        if opts.resume == 'auto':
+            desc = run_description(opts, world_size)
+            resume.find_run(c, c.run_dir or run_dir.newest_of(opts.outdir, desc), opts.seed, options.CONFIG_FLAGS)
+        elif opts.resume is not None:
+            c.resume_state = os.path.abspath(resume.find_state(opts.resume))
+        if c.get('resume_state') is not None:
+            resume.check_state(c, net_kwargs, not opts.allow_changes, options.CONFIG_FLAGS)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(str(e) if str(e).startswith('--resume') else f'--resume: {e}') from None
     # A run directory holds one run: --nosubdir into one continues it in place or is refused.
     in_place = opts.resume == 'auto' or os.path.dirname(c.get('resume_state') or '') == os.path.abspath(opts.outdir)
     if opts.nosubdir and run_dir.holds_run(opts.outdir) and not (in_place or opts.dry_run):
         raise click.ClickException(f'--nosubdir: {opts.outdir} already holds a run; use another --outdir, or --resume')
     return c
-
-
-def check_network(c: dnnlib.EasyDict, data: dnnlib.EasyDict, opts: dnnlib.EasyDict, device: torch.device) -> None:
-    """Refuse, before anything is written, a network that cannot be built or would not fit: levels the data cannot
-    halve into, attention at no level, or more memory for weights, EMA, gradients and Adam than the device has."""
-    kwargs = dict(c.network_kwargs, img_resolution=c.dataset_kwargs.resolution, img_channels=data.channels,
-                  label_dim=data.label_dim)  # fmt: skip
-    res, cres = kwargs['img_resolution'], list(kwargs['channel_mult'])
-    what = 'length' if opts.arch in SEQUENCE_ARCHS else 'resolution'
-    if not cres or min(cres) < 1:
-        raise click.ClickException(f'--cres={",".join(map(str, cres))}: channel multipliers must be positive')
-    if res % 2 ** (len(cres) - 1) != 0:
-        most = 1 + next(i for i in range(len(cres)) if res % 2 ** (i + 1) != 0)
-        raise click.ClickException(
-            f'--cres={",".join(map(str, cres))}: {len(cres)} levels halve the {what} {res} {len(cres) - 1} times, '
-            f'which it does not allow; give at most {most} multipliers'
-        )
-    levels = [res >> i for i in range(len(cres))]
-    if opts.attn is not None and (unmatched := sorted(set(opts.attn) - set(levels))):
-        raise click.ClickException(
-            f'--attn={",".join(map(str, opts.attn))}: no level of this network has {what} '
-            f'{",".join(map(str, unmatched))} (its levels: {",".join(map(str, levels))}); choose among them, '
-            'or --attn=none for no attention'
-        )
-    try:
-        with torch.device('meta'):
-            params = sum(p.numel() for p in dnnlib.util.construct_class_by_name(**kwargs).parameters())
-    except Exception as e:
-        raise click.ClickException(f'Cannot build the network from these options: {e}'.splitlines()[0]) from None
-    # Weights, EMA, gradients and Adam's two moments: five float32 copies.
-    need, have = params * 20, device_memory(device)
-    if need > have:
-        raise click.ClickException(
-            f'The network has {params:,} parameters: {need / 2**30:.1f} GiB for weights, EMA, gradients and Adam, '
-            f'more than the {have / 2**30:.1f} GiB of {device}; lower --cbase, --cres or --blocks'
-        )
-
-
-def device_memory(device: torch.device) -> int:
-    """Bytes of memory on `device`: the GPU's, or the machine's RAM."""
-    if device.type == 'cuda':
-        return torch.cuda.get_device_properties(device).total_memory
-    return psutil.virtual_memory().total
-
-
-# The option behind each entry of the config, for messages that name what differs (nested keys by their last part).
-CONFIG_FLAGS = dict(
-    path='--data', use_labels='--cond', xflip='--xflip', resolution='--data', max_size='--data', cache='--cache',
-    model_type='--arch', model_channels='--cbase', channel_mult='--cres', num_blocks='--blocks',
-    attn_resolutions='--attn', dropout='--dropout', use_fp16='--fp16', augment_dim='--augment', p='--augment',
-    augment_kwargs='--augment', weight='--weight', lr='--lr', total_kimg='--duration', ema_halflife_kimg='--ema',
-    lr_rampup_kimg='--lr-rampup', batch_size='--batch', batch_gpu='--batch-gpu', loss_scaling='--ls', bf16='--bf16',
-    compile='--compile', seed='--seed', transfer='--transfer', ema_rampup_ratio='--transfer', verbose='--verbose',
-    **{name: '--' + option.replace('_', '-') for name, option in INFO_OPTIONS.items()},
-)  # fmt: skip
-CONFIG_FLAGS.update({'network_kwargs.class_name': '--precond', 'noise_kwargs.class_name': '--sampler'})
-
-
-def differences(old: dict, new: dict, groups) -> list[str]:
-    """'--flag=OLD (now NEW)' for each entry of the config `groups` (top-level keys) whose value differs."""
-    found = []
-    for key, a, b in run_dir.config_differences({k: old.get(k) for k in groups}, {k: new.get(k) for k in groups}):
-        flag = CONFIG_FLAGS.get(key) or CONFIG_FLAGS.get(key.split('.')[-1]) or key
-        found.append(f'{flag}: {json.dumps(a)} (now {json.dumps(b)}{"" if flag == key else f"; {key}"})')
-    return found
-
-
-def check_resume_state(c: dnnlib.EasyDict, data: dnnlib.EasyDict, strict: bool = True) -> None:
-    """Check that c.resume_state fits this config: the same network, and the same data, loss and noise sampler unless
-    not `strict` (--allow-changes); finite numbers; a state the noise sampler can load. Take its seed if none given."""
-    net_kwargs = dict(c.network_kwargs, img_resolution=c.dataset_kwargs.resolution, img_channels=data.channels,
-                      label_dim=data.label_dim)  # fmt: skip
-    try:
-        state = checkpoint.load_training_state(c.resume_state, None)
-    except (OSError, ValueError) as e:
-        raise click.ClickException(f'--resume: {e}') from None
-    real = lambda kwargs: dict(kwargs or {}, path=os.path.realpath(str((kwargs or {}).get('path'))))  # noqa: E731
-    old = dict(state, dataset_kwargs=dict(real(state.get('dataset_kwargs')), cache=c.dataset_kwargs.cache))
-    new = dict(c, network_kwargs=net_kwargs, dataset_kwargs=real(c.dataset_kwargs))
-    groups = ['network_kwargs'] + [
-        k for k in ('dataset_kwargs', 'loss_kwargs', 'noise_kwargs') if strict and k in state
-    ]
-    if changed := differences(old, new, groups):
-        raise click.ClickException(
-            f'--resume: {c.resume_state} was trained with other options: {"; ".join(changed)}. Start from its '
-            'weights with --transfer' + ('' if 'network_kwargs' in changed[0] else ', or continue with --allow-changes')
-        )
-    if state['noise_sampler'] is not None and run_dir.same_config(state.get('noise_kwargs'), c.noise_kwargs):
-        try:
-            dnnlib.util.construct_class_by_name(**c.noise_kwargs).load_state_dict(state['noise_sampler'])
-        except (ValueError, KeyError, TypeError) as e:
-            raise click.ClickException(f'--resume: {c.resume_state}: cannot restore the noise sampler: {e}') from None
-    if c.seed is None:
-        c.seed = state['seed']  # Continue the same random streams; EDM's states have none (random, as EDM).
-
-
-def find_resume_state(path: str) -> str:
-    """A training-state-*.pt file (ours or EDM's), or the newest one in a run directory."""
-    if os.path.isdir(path):
-        if (state := run_dir.newest(path, 'training-state')) is None:
-            raise click.ClickException(f'--resume: no training-state-*.pt in "{path}"')
-        return state
-    if not os.path.isfile(path):
-        raise click.ClickException(f'--resume: no such file or directory "{path}"')
-    return path
-
-
-# Options that may differ when --resume=auto continues a run: where it restarts from, how long it runs, how it loads
-# data, and how often it reports and saves; none changes what the run computes. A new --seed is refused apart.
-AUTO_RESUME_FREE = ('run_dir', 'resume_state', 'seed', 'total_kimg', 'data_loader_kwargs', 'cudnn_benchmark',
-                    'kimg_per_tick', 'snapshot_ticks', 'state_dump_ticks', 'snapshot_grid', 'snapshot_grid_scale',
-                    'verbose')  # fmt: skip
-
-
-def find_auto_resume(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, desc: str) -> None:
-    """--resume=auto: set c.run_dir to the run to continue in place (OUTDIR itself with --nosubdir, else the newest run
-    in OUTDIR named for this command, `desc`; left as is when there is none yet) and c.resume_state to its newest
-    training state (none if it stopped before its first), c.seed to the run's. A run started with other options is
-    refused, not mixed in, and so is a folder that holds run files but no training_options.json."""
-    directory = opts.outdir if opts.nosubdir else run_dir.newest_of(opts.outdir, desc)
-    if directory is None or not run_dir.holds_run(directory):
-        return
-    try:
-        old = run_dir.read_options(directory)
-    except (OSError, ValueError) as e:
-        raise click.ClickException(f'--resume=auto: {e}; restore it, or use another --outdir') from None
-    changed = differences(old, json.loads(json.dumps(c)), sorted({*old, *c} - set(AUTO_RESUME_FREE)))
-    if opts.seed is not None and opts.seed != old.get('seed'):
-        changed.append(f'--seed: {old.get("seed")} (now {opts.seed})')
-    if changed:
-        raise click.ClickException(
-            f'--resume=auto: {directory} was started with other options: {"; ".join(changed)}. Rerun its command, '
-            'or start another run with --desc'
-        )
-    c.run_dir, c.seed = directory, old.get('seed')
-    if (state := run_dir.newest(directory, 'training-state')) is not None:
-        c.resume_state = os.path.abspath(state)
 
 
 def precision(opts: dnnlib.EasyDict) -> str:
@@ -433,7 +179,7 @@ def precision(opts: dnnlib.EasyDict) -> str:
 def run_description(opts: dnnlib.EasyDict, world_size: int) -> str:
     """The run directory's name after its id: dataset, conditioning, architecture, preconditioning, sampler, ..."""
     cond = 'cond' if opts.cond else 'uncond'
-    sampler = PRECOND_SAMPLER[opts.precond] if opts.sampler == 'auto' else opts.sampler
+    sampler = options.PRECOND_SAMPLER[opts.precond] if opts.sampler == 'auto' else opts.sampler
     data = os.path.splitext(os.path.basename(opts.data.rstrip('/')))[0]
     desc = f'{data}-{cond}-{opts.arch}-{opts.precond}-{sampler}-gpus{world_size}-batch{opts.batch}-{precision(opts)}'
     return desc if opts.desc is None else f'{desc}-{opts.desc}'
@@ -466,25 +212,6 @@ def print_options(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, device: torch.devic
     dist.print0()
 
 
-def claim_run_dir(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, desc: str, locks: list[int]) -> bool:
-    """Rank 0: lock the run directory for this process (creating a new numbered one if c.run_dir is None) and say
-    whether it is new. --resume=auto also locks OUTDIR/.DESC.lock while it finds or creates its run, so that two
-    launches of one command never train side by side; what it found must still hold once it has the lock."""
-    if opts.resume == 'auto' and not opts.nosubdir:
-        os.makedirs(opts.outdir, exist_ok=True)
-        locks.append(run_dir.lock(os.path.join(opts.outdir, f'.{desc}.lock'), f'--resume=auto of "{desc}"'))
-        found = dnnlib.EasyDict(c, run_dir=None, resume_state=None)
-        find_auto_resume(found, opts, desc)
-        if (found.run_dir, found.resume_state) != (c.run_dir, c.get('resume_state')):
-            raise click.ClickException(f'--resume=auto: {opts.outdir} changed while this launch started; relaunch it')
-    new_run = c.run_dir is None or not run_dir.holds_run(c.run_dir)
-    if c.run_dir is None:
-        c.run_dir = run_dir.create(opts.outdir, desc)
-    os.makedirs(c.run_dir, exist_ok=True)
-    locks.append(run_dir.lock(os.path.join(c.run_dir, run_dir.LOCK), f'Run directory {c.run_dir}'))
-    return new_run
-
-
 def launch_training(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, desc: str, device: torch.device, threads: str) -> None:
     """Claim the run directory, write training_options.json, log to log.txt and run the training loop until done or
     stopped by SIGTERM/SIGINT (then with a training state saved and exit status 128 + the signal). A run continued in
@@ -494,8 +221,8 @@ def launch_training(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, desc: str, device
         if dist.get_rank() == 0:
             with cli.disk_errors(f'into {opts.outdir}'):
                 try:
-                    new_run = claim_run_dir(c, opts, desc, locks)
-                except run_dir.Busy as e:
+                    new_run = resume.claim(c, opts.outdir, desc, opts.resume == 'auto', options.CONFIG_FLAGS, locks)
+                except (ValueError, run_dir.Busy) as e:
                     raise click.ClickException(str(e)) from None
                 print_options(c, opts, device, threads)
                 dist.print0('Creating output directory...' if new_run else f'Continuing {c.run_dir} in place...')

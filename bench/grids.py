@@ -50,6 +50,7 @@ from bench.common import (
 from dnnlib.cli import pick_device
 from infonoise.grids import edm_grid, infogrid, loguniform_grid, num_steps_for
 from infonoise.profile import LogGrid
+from training import run_dir as run_files
 from training.checkpoint import load_network
 
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
@@ -64,7 +65,7 @@ def find_snapshot(path: str | None, from_dir: str, model: str) -> str | None:
         if not os.path.isfile(path):
             raise click.ClickException(f'--{model}: no such file "{path}"')
         return path
-    found = ttq.snapshots(ttq.run_dir(from_dir, MODELS[model], 0))
+    found = run_files.find(ttq.run_dir(from_dir, MODELS[model], 0), 'network-snapshot')
     return found[max(found)] if found and max(found) > 0 else None
 
 

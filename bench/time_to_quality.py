@@ -38,7 +38,6 @@ GPU scale up with e.g. --device=cuda --kimg=2000 --eval-every=100 --seeds=4.
 """
 
 import dataclasses
-import glob
 import json
 import math
 import os
@@ -77,6 +76,7 @@ from bench.common import (
 from dnnlib.cli import pick_device
 from infonoise.grids import edm_grid, nfe
 from metrics.sequence_metrics import sequence_stats
+from training import run_dir as run_files
 from training import sequences
 from training.checkpoint import load_network
 
@@ -142,16 +142,6 @@ def run_dir(outdir: str, recipe: str, seed: int) -> str:
     return os.path.join(outdir, 'runs', f'{recipe}-seed{seed}')
 
 
-def snapshots(rdir: str) -> dict[int, str]:
-    """kimg -> path of the network snapshots in a run directory."""
-    found = {}
-    for path in glob.glob(os.path.join(rdir, 'network-snapshot-*.pt')):
-        match = re.fullmatch(r'network-snapshot-(\d+)\.pt', os.path.basename(path))
-        if match:
-            found[int(match.group(1))] = path
-    return found
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Report logic (pure functions).
 
@@ -204,15 +194,20 @@ REFRESH_LINE = re.compile(
 
 
 def pivot_history(rdir: str) -> list[dict]:
-    """Every refresh of an InfoNoise run as its log.txt reports it: kimg, the pivot in use, this refresh's own
-    calibration and the rule; a refresh logged twice (a run resumed from an older state) counts once, the last."""
-    path = os.path.join(rdir, 'log.txt')
+    """Every refresh of an InfoNoise run: kimg, the pivot in use, this refresh's own calibration and the rule, from
+    the checks stats.jsonl records ("Noise/events"), and from log.txt for runs made before it recorded them; a
+    refresh reported twice (a run resumed from an older state) counts once, the last."""
     refreshes = {}
+    path = os.path.join(rdir, 'log.txt')
     for line in open(path, encoding='utf-8') if os.path.isfile(path) else []:
-        match = REFRESH_LINE.match(line)
-        if match:
+        if match := REFRESH_LINE.match(line):
             number, kimg, pivot, rule, raw = match.groups()
             refreshes[int(number)] = dict(kimg=float(kimg), pivot=float(pivot), raw_pivot=float(raw), rule=rule)
+    for record in read_json_lines(os.path.join(rdir, 'stats.jsonl')):
+        for e in record.get('Noise/events', []):
+            if isinstance(e, dict) and e.get('refreshed'):
+                refreshes[e['refreshes']] = dict(kimg=e['nimg'] / 1e3, pivot=e['pivot'], raw_pivot=e['raw_pivot'],
+                                                 rule=e['pivot_rule'])  # fmt: skip
     return [refreshes[k] for k in sorted(refreshes)]
 
 
@@ -238,10 +233,10 @@ def train(name: str, seed: int, opts: dnnlib.EasyDict, data: str, device) -> dic
     """Train (or finish) one run with train.py; returns its record: wall seconds spent in train.py, kimg."""
     rdir = run_dir(opts.outdir, name, seed)
     record_path = os.path.join(rdir, 'bench-train.json')
-    if opts.kimg in snapshots(rdir):
+    if opts.kimg in run_files.find(rdir, 'network-snapshot'):
         return read_json(record_path, dict(seconds=None))
-    states = sorted(glob.glob(os.path.join(rdir, 'training-state-*.pt')))
-    if states and int(re.search(r'(\d+)\.pt$', states[-1]).group(1)) >= opts.kimg:
+    states = list(run_files.find(rdir, 'training-state').values())
+    if states and max(run_files.find(rdir, 'training-state')) >= opts.kimg:
         raise click.ClickException(
             f'{rdir} was trained past {opts.kimg} kimg with another --eval-every; use another --outdir'
         )
@@ -268,12 +263,12 @@ def train(name: str, seed: int, opts: dnnlib.EasyDict, data: str, device) -> dic
     start = time.time()
     with open(os.path.join(rdir, 'train-console.txt'), 'a', encoding='utf-8') as console:
         result = subprocess.run(command, cwd=REPO_ROOT, stdout=console, stderr=subprocess.STDOUT)
-    if result.returncode != 0 or opts.kimg not in snapshots(rdir):
+    if result.returncode != 0 or opts.kimg not in run_files.find(rdir, 'network-snapshot'):
         raise click.ClickException(f'train.py failed for {name} seed {seed}; see {rdir}/train-console.txt')
     record = read_json(record_path, dict(seconds=0.0))
     record.update(seconds=(record['seconds'] or 0.0) + time.time() - start, kimg=opts.kimg, command=command[1:])
     write_json(record_path, record)
-    for state in sorted(glob.glob(os.path.join(rdir, 'training-state-*.pt')))[:-1]:
+    for state in states[:-1] if (states := list(run_files.find(rdir, 'training-state').values())) else []:
         os.remove(state)  # Keep the newest state only: what a longer run resumes from.
     return record
 
@@ -287,7 +282,7 @@ def evaluate(
     info = DATASETS[dataset]
     cache_path = os.path.join(rdir, f'{info["metric"].lower()}-heun{opts.steps}-n{opts.eval_images}.json')
     cache = read_json(cache_path, {})
-    found = {k: path for k, path in snapshots(rdir).items() if k > 0}
+    found = {k: path for k, path in run_files.find(rdir, 'network-snapshot').items() if k > 0}
     sigmas, seeds = edm_grid(opts.steps), list(range(opts.eval_images))
     curve, stats, seconds = {}, {}, []
     for point in range(opts.eval_every, opts.kimg + 1, opts.eval_every):

@@ -91,6 +91,15 @@ def test_pivot_history_from_the_log(tmp_path):
     assert history[2]['rule'] == 'onset, no break'
     assert pivot_stability(history) == dict(after_kimg=20, min=0.2, max=0.24, ratio=pytest.approx(1.2))
     assert pivot_stability(history, after_kimg=30) is None and pivot_history(str(tmp_path / 'none')) == []
+    # Runs record every check in stats.jsonl (the log has them only with --verbose); a resumed run's refresh 4
+    # there replaces the log's, and refresh 5 exists only there.
+    event = dict(refreshed=True, refreshes=4, nimg=24000, pivot=0.3, raw_pivot=0.31, pivot_rule='onset')
+    skipped = dict(refreshed=False, refreshes=4, nimg=25000, reason='interval 1 holds 3 of N_min = 8 losses')
+    records = [{'Noise/events': [event, skipped]}, {}, {'Noise/events': [dict(event, refreshes=5, nimg=26000)]}]
+    (tmp_path / 'stats.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+    history = pivot_history(str(tmp_path))
+    assert [h['kimg'] for h in history] == [12.032, 14.016, 22.016, 24.0, 26.0]
+    assert history[3] == dict(kimg=24.0, pivot=0.3, raw_pivot=0.31, rule='onset')
 
 
 def test_parse_seeds():

@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-import train
-from training import networks
+from training import networks, options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The architecture presets of EDM's train.py (--arch), as our train.py defines them.
-PRESETS = train.ARCH_KWARGS
+PRESETS = options.ARCH_KWARGS
 
 
 def build_preset(arch, img_resolution=32, label_dim=0, augment_dim=9, cres=None, use_fp16=False, dropout=0.13):

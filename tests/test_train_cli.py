@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from conftest import TINY_NET_ARGS, train_config, write_edm_zip
 
 import train
+from training import options
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,7 +92,7 @@ def test_every_preset_dry_runs(tmp_path, digits_zip):
     assert {'cifar10-cond-ddpmpp', 'ffhq64-ddpmpp', 'imagenet64-adm', 'demo-mnist16'} <= set(names)
     for name in names:
         with open(os.path.join(train.CONFIGS_DIR, f'{name}.json')) as f:
-            if json.load(f).get('arch') in train.SEQUENCE_ARCHS:
+            if json.load(f).get('arch') in options.SEQUENCE_ARCHS:
                 continue  # Sequence presets need sequence data (tests/test_presets.py).
         result = run('--outdir', tmp_path, '--data', digits_zip, '--device=cpu', f'--preset={name}', '--dry-run')
         assert result.exit_code == 0, (name, result.output)

@@ -9,9 +9,8 @@ import pytest
 import torch
 from conftest import TINY_NET_ARGS
 
-import train
 from infonoise.grids import infogrid
-from training import checkpoint
+from training import checkpoint, options
 from training import training_loop as tl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +25,7 @@ def tiny_config(data, run_dir, **overrides):
         ),
         data_loader_kwargs=dict(num_workers=0),
         network_kwargs=dict(
-            train.ARCH_KWARGS['ddpmpp'],
+            options.ARCH_KWARGS['ddpmpp'],
             class_name='training.networks.EDMPrecond',
             model_channels=16,
             channel_mult=[1, 2],
