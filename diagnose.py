@@ -28,8 +28,10 @@ import time
 
 import click
 import numpy as np
+import PIL.Image
 import torch
 import tqdm
+from matplotlib import font_manager
 
 from dnnlib import cli
 from dnnlib.util import atomic_write
@@ -44,7 +46,7 @@ from infonoise.weights import WEIGHTS
 from training.checkpoint import load_network
 from training.dataset import Dataset
 from training.dataset import open_dataset as open_any_dataset
-from training.sampling import images_to_uint8, tile_images
+from training.sampling import images_to_uint8, save_image, side_by_side, tile_images
 
 # `figure`: the narrowest cell in pixels (images are enlarged by a whole factor to reach it) and the gap between.
 FIGURE_CELL, FIGURE_PAD = 64, 2
@@ -281,7 +283,7 @@ def click_errors(function):
 
 @click.group()
 def main():
-    """Offline information profiles (InfoNoise paper, Sec. 6 and App. A.2)."""
+    """Offline information profiles (InfoNoise paper, Sec. 6 and App. A.2), and side-by-side figures of σ-grids."""
 
 
 @main.command(context_settings={'show_default': True})
@@ -362,6 +364,34 @@ def figure(data, out, images, sigmas, max_size, seed, device):
     title = f'Bayes-optimal denoising under the empirical prior of {plural(len(dataset), "image")}'
     save_denoising_figure(grid, sigmas, ['noisy', 'denoised'] * len(shown), FIGURE_PAD, out, title)
     click.echo(f'Wrote {out}: {plural(len(shown), "image")} x {plural(len(sigmas), "noise level")}')
+
+
+@main.command('compare')
+@click.option(
+    '--image',
+    'images',
+    help='A PNG, e.g. a sample grid (repeat: one per --title)',
+    metavar='PNG',
+    multiple=True,
+    required=True,
+)
+@click.option(
+    '--title', 'titles', help='The title above each --image, in order', metavar='TEXT', multiple=True, required=True
+)
+@click.option('--out', help='Output PNG', metavar='PNG', required=True)
+@click_errors
+def compare(images, titles, out):
+    """Put PNGs (e.g. the same seeds drawn on two σ-grids) side by side, each under its title, pixels unchanged."""
+    check_output(out, '--out')
+    arrays = []
+    for path in images:
+        image = PIL.Image.open(path)
+        array = np.asarray(image.convert('L' if image.mode in ('1', 'L') else 'RGB'))
+        arrays.append(array[:, :, None] if array.ndim == 2 else array)
+    row = side_by_side(arrays, list(titles), font_path=font_manager.findfont('DejaVu Sans'))  # Has Greek letters.
+    with atomic_write(out, 'wb') as f:
+        save_image(row, f)
+    print(f'Saved "{out}"')
 
 
 if __name__ == '__main__':

@@ -22,6 +22,7 @@ from dnnlib import cli
 from metrics.detectors import DEFAULT_DETECTOR, load_detector
 from metrics.frechet import FeatureStats, frechet_distance, load_stats, save_stats
 from torch_utils import distributed as dist
+from torch_utils import misc
 from training import sequences
 from training.dataset import Dataset, ImageFolderDataset, SequenceDataset
 
@@ -112,6 +113,7 @@ def setup(device: str | None, detector_spec: str, data_path: str):
         device = dist.init(device)
     except RuntimeError as e:
         raise click.ClickException(str(e)) from None
+    dist.print0(f'CPU threads: {misc.set_cpu_threads()}')
     dist.print0(f'Loading detector "{detector_spec}"...')
     try:
         detector = dist.rank0_first(lambda: load_detector(detector_spec, device, sequence_length=length))

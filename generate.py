@@ -27,6 +27,7 @@ from dnnlib.util import atomic_write, parse_int_list
 from infonoise import grid_files, grids
 from infonoise.profile import Profile
 from torch_utils import distributed as dist
+from torch_utils import misc
 from training import sequences
 from training.checkpoint import load_network
 from training.networks_1d import SequenceUNet
@@ -286,7 +287,7 @@ def main(**kwargs):
         device = dist.init(opts.device)
     except RuntimeError as e:
         raise click.ClickException(str(e)) from None
-
+    dist.print0(f'CPU threads: {misc.set_cpu_threads()}')
     dist.print0(f'Loading network from "{opts.network_pkl}"...')
     try:
         loaded = dist.rank0_first(lambda: load_network(opts.network_pkl, device=device))

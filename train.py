@@ -212,36 +212,46 @@ def print_options(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, device: torch.devic
     dist.print0()
 
 
+def prepare_run_dir(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, desc: str, locks: list[int]) -> bool:
+    """Rank 0: claim the run directory (resume.claim) and write training_options.json; a run continued in place keeps
+    its log.txt and its stats.jsonl up to the resumed state. Says whether the run is new."""
+    try:
+        new_run = resume.claim(c, opts.outdir, desc, opts.resume == 'auto', options.CONFIG_FLAGS, locks)
+    except (ValueError, run_dir.Busy) as e:
+        raise click.ClickException(str(e)) from None
+    if not new_run:
+        for name in dnnlib.util.remove_stale_temp_files(c.run_dir, own_pid_is_stale=True):
+            dist.print0(f'Removed "{name}", left by a stopped process')
+        in_place = os.path.dirname(c.get('resume_state') or '') == os.path.abspath(c.run_dir)
+        run_dir.trim_stats(c.run_dir, run_dir.state_nimg(c.resume_state) if in_place else -1)
+    try:
+        with dnnlib.util.atomic_write(os.path.join(c.run_dir, run_dir.OPTIONS), 'w') as f:
+            json.dump(c, f, indent=2)
+    except OSError:
+        if new_run:  # Leave no run directory without its options behind.
+            shutil.rmtree(c.run_dir, ignore_errors=True)
+        raise
+    return new_run
+
+
 def launch_training(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, desc: str, device: torch.device, threads: str) -> None:
-    """Claim the run directory, write training_options.json, log to log.txt and run the training loop until done or
-    stopped by SIGTERM/SIGINT (then with a training state saved and exit status 128 + the signal). A run continued in
-    place keeps its log.txt and its stats.jsonl up to the resumed state."""
-    locks, logger = [], None
+    """Prepare the run directory on rank 0 (every rank learns it, or the error that stopped it), log to log.txt and
+    run the training loop until done or stopped by SIGTERM/SIGINT: then with a training state saved, and exit status
+    128 + the signal."""
+    locks, logger, error = [], None, None
     try:
         if dist.get_rank() == 0:
-            with cli.disk_errors(f'into {opts.outdir}'):
-                try:
-                    new_run = resume.claim(c, opts.outdir, desc, opts.resume == 'auto', options.CONFIG_FLAGS, locks)
-                except (ValueError, run_dir.Busy) as e:
-                    raise click.ClickException(str(e)) from None
+            try:
+                with cli.disk_errors(f'into {opts.outdir}'):
+                    new_run = prepare_run_dir(c, opts, desc, locks)
                 print_options(c, opts, device, threads)
                 dist.print0('Creating output directory...' if new_run else f'Continuing {c.run_dir} in place...')
-                if not new_run:
-                    for name in dnnlib.util.remove_stale_temp_files(c.run_dir, own_pid_is_stale=True):
-                        dist.print0(f'Removed "{name}", left by a stopped process')
-                    in_place = os.path.dirname(c.get('resume_state') or '') == os.path.abspath(c.run_dir)
-                    run_dir.trim_stats(c.run_dir, run_dir.state_nimg(c.resume_state) if in_place else -1)
-                try:
-                    with dnnlib.util.atomic_write(os.path.join(c.run_dir, run_dir.OPTIONS), 'w') as f:
-                        json.dump(c, f, indent=2)
-                except OSError:
-                    if new_run:  # Leave no run directory without its options behind.
-                        shutil.rmtree(c.run_dir, ignore_errors=True)
-                    raise
-            logger = dnnlib.util.Logger(
-                file_name=os.path.join(c.run_dir, run_dir.LOG), file_mode='a', should_flush=True
-            )
-        c.run_dir = dist.broadcast_object(c.run_dir)
+                logger = dnnlib.util.Logger(os.path.join(c.run_dir, run_dir.LOG), file_mode='a', should_flush=True)
+            except click.ClickException as e:
+                error = e.message
+        c.run_dir, error = dist.broadcast_object((c.run_dir, error))
+        if error is not None:
+            raise click.ClickException(error) if dist.get_rank() == 0 else SystemExit(1)
         with dist.StopSignals() as stop_signals, cli.disk_errors(f'into {c.run_dir}'):
             result = training_loop.training_loop(**c, device=device, stop_signals=stop_signals)
     except CorruptImageError as e:  # A DataLoader worker's error comes with its traceback: keep the message.
@@ -349,7 +359,7 @@ def main(**kwargs):
         device = dist.init(opts.device)
     except RuntimeError as e:
         raise click.ClickException(str(e)) from None
-    threads = misc.set_cpu_threads(int(os.environ.get('LOCAL_WORLD_SIZE', '1')))
+    threads = misc.set_cpu_threads()
     c = setup_training_config(opts, given, dist.get_world_size(), device)
     if c.seed is None:
         c.seed = dist.broadcast_object(secrets.randbelow(1 << 31))

@@ -198,12 +198,12 @@ def pivot_history(rdir: str) -> list[dict]:
     the checks stats.jsonl records ("Noise/events"), and from log.txt for runs made before it recorded them; a
     refresh reported twice (a run resumed from an older state) counts once, the last."""
     refreshes = {}
-    path = os.path.join(rdir, 'log.txt')
+    path = os.path.join(rdir, run_files.LOG)
     for line in open(path, encoding='utf-8') if os.path.isfile(path) else []:
         if match := REFRESH_LINE.match(line):
             number, kimg, pivot, rule, raw = match.groups()
             refreshes[int(number)] = dict(kimg=float(kimg), pivot=float(pivot), raw_pivot=float(raw), rule=rule)
-    for record in read_json_lines(os.path.join(rdir, 'stats.jsonl')):
+    for record in read_json_lines(os.path.join(rdir, run_files.STATS)):
         for e in record.get('Noise/events', []):
             if isinstance(e, dict) and e.get('refreshed'):
                 refreshes[e['refreshes']] = dict(kimg=e['nimg'] / 1e3, pivot=e['pivot'], raw_pivot=e['raw_pivot'],
@@ -223,7 +223,7 @@ def median_img_per_sec(rdir: str) -> float | None:
     """Median training throughput over the run's ticks (tick 0, a single step, left out)."""
     rates = [
         record['Timing/img_per_sec']['mean']
-        for record in read_json_lines(os.path.join(rdir, 'stats.jsonl'))
+        for record in read_json_lines(os.path.join(rdir, run_files.STATS))
         if record.get('Progress/tick', {}).get('mean', 0) > 0
     ]
     return statistics.median(rates) if rates else None

@@ -6,12 +6,11 @@ The checks go to `InfoNoise.callback` (the training loop prints them); the repor
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:
-    from infonoise.info_noise import InfoNoise
     from infonoise.profile import LogGrid
 
 
@@ -58,8 +57,8 @@ def shortest_interval(grid: 'LogGrid', counts: torch.Tensor, min_count: int) -> 
     )
 
 
-def schedule_report(noise: 'InfoNoise', total_nimg: int, batch_size: int) -> list[str]:
-    """Before training: how this schedule will adapt in a run of `total_nimg` images at `batch_size` per step
+def schedule_report(noise: Any, total_nimg: int, batch_size: int) -> list[str]:
+    """Before training: how the InfoNoise `noise` will adapt in a run of `total_nimg` images at `batch_size` per step
     (all ranks together), and warnings (lines starting 'Warning:') when it cannot: the warm-up outlasts the run,
     the intervals are not expected to collect N_min losses in time, or the refresh period is shorter than a step.
 

@@ -9,16 +9,13 @@ wrong, before anything is loaded.
 
 import math
 import numbers
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from infonoise.pivot import DEBOUNCE
 from infonoise.profile import Profile
 from infonoise.table import InverseCDFTable
-
-if TYPE_CHECKING:
-    from infonoise.info_noise import InfoNoise
 
 # Keys of `InfoNoise.state_dict()`; 'next_check_nimg' is the older name of 'next_check'.
 REQUIRED = ('buffer', 'ptr', 'count', 'nonfinite', 'mse', 'nimg', 'refreshes', 'pivot', 'table', 'profile')
@@ -121,8 +118,8 @@ def check_state(state: Any, num_bins: int, buffer_size: int, in_steps: bool) -> 
         _fail('raw_pivots', f'must be a list of at most {DEBOUNCE} positive numbers')
 
 
-def save_state(noise: 'InfoNoise') -> dict[str, Any]:
-    """Everything a bit-exact resume of `noise` needs, as CPU tensors, numbers, lists and dicts."""
+def save_state(noise: Any) -> dict[str, Any]:
+    """Everything a bit-exact resume of the InfoNoise `noise` needs, as CPU tensors, numbers, lists and dicts."""
     table = noise.table
     return dict(
         buffer=noise.buffer.cpu(), ptr=noise.ptr.cpu(), count=noise.count.cpu(), nonfinite=noise.nonfinite.cpu(),
@@ -134,7 +131,7 @@ def save_state(noise: 'InfoNoise') -> dict[str, Any]:
     )  # fmt: skip
 
 
-def load_state(noise: 'InfoNoise', state: dict[str, Any]) -> None:
+def load_state(noise: Any, state: dict[str, Any]) -> None:
     """Check `state` against `noise`'s configuration (`check_state`), then restore it into `noise` (on the CPU;
     the next `sample` or `observe` moves it to its device). Fields older states lack get their defaults."""
     check_state(state, noise.grid.num_bins, noise.buffer_size, noise.in_steps)

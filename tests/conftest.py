@@ -12,6 +12,10 @@ import sklearn.datasets
 from click.testing import CliRunner, Result
 from PIL import Image
 
+# The CLIs measure how busy the CPUs are before they choose torch's threads (torch_utils.misc.set_cpu_threads), which
+# takes half a second; the tests call them hundreds of times and say how many threads they want instead.
+os.environ.setdefault('OMP_NUM_THREADS', str(os.cpu_count() or 1))
+
 
 def invoke(main, *args) -> Result:
     """Run a click command in this process, its arguments turned into strings (so that paths may be Path objects)."""

@@ -254,3 +254,31 @@ def test_cli_errors_are_one_line(digits_zip, tmp_path):
     result = run_cli('figure', '--data', digits_zip, '--out', tmp_path / 'f.png', '--sigmas', '1,-2')
     assert result.exit_code == 2 and 'all positive' in result.output
     assert not list(tmp_path.glob('*.json')) and not list(tmp_path.glob('*.png'))
+
+
+def test_compare_puts_grids_side_by_side_under_titles(tmp_path):
+    rng = np.random.default_rng(0)
+    left, right = rng.integers(0, 256, (70, 70), dtype=np.uint8), rng.integers(0, 256, (50, 90), dtype=np.uint8)
+    PIL.Image.fromarray(left).save(tmp_path / 'a.png')
+    PIL.Image.fromarray(right).save(tmp_path / 'b.png')
+    out = tmp_path / 'figs' / 'c.png'
+    titles = ['EDM ρ-grid, 9 steps (17 NFE)', 'InfoGrid']
+    result = run_cli('compare', '--image', tmp_path / 'a.png', '--title', titles[0], '--image', tmp_path / 'b.png',
+                 '--title', titles[1], '--out', out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    row = np.asarray(PIL.Image.open(out))
+    assert row.ndim == 2  # Grayscale in, grayscale out.
+
+    # Each image appears once, pixel for pixel, left to right, below its title's ink.
+    def find(image):
+        h, w = image.shape
+        hits = [(y, x) for y in range(row.shape[0] - h + 1) for x in range(row.shape[1] - w + 1)
+                if row[y, x] == image[0, 0] and np.array_equal(row[y : y + h, x : x + w], image)]  # fmt: skip
+        assert len(hits) == 1
+        return hits[0]
+
+    (ya, xa), (yb, xb) = find(left), find(right)
+    assert xa + 70 < xb and ya == yb and (row[:ya] < 128).any() and (row[:ya] < 128).sum() > 100
+    assert run_cli('compare', '--image', tmp_path / 'a.png', '--out', out).exit_code != 0  # No title.
+    result = run_cli('compare', '--image', tmp_path / 'a.png', '--title', 'x', '--title', 'y', '--out', out)
+    assert result.exit_code == 1 and 'Error: Need one title per image, got 1 images and 2 titles' in result.output

@@ -157,3 +157,115 @@ def test_stats_line_is_written_before_the_state(tmp_path, digits_zip, monkeypatc
     assert result.exit_code == 0, result.output
     # Ticks end at 32 (tick 0, no dump), 1056 and 2016 images.
     assert [(nimg, round(kimg * 1000)) for nimg, kimg in saved] == [(1056, 1056), (2016, 2016)]
+
+
+def cli(*args):
+    from click.testing import CliRunner
+
+    import train
+
+    return CliRunner().invoke(train.main, [str(a) for a in args])
+
+
+def one_error_line(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.startswith('Error:')]
+    assert result.exit_code == 1 and len(lines) == 1 and 'Traceback' not in result.output, result.output
+    return lines[0]
+
+
+def test_broken_runs_are_refused_in_one_line_and_left_as_they_are(tmp_path, digits_zip):
+    args = ['--data', digits_zip, '--device=cpu', '--workers=0', *TINY_NET_ARGS, '--batch=32', '--duration=0.002',
+            '--tick=1', '--seed=3', '--resume=auto', '--nosubdir']  # fmt: skip
+    cases = {
+        'corrupt': (lambda d: (d / run_dir.OPTIONS).write_text('{"seed": 3,'), 'training_options.json" is not valid JSON'),
+        'list': (lambda d: (d / run_dir.OPTIONS).write_text('[1, 2]'), 'must hold a JSON object of training options'),
+        'deep': (lambda d: (d / run_dir.OPTIONS).write_text('[' * 100_000 + ']' * 100_000), 'nests JSON too deeply'),
+        'deleted': (lambda d: (d / run_dir.OPTIONS).unlink(), 'holds a run but no training_options.json; restore it'),
+    }  # fmt: skip
+    for name, (damage, message) in cases.items():
+        out = tmp_path / name
+        assert cli('--outdir', out, *args).exit_code == 0
+        damage(out)
+        before = digest(out)
+        assert message in one_error_line(cli('--outdir', out, *args, '--duration=0.003')), name
+        assert digest(out) == before, name
+    # Another explicit --seed is another run, not this one continued.
+    out = tmp_path / 'seed'
+    assert cli('--outdir', out, *args).exit_code == 0
+    before = digest(out)
+    assert '--seed: 3 (now 4)' in one_error_line(cli('--outdir', out, *args, '--seed=4', '--duration=0.003'))
+    assert digest(out) == before
+
+
+def test_state_holding_nan_is_refused(tmp_path, digits_zip):
+    args = ['--outdir', tmp_path / 'runs', '--data', digits_zip, '--device=cpu', '--workers=0', *TINY_NET_ARGS,
+            '--batch=32', '--duration=0.001', '--tick=1']  # fmt: skip
+    assert cli(*args).exit_code == 0
+    state_path = run_dir.newest(tmp_path / 'runs' / runs(tmp_path / 'runs')[0], 'training-state')
+    state = torch.load(state_path, weights_only=True)
+    state['ema']['model.map_layer0.weight'][0, 0] = float('nan')
+    torch.save(state, state_path)
+    message = one_error_line(cli(*args, f'--resume={state_path}', '--duration=0.002'))
+    assert 'holds NaN or infinite values (ema.model.map_layer0.weight, 1 tensors in all)' in message
+    assert len(runs(tmp_path / 'runs')) == 1
+
+
+@pytest.mark.parametrize('code', ['ENOSPC', 'EFBIG'])
+def test_full_disk_while_writing_the_options_leaves_no_run_directory(tmp_path, digits_zip, monkeypatch, code):
+    import errno
+
+    import train
+
+    def no_space(*args, **kwargs):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(train.json, 'dump', no_space)
+    out = tmp_path / 'runs'
+    message = one_error_line(cli('--outdir', out, '--data', digits_zip, '--device=cpu', *TINY_NET_ARGS))
+    assert message.startswith(('Error: No space left on the device while writing into', 'Error: File size limit'))
+    assert runs(out) == []
+
+
+def test_file_size_limit_while_training_is_one_line(tmp_path, digits_zip):
+    # ulimit -f: Python ignores SIGXFSZ, so the first write past the limit (a snapshot) fails with EFBIG.
+    import resource
+
+    limit = 64 * 1024
+    proc = subprocess.run(
+        [a for a in command(tmp_path, digits_zip, 1) if a != '--resume=auto'], cwd=REPO, env=ENV,
+        capture_output=True, text=True, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )  # fmt: skip
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+    assert (
+        proc.stderr.startswith('Error: File size limit exceeded while writing into ') and proc.stderr.count('\n') == 1
+    )
+
+
+def test_sigterm_to_a_torchrun_job_stops_every_rank_after_one_step(tmp_path, digits_zip):
+    # A scheduler signals the whole job (torchrun and its two Gloo ranks; torchrun forwards the signal once more):
+    # both ranks stop after the same step, rank 0 saves the state, and the relaunch ends where an uninterrupted
+    # two-rank run ends.
+    def torchrun(outdir):
+        args = [a for a in command(outdir, digits_zip, 3)[2:] if a != '--seed=7'] + ['--seed=11']
+        return [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py', *args]
+
+    out = tmp_path / 'out'
+    proc = subprocess.Popen(torchrun(out), cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+    wait_for(lambda: any(run_dir.find(out / name, 'network-snapshot') for name in runs(out) if '-' in name), proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, err = proc.communicate(timeout=120)
+    (directory,) = [out / name for name in runs(out)]
+    assert 'training state saved' in stdout, stdout[-2000:] + err[-2000:]
+    (state,) = run_dir.find(directory, 'training-state').values()
+    assert 0 < run_dir.state_nimg(state) < 3000
+
+    code, _, err = finish(launch(torchrun(out)))
+    assert code == 0, err[-2000:]
+    straight = tmp_path / 'straight'
+    code, _, err = finish(launch(torchrun(straight)))
+    assert code == 0, err[-2000:]
+    (straight_dir,) = [straight / name for name in runs(straight)]
+    final = os.path.basename(run_dir.newest(straight_dir, 'training-state'))
+    assert_equal(load_state(directory / final), load_state(straight_dir / final))
+    assert ticks(directory) == ticks(straight_dir)

@@ -10,6 +10,7 @@ import sys
 
 import click
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -364,3 +365,22 @@ def test_disk_errors_become_one_line(code):
     assert info.value.message == f'{cli.DISK_ERRORS[code]} while writing the images: out/x.png'
     with pytest.raises(PermissionError), cli.disk_errors('the images'):  # Not the machine's: passes unchanged.
         raise PermissionError(errno.EACCES, 'denied')
+
+
+@pytest.mark.parametrize(
+    'cpus, load, local, expected', [(2, 0.1, 1, 2), (2, 1.9, 1, 1), (2, 0.0, 2, 1), (16, 4.4, 1, 12), (16, 3.0, 4, 3)]
+)
+def test_cpu_threads_leave_busy_cores_alone(monkeypatch, cpus, load, local, expected):
+    # Free CPUs (the busy CPUs measured, of those this process may use), shared among this machine's ranks, at least
+    # one; CPUs outside the affinity (busy at 100 % here) do not count.
+    before = torch.get_num_threads()
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(cpus)))
+    monkeypatch.setattr(psutil, 'cpu_percent', lambda interval, percpu: [100 * load / cpus] * cpus + [100.0] * 4)
+    try:
+        said = misc.set_cpu_threads(local)
+        assert torch.get_num_threads() == expected and said.startswith(f'{expected} ({cpus} CPUs, {load:.1f} busy')
+        monkeypatch.setenv('OMP_NUM_THREADS', '3')  # The user's choice wins and is left alone.
+        assert misc.set_cpu_threads(local) == f'{expected} (OMP_NUM_THREADS)'
+    finally:
+        torch.set_num_threads(before)

@@ -263,11 +263,13 @@ def test_committed_help_is_current(script):
 
 def test_resume_picks_the_newest_state_by_kimg(tmp_path):
     # Names grow a digit past 999,999 kimg (the ImageNet presets run to 2,500,000): text order would pick 999950.
-    from train import find_resume_state
+    from training import resume, run_dir
 
     for kimg in (999950, 1000000, 2500000, 120):
         (tmp_path / f'training-state-{kimg:06d}.pt').write_bytes(b'')
-    assert find_resume_state(str(tmp_path)) == str(tmp_path / 'training-state-2500000.pt')
+    (tmp_path / 'training-state-7.pt.tmp').write_bytes(b'')  # Not a state's name.
+    assert resume.find_state(str(tmp_path)) == str(tmp_path / 'training-state-2500000.pt')
+    assert list(run_dir.find(str(tmp_path), 'training-state')) == [120, 999950, 1000000, 2500000]
 
 
 def test_two_runs_never_share_a_directory(tmp_path):

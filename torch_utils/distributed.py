@@ -8,6 +8,7 @@ CUDA, Gloo otherwise, so that the same code runs multi-process on CPU-only machi
 import os
 import signal
 import threading
+import time
 
 import torch
 
@@ -147,25 +148,30 @@ def shutdown() -> None:
 
 
 class StopSignals:
-    """SIGTERM and SIGINT ask a loop to stop cleanly instead of killing it: within the `with` block the first one only
-    sets a flag, and `poll()`, called once per step on every rank, says when to stop. Ranks agree: each step's poll
+    """SIGTERM and SIGINT ask a loop to stop cleanly instead of killing it: within the `with` block a signal only sets
+    a flag, and `poll()`, called once per step on every rank, says when to stop. Ranks agree: each step's poll
     starts an all-reduce (max) of this rank's flag over a CPU (Gloo) group and acts on the previous step's result,
     so every rank stops after the same step, at most one step after the first signal, with no device sync per step.
-    A second signal stops at once (KeyboardInterrupt). Cluster schedulers send SIGTERM some time before they kill."""
+    Cluster schedulers send SIGTERM some time before they kill; torchrun forwards the signal its workers got too, so
+    repeats are the same request, except a SIGINT more than 2 s after the first (Ctrl-C again), which stops at once
+    (KeyboardInterrupt)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.signum = 0
+        self.first = 0.0  # time.monotonic() of the first signal.
         self.previous: dict = {}
         self.pending = None  # (flag tensor, all-reduce work) started by the last poll.
         self.group = None
 
     def _handle(self, signum, frame) -> None:
         if self.signum:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print0(f'Received {signal.Signals(signum).name}: stopping after this step (send it again to stop at once)')
+            if signum == signal.SIGINT and time.monotonic() - self.first > 2:
+                raise KeyboardInterrupt
+            return
+        self.signum, self.first = signum, time.monotonic()
+        print0(f'Received {signal.Signals(signum).name}: stopping after this step (Ctrl-C again to stop at once)')
 
     def __enter__(self) -> 'StopSignals':
         if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only.

@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+import psutil
 import torch
 
 import dnnlib
@@ -197,16 +198,21 @@ def print_module_summary(module: torch.nn.Module, inputs: Sequence, max_nesting:
     return outputs
 
 
-def set_cpu_threads(local_processes: int = 1) -> str:
+def set_cpu_threads(local_processes: int | None = None, window: float = 0.5) -> str:
     """Set torch's CPU threads for this process and say how they were chosen. OMP_NUM_THREADS, if set, decides.
-    Otherwise: the CPUs this process may run on, shared among the `local_processes` of this machine (torchrun's
-    ranks), less the CPUs other programs keep busy (the 1-minute load average). torch's default, one thread per
-    core, makes every operation wait for its slowest thread, and on a busy machine some thread is always
-    descheduled: on 2 cores with another job running, training ran 4-6x slower with 2 threads than with 1."""
+    Otherwise: the CPUs this process may run on, shared among the `local_processes` of this machine (default:
+    torchrun's LOCAL_WORLD_SIZE, else 1), less the CPUs other programs keep busy (measured over `window` seconds).
+    torch's default, one thread per core, makes every operation wait for its slowest thread, and on a busy machine
+    some thread is always descheduled: on 2 cores with another job running, training ran 4-6x slower with 2 threads
+    than with 1 (bench/threads.py measures it)."""
     if os.environ.get('OMP_NUM_THREADS'):
         return f'{torch.get_num_threads()} (OMP_NUM_THREADS)'
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-    busy = os.getloadavg()[0] if hasattr(os, 'getloadavg') else 0.0
-    threads = max(1, min(cpus // local_processes, round(cpus - busy) // local_processes))
+    local_processes = local_processes or int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else list(range(os.cpu_count() or 1))
+    percent = psutil.cpu_percent(interval=window, percpu=True)
+    busy = sum(percent[i] for i in cpus if i < len(percent)) / 100
+    threads = max(1, min(len(cpus) // local_processes, round(len(cpus) - busy) // local_processes))
     torch.set_num_threads(threads)
-    return f'{threads} ({cpus} CPUs, load {busy:.1f}, {local_processes} process(es); set OMP_NUM_THREADS to choose)'
+    return (
+        f'{threads} ({len(cpus)} CPUs, {busy:.1f} busy, {local_processes} process(es); set OMP_NUM_THREADS to choose)'
+    )

@@ -10,7 +10,6 @@ resume needs. Both are plain data for `torch.load(weights_only=True)` and writte
 import json
 import os
 import pickle
-import re
 
 import torch
 
@@ -156,7 +155,8 @@ def save_profile(profile: dict, json_path: str) -> None:
 
 def save_training_state(directory: str, nimg: int, net, ema, optimizer, noise_sampler, **fields) -> None:
     """training-state-NNNNNN.pt: everything a bit-exact resume needs. `fields`: the run's config groups
-    (network_kwargs, noise_kwargs, loss_kwargs, dataset_kwargs, ...), its seed and where the tick stands."""
+    (network_kwargs, noise_kwargs, loss_kwargs, dataset_kwargs, ...), its seed, where the tick stands and, in a
+    multi-rank run, every rank's noise sampler state (`noise_sampler_ranks`; `noise_sampler` is rank 0's)."""
     state = dict(format=STATE_FORMAT, version=1, net=cpu_state_dict(net), ema=cpu_state_dict(ema),
                  optimizer=optimizer.state_dict(), noise_sampler=noise_sampler.state_dict(), cur_nimg=nimg)  # fmt: skip
     state.update({k: dict(v) if isinstance(v, dict) else v for k, v in fields.items()})
@@ -166,10 +166,10 @@ def save_training_state(directory: str, nimg: int, net, ema, optimizer, noise_sa
 def _load_edm_resume(path: str, network_kwargs: dict | None) -> dict:
     """EDM's state dump plus the EMA of the snapshot beside it, as the fields of our training state (EDM's resume)."""
     edm = persistence.read_edm_state_dump(path)
-    match = re.fullmatch(r'training-state-(\d+)\.pt', os.path.basename(path))
-    if match is None:
+    kimg = run_dir.kimg_of(path, 'training-state')
+    if kimg is None:
         raise ValueError(f'EDM training state "{path}" must be named training-state-<kimg>.pt (EDM resumes there)')
-    snapshot_path = run_dir.path(os.path.dirname(path), 'network-snapshot', int(match.group(1)) * 1000, 'pkl')
+    snapshot_path = run_dir.path(os.path.dirname(path), 'network-snapshot', kimg * 1000, 'pkl')
     if not os.path.isfile(snapshot_path):
         raise ValueError(f'EDM training state "{path}" needs its EMA from "{snapshot_path}", which does not exist')
     snapshot = load_network(snapshot_path)
@@ -179,7 +179,7 @@ def _load_edm_resume(path: str, network_kwargs: dict | None) -> dict:
         raise ValueError(f'EDM training state "{path}" was written for a different network: {edm.network_kwargs}')
     return dict(
         network_kwargs=edm.network_kwargs, net=edm.net, ema=cpu_state_dict(snapshot.net),
-        optimizer=edm.optimizer_state, noise_sampler=None, cur_nimg=int(match.group(1)) * 1000, seed=None,
+        optimizer=edm.optimizer_state, noise_sampler=None, cur_nimg=kimg * 1000, seed=None,
     )  # fmt: skip
 
 
@@ -219,12 +219,18 @@ def load_training_state(path: str, network_kwargs: dict | None) -> dict:
 
 def restore(path: str, net_kwargs: dict, noise_kwargs: dict, net, ema, optimizer, noise_sampler) -> dict:
     """Load a training state (ours or EDM's) into the live objects; returns the state's other fields (cur_nimg,
-    seed, cur_tick, ...). The noise sampler continues only if the state holds its state for the same settings."""
+    seed, cur_tick, ...). The noise sampler continues only if the state holds its state for the same settings: each
+    rank its own when the state was written by as many ranks, else the first rank's."""
     state = load_training_state(path, net_kwargs)
     net.load_state_dict(state.pop('net'))
     ema.load_state_dict(state.pop('ema'))
     optimizer.load_state_dict(state.pop('optimizer'))
-    sampler_state = state.pop('noise_sampler')
+    sampler_state, rank_states = state.pop('noise_sampler'), state.pop('noise_sampler_ranks', None)
+    if rank_states is not None and len(rank_states) == dist.get_world_size():
+        sampler_state = rank_states[dist.get_rank()]  # Each rank continues from its own loss buffers.
+    elif rank_states is not None:
+        dist.print0(f'The training state was written by {len(rank_states)} ranks: every rank continues from the noise '
+                    "sampler state of the first (InfoNoise's loss buffers are per rank; the rest is shared).")  # fmt: skip
     if sampler_state is None:
         dist.print0('The training state holds no noise sampler state (EDM saves none); the sampler starts fresh.')
     elif json.loads(json.dumps(state.get('noise_kwargs'))) != json.loads(json.dumps(noise_kwargs)):

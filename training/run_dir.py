@@ -31,11 +31,16 @@ def path(run_dir: str, kind: str, nimg: int, ext: str | None = None) -> str:
     return os.path.join(run_dir, f'{kind}-{nimg // 1000:06d}.{ext or KINDS[kind]}')
 
 
+def kimg_of(file: str, kind: str, ext: str | None = None) -> int | None:
+    """The kimg in the name of a run directory's file of `kind` (e.g. 12 for training-state-000012.pt), or None."""
+    match = re.fullmatch(rf'{re.escape(kind)}-(\d+)\.{re.escape(ext or KINDS[kind])}', os.path.basename(file))
+    return int(match.group(1)) if match else None
+
+
 def find(run_dir: str, kind: str, ext: str | None = None) -> dict[int, str]:
     """kimg -> path of the run directory's files of `kind` (e.g. find(run, 'network-snapshot')), in kimg order."""
-    pattern = re.compile(rf'{re.escape(kind)}-(\d+)\.{re.escape(ext or KINDS[kind])}')
     names = os.listdir(run_dir) if os.path.isdir(run_dir) else []
-    found = {int(m.group(1)): os.path.join(run_dir, m.group()) for m in map(pattern.fullmatch, names) if m}
+    found = {kimg: os.path.join(run_dir, name) for name in names if (kimg := kimg_of(name, kind, ext)) is not None}
     return dict(sorted(found.items()))
 
 
@@ -119,7 +124,7 @@ def state_nimg(state_path: str) -> int:
     try:
         return int(torch.load(state_path, map_location='cpu', weights_only=True, mmap=True)['cur_nimg'])
     except Exception:  # EDM's pickled dumps: NNNNNN kimg done.
-        return int(re.sub(r'\D', '', os.path.basename(state_path))) * 1000
+        return (kimg_of(state_path, 'training-state') or 0) * 1000
 
 
 def trim_stats(run_dir: str, nimg: int) -> None:

@@ -18,6 +18,8 @@ from typing import BinaryIO
 
 import numpy as np
 import PIL.Image
+import PIL.ImageDraw
+import PIL.ImageFont
 import torch
 import tqdm
 
@@ -274,6 +276,31 @@ def tile_images(images: np.ndarray, grid_w: int | None = None, scale: int = 1, p
     grid = cells.reshape(grid_h, grid_w, cell_h, cell_w, channels).transpose(0, 2, 1, 3, 4)
     grid = grid.reshape(grid_h * cell_h, grid_w * cell_w, channels)
     return np.pad(grid, [(0, pad), (0, pad), (0, 0)], constant_values=255)
+
+
+def side_by_side(
+    images: Sequence[np.ndarray], titles: Sequence[str], pad: int = 8, font_path: str | None = None
+) -> np.ndarray:
+    """uint8 HWC images (e.g. sample grids) in one row on white, each centred under its title (a TrueType font file,
+    default Pillow's own font), `pad` pixels apart; the images are pasted unchanged, and a row of grayscale images
+    stays grayscale."""
+    if not images or len(images) != len(titles):
+        raise ValueError(f'Need one title per image, got {len(images)} images and {len(titles)} titles')
+    size = max(12, min(image.shape[1] for image in images) // 24)
+    font = PIL.ImageFont.truetype(font_path, size) if font_path else PIL.ImageFont.load_default(size=size)
+    text_w = [math.ceil(font.getlength(title)) for title in titles]
+    text_h = max(font.getbbox(title)[3] for title in titles) + pad
+    cell_w = [max(image.shape[1], w) for image, w in zip(images, text_w)]
+    channels = 1 if all(image.shape[2] == 1 for image in images) else 3
+    canvas = PIL.Image.new('L' if channels == 1 else 'RGB', (pad + sum(w + pad for w in cell_w),
+                           2 * pad + text_h + max(image.shape[0] for image in images)), 'white')  # fmt: skip
+    draw, x = PIL.ImageDraw.Draw(canvas), pad
+    for image, title, width, w in zip(images, titles, text_w, cell_w):
+        draw.text((x + (w - width) // 2, pad), title, fill='black', font=font)
+        pixels = image[:, :, 0] if channels == 1 else image.repeat(3 // image.shape[2], 2)
+        canvas.paste(PIL.Image.fromarray(pixels), (x + (w - image.shape[1]) // 2, pad + text_h))
+        x += w + pad
+    return np.asarray(canvas).reshape(canvas.height, canvas.width, channels)
 
 
 def save_image(image: np.ndarray, path: str | os.PathLike | BinaryIO) -> None:

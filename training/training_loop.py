@@ -204,11 +204,17 @@ def training_loop(
     first_tick = True
     stats_jsonl = None
     tick_loss = training_stats.Collector(regex='Loss/loss')  # The loss over each tick, for the status line.
-    save_state = lambda: checkpoint.save_training_state(  # noqa: E731
-        run_dir, cur_nimg, net, ema, optimizer, noise_sampler, network_kwargs=net_kwargs, noise_kwargs=noise_kwargs,
-        loss_kwargs=loss_kwargs, dataset_kwargs=dataset_kwargs, augment_kwargs=augment_kwargs,
-        optimizer_kwargs=optimizer_kwargs, seed=seed, cur_tick=cur_tick, tick_start_nimg=tick_start_nimg,
-    )  # fmt: skip
+
+    def save_state() -> None:  # On every rank: each rank's noise sampler state is its own (InfoNoise bins its losses).
+        sampler_ranks = dist.all_gather_object(noise_sampler.state_dict()) if world > 1 else None
+        if rank == 0:
+            checkpoint.save_training_state(
+                run_dir, cur_nimg, net, ema, optimizer, noise_sampler, noise_sampler_ranks=sampler_ranks,
+                network_kwargs=net_kwargs, noise_kwargs=noise_kwargs, loss_kwargs=loss_kwargs,
+                dataset_kwargs=dataset_kwargs, augment_kwargs=augment_kwargs, optimizer_kwargs=optimizer_kwargs,
+                seed=seed, cur_tick=cur_tick, tick_start_nimg=tick_start_nimg,
+            )  # fmt: skip
+
     while True:
         # Reseed so that a resumed run draws the same σ, noise, augmentation and dropout.
         torch.manual_seed(step_seed(seed, rank, cur_nimg))
@@ -274,7 +280,7 @@ def training_loop(
             # Update logs before the state dump, so that a run stopped in between measures this tick again.
             training_stats.default_collector.update()
             if rank == 0:
-                stats_jsonl = stats_jsonl or open(os.path.join(run_dir, 'stats.jsonl'), 'a')
+                stats_jsonl = stats_jsonl or open(os.path.join(run_dir, rundir.STATS), 'a')
                 line = dict(training_stats.default_collector.as_dict(), timestamp=time.time())
                 line.update({'Noise/events': [event_record(event) for event in events]} if events else {})
                 stats_jsonl.write(json.dumps(line) + '\n')
@@ -287,8 +293,7 @@ def training_loop(
             tick_start_nimg = cur_nimg
             if dump:
                 misc.check_ddp_consistency(net)
-                if rank == 0:
-                    save_state()
+                save_state()
             tick_start_time = time.time()
             maintenance_time = tick_start_time - tick_end_time
             first_tick = False
@@ -296,8 +301,7 @@ def training_loop(
 
         # Stop on a signal: save the state at this step, mid-tick, and leave the loop as if done.
         if stop:
-            if rank == 0:
-                save_state()
+            save_state()
             dist.print0(f'Stopped at {cur_nimg / 1e3:g} kimg; training state saved. Resume with --resume=auto.')
         if done or stop:
             break
