@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import zipfile
 
 import numpy as np
@@ -273,12 +274,25 @@ def test_resume_picks_the_newest_state_by_kimg(tmp_path):
 
 
 def test_two_runs_never_share_a_directory(tmp_path):
-    # Eight processes create the next run directory of one OUTDIR at once: each gets its own, numbered 0-7.
-    code = 'import sys; from training import run_dir; print(run_dir.create(sys.argv[1], "desc"))'
-    procs = [subprocess.Popen([sys.executable, '-c', code, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
-             for _ in range(8)]  # fmt: skip
-    made = sorted(proc.communicate()[0].strip() for proc in procs)
-    assert made == [str(tmp_path / f'{i:05d}-desc') for i in range(8)] == sorted(map(str, tmp_path.iterdir()))
+    # Eight processes create the next run directory of one OUTDIR at once. They start together (on a file appearing)
+    # and each waits a moment between listing OUTDIR and creating its directory, so all of them list the same
+    # contents: the exclusive creation must still give each its own directory, numbered 0-7.
+    code = (
+        'import os, sys, time\n'
+        'from training import run_dir\n'
+        'listed = run_dir.next_id_dir\n'
+        'run_dir.next_id_dir = lambda *args: (listed(*args), time.sleep(0.3))[0]\n'
+        'while not os.path.exists(sys.argv[2]): time.sleep(0.001)\n'
+        'print(run_dir.create(sys.argv[1], "desc"))\n'
+    )
+    go = tmp_path / 'go'
+    procs = [subprocess.Popen([sys.executable, '-c', code, str(tmp_path / 'out'), str(go)], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True) for _ in range(8)]  # fmt: skip
+    time.sleep(3)  # Let all of them start and wait.
+    go.touch()
+    made = sorted(proc.communicate(timeout=60)[0].strip() for proc in procs)
+    assert made == [str(tmp_path / 'out' / f'{i:05d}-desc') for i in range(8)]
+    assert sorted(os.listdir(tmp_path / 'out')) == [f'{i:05d}-desc' for i in range(8)]
 
 
 def test_nosubdir_refuses_a_directory_that_holds_a_run(tmp_path, digits_zip):
