@@ -3,8 +3,8 @@
 `examples/rectified_flow.py` trains the same velocity network (EDM's DDPM++, 0.75 M parameters) on MNIST-5k 16x16 with
 the same optimiser, batches and seeds under three noise samplers in t (`--schedules`): InfoNoise through the
 flow-matching adapter (weight = the plain velocity loss's x₀-space weight, warm-up under logit-normal),
-logit-normal(0, 1) (SD3's default) and uniform t. Every `--eval-every` kimg the EMA network draws `--samples` images by Euler on a
-uniform t grid (`--steps`), scored by FD-MNIST against all training images. Each run's scores are cached in
+logit-normal(0, 1) (SD3's default) and uniform t. Every `--eval-every` kimg the EMA network draws `--samples` images by
+Euler on a uniform t grid (`--steps`), scored by FD-MNIST against all training images. Each run's scores are cached in
 OUT/runs.json, so an interrupted benchmark resumes; the table goes to OUT/flow_matching.md and the plot (FD by kEx, and
 InfoNoise's learned density of t against the two fixed ones) to OUT/flow_matching.png.
 
