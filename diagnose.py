@@ -51,7 +51,8 @@ from training.sampling import images_to_uint8, save_image, side_by_side, tile_im
 # `figure`: the narrowest cell in pixels (images are enlarged by a whole factor to reach it) and the gap between.
 FIGURE_CELL, FIGURE_PAD = 64, 2
 
-# Schedule settings default to online InfoNoise's, so that the same rate gives the same pivot, ρ and π.
+# InfoNoise's settings (gate, smoothing, pivot rule) default to training's, so that the same rate gives the same
+# pivot, ρ and π.
 ONLINE = {name: p.default for name, p in inspect.signature(InfoNoise).parameters.items()}
 
 

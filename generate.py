@@ -1,16 +1,17 @@
 """Generate images with a trained network, as EDM's generate.py (Karras et al. 2022, "Elucidating the Design
 Space of Diffusion-Based Generative Models"), on a choice of sigma-grids.
 
-One PNG per seed, drawn with EDM's sampler (Algorithm 2) on the grid chosen by `--grid`: EDM's rho-grid (the
-default), InfoGrid (InfoNoise paper, Eq. 19) from a learned or offline information profile, its closed form for
-a Gaussian source (the tangent law), log-uniform, a grid read from a file, or EDM's VP/VE/iDDPM discretizations.
-`--schedule`/`--scaling` select EDM's ablation sampler. Every seed has its own random generator, so an image
-depends only on its seed, not on the batch size or the number of ranks; under torchrun the seeds are split
-across ranks as EDM does. The grid used is written to OUTDIR/grid.json, which `--grid=OUTDIR/grid.json` reads.
-`--binarize` thresholds every sample at 0 in [-1, 1] (pixels 0/255), for models of binarised data (the InfoNoise
-paper's discrete-endpoint experiments), and is recorded in grid.json. A sequence network (DNA, --arch=ddpmpp1d)
-writes OUTDIR/sequences.fasta instead of PNGs, each sample decoded to its nearest one-hot sequence (argmax over
-the four bases), and `--npz` then holds the sequences in the sequence dataset format of training/sequences.py.
+One PNG per seed, drawn by EDM's Heun solver (Algorithm 2) on the σ-grid chosen by `--grid`: EDM's rho-grid (the
+default), InfoGrid (InfoNoise paper, Eq. 19) from a learned or offline information profile, its closed form for a
+Gaussian source (the tangent law), log-uniform, a grid read from a file, or EDM's VP/VE/iDDPM discretizations.
+`--schedule`/`--scaling` (EDM's noise level function σ(t) and signal scaling s(t)) select EDM's ablation solver. Every
+seed has its own random generator, so an image depends only on its seed, not on the batch size or the number of ranks;
+under torchrun the seeds are split across ranks as EDM does. The grid used is written to OUTDIR/grid.json, which
+`--grid=OUTDIR/grid.json` reads. `--binarize` thresholds every sample at 0 in [-1, 1] (pixels 0/255), for models of
+binarised data (the InfoNoise paper's discrete-endpoint experiments), and is recorded in grid.json. A sequence network
+(DNA, --arch=ddpmpp1d) writes OUTDIR/sequences.fasta instead of PNGs, each sample decoded to its nearest one-hot
+sequence (argmax over the four bases), and `--npz` then holds the sequences in the sequence dataset format of
+training/sequences.py.
 """
 
 import json
@@ -189,8 +190,9 @@ def check_network(net, opts: dnnlib.EasyDict) -> bool:
     return is_sequence
 
 
-def pick_sampler(opts: dnnlib.EasyDict, churn: dict) -> dict:
-    """`sample_seeds` keyword arguments: EDM's sampler, or its ablation sampler for another schedule or scaling."""
+def pick_solver(opts: dnnlib.EasyDict, churn: dict) -> dict:
+    """`sample_seeds` keyword arguments: EDM's solver (`edm_sampler`), or its ablation solver (`ablation_sampler`)
+    for another σ(t) or s(t)."""
     if opts.schedule == 'linear' and opts.scaling == 'none':
         return dict(sampler=edm_sampler, solver=opts.solver, **churn)
     return dict(sampler=ablation_sampler, solver=opts.solver, schedule=opts.schedule, scaling=opts.scaling, **churn)
@@ -233,19 +235,19 @@ NON_NEGATIVE_INT = click.IntRange(min=0)
 @click.option('--sigma_min',              help='Lowest noise level  [default: varies]', metavar='FLOAT', type=POSITIVE)
 @click.option('--sigma_max',              help='Highest noise level  [default: varies]', metavar='FLOAT', type=POSITIVE)
 @click.option('--rho',                    help='Time step exponent of the edm grid', metavar='FLOAT', type=POSITIVE, default=7)
-# Sampler.
+# Solver (EDM's options).
 @click.option('--S_churn', 'S_churn',     help='Stochasticity strength', metavar='FLOAT', type=NON_NEGATIVE, default=0)
 @click.option('--S_min', 'S_min',         help='Stoch. min noise level', metavar='FLOAT', type=NON_NEGATIVE, default=0)
 @click.option('--S_max', 'S_max',         help='Stoch. max noise level', metavar='FLOAT', type=cli.FloatRange(min=0, allow_inf=True), default='inf')
 @click.option('--S_noise', 'S_noise',     help='Stoch. noise inflation', metavar='FLOAT', type=cli.FLOAT, default=1)
 @click.option('--solver',                 help='Ablate ODE solver', type=click.Choice(['heun', 'euler']), default='heun')
 @click.option('--disc', 'discretization', help="Ablate time step discretization (EDM's name for --grid)", type=click.Choice(['vp', 've', 'iddpm', 'edm']))
-@click.option('--schedule',               help='Ablate noise schedule sigma(t)', type=click.Choice(['vp', 've', 'linear']), default='linear')
+@click.option('--schedule',               help='Ablate noise level function sigma(t)', type=click.Choice(['vp', 've', 'linear']), default='linear')
 @click.option('--scaling',                help='Ablate signal scaling s(t)', type=click.Choice(['vp', 'none']), default='none')
 # Output and devices.
-@click.option('--grid-png', 'grid_png',   help='Also save all images as one PNG grid', metavar='FILE')
-@click.option('--grid-scale',             help='Upscale each image of the PNG grid by this factor', metavar='INT', type=click.IntRange(min=1, max=64), default=1)
-@click.option('--grid-pad',               help='White pixels between and around the images of the PNG grid', metavar='INT', type=click.IntRange(min=0, max=256), default=0)
+@click.option('--grid-png', 'grid_png',   help='Also save all images as one PNG (a sample grid)', metavar='FILE')
+@click.option('--grid-scale',             help='Upscale each image of the sample grid by this factor', metavar='INT', type=click.IntRange(min=1, max=64), default=1)
+@click.option('--grid-pad',               help='White pixels between and around the images of the sample grid', metavar='INT', type=click.IntRange(min=0, max=256), default=0)
 @click.option('--npz',                    help='Also save all images (uint8 NHWC "arr_0") or sequences, seeds and labels in one .npz', metavar='FILE')
 @click.option('--binarize',               help='Threshold samples at 0 in [-1, 1] (pixels 0/255)', is_flag=True)
 @click.option('--device',                 help='Device  [default: cuda if available, else cpu]', type=click.Choice(['cuda', 'cpu']))
@@ -312,7 +314,7 @@ def main(**kwargs):
     how = f'{opts.grid} grid, {opts.solver}, {num_steps} steps, {nfe} NFE'
     dist.print0(f'Generating {len(seeds)} images to "{outdir}" ({how})...')
     rank_labels, rank_tokens = {}, {}
-    kwargs = dict(class_idx=opts.class_idx, binarize=opts.binarize, **pick_sampler(opts, churn))
+    kwargs = dict(class_idx=opts.class_idx, binarize=opts.binarize, **pick_solver(opts, churn))
     with cli.disk_errors(f'the images in "{outdir}"'):
         for batch_seeds, images, labels in generate_images(net, seeds, sigmas, device, opts.max_batch_size, **kwargs):
             if labels is not None:

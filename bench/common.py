@@ -1,9 +1,9 @@
-"""Shared pieces of the benchmark scripts (issue 7): run records, strict JSON, Markdown tables, the datasets, and
-Fréchet distances of generated samples.
+"""Shared pieces of the benchmark scripts (the paper's claims at CPU scale, docs/results.md): run records, strict
+JSON, Markdown tables, the datasets, and Fréchet distances of generated samples.
 
 FD-MNIST is the Fréchet distance between the features of the small MNIST CNN (`metrics/mnist_detector.py`) of
 generated images and of all images of the training set, as `fid.py ref/calc --detector=mnist` compute it; the
-samples come from EDM's sampler (Karras et al. 2022, Algorithm 2) with one generator per seed and are thresholded
+samples come from EDM's Heun solver (Karras et al. 2022, Algorithm 2) with one generator per seed and are thresholded
 for binarized data exactly as `generate.py --binarize` does. FD-ARS is the same for DNA: the features of the ARS
 sequence CNN (`metrics/dna_detector.py`) of generated sequences, each decoded to its nearest one-hot sequence as
 generate.py writes it, against all training sequences.
@@ -40,7 +40,7 @@ DATASET_SOURCES = {
     # The ARS yeast sequences' centre 128 nt, 20,000 of the training split (the detector's held-out rows excluded).
     'dna': ('--source=ars', '--length=128', '--split=train', '--max-images=20000'),
 }
-GENERATE_BATCH = 250  # Images per sampler call and per detector batch.
+GENERATE_BATCH = 250  # Images per solver call and per detector batch.
 
 
 def parse_nfe(ctx, param, value: str) -> list[int]:
@@ -145,7 +145,7 @@ def ensure_dataset(path: str, source_args: tuple[str, ...]) -> None:
 def generate_uint8(
     net, seeds: list[int], sigmas: torch.Tensor, solver: str, binarize: bool, device: torch.device
 ) -> torch.Tensor:
-    """uint8 NCHW images of `seeds` from EDM's deterministic sampler on the grid `sigmas`, drawn by generate.py's
+    """uint8 NCHW images of `seeds` from EDM's deterministic Heun solver on the σ-grid `sigmas`, drawn by generate.py's
     `generate_images`; for a sequence network, one-hot sequences uint8 [N, 4, 1, L] (255 at the nearest base, as
     generate.py decodes)."""
     if net.label_dim:

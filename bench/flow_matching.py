@@ -1,14 +1,14 @@
-"""Rectified flow with InfoNoise: does the information-guided schedule help a flow-matching trainer? (issue 15)
+"""Rectified flow with InfoNoise: does the information-guided noise sampler help a flow-matching trainer?
 
-`examples/rectified_flow.py` trains the same velocity network (EDM's DDPM++, 0.75 M parameters) on MNIST-5k 16x16
-with the same optimiser, batches and seeds under three t-schedules: InfoNoise through the flow-matching adapter
-(weight = the plain velocity loss's x₀-space weight, warm-up under logit-normal), logit-normal(0, 1) (SD3's
-default) and uniform t. Every `--eval-every` kimg the EMA network draws `--samples` images by Euler on a uniform t
-grid (`--steps`), scored by FD-MNIST against all training images. Each run's scores are cached in
-OUT/runs.json, so an interrupted benchmark resumes; the table goes to OUT/flow_matching.md and the plot (FD by kEx,
-and InfoNoise's learned density of t against the two fixed ones) to OUT/flow_matching.png.
+`examples/rectified_flow.py` trains the same velocity network (EDM's DDPM++, 0.75 M parameters) on MNIST-5k 16x16 with
+the same optimiser, batches and seeds under three noise samplers in t (`--schedules`): InfoNoise through the
+flow-matching adapter (weight = the plain velocity loss's x₀-space weight, warm-up under logit-normal),
+logit-normal(0, 1) (SD3's default) and uniform t. Every `--eval-every` kimg the EMA network draws `--samples` images by
+Euler on a uniform t grid (`--steps`), scored by FD-MNIST against all training images. Each run's scores are cached in
+OUT/runs.json, so an interrupted benchmark resumes; the table goes to OUT/flow_matching.md and the plot (FD by kEx, and
+InfoNoise's learned density of t against the two fixed ones) to OUT/flow_matching.png.
 
-    python -m bench.flow_matching --out=bench-out/flow-matching           # 3 schedules x 2 seeds x 60 kimg, ~1 h
+    python -m bench.flow_matching --out=bench-out/flow-matching           # 3 x 2 seeds x 60 kimg, ~1 h
     python -m bench.flow_matching --quick --out=/tmp/fm                   # a smoke run
 """
 
@@ -62,12 +62,14 @@ def t_densities(noise, t: np.ndarray) -> dict[str, np.ndarray]:
 @click.command()
 @click.option('--data', help='MNIST-5k 16x16 (made if missing)', default=DEFAULT_DATA, show_default=True)
 @click.option('--out', help='Output directory', required=True)
-@click.option('--schedules', help='Comma-separated t-schedules', default=','.join(rf.SCHEDULES), show_default=True)
+@click.option(
+    '--schedules', help='Comma-separated noise samplers (t)', default=','.join(rf.SCHEDULES), show_default=True
+)
 @click.option('--seeds', help='Comma-separated seeds', default='0,1', show_default=True)
 @click.option('--kimg', help='Training examples per run, thousands', type=float, default=60.0, show_default=True)
 @click.option('--eval-every', help='kimg between evaluations', type=float, default=20.0, show_default=True)
 @click.option('--samples', help='Samples per evaluation', type=click.IntRange(min=2), default=1000, show_default=True)
-@click.option('--steps', help='Euler steps of the sampler', type=click.IntRange(min=1), default=32, show_default=True)
+@click.option('--steps', help='Euler steps of the solver', type=click.IntRange(min=1), default=32, show_default=True)
 @click.option('--device', help='Device  [default: cuda if available, else cpu]', type=click.Choice(['cuda', 'cpu']))
 @click.option('--quick', help='Smoke run: tiny budgets', is_flag=True)
 @click.pass_context

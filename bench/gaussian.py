@@ -1,7 +1,7 @@
 """Exact evaluation of σ-grids on a Gaussian source (InfoNoise paper, Sec. 2.2 Eq. 11 and Sec. 6.4 Eq. 19).
 
 For x0 ~ N(mean, U diag(λ) Uᵀ) everything is known in closed form: the Bayes denoiser is linear,
-mmse(σ) = Σ λσ²/(λ+σ²) and the entropy rate is r = mmse/σ³ (Eq. 11). EDM's deterministic sampler
+mmse(σ) = Σ λσ²/(λ+σ²) and the entropy rate is r = mmse/σ³ (Eq. 11). EDM's deterministic Heun solver
 (`training.sampling.edm_sampler` with S_churn = 0) then multiplies every principal component by one scalar per
 step, so on any grid its output is Gaussian with an exactly known variance, and KL(source ‖ output) scores the
 grid without training or Monte Carlo (Poor, Sun and Zhang 2026, "An elementary approach to scheduling in
@@ -126,7 +126,7 @@ def exact_profile(lam: torch.Tensor, sigma: torch.Tensor) -> GaussianProfile:
 
 
 class GaussianDenoiser(torch.nn.Module):
-    """The exact Bayes denoiser D(x; σ) = mean + U diag(λ/(λ+σ²)) Uᵀ (x - mean), usable as a sampler's network.
+    """The exact Bayes denoiser D(x; σ) = mean + U diag(λ/(λ+σ²)) Uᵀ (x - mean), usable as a solver's network.
 
     λ holds one variance per pixel (D = img_channels·img_resolution²) along the columns of the orthonormal basis
     U [D, D] (default: the pixels themselves); mean is [D] (default 0). σ is a scalar or one value per sample.
@@ -211,7 +211,7 @@ def sampler_gain(lam: torch.Tensor, sigmas: torch.Tensor, solver: str = 'heun') 
 
 
 def output_variance(lam: torch.Tensor, sigmas: torch.Tensor, solver: str = 'heun') -> torch.Tensor:
-    """Exact per-component output variance σ_0² M² of the deterministic sampler on the grid."""
+    """Exact per-component output variance σ_0² M² of the deterministic solver on the σ-grid."""
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
     return sigmas[0] ** 2 * sampler_gain(lam, sigmas, solver) ** 2
 
@@ -238,7 +238,7 @@ def gaussian_kl(lam: torch.Tensor, var: torch.Tensor) -> float:
 
 
 def sampler_kl(lam: torch.Tensor, sigmas: torch.Tensor, solver: str = 'heun') -> float:
-    """Exact KL(source ‖ deterministic sampler output) in nats for a spectrum of positive variances.
+    """Exact KL(source ‖ deterministic solver output) in nats for a spectrum of positive variances.
 
     A component with λ = 0 is constant in the source and, since D returns the mean there, in the output too:
     both laws are degenerate and KL is undefined, so such components must be dropped beforehand.
@@ -307,7 +307,7 @@ def compare_grids(
 )
 @click.option('--json', 'json_path', type=click.Path(dir_okay=False), default=None, help='Also write the table here.')
 def main(nfe_list, solver, sigma_min, sigma_max, rho, resolution, floor, json_path):
-    """Exact KL(source ‖ output) of EDM's deterministic sampler on Gaussian sources, per σ-grid and NFE."""
+    """Exact KL(source ‖ output) of EDM's deterministic Heun solver on Gaussian sources, per σ-grid and NFE."""
     try:
         # Check the budgets and the range before the seconds spent on MNIST-5k's PCA.
         for nfe in nfe_list:

@@ -1,8 +1,9 @@
-"""Sampling σ-grids at a fixed budget: FD-MNIST against NFE for EDM's ρ=7 grid, InfoGrid and the log-uniform grid
-(InfoNoise paper, Sec. 6.4), and the exact KL of the same grids on Gaussian sources (issue 7).
+"""σ-grids at a fixed budget: FD-MNIST against NFE for EDM's ρ=7 grid, InfoGrid and the log-uniform grid
+(InfoNoise paper, Sec. 6.4), and the exact KL of the same grids on Gaussian sources (docs/results.md, "σ-grids at
+fixed NFE").
 
-Two trained networks are compared: one trained with InfoNoise and one with EDM's log-normal schedule (by default the
-final snapshots of seed 0 of time_to_quality's continuous runs). InfoGrid (Eq. 19) needs an information profile:
+Two trained networks are compared: one trained with InfoNoise and one with EDM's log-normal noise sampler (by default
+the final snapshots of seed 0 of time_to_quality's continuous runs). InfoGrid (Eq. 19) needs an information profile:
 the InfoNoise network has the one it learned in training, and both networks get an offline one, measured on the
 frozen network by `diagnose.py` (per-σ denoising error over data images; written here as JSON that
 `generate.py --grid=infogrid --profile=FILE` reads). Every grid spans [0.002, 80] and is sampled with EDM's

@@ -1,13 +1,14 @@
-"""What InfoNoise and the evaluation tools cost (issue 7): four timings on one machine, in one run.
+"""What InfoNoise and the evaluation tools cost (docs/results.md, "Overhead"): four timings on one machine, in one
+run.
 
 (a) Training-step time of each training noise sampler divided by EDM's log-normal: the demo network (DDPM++,
     0.75 M parameters, 16x16, batch 64), real steps (σ draw, loss, backward, Adam, observe), blocks alternating
-    between the samplers so that drifts of the machine hit all alike, InfoNoise refreshing every 10 steps
+    between the noise samplers so that drifts of the machine hit all alike, InfoNoise refreshing every 10 steps
     (`bench.sampler_overhead`). The paper's target for InfoNoise is a ratio of at most 1.01.
-(b) The samplers alone: `sample` + `observe` per step at batch sizes 64 to 4096 (InfoNoise with the library defaults,
-    K = 64 intervals and B = 256, drawing from its table after a refresh, no refresh falling due), and the time of
-    one InfoNoise refresh.
-(c) Generation throughput of the demo network with EDM's sampler (Heun, 18 steps = 35 NFE), in images/s.
+(b) The noise samplers alone: `sample` + `observe` per step at batch sizes 64 to 4096 (InfoNoise with the library
+    defaults, K = 64 intervals and B = 256, drawing from its table after a refresh, no refresh falling due), and the
+    time of one InfoNoise refresh.
+(c) Generation throughput of the demo network with EDM's Heun solver (18 steps = 35 NFE), in images/s.
 (d) The Fréchet distance of D = 2048 statistics: eigen-decompositions (metrics.frechet) against EDM's
     scipy.linalg.sqrtm (`bench.frechet`).
 
@@ -40,9 +41,9 @@ QUICK = dict(rounds=2, steps=3, sampler_steps=20, gen_images=16, fd_dim=256)
 
 
 def step_ratios(blocks: dict[str, list[float]], work: dict[str, float]) -> dict:
-    """Each sampler's training-step time over log-normal's: the ratio of the median block times, the quartiles of
+    """Each noise sampler's training-step time over log-normal's: the ratio of the median block times, the quartiles of
     the ratios of blocks run in the same round (pairs share the machine's state), and the ratio implied by the
-    samplers' own work alone, which is precise where whole steps are noisy."""
+    noise samplers' own work alone, which is precise where whole steps are noisy."""
     median = {name: statistics.median(times) for name, times in blocks.items()}
     base = median['lognormal']
     paired = {
@@ -72,7 +73,7 @@ def refreshed_infonoise(device, endpoint: str = 'continuous') -> InfoNoise:
 
 
 def sampler_microbench(batch_sizes: list[int], num_steps: int, device) -> dict:
-    """Seconds per `sample` + `observe` step of each sampler at each batch size, and of one InfoNoise refresh with
+    """Seconds per `sample` + `observe` step of each noise sampler at each batch size, and of one InfoNoise refresh with
     each pivot rule (onset for continuous endpoints, power-law break for discrete ones)."""
     per_step = {name: [] for name in SAMPLERS}
     for batch in batch_sizes:
@@ -93,7 +94,7 @@ def sampler_microbench(batch_sizes: list[int], num_steps: int, device) -> dict:
 
 
 def generation_speed(num_images: int, device) -> dict:
-    """Images/s of the demo network with EDM's Heun sampler on its 18-step (35 NFE) grid."""
+    """Images/s of the demo network with EDM's Heun solver on its 18-step (35 NFE) σ-grid."""
     net = demo_network(device).eval().requires_grad_(False)
     generate_uint8(net, [0, 1], edm_grid(2), 'heun', False, device)  # Warm up.
     sync(device)
@@ -117,7 +118,7 @@ def frechet_speed(dim: int, num_samples: int) -> dict:
 
 
 def plot(train: dict, micro: dict, path: str) -> None:
-    """Left: per-block training-step times; right: sampler-only time per step against batch size."""
+    """Left: per-block training-step times; right: the noise samplers' own time per step against batch size."""
     fig = Figure(figsize=(10.4, 4.2))
     FigureCanvasAgg(fig)
     left, right = fig.subplots(1, 2)
@@ -179,9 +180,9 @@ def report(train: dict, micro: dict, generation: dict, frechet: dict, device) ->
 @click.option('--outdir',        help='Where results.json and overhead.png go', metavar='DIR', default=os.path.join('bench-out', 'overhead'))
 @click.option('--quick',         help='Short run that checks the machinery (about 30 s); rough numbers', is_flag=True)
 @click.option('--device',        help='Device  [default: cuda if available]', type=click.Choice(['cpu', 'cuda']))
-@click.option('--rounds',        help='(a) timed blocks per sampler', metavar='N', type=click.IntRange(min=1), default=20)
+@click.option('--rounds',        help='(a) timed blocks per noise sampler', metavar='N', type=click.IntRange(min=1), default=20)
 @click.option('--steps',         help='(a) training steps per block', metavar='N', type=click.IntRange(min=1), default=10)
-@click.option('--sampler-steps', help='(b) timed steps per sampler and batch size', metavar='N', type=click.IntRange(min=1), default=200)
+@click.option('--sampler-steps', help='(b) timed steps per noise sampler and batch size', metavar='N', type=click.IntRange(min=1), default=200)
 @click.option('--batch-sizes',   help='(b) batch sizes', metavar='LIST', type=dnnlib.util.parse_int_list, default='64,256,1024,4096')
 @click.option('--gen-images',    help='(c) images generated', metavar='N', type=click.IntRange(min=1), default=256)
 @click.option('--fd-dim',        help='(d) feature dimension D', metavar='D', type=click.IntRange(min=2), default=2048)

@@ -1,5 +1,5 @@
 """Why the pivot rules' constants are what they are: the rules of `infonoise/pivot.py` on synthetic profiles whose
-answer is known (InfoNoise paper, Sec. 4 and App. B.4; issue 13).
+answer is known (InfoNoise paper, Sec. 4 and App. B.4; docs/pivot-rules.md).
 
 Discrete endpoints. A synthetic log-rate (`synthetic_log_rate`) has the shape the learned binarized-MNIST profiles
 show: a low-noise power law whose slope drifts slowly, a break at a known σ = c into a mid-noise bump (the slope

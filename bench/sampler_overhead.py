@@ -1,9 +1,9 @@
 """Training-step time with InfoNoise divided by log-normal, same network, same run (not a timed test).
 
 Runs blocks of real training steps (σ draw, loss, backward, Adam step, observe) alternating between the two
-samplers, so that slow drifts of the machine hit both alike, and prints the median step times and their ratio.
+noise samplers, so that slow drifts of the machine hit both alike, and prints the median step times and their ratio.
 InfoNoise runs with its refresh cadence scaled to the benchmark so that refreshes are part of the measurement.
-`bench.overhead` reuses these functions for all three samplers.
+`bench.overhead` reuses these functions for all three noise samplers.
 
     python -m bench.sampler_overhead                      # the demo network at 16x16 on the CPU
     python -m bench.sampler_overhead --device=cuda --res=32 --cbase=128 --cres=2,2,2 --blocks=4 --batch=128
@@ -39,7 +39,8 @@ def demo_network(device, res=16, cbase=32, cres=(1, 2), blocks=1, attn=(8,)) -> 
 
 
 def make_samplers(names, batch: int, refresh_steps: int) -> dict:
-    """Samplers by name; InfoNoise (EDM weight, 32 bins as the demo preset) refreshes every `refresh_steps` steps."""
+    """Noise samplers by name; InfoNoise (EDM weight, 32 bins as the demo preset) refreshes every `refresh_steps`
+    steps."""
     makers = {
         'lognormal': LogNormal,
         'loguniform': LogUniform,
@@ -51,9 +52,9 @@ def make_samplers(names, batch: int, refresh_steps: int) -> dict:
 
 
 def time_training(net, samplers: dict, batch: int, steps: int, rounds: int, device) -> dict[str, list[float]]:
-    """Seconds per training step, one value per block of `steps` steps, blocks alternating between the samplers
-    after one warm-up block each (allocations, first refreshes); each round starts with the next sampler, so that
-    no sampler always runs first."""
+    """Seconds per training step, one value per block of `steps` steps, blocks alternating between the noise
+    samplers after one warm-up block each (allocations, first refreshes); each round starts with the next one, so
+    that none always runs first."""
     net.train()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
     loss_fn = DenoisingLoss('edm')
@@ -84,7 +85,7 @@ def time_training(net, samplers: dict, batch: int, steps: int, rounds: int, devi
 
 
 def time_sampler_work(samplers: dict, batch: int, num_steps: int, device) -> dict[str, float]:
-    """Seconds per step of each sampler's own work (draw + observe, with whatever refreshes fall due)."""
+    """Seconds per step of each noise sampler's own work (draw + observe, with whatever refreshes fall due)."""
     mse = torch.rand(batch, device=device)
     seconds = {}
     for name, sampler in samplers.items():
@@ -107,7 +108,7 @@ def time_sampler_work(samplers: dict, batch: int, num_steps: int, device) -> dic
 @click.option('--batch', type=int, default=64, show_default=True)
 @click.option('--steps', help='Steps per block', type=int, default=10, show_default=True)
 @click.option(
-    '--blocks-per-sampler', 'rounds', help='Timed blocks per sampler', type=int, default=12, show_default=True
+    '--blocks-per-sampler', 'rounds', help='Timed blocks per noise sampler', type=int, default=12, show_default=True
 )
 @click.option('--refresh-steps', help='InfoNoise refresh period in steps', type=int, default=10, show_default=True)
 def main(device, res, cbase, cres, blocks, attn, batch, steps, rounds, refresh_steps):

@@ -1,11 +1,11 @@
-"""Time to quality: FD-MNIST / FD-ARS against training examples for fixed noise schedules and InfoNoise (issues 7, 14).
+"""Time to quality: FD-MNIST / FD-ARS against training examples for fixed noise samplers and InfoNoise.
 
-The InfoNoise paper (Table 1a) reports how many training examples each schedule needs to reach the best fixed
-schedule's quality: the target m* is the lowest FD any fixed baseline reaches, and the speed-up is the baseline's
+The InfoNoise paper (Table 1a) reports how many training examples each noise sampler needs to reach the best fixed
+one's quality: the target m* is the lowest FD any fixed baseline reaches, and the speed-up is the baseline's
 kEx to m* divided by the recipe's. This script makes that comparison on CPU-sized data:
 
 - MNIST-5k at 16x16 with the EDM objective (`train.py --preset=demo-mnist16`): log-normal (EDM), log-uniform and
-  InfoNoise; the two fixed samplers are the baselines;
+  InfoNoise; the two fixed noise samplers are the baselines;
 - binarized MNIST-5k at 16x16 with w ≡ 1 (`--preset=demo-bmnist16`): log-uniform, InfoNoise, and EDM's recipe
   transferred (`--sampler=lognormal --weight=edm`); log-uniform and the EDM transfer are the baselines.
   A sensitivity study, InfoNoise with the gate's pivot fixed at σ = 0.05, 0.1, 0.2 or 0.4 instead of calibrated
@@ -16,17 +16,16 @@ kEx to m* divided by the recipe's. This script makes that comparison on CPU-size
   exact statistics (`metrics/sequence_metrics.py`): per-position base-frequency error, k-mer spectrum
   Jensen–Shannon divergence for k = 3..6, and the fraction of samples identical to a training sequence.
 
-InfoNoise runs also report the pivot of every refresh (from their log): its range after 20 kEx, the stability the
-calibration issue asks for.
+InfoNoise runs also report the pivot of every refresh (from their log): its range after 20 kEx, which shows whether
+the pivot settles (docs/pivot-rules.md).
 
-Every run is a real `train.py` subprocess with the preset's network, optimizer and batch (only the sampler and
-weight differ), snapshotting every --eval-every kimg. Each snapshot's EMA network is evaluated post hoc with the
-same seeds (0..N-1), EDM's ρ=7 grid and Heun's sampler at --steps (2·steps−1 NFE); samples of binarized data are
-thresholded as `generate.py --binarize` does, and sequences decoded to their nearest one-hot sequence. FD-MNIST is
-taken against all 5,000 digits of the training set, FD-ARS against all training sequences (statistics cached in
-the output directory). Work already done in --outdir is reused: finished runs and
-evaluations are skipped, an interrupted run resumes from its newest training state, and a longer --kimg extends
-shorter runs.
+Every run is a real `train.py` subprocess with the preset's network, optimizer and batch (only the noise sampler and the
+loss weight differ), snapshotting every --eval-every kimg. Each snapshot's EMA network is evaluated post hoc with the
+same seeds (0..N-1), EDM's ρ=7 σ-grid and Heun's solver at --steps (2·steps−1 NFE); samples of binarized data are
+thresholded as `generate.py --binarize` does, and sequences decoded to their nearest one-hot sequence. FD-MNIST is taken
+against all 5,000 digits of the training set, FD-ARS against all training sequences (statistics cached in the output
+directory). Work already done in --outdir is reused: finished runs and evaluations are skipped, an interrupted run
+resumes from its newest training state, and a longer --kimg extends shorter runs.
 
 Budget, measured on 2 CPU cores: one 80-kimg MNIST run spends about 6 minutes in train.py (≈225 images/s) and
 one evaluation (1,000 samples at 17 NFE, then FD-MNIST) about 25 s; the defaults, 9 recipes × 2 seeds × (80 kimg +
@@ -86,7 +85,7 @@ class Recipe:
     dataset: str  # 'mnist' or 'bmnist'
     label: str
     args: tuple[str, ...]  # train.py flags on top of the dataset's preset
-    baseline: bool  # a fixed schedule, candidate for m*
+    baseline: bool  # a fixed noise sampler, candidate for m*
     extra: bool = False  # a sensitivity-study variant, run only when --recipes names it (not part of 'all')
 
 
@@ -131,7 +130,7 @@ for _pivot in SENSITIVITY_PIVOTS:
     RECIPES[f'bmnist-infonoise-pivot{_pivot}'] = Recipe(
         'bmnist', f'InfoNoise, pivot fixed at {_pivot}', ('--sampler=infonoise', '--weight=uniform', f'--info-pivot={_pivot}'), False, True
     )  # fmt: skip
-# The pivot's stability is judged after this many kEx (issue 13).
+# The pivot's stability is judged after this many kEx (the pivot settles during the first refreshes).
 PIVOT_SETTLED_KIMG = 20
 QUICK = dict(kimg=1, eval_every=1, seeds='1', eval_images=64, steps=4)
 # In --quick runs InfoNoise must refresh within 1 kimg: 8 intervals, warm-up 0.5 kimg, a refresh every 0.25 kimg.
@@ -517,13 +516,13 @@ def run_dataset(dataset: str, names: list[str], seeds: list[int], opts, data: st
 @click.option('--seeds',       help='Training seeds per recipe: a count N (0..N-1) or a list (0,1 or 3-5)', default='2')
 @click.option('--recipes',     help=f'Comma-separated recipes, all (all but the sensitivity study), sensitivity: {", ".join(RECIPES)}', default='all')
 @click.option('--eval-images', help='Samples per evaluation (seeds 0..N-1)', metavar='N', type=click.IntRange(min=2), default=1000)
-@click.option('--steps',       help="Heun steps of the evaluation sampler on EDM's ρ=7 grid (2N-1 NFE)", metavar='N', type=click.IntRange(min=2), default=9)
+@click.option('--steps',       help="Heun steps of the evaluation solver on EDM's ρ=7 σ-grid (2N-1 NFE)", metavar='N', type=click.IntRange(min=2), default=9)
 @click.option('--data',        help='MNIST-5k 16x16 (built if missing)', metavar='ZIP', default=DEFAULT_DATA)
 @click.option('--bdata',       help='Binarized MNIST-5k 16x16 (built if missing)', metavar='ZIP', default=DEFAULT_BDATA)
 @click.option('--dnadata',     help='ARS yeast DNA, 128 nt (built if missing)', metavar='NPZ', default=DEFAULT_DNA)
 # fmt: on
 def main(**kwargs):
-    """FD-MNIST and FD-ARS against training examples for fixed noise schedules and InfoNoise (paper, Table 1a).
+    """FD-MNIST and FD-ARS against training examples for fixed noise samplers and InfoNoise (paper, Table 1a).
 
     Defaults: about 3 hours on 2 CPU cores. --quick: about 2 minutes.
     """

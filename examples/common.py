@@ -39,7 +39,7 @@ OPTIONS = {
     'data': click.option('--data', help='MNIST-5k 16x16 (dataset_tool.py zip)', default='datasets/mnist5k-16x16.zip'),
     'steps': click.option('--steps', help='Training steps', type=click.IntRange(min=1), default=1500),
     'batch': click.option('--batch', help='Batch size', type=click.IntRange(min=1), default=64),
-    'warmup_steps': click.option('--warmup-steps', help='InfoNoise: steps under the base sampler', type=click.IntRange(min=0), default=150),
+    'warmup_steps': click.option('--warmup-steps', help='InfoNoise: steps under the base noise sampler', type=click.IntRange(min=0), default=150),
     'refresh_steps': click.option('--refresh-steps', help='InfoNoise: steps between refreshes', type=click.IntRange(min=1), default=30),
     'bins': click.option('--bins', help='InfoNoise: intervals K', type=click.IntRange(min=2), default=32),
     'min_count': click.option('--min-count', help='InfoNoise: losses per interval before a refresh', type=click.IntRange(min=1), default=8),

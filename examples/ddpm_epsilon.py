@@ -41,7 +41,7 @@ def ddim(net: torch.nn.Module, x: torch.Tensor, num_steps: int) -> torch.Tensor:
 @click.command(context_settings={'show_default': True})
 @with_options('data', 'steps', 'batch', 'warmup_steps', 'refresh_steps', 'bins', 'min_count')
 @click.option(
-    '--ddim-steps', help='DDIM steps of the sampler', type=click.IntRange(min=1), default=50, show_default=True
+    '--ddim-steps', help='DDIM steps at generation', type=click.IntRange(min=1), default=50, show_default=True
 )
 @click.option('--out', help='PNG of 64 samples', default='ddpm-samples.png')
 def main(data, steps, batch, warmup_steps, refresh_steps, bins, min_count, ddim_steps, out):

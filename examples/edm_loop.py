@@ -26,7 +26,7 @@ from training.sampling import edm_sampler, save_image_grid  # noqa: E402
 @with_options('data', 'steps', 'batch', 'warmup_steps', 'refresh_steps', 'bins', 'min_count')
 @click.option(
     '--nfe-steps',
-    help='Heun steps of the sampler (2n-1 evaluations)',
+    help='Heun steps of the solver (2n-1 evaluations)',
     type=click.IntRange(min=2),
     default=9,
 )

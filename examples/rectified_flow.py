@@ -3,7 +3,8 @@
 x_t = (1 − t)·x₀ + t·ε; the network predicts the velocity v = ε − x₀ and the loss is the plain velocity MSE. In VE
 terms x_t/(1 − t) = x₀ + σε with σ = t/(1 − t), the x₀-space error is t²·(velocity MSE) and the loss weighs x₀ errors
 by w(σ) = 1/t² (`infonoise.velocity_loss_weight`), which InfoNoise divides out. `FlowMatching` does the mapping.
-`--schedule` also offers the usual t-samplers, logit-normal(0, 1) (SD3's default) and uniform t, for comparison.
+`--schedule` also offers the usual noise samplers in t, logit-normal(0, 1) (SD3's default) and uniform t, for
+comparison.
 
     python dataset_tool.py --source=mnist5k --dest=datasets/mnist5k-16x16.zip --resolution=16x16
     python examples/rectified_flow.py --data=datasets/mnist5k-16x16.zip --kimg=60 --out=rf-samples.png
@@ -23,12 +24,12 @@ from training.networks import SongUNet  # noqa: E402
 from training.sampling import save_image_grid  # noqa: E402
 
 SCHEDULES = ('infonoise', 'logit-normal', 'uniform')
-T_MIN, T_MAX = 1e-4, 1 - 1e-4  # Network inputs see t in this range (the sampler starts at t = 1).
+T_MIN, T_MAX = 1e-4, 1 - 1e-4  # Network inputs see t in this range (the solver starts at t = 1).
 
 
 def make_schedule(name: str, kimg: float, bins: int = 32, min_count: int = 8, refresh_kimg: float = 2.0):
-    """A function (n, device) -> t [n], an `observe(t, velocity_mse)` hook and the InfoNoise sampler (None, None for the
-    fixed t-samplers)."""
+    """A function (n, device) -> t [n], an `observe(t, velocity_mse)` hook and the InfoNoise noise sampler (None, None
+    for the fixed ones)."""
     if name == 'infonoise':
         # σ over [0.002, 1000], i.e. t over [0.002, 0.999]; warm-up under logit-normal t (= log-normal σ, (0, 1)).
         noise = InfoNoise(
@@ -120,10 +121,10 @@ def train(data: str, schedule: str, kimg: float, batch: int = 64, lr: float = 1e
     type=click.FloatRange(min=0, min_open=True),
     default=2.0,
 )
-@click.option('--steps', help='Euler steps of the sampler', type=click.IntRange(min=1), default=32)
+@click.option('--steps', help='Euler steps of the solver', type=click.IntRange(min=1), default=32)
 @click.option('--out', help='PNG of 64 samples', default='rf-samples.png')
 def main(data, schedule, kimg, batch, seed, bins, min_count, refresh_kimg, steps, out):
-    """Train a rectified flow with the chosen t-schedule and save 64 samples."""
+    """Train a rectified flow with the chosen noise sampler in t and save 64 samples."""
     kwargs = dict(bins=bins, min_count=min_count, refresh_kimg=refresh_kimg)
     ema, noise = train(data, schedule, kimg, batch=batch, seed=seed, **kwargs)
     if noise is not None:

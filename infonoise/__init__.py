@@ -1,4 +1,4 @@
-"""InfoNoise: information-guided training noise schedules and InfoGrid σ-grids for diffusion models.
+"""InfoNoise: an information-guided noise sampler for diffusion training, and InfoGrid σ-grids for generation.
 
 A library for any trainer (Raya et al., "Information-Guided Noise Allocation for Efficient Diffusion Training",
 arXiv 2602.18647). It imports only torch and numpy; `infonoise.plots` needs matplotlib.

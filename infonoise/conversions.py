@@ -16,7 +16,7 @@ VP / DDPM, x_t = √ᾱ·x₀ + √(1−ᾱ)·ε. Dividing by √ᾱ gives x₀ 
 Rectified flow / flow matching, x_t = (1−t)·x₀ + t·ε. Dividing by 1−t gives x₀ + σε with
     σ = t/(1−t),  t = σ/(1+σ).
     Velocity v = ε − x₀: x̂₀ = x_t − t·v̂, so x̂₀ − x₀ = −t(v̂ − v), x₀-MSE = t²·v-MSE and a plain velocity loss
-    has w(σ) = 1/t² = ((1+σ)/σ)².  `FlowMatching` wraps a sampler in these terms.
+    has w(σ) = 1/t² = ((1+σ)/σ)².  `FlowMatching` wraps a noise sampler in these terms.
 
 A draw σ ~ π maps to t through a monotone function, so t has density π(σ(t))·|dσ/dt| and P(t ∈ [a, b]) =
 F(σ(b)) − F(σ(a)) exactly; the tests check this by Monte Carlo for every adapter.
@@ -99,13 +99,13 @@ def velocity_loss_weight(sigma: torch.Tensor) -> torch.Tensor:
 
 
 class FlowMatching:
-    """A σ-sampler (e.g. InfoNoise(weight=velocity_loss_weight)) in rectified-flow terms.
+    """A noise sampler (e.g. InfoNoise(weight=velocity_loss_weight)) in rectified-flow terms.
 
         t = fm.sample_t(batch, device)                   # [N] float32 in (0, 1)
         x_t = (1 - t) * x0 + t * eps; loss = ((net(x_t, t) - (eps - x0)) ** 2).mean(dims)
         fm.observe(t, velocity_mse)                      # [N] per-sample, unweighted
 
-    t ranges over σ/(1+σ) of the sampler's σ range: [0.002, 80] gives t ∈ [0.0020, 0.9877].
+    t ranges over σ/(1+σ) of the noise sampler's σ range: [0.002, 80] gives t ∈ [0.0020, 0.9877].
     """
 
     def __init__(self, sampler: NoiseSampler):
@@ -113,28 +113,28 @@ class FlowMatching:
         self.sampler = sampler
 
     def sample_t(self, n: int, device: torch.device | str = 'cpu') -> torch.Tensor:
-        """n times t = σ/(1 + σ) (float32, on `device`) of σ drawn from the sampler."""
+        """n times t = σ/(1 + σ) (float32, on `device`) of σ drawn from the noise sampler."""
         sigma = self.sampler.sample(n, device).to(torch.float64)
         return flow_t_from_sigma(sigma).to(torch.float32)
 
     def observe(self, t: torch.Tensor, velocity_mse: torch.Tensor) -> None:
-        """Hand the sampler σ = t/(1 − t) and the x₀-space MSE t²·velocity_mse (both [N], per sample, unweighted).
+        """Hand the noise sampler σ = t/(1 − t) and the x₀-space MSE t²·velocity_mse (both [N], per sample, unweighted).
         A t outside [0, 1) gives a σ that is not positive and finite, which InfoNoise refuses at its next check."""
         check_observation(t, velocity_mse)
         t = t.detach().to(torch.float64)
         self.sampler.observe(flow_sigma_from_t(t), t**2 * velocity_mse.detach().to(torch.float64))
 
     def cdf_t(self, t: torch.Tensor) -> torch.Tensor:
-        """P(t' <= t) under the sampler's current law."""
+        """P(t' <= t) under the noise sampler's current law."""
         return self.sampler.cdf(flow_sigma_from_t(torch.as_tensor(t, dtype=torch.float64)))
 
 
 class DiscreteTimesteps:
-    """A σ-sampler over a DDPM-style table of timesteps (diffusers' `scheduler.alphas_cumprod`, [T]).
+    """A noise sampler over a DDPM-style table of timesteps (diffusers' `scheduler.alphas_cumprod`, [T]).
 
     Timestep i has σ_i = √((1 − ᾱ_i)/ᾱ_i), increasing in i, and stands for the σ-interval between the geometric
     midpoints of its neighbours (the first reaches down to 0, the last up to ∞). It is drawn with the probability
-    the sampler gives that interval, F(e_{i+1}) − F(e_i), the exact discrete counterpart of the continuous law
+    the noise sampler gives that interval, F(e_{i+1}) − F(e_i), the exact discrete counterpart of the continuous law
     (not the nearest timestep of a continuous draw in another variable).
 
         t = steps.sample(batch, device)                  # [N] int64 timesteps
@@ -161,7 +161,7 @@ class DiscreteTimesteps:
         self.edges = torch.cat([torch.zeros(1, dtype=torch.float64), mid, torch.full((1,), math.inf)])  # [T + 1]
 
     def sigma_range(self) -> tuple[float, float]:
-        """σ of the first and the last timestep: the range to build the sampler's estimation grid on."""
+        """σ of the first and the last timestep: the range to build the noise sampler's bins on."""
         return float(self.sigmas[0]), float(self.sigmas[-1])
 
     def check_bins(self, edges: torch.Tensor) -> None:
@@ -179,7 +179,7 @@ class DiscreteTimesteps:
             )
 
     def probabilities(self) -> torch.Tensor:
-        """[T] probability of each timestep under the sampler's current law (float64, CPU)."""
+        """[T] probability of each timestep under the noise sampler's current law (float64, CPU)."""
         cdf = self.sampler.cdf(self.edges[1:-1])
         cdf = torch.cat(
             [torch.zeros(1, dtype=torch.float64), cdf.cpu().to(torch.float64), torch.ones(1, dtype=torch.float64)]
@@ -187,9 +187,9 @@ class DiscreteTimesteps:
         return (cdf[1:] - cdf[:-1]).clamp(min=0)
 
     def _on(self, device: torch.device | str) -> dict:
-        """σ_i on `device`, and the cumulative timestep probabilities there, recomputed only when the sampler's law
-        changes (InfoNoise replaces its `table` at each refresh; other samplers are taken as fixed): no per-step
-        host round trip."""
+        """σ_i on `device`, and the cumulative timestep probabilities there, recomputed only when the noise sampler's
+        law changes (InfoNoise replaces its `table` at each refresh; other noise samplers are taken as fixed): no
+        per-step host round trip."""
         cache = self._cache.setdefault(str(device), dict(sigmas=self.sigmas.to(device), law=(), cumulative=None))
         law = getattr(self.sampler, 'table', None)
         if cache['cumulative'] is None or cache['law'] is not law:
@@ -203,7 +203,7 @@ class DiscreteTimesteps:
         return torch.searchsorted(cumulative, u, right=True).clamp(max=self.sigmas.numel() - 1)
 
     def observe(self, timesteps: torch.Tensor, mse: torch.Tensor) -> None:
-        """Hand the sampler σ_i and the x₀-space MSE of per-sample losses `mse` in the prediction's target.
+        """Hand the noise sampler σ_i and the x₀-space MSE of per-sample losses `mse` in the prediction's target.
 
         A timestep outside [0, T) (which indexing would wrap, e.g. −1 to T − 1) becomes σ = NaN, which InfoNoise
         counts on the device and refuses at its next refresh check: no host synchronisation per step."""

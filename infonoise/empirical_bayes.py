@@ -9,7 +9,7 @@ into the exact entropy-rate profile r = mmse/σ³ (Eq. 11).
 `empirical_bayes_denoiser` is that formula, the one implementation of it: float64, distances from one matrix
 product ‖x‖² + ‖x_i‖² - 2xᵀx_i, and the softmax in log space (logsumexp, D.1). `EmpiricalBayesDenoiser` wraps it
 with the attributes and call signature of EDM's preconditioned networks, so the offline profile and EDM's
-samplers (`training.sampling`) take it in place of a trained network; it evaluates the observations in chunks so
+solvers (`training.sampling`) take it in place of a trained network; it evaluates the observations in chunks so
 that the [chunk, N] distance matrix stays small however large the batch.
 """
 
@@ -84,7 +84,7 @@ class EmpiricalBayesDenoiser(torch.nn.Module):
     ) -> torch.Tensor:
         """Posterior means for x [M, C, H, W] at σ > 0 (a scalar or one per image, any shape with M entries); float64.
 
-        `class_labels` and other keyword arguments are accepted for the samplers' sake and ignored: the prior is
+        `class_labels` and other keyword arguments are accepted for the solvers' sake and ignored: the prior is
         the whole data set.
         """
         dim = self.data.shape[1]

@@ -1,8 +1,8 @@
-"""Inference sigma-grids: where a sampler evaluates the denoiser.
+"""Inference sigma-grids: where a solver evaluates the denoiser.
 
 A grid is a float64 tensor of N+1 noise levels sigma_0 > sigma_1 > ... > sigma_{N-1} > sigma_N = 0 (EDM's
-convention, Karras et al. 2022, Sec. 3): the N-step sampler starts at sigma_0 and integrates down to 0. Grids
-are pure functions of their arguments; samplers (`training.sampling`) take one as input and never build it.
+convention, Karras et al. 2022, Sec. 3): the N-step solver starts at sigma_0 and integrates down to 0. Grids
+are pure functions of their arguments; solvers (`training.sampling`) take one as input and never build it.
 
 - `edm_grid`: EDM's rho-grid (EDM Eq. 5), the default.
 - `infogrid`: the InfoNoise paper's InfoGrid (Eq. 19), uniform in the cumulative information coordinate
@@ -27,8 +27,8 @@ import torch
 if TYPE_CHECKING:
     from infonoise.profile import Profile
 
-# EDM's default noise range of each discretization (EDM's ablation sampler); the VP one is sigma_VP(1e-3), sigma_VP(1).
-# EDM's VP schedule (Table 1): σ(t) = √(exp(½β_d t² + β_min t) − 1), t ∈ [ε_t, 1] in training, [ε_s, 1] in sampling.
+# EDM's default noise range of each discretization (EDM's ablation solver); the VP one is sigma_VP(1e-3), sigma_VP(1).
+# EDM's VP noise level (Table 1): σ(t) = √(exp(½β_d t² + β_min t) − 1), t ∈ [ε_t, 1] in training, [ε_s, 1] in sampling.
 VP_BETA_D, VP_BETA_MIN, VP_EPSILON_T, VP_EPSILON_S = 19.9, 0.1, 1e-5, 1e-3
 
 
@@ -37,7 +37,7 @@ def _vp_input(x: float | torch.Tensor) -> torch.Tensor:
 
 
 def vp_sigma(t: float | torch.Tensor, beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN) -> torch.Tensor:
-    """σ(t) of the VP schedule, in t's dtype for a tensor (float64 for a number); expm1 keeps small t exact."""
+    """VP's noise level function σ(t), in t's dtype for a tensor (float64 for a number); expm1 keeps small t exact."""
     t = _vp_input(t)
     return torch.expm1(0.5 * beta_d * t**2 + beta_min * t).sqrt()
 
@@ -93,8 +93,8 @@ def loguniform_grid(num_steps: int, sigma_min: float = 0.002, sigma_max: float =
 
 
 def vp_grid(num_steps: int, sigma_min: float, sigma_max: float, epsilon_s: float = VP_EPSILON_S) -> torch.Tensor:
-    """EDM's "vp" discretization: t uniform on [1, epsilon_s] mapped through the VP schedule sigma(t), with beta_d
-    and beta_min refitted so that sigma(epsilon_s) = sigma_min and sigma(1) = sigma_max (as EDM's ablation sampler).
+    """EDM's "vp" discretization: t uniform on [1, epsilon_s] mapped through VP's sigma(t), with beta_d
+    and beta_min refitted so that sigma(epsilon_s) = sigma_min and sigma(1) = sigma_max (as EDM's ablation solver does).
     """
     _check(num_steps, sigma_min, sigma_max)
     if not 0 < epsilon_s < 1:
@@ -105,7 +105,7 @@ def vp_grid(num_steps: int, sigma_min: float, sigma_max: float, epsilon_s: float
 
 
 def vp_coefficients(sigma_min: float, sigma_max: float, epsilon_s: float = VP_EPSILON_S) -> tuple[float, float]:
-    """beta_d, beta_min of the VP schedule through sigma(epsilon_s) = sigma_min and sigma(1) = sigma_max (EDM)."""
+    """beta_d, beta_min of VP's sigma(t) through sigma(epsilon_s) = sigma_min and sigma(1) = sigma_max (EDM)."""
     beta_d = 2 * (math.log(sigma_min**2 + 1) / epsilon_s - math.log(sigma_max**2 + 1)) / (epsilon_s - 1)
     beta_min = math.log(sigma_max**2 + 1) - 0.5 * beta_d
     return beta_d, beta_min

@@ -19,7 +19,7 @@ Per-step work (`sample`, `observe`) is device-side tensor code without host sync
 
 InfoNoise says what it does: every refresh check produces a `RefreshCheck` (refreshed, with the pivot, the peak of
 ρ and the quantiles of ln σ; or skipped, with the reason), handed to `callback` if one is set, and
-`schedule_report` tells before training whether and when the schedule can adapt at all.
+`schedule_report` tells before training whether and when InfoNoise can adapt at all.
 """
 
 import math
@@ -75,7 +75,7 @@ class InfoNoise(NoiseSampler):
         buffer_size: int = 256,  # B: FIFO capacity per interval.
         ema_rate: float = 0.25,  # β: weight of the new buffer mean in the loss EMA (Alg. 1 line 11).
         refresh_kimg: float | None = None,  # M: refresh period, in thousands of images [default: 50].
-        warmup_kimg: float | None = None,  # N_warm: images drawn from the base sampler first [default: 1000].
+        warmup_kimg: float | None = None,  # N_warm: images drawn from the base noise sampler first [default: 1000].
         min_count: int = 16,  # N_min: losses every interval must hold (over all ranks) before a refresh.
         gate_n: float = 3.0,  # n of the gate g_{c,n} (Eq. 17).
         onset_p: float = 0.002,  # p of the onset-of-information pivot (Eq. 18).
@@ -287,7 +287,7 @@ class InfoNoise(NoiseSampler):
         return check.refreshed
 
     def schedule_report(self, total_nimg: int, batch_size: int) -> list[str]:
-        """Before training: whether and when this schedule can adapt in a run (`infonoise.reporting.schedule_report`)."""
+        """Before training: whether and when InfoNoise can adapt in a run (`infonoise.reporting.schedule_report`)."""
         return schedule_report(self, total_nimg, batch_size)
 
     def profile(self) -> Profile | None:
@@ -308,6 +308,6 @@ class InfoNoise(NoiseSampler):
         return save_state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned; ValueError naming the field if the state does not fit this sampler
+        """Restore what `state_dict` returned; ValueError naming the field if the state does not fit this noise sampler
         (`infonoise.state.check_state`). States written before a field existed load with its default."""
         load_state(self, state)

@@ -253,7 +253,7 @@ class Profile:
             raise ValueError(f'"{path}": {e}') from None
 
     def peak(self) -> float:
-        """σ at the maximum of the target density per unit ln σ, σ·ρ (where the schedule puts most mass)."""
+        """σ at the maximum of the target density per unit ln σ, σ·ρ (where the target emphasis puts most mass)."""
         return float(self.sigma[(self.sigma * self.rho).argmax()])
 
 

@@ -1,7 +1,8 @@
 """What InfoNoise says about itself: each refresh check as a `RefreshCheck`, and before training a
-`schedule_report` of whether and when the schedule can adapt in a run (InfoNoise paper, Algorithm 1, line 9).
+`schedule_report` of whether and when InfoNoise can adapt in a run (InfoNoise paper, Algorithm 1, line 9).
 
-The checks go to `InfoNoise.callback` (the training loop prints them); the report is `InfoNoise.schedule_report`.
+The checks go to `InfoNoise.callback` (the training loop records them in stats.jsonl, and prints them with
+--verbose); the report is `InfoNoise.schedule_report`.
 """
 
 import math
@@ -62,7 +63,7 @@ def schedule_report(noise: Any, total_nimg: int, batch_size: int) -> list[str]:
     (all ranks together), and warnings (lines starting 'Warning:') when it cannot: the warm-up outlasts the run,
     the intervals are not expected to collect N_min losses in time, or the refresh period is shorter than a step.
 
-    During the warm-up interval k receives a share p_k of the draws: (1 - ε) times the base sampler's
+    During the warm-up interval k receives a share p_k of the draws: (1 - ε) times the base noise sampler's
     probability of the interval plus ε times its share of ln σ (the floor). Counts pool over ranks and never
     drop, so the first refresh can happen once every interval holds N_min losses: after n images with
     probability Π_k P(Poisson(n·p_k) >= N_min), which we solve for 1/2 (the median wait; never if N_min

@@ -1,12 +1,13 @@
-"""Training noise samplers: where σ comes from (InfoNoise paper, Sec. 2.1: the schedule π(σ) of Eq. 5).
+"""Training noise samplers: where σ comes from (InfoNoise paper, Sec. 2.1: the density π(σ) of Eq. 5, which the
+paper calls the training noise schedule).
 
-Every sampler implements one protocol, stated once in `NoiseSampler`'s docstring: what a training loop may call,
+Every noise sampler implements one protocol, stated once in `NoiseSampler`'s docstring: what a training loop may call,
 which members are required and which are optional with their defaults. The loss never draws σ and the training
-loop never names a concrete sampler class.
+loop never names a concrete noise sampler class.
 
-The fixed samplers reproduce EDM's training distributions (Karras et al. 2022, Table 1): log-normal for EDM,
-log-uniform for VE, and the VP schedule's σ(t) with t uniform on [ε_t, 1]. `Mixture` is a weighted sum of
-samplers (InfoNoise's warm-up law), with an exact inverse CDF.
+The fixed noise samplers reproduce EDM's training distributions (Karras et al. 2022, Table 1): log-normal for EDM,
+log-uniform for VE, and VP's noise level function σ(t) with t uniform on [ε_t, 1]. `Mixture` is a weighted sum of
+noise samplers (InfoNoise's warm-up law), with an exact inverse CDF.
 """
 
 import abc
@@ -84,10 +85,10 @@ def ln_sigma_strata(icdf: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch
 
 class NoiseSampler(abc.ABC):
     """A density over σ given by its inverse CDF. Its docstring is THE noise-sampler protocol: a training loop
-    (training/training_loop.py, examples/) builds a sampler from its config, never names its class, and calls
+    (training/training_loop.py, examples/) builds a noise sampler from its config, never names its class, and calls
     only the members below. Subclasses implement `icdf`; every other member has a default here.
 
-    Required (a fixed sampler keeps the defaults):
+    Required (a fixed noise sampler keeps the defaults):
         icdf(u) -> Tensor                   σ (float64) for uniforms u ∈ [0, 1) (float64), monotone; abstract.
         sample(n, device) -> Tensor[n]      n σ (float32) on `device`: icdf(u) of u = torch.rand(n, float64)
                                             clamped to >= 2⁻⁴⁰, one draw from torch's global RNG, so that
@@ -99,8 +100,9 @@ class NoiseSampler(abc.ABC):
                                             and dicts (torch.load(weights_only=True)). Default: {}.
         load_state_dict(state) -> None      restore it; ValueError naming what is wrong. Default: refuses any key.
     Optional, with their defaults:
-        callback: Callable | None = None    called with each event of an adaptive sampler (InfoNoise: every
-                                            refresh check, a printable `RefreshCheck`); the loop prints them.
+        callback: Callable | None = None    called with each event of an adaptive noise sampler (InfoNoise:
+                                            every refresh check, a printable `RefreshCheck`); the training loop
+                                            records them in stats.jsonl and prints them with --verbose.
         cdf(sigma) -> Tensor                P(σ' <= σ) (float64); default raises NotImplementedError.
         profile() -> Profile | None         the learned information profile (InfoNoise); None.
         schedule_report(total_nimg, batch_size) -> list[str]   lines to print before training; [].
@@ -112,7 +114,7 @@ class NoiseSampler(abc.ABC):
     tensor); the other members run once per tick, check or checkpoint.
     """
 
-    # Called with each event of an adaptive sampler; fixed samplers have none.
+    # Called with each event of an adaptive noise sampler; fixed noise samplers have none.
     callback: Callable[[Any], None] | None = None
 
     @abc.abstractmethod
@@ -129,20 +131,20 @@ class NoiseSampler(abc.ABC):
         return self.icdf(u).to(torch.float32)
 
     def observe(self, sigma: torch.Tensor, mse: torch.Tensor) -> None:
-        """Per-sample σ and unweighted MSE of the step just taken; fixed samplers only check their shapes."""
+        """Per-sample σ and unweighted MSE of the step just taken; fixed noise samplers only check their shapes."""
         check_observation(sigma, mse)
 
     def profile(self) -> 'Profile | None':
-        """The learned information profile (InfoNoise); fixed samplers have none."""
+        """The learned information profile (InfoNoise); fixed noise samplers have none."""
         return None
 
     def schedule_report(self, total_nimg: int, batch_size: int) -> list[str]:
         """Lines to print before a run of `total_nimg` images at `batch_size` per step ('Warning: ...' for
-        settings that keep the sampler from working as intended); fixed samplers have nothing to say."""
+        settings that keep the noise sampler from working as intended); fixed noise samplers have nothing to say."""
         return []
 
     def summary(self) -> str:
-        """A few words of state for the training loop's tick line ('' for fixed samplers)."""
+        """A few words of state for the training loop's tick line ('' for fixed noise samplers)."""
         return ''
 
     def ln_sigma_points(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,7 +162,7 @@ class NoiseSampler(abc.ABC):
         return stats
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a bit-exact resume needs (plain tensors and numbers; empty for fixed samplers)."""
+        """Everything a bit-exact resume needs (plain tensors and numbers; empty for fixed noise samplers)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -220,7 +222,7 @@ class VPSampler(NoiseSampler):
 
 
 class Mixture(NoiseSampler):
-    """Σ_i w_i·(law of sampler i), e.g. InfoNoise's warm-up law (1 − ε)·base + ε·log-uniform.
+    """Σ_i w_i·(law of noise sampler i), e.g. InfoNoise's warm-up law (1 − ε)·base + ε·log-uniform.
 
     `icdf` is the exact inverse of the mixture's CDF F = Σ w_i F_i, so `sample` draws from the mixture with one
     uniform per σ and a grid of `icdf` values describes what is drawn. F is a weighted mean of the F_i, so the root

@@ -1,9 +1,9 @@
 """Inverse-CDF sampling from a density tabulated on the log-grid (InfoNoise paper, Sec. 5 and App. D).
 
-BuildSampler (Algorithm 1, line 16) turns tabulated values q_k at the grid points σ_k into a sampler of
-continuous σ: normalise q with the interval widths Δσ_k, integrate it over σ by the trapezoidal rule into a CDF
-at the grid points, and map a uniform u back to σ by linear interpolation between the two grid points whose CDF
-values bracket u ("Inverse-CDF sampling on a log-grid", App. D). Draws are continuous in σ, not bin centres.
+BuildSampler (Algorithm 1, line 16) turns tabulated values q_k at the grid points σ_k into a law of continuous σ, drawn
+by inverse CDF: normalise q with the interval widths Δσ_k, integrate it over σ by the trapezoidal rule into a CDF at the
+grid points, and map a uniform u back to σ by linear interpolation between the two grid points whose CDF values bracket
+u ("Inverse-CDF sampling on a log-grid", App. D). Draws are continuous in σ, not bin centres.
 
 The table's CDF is piecewise linear, so its draws have a piecewise-constant density; `cdf_at` and `pdf_at`
 are that exact law, which the tests compare draws against. Lookups use torch only (searchsorted + lerp), so

@@ -25,7 +25,7 @@ def inverse_variance_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> tor
 
 
 def uniform_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
-    """λ ≡ 1: allocation-controlled training, where the emphasis equals the schedule (paper Sec. 6)."""
+    """λ ≡ 1: allocation-controlled training, where the emphasis equals the noise sampler's density π (paper Sec. 6)."""
     return torch.ones_like(sigma)
 
 

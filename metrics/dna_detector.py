@@ -181,7 +181,7 @@ def real_floor(detector: TrainedDetector, test_tokens: np.ndarray, test_labels: 
 def train(seed: int = 0, epochs: int = 4, batch_size: int = 250, lr: float = 3e-3) -> tuple[DNAFeatureNet, dict]:
     """Train the network on the fixed training split; returns it (eval mode), its held-out accuracies and real floor.
 
-    Adam with a one-cycle learning-rate schedule; initialisation, batch order and the training corruptions follow
+    Adam with a one-cycle learning rate; initialisation, batch order and the training corruptions follow
     `seed`. Every epoch sees the 2 x NUM_TRAIN real sequences and NUM_TRAIN freshly corrupted ones.
     """
     train_real, train_labels, sources, test_tokens, test_labels = ars_split()

@@ -153,7 +153,7 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def train(seed: int = 0, epochs: int = 20, batch_size: int = 100, lr: float = 3e-3) -> tuple[MNISTFeatureNet, dict]:
     """Train the network on the 4,000 training digits; returns it (eval mode) and its test accuracies.
 
-    Adam with a one-cycle learning-rate schedule; initialisation, batch order and augmentation all follow `seed`.
+    Adam with a one-cycle learning rate; initialisation, batch order and augmentation all follow `seed`.
     """
     train_images, train_labels, test_images, test_labels = mnist5k_split()
     torch.manual_seed(seed)

@@ -18,15 +18,14 @@ import dnnlib
 
 
 class InfiniteSampler(torch.utils.data.Sampler):
-    """Endless, random-access stream of dataset indices, split over ranks.
+    """The data order: an endless, random-access stream of dataset indices, split over ranks.
 
-    Global positions i = start_idx, start_idx + 1, ... map to dataset items: with N = len(dataset) and lap
-    L = i // N, position i holds perm_L[i % N], where perm_L is the permutation drawn by
-    `np.random.RandomState([seed, L])` (the identity when `shuffle=False`). Every lap therefore visits every item
-    exactly once, and each lap has its own order. Rank r yields the positions with i % num_replicas == r, so the
-    ranks together consume the positions in order. After the whole job has consumed `cur_nimg` images (all ranks
-    together, a multiple of num_replicas), a sampler built with `start_idx=cur_nimg` continues exactly where the
-    uninterrupted run would have gone on.
+    Global positions i = start_idx, start_idx + 1, ... map to dataset items: with N = len(dataset) and lap L = i // N,
+    position i holds perm_L[i % N], where perm_L is the permutation drawn by `np.random.RandomState([seed, L])` (the
+    identity when `shuffle=False`). Every lap therefore visits every item exactly once, and each lap has its own order.
+    Rank r yields the positions with i % num_replicas == r, so the ranks together consume the positions in order. After
+    the whole job has consumed `cur_nimg` images (all ranks together, a multiple of num_replicas), an InfiniteSampler
+    built with `start_idx=cur_nimg` continues exactly where the uninterrupted run would have gone on.
     """
 
     def __init__(

@@ -2,7 +2,7 @@
 
 The loss does not draw σ: the training loop asks a noise sampler (infonoise.samplers) for σ and passes it in.
 What remains is EDM's loss body: augment, add noise, denoise, and weight the squared error by λ(σ). The loss
-weight is chosen independently of the sampler (`weight`), so that InfoNoise can divide it out (paper Eq. 16).
+weight is chosen independently of the noise sampler (`weight`), so that InfoNoise can divide it out (paper Eq. 16).
 """
 
 import torch

@@ -1,9 +1,9 @@
-"""Sampling: EDM's deterministic/stochastic sampler, per-seed noise, and image output.
+"""Generation: EDM's Heun/Euler solver (deterministic or stochastic), per-seed noise, and image output.
 
 `edm_sampler` is Algorithm 2 of EDM (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based
 Generative Models"): Heun's method (or Euler's) on the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma,
 with optional "churn" that adds noise before each step. `ablation_sampler` is EDM's generalization used for its
-ablations (EDM Table 1, Algorithm 1): the same ODE integrated in a time t with noise schedule sigma(t) and signal
+ablations (EDM Table 1, Algorithm 1): the same ODE integrated in a time t with noise level function sigma(t) and signal
 scaling s(t), and Heun's correction evaluated at t + alpha h. Both run on whatever sigma-grid they are given (see
 `infonoise.grids`); they never build one. `StackedRandomGenerator` gives every sample its own seeded generator,
 so an image depends only on its seed, not on the batch it was drawn in; `generate_images` splits seeds across
@@ -72,7 +72,7 @@ def edm_sampler(
 ) -> torch.Tensor:
     """EDM Algorithm 2 on the grid `sigmas` (N+1 descending values ending in 0); returns float64 images.
 
-    `latents` are unit-variance noise [B, C, H, W]; the sampler scales them by sigmas[0]. With S_churn > 0,
+    `latents` are unit-variance noise [B, C, H, W]; the solver scales them by sigmas[0]. With S_churn > 0,
     each step whose sigma lies in [S_min, S_max] first raises the noise level by gamma = min(S_churn/N, sqrt(2)-1).
     """
     if solver not in ('heun', 'euler'):
@@ -111,7 +111,7 @@ def edm_sampler(
 
 @dataclasses.dataclass(frozen=True)
 class _TimeCoordinates:
-    """Noise schedule sigma(t) with its derivative and inverse, and signal scaling s(t) (EDM Table 1)."""
+    """Noise level function sigma(t) with its derivative and inverse, and signal scaling s(t) (EDM Table 1)."""
 
     sigma: Callable[[torch.Tensor], torch.Tensor]
     sigma_deriv: Callable[[torch.Tensor], torch.Tensor]
@@ -188,10 +188,10 @@ def ablation_sampler(
     S_max: float = float('inf'),
     S_noise: float = 1,
 ) -> torch.Tensor:
-    """EDM's ablation sampler on the grid `sigmas` (N+1 descending values ending in 0); returns float64 images.
+    """EDM's ablation solver on the σ-grid `sigmas` (N+1 descending values ending in 0); returns float64 images.
 
     The grid fixes the noise levels; `schedule` ("vp", "ve", "linear") and `scaling` ("vp", "none") choose the
-    time t in which the ODE is integrated (t_i = sigma^-1(sigma_i), t_N = 0). The VP schedule is refitted to
+    time t in which the ODE is integrated (t_i = sigma^-1(sigma_i), t_N = 0). VP's sigma(t) is refitted to
     sigma(epsilon_s) = sigma_{N-1} and sigma(1) = sigma_0. Heun's correction is evaluated at t_hat + alpha h,
     alpha in (0, 1]. Churn as `edm_sampler`; with schedule "linear", scaling "none" and alpha 1 the two agree
     bit for bit.
@@ -329,10 +329,10 @@ def sample_seeds(
     binarize: bool = False,
     **sampler_kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Samples of `seeds` from `sampler` on the grid `sigmas`, each from its own seed's generator, and their class
-    indices (None for an unconditional network). Labels are drawn even with `class_idx`, so that the noise that
-    follows matches EDM's. `binarize` thresholds at 0 (x >= 0 is pixel >= 128 under EDM's x*127.5 + 128, the rule
-    dataset_tool.py --binarize=threshold applies to the data)."""
+    """Samples of `seeds` from the solver `sampler` (EDM's name) on the σ-grid `sigmas`, each from its own seed's
+    generator, and their class indices (None for an unconditional network). Labels are drawn even with `class_idx`,
+    so that the noise that follows matches EDM's. `binarize` thresholds at 0 (x >= 0 is pixel >= 128 under EDM's
+    x*127.5 + 128, the rule dataset_tool.py --binarize=threshold applies to the data)."""
     rnd = StackedRandomGenerator(device, seeds)
     latents = rnd.randn([len(seeds), *net.img_shape], device=device)
     labels = class_labels = None
@@ -356,7 +356,7 @@ def generate_images(
 ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
     """This rank's samples of `seeds` in batches of at most `max_batch_size` (EDM's split across ranks): yields
     (batch seeds, float samples in [-1, 1], class indices or None). `sample_kwargs` go to
-    `sample_seeds` (class_idx, sampler, binarize and the sampler's options). Every rank must
+    `sample_seeds` (class_idx, the solver `sampler`, binarize and the solver's options). Every rank must
     exhaust the iterator: each batch starts at a barrier, as in EDM."""
     for batch_seeds in tqdm.tqdm(
         dist.split_batches(seeds, max_batch_size), unit='batch', disable=(dist.get_rank() != 0 or not progress)

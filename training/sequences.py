@@ -3,7 +3,7 @@
 The InfoNoise paper's third discrete domain is DNA (regulatory elements of DNA-Diffusion, DaSilva et al. 2024): a
 sequence of L bases is a 4 x L one-hot matrix with entries in {-1, +1} (A, C, G, T rows). In this code base a
 sequence travels as a 4-channel "image" of height 1 and width L, [4, 1, L], so that the training loop, the loss, the
-preconditioners and the samplers, which broadcast sigma over [N, C, H, W], handle sequences unchanged; the 1-D U-Net
+preconditioners and the solvers, which broadcast sigma over [N, C, H, W], handle sequences unchanged; the 1-D U-Net
 (`training.networks_1d.SequenceUNet`) treats the width as the sequence axis.
 
 Dataset file (`dataset_tool.py --source=X.fasta|X.tsv|ars --dest=Y.npz`, which calls `convert`, read by
