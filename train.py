@@ -108,7 +108,7 @@ def setup_training_config(
     except ValueError as e:
         raise click.ClickException(str(e)) from None
 
-    # Loss weight and noise sampler; every sampler option is checked by building the sampler once.
+    # Loss weight and noise sampler; every noise sampler option is checked by building it once.
     weight = options.PRECOND_WEIGHT[opts.precond] if opts.weight == 'auto' else opts.weight
     c.loss_kwargs = dnnlib.EasyDict(class_name='training.loss.DenoisingLoss', weight=weight, sigma_data=0.5)
     sampler = options.PRECOND_SAMPLER[opts.precond] if opts.sampler == 'auto' else opts.sampler
@@ -177,7 +177,7 @@ def precision(opts: dnnlib.EasyDict) -> str:
 
 
 def run_description(opts: dnnlib.EasyDict, world_size: int) -> str:
-    """The run directory's name after its id: dataset, conditioning, architecture, preconditioning, sampler, ..."""
+    """The run directory's name after its id: dataset, conditioning, architecture, preconditioning, noise sampler, ..."""
     cond = 'cond' if opts.cond else 'uncond'
     sampler = options.PRECOND_SAMPLER[opts.precond] if opts.sampler == 'auto' else opts.sampler
     data = os.path.splitext(os.path.basename(opts.data.rstrip('/')))[0]
@@ -278,19 +278,19 @@ def launch_training(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, desc: str, device
 @click.option('--sampler',    help="Training noise sampler (auto = the precond's own)",              type=click.Choice(['auto', 'lognormal', 'loguniform', 'vp', 'infonoise']), default='auto', show_default=True)
 @click.option('--weight',     help="Loss weight (auto = the precond's own)",                         type=click.Choice(['auto', 'edm', 'inverse-variance', 'uniform']), default='auto', show_default=True)
 
-# InfoNoise (--sampler=infonoise); see the README for how the defaults were chosen.
+# InfoNoise (--sampler=infonoise); docs/infonoise.md ("Defaults") says how the defaults were chosen.
 @click.option('--info-bins',     help='InfoNoise: log-spaced intervals K', metavar='INT',                type=click.IntRange(min=2), default=64, show_default=True)
 @click.option('--info-buffer',   help='InfoNoise: FIFO capacity B per interval', metavar='INT',          type=click.IntRange(min=1), default=256, show_default=True)
 @click.option('--info-beta',     help='InfoNoise: EMA rate of the per-interval loss', metavar='FLOAT',   type=cli.FloatRange(min=0, max=1, min_open=True), default=0.25, show_default=True)
 @click.option('--info-refresh',  help='InfoNoise: refresh period M', metavar='KIMG',                     type=cli.FloatRange(min=0, min_open=True), default=50, show_default=True)
-@click.option('--info-warmup',   help='InfoNoise: warm-up N_warm under the base sampler', metavar='KIMG', type=cli.FloatRange(min=0), default=1000, show_default=True)
+@click.option('--info-warmup',   help='InfoNoise: warm-up N_warm under the base noise sampler', metavar='KIMG', type=cli.FloatRange(min=0), default=1000, show_default=True)
 @click.option('--info-nmin',     help='InfoNoise: losses N_min per interval before a refresh', metavar='INT', type=click.IntRange(min=1), default=16, show_default=True)
 @click.option('--info-gate-n',   help='InfoNoise: gate exponent n', metavar='FLOAT',                     type=cli.FloatRange(min=0, min_open=True), default=3, show_default=True)
 @click.option('--info-p',        help='InfoNoise: onset threshold p', metavar='FLOAT',                   type=cli.FloatRange(min=0, max=1, min_open=True, max_open=True), default=0.002, show_default=True)
 @click.option('--info-smooth',   help='InfoNoise: peak-preserving smoothing width, 0 = off', metavar='BINS', type=cli.FloatRange(min=0), default=1, show_default=True)
 @click.option('--info-endpoint', help='InfoNoise: endpoint type (auto = detect from the data)',          type=click.Choice(['auto', 'continuous', 'discrete']), default='auto', show_default=True)
 @click.option('--info-pivot',    help='InfoNoise: fixed pivot c  [default: calibrated]', metavar='FLOAT', type=cli.FloatRange(min=0, min_open=True))
-@click.option('--info-base',     help='InfoNoise: base sampler for the warm-up',                         type=click.Choice(['lognormal', 'loguniform']), default='lognormal', show_default=True)
+@click.option('--info-base',     help='InfoNoise: base noise sampler for the warm-up',                         type=click.Choice(['lognormal', 'loguniform']), default='lognormal', show_default=True)
 @click.option('--info-floor',    help='InfoNoise: log-uniform mixing floor', metavar='FLOAT',           type=cli.FloatRange(min=0, max=1), default=0.05, show_default=True)
 @click.option('--info-sigma-min', help="InfoNoise: lowest σ  [default: the precond's]", metavar='FLOAT', type=cli.FloatRange(min=0, max=1e6, min_open=True))
 @click.option('--info-sigma-max', help="InfoNoise: highest σ  [default: the precond's]", metavar='FLOAT', type=cli.FloatRange(min=0, max=1e6, min_open=True))

@@ -63,8 +63,8 @@ def test_resume_from_edm_files_equals_resume_from_ours(edm_run, digits_zip):
     edm = run('--outdir', edm_run.root / 'from-edm', *args, '--resume', edm_run.edm)
     assert ours.exit_code == 0, ours.output
     assert edm.exit_code == 0, edm.output
-    assert 'training-state-000001.pt' in edm.output and 'the sampler starts fresh' in edm.output
-    assert 'the sampler starts fresh' not in ours.output
+    assert 'training-state-000001.pt' in edm.output and 'the noise sampler starts fresh' in edm.output
+    assert 'the noise sampler starts fresh' not in ours.output
     assert not edm_run.marker.exists()
 
     a = torch.load(edm_run.root / 'from-ours' / 'training-state-000002.pt', weights_only=True)

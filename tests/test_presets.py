@@ -28,7 +28,7 @@ DNA = (200, 4, 4, True)  # 200-bp one-hot sequences (a sequence .npz), 4 cell ty
 ARS128 = (128, 4, 0, True)  # The ARS yeast sequences' centre 128 nt, unlabelled.
 
 # Parameter counts: EDM's from the facts (table 3.1); MNIST (1,1,1) and the demo measured here (the demo's matches
-# the README's 748,737).
+# docs/results.md's 748,737).
 P_CIFAR_COND_DDPMPP, P_CIFAR_UNCOND_DDPMPP = 55_735_299, 55_733_891
 P_CIFAR_COND_NCSNPP, P_CIFAR_UNCOND_NCSNPP = 56_400_643, 56_397_827
 P_64_DDPMPP, P_64_NCSNPP, P_IMAGENET_ADM = 61_805_571, 62_761_091, 295_899_267

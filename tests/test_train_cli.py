@@ -241,7 +241,7 @@ def test_resume_of_incompatible_state_is_refused_naming_flags_and_values(tmp_pat
                  '--duration=0.002')  # fmt: skip
     assert result.exit_code == 0, result.output
     # An InfoNoise state resumed with other InfoNoise bins is refused naming the option, before a run directory
-    # exists; with --allow-changes the sampler starts fresh.
+    # exists; with --allow-changes the noise sampler starts fresh.
     info = ['--sampler=infonoise', '--info-nmin=1', '--info-warmup=0', '--info-refresh=0.016']
     result = run(*base_args(out, digits_zip), '--batch=16', '--duration=0.001', '--tick=1', *info, '--info-bins=4')
     assert result.exit_code == 0, result.output
@@ -251,7 +251,7 @@ def test_resume_of_incompatible_state_is_refused_naming_flags_and_values(tmp_pat
     assert result.exit_code != 0 and '--info-bins: 4 (now 8; noise_kwargs.num_bins)' in result.output, result.output
     assert len(list(out.iterdir())) == 3
     result = run(*resume, f'--resume={info_dir}', '--allow-changes')
-    assert result.exit_code == 0 and 'other noise sampler settings; the sampler starts fresh' in result.output
+    assert result.exit_code == 0 and 'other noise sampler settings; the noise sampler starts fresh' in result.output
 
 
 @pytest.mark.parametrize('script', ['train', 'generate'])

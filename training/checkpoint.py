@@ -1,4 +1,4 @@
-"""Checkpoints of a training run: network snapshots, training states and InfoNoise profiles, written and read.
+"""Checkpoints of a training run: network snapshots, training states and InfoNoise's information profiles, written and read.
 
 A snapshot (`network-snapshot-NNNNNN.pt`) holds the EMA network's constructor kwargs and weights and what generation
 needs (loss, noise sampler, learned profile); a training state (`training-state-NNNNNN.pt`) holds everything an exact
@@ -232,9 +232,9 @@ def restore(path: str, net_kwargs: dict, noise_kwargs: dict, net, ema, optimizer
         dist.print0(f'The training state was written by {len(rank_states)} ranks: every rank continues from the noise '
                     "sampler state of the first (InfoNoise's loss buffers are per rank; the rest is shared).")  # fmt: skip
     if sampler_state is None:
-        dist.print0('The training state holds no noise sampler state (EDM saves none); the sampler starts fresh.')
+        dist.print0('The training state holds no noise sampler state (EDM saves none); the noise sampler starts fresh.')
     elif json.loads(json.dumps(state.get('noise_kwargs'))) != json.loads(json.dumps(noise_kwargs)):
-        dist.print0('The training state was written with other noise sampler settings; the sampler starts fresh.')
+        dist.print0('The training state was written with other noise sampler settings; the noise sampler starts fresh.')
     else:
         noise_sampler.load_state_dict(sampler_state)
     return state

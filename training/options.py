@@ -43,7 +43,7 @@ PRECOND_CLASS = {'vp': 'VPPrecond', 've': 'VEPrecond', 'edm': 'EDMPrecond'}
 # Each preconditioning's own training distribution and loss weight (EDM Table 1), used for 'auto'.
 PRECOND_SAMPLER = {'edm': 'lognormal', 'vp': 'vp', 've': 'loguniform'}
 PRECOND_WEIGHT = {'edm': 'edm', 'vp': 'inverse-variance', 've': 'inverse-variance'}
-# EDM's σ ranges: the EDM sampling range, VEPrecond's, and VP's σ(ε_t)..σ(1) (the VP sampler's icdf at u = 1 and 0).
+# EDM's σ ranges: the EDM sampling range, VEPrecond's, and VP's σ(ε_t)..σ(1) (VPSampler's icdf at u = 1 and 0).
 PRECOND_SIGMA_RANGE = {
     'edm': (0.002, 80.0),
     've': (0.02, 100.0),

@@ -5,7 +5,7 @@ Exact resume: every step reseeds torch's RNG from (seed, rank, images seen) and 
 function of the global image position, so a run resumed from a training state draws exactly what the
 uninterrupted run would have drawn. A run also resumes from EDM's own state dump as EDM does: network and Adam state
 from `training-state-NNNNNN.pt`, the EMA from the `network-snapshot-NNNNNN.pkl` beside it, NNNNNN kimg done (read
-without running the code these pickles embed); EDM saves no noise sampler state, so the sampler starts fresh.
+without running the code these pickles embed); EDM saves no noise sampler state, so the noise sampler starts fresh.
 """
 
 import copy
