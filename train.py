@@ -156,8 +156,8 @@ def setup_training_config(
                       label_dim=data.label_dim)  # fmt: skip
     try:
         if opts.resume == 'auto':
-            desc = run_description(opts, world_size)
-            resume.find_run(c, c.run_dir or run_dir.newest_of(opts.outdir, desc), opts.seed, options.CONFIG_FLAGS)
+            runs = run_dir.newest_of(opts.outdir, run_description(opts, None))
+            resume.find_run(c, c.run_dir or runs, opts.seed, options.CONFIG_FLAGS)
         elif opts.resume is not None:
             c.resume_state = os.path.abspath(resume.find_state(opts.resume))
         if c.get('resume_state') is not None:
@@ -176,12 +176,13 @@ def precision(opts: dnnlib.EasyDict) -> str:
     return 'fp16' if opts.fp16 else 'bf16' if opts.bf16 else 'fp32'
 
 
-def run_description(opts: dnnlib.EasyDict, world_size: int) -> str:
-    """The run directory's name after its id: dataset, conditioning, architecture, preconditioning, noise sampler, ..."""
+def run_description(opts: dnnlib.EasyDict, world_size: int | None) -> str:
+    """The run directory's name after its id: dataset, conditioning, architecture, preconditioning, noise sampler,
+    ranks ('gpus*' for any number when None), ..."""
     cond = 'cond' if opts.cond else 'uncond'
     sampler = options.PRECOND_SAMPLER[opts.precond] if opts.sampler == 'auto' else opts.sampler
-    data = os.path.splitext(os.path.basename(opts.data.rstrip('/')))[0]
-    desc = f'{data}-{cond}-{opts.arch}-{opts.precond}-{sampler}-gpus{world_size}-batch{opts.batch}-{precision(opts)}'
+    data, gpus = os.path.splitext(os.path.basename(opts.data.rstrip('/')))[0], world_size or '*'
+    desc = f'{data}-{cond}-{opts.arch}-{opts.precond}-{sampler}-gpus{gpus}-batch{opts.batch}-{precision(opts)}'
     return desc if opts.desc is None else f'{desc}-{opts.desc}'
 
 
@@ -216,7 +217,8 @@ def prepare_run_dir(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, desc: str, locks:
     """Rank 0: claim the run directory (resume.claim) and write training_options.json; a run continued in place keeps
     its log.txt and its stats.jsonl up to the resumed state. Says whether the run is new."""
     try:
-        new_run = resume.claim(c, opts.outdir, desc, opts.resume == 'auto', options.CONFIG_FLAGS, locks)
+        auto = run_description(opts, None) if opts.resume == 'auto' else None
+        new_run = resume.claim(c, opts.outdir, desc, auto, options.CONFIG_FLAGS, locks)
     except (ValueError, run_dir.Busy) as e:
         raise click.ClickException(str(e)) from None
     if not new_run:

@@ -269,3 +269,18 @@ def test_sigterm_to_a_torchrun_job_stops_every_rank_after_one_step(tmp_path, dig
     final = os.path.basename(run_dir.newest(straight_dir, 'training-state'))
     assert_equal(load_state(directory / final), load_state(straight_dir / final))
     assert ticks(directory) == ticks(straight_dir)
+
+
+def test_resume_auto_continues_a_run_started_on_another_number_of_gpus(tmp_path, digits_zip):
+    # A preempted job requeued on fewer GPUs: the run directory named gpus2 is the same command's run.
+    out = tmp_path / 'out'
+    args = ['--outdir', out, '--data', digits_zip, '--device=cpu', '--workers=0', *TINY_NET_ARGS, '--batch=32',
+            '--tick=1', '--seed=3', '--resume=auto']  # fmt: skip
+    assert cli(*args, '--duration=0.001').exit_code == 0
+    (name,) = runs(out)
+    os.rename(out / name, out / name.replace('-gpus1-', '-gpus2-'))
+    result = cli(*args, '--duration=0.002')
+    assert result.exit_code == 0 and f'Continuing {out / name.replace("-gpus1-", "-gpus2-")} in place' in result.output
+    assert runs(out) == [name.replace('-gpus1-', '-gpus2-')]
+    assert run_dir.newest_of(str(out), name.replace('00000-', '').replace('gpus1', 'gpus*')) == str(out / runs(out)[0])
+    assert run_dir.newest_of(str(out), name.replace('00000-', '').replace('gpus1', 'gpus1')) is None

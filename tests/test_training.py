@@ -230,10 +230,10 @@ def test_split_batch_refuses(batch, batch_gpu, world):
         tl.split_batch(batch, batch_gpu, world)
 
 
-@pytest.mark.xfail(strict=True, raises=ZeroDivisionError, reason='split_batch divides by zero (0 images per rank)')
 def test_split_batch_refuses_fewer_images_than_ranks():
-    with pytest.raises(ValueError, match='not divisible'):
-        tl.split_batch(2, None, 4)
+    for batch, world in [(2, 4), (0, 1)]:
+        with pytest.raises(ValueError, match='fewer images than ranks'):
+            tl.split_batch(batch, None, world)
 
 
 @pytest.mark.parametrize(

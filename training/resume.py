@@ -87,16 +87,20 @@ def find_run(c: dnnlib.EasyDict, directory: str | None, seed: int | None, flags:
         c.resume_state = os.path.abspath(state)
 
 
-def claim(c: dnnlib.EasyDict, outdir: str, desc: str, auto: bool, flags: dict[str, str], locks: list[int]) -> bool:
+def claim(
+    c: dnnlib.EasyDict, outdir: str, desc: str, auto: str | None, flags: dict[str, str], locks: list[int]
+) -> bool:
     """Lock the run directory for this process (creating a new numbered OUTDIR/NNNNN-DESC if c.run_dir is None); say
-    whether the run is new. A --resume=auto launch (`auto`) also holds OUTDIR/.DESC.lock while it finds or creates its
-    run, so that two launches of one command never train side by side, and what it found before must still hold.
-    The descriptors of the locks go to `locks`: closing them releases the locks."""
-    if auto and c.run_dir != outdir:
+    whether the run is new. A --resume=auto launch (`auto`: the run name it continues, see run_dir.newest_of) also
+    holds OUTDIR/.AUTO.lock while it finds or creates its run, so that two launches of one command never train side
+    by side, and what it found before must still hold. The descriptors of the locks go to `locks`: closing them
+    releases the locks."""
+    if auto is not None and c.run_dir != outdir:
         os.makedirs(outdir, exist_ok=True)
-        locks.append(run_dir.lock(os.path.join(outdir, f'.{desc}.lock'), f'--resume=auto of "{desc}"'))
+        name = auto.replace('*', 'N')
+        locks.append(run_dir.lock(os.path.join(outdir, f'.{name}.lock'), f'--resume=auto of "{name}"'))
         found = dnnlib.EasyDict(c, run_dir=None, resume_state=None)
-        find_run(found, run_dir.newest_of(outdir, desc), None, flags)
+        find_run(found, run_dir.newest_of(outdir, auto), None, flags)
         if (found.run_dir, found.resume_state) != (c.run_dir, c.get('resume_state')):
             raise ValueError(f'--resume=auto: {outdir} changed while this launch started; relaunch it')
     new_run = c.run_dir is None or not run_dir.holds_run(c.run_dir)

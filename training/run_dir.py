@@ -90,10 +90,11 @@ def create(outdir: str, desc: str) -> str:
 
 
 def newest_of(outdir: str, desc: str) -> str | None:
-    """The run directory of OUTDIR named NNNNN-DESC with the highest id, or None."""
-    runs = (
-        [x for x in os.listdir(outdir) if re.fullmatch(rf'\d+-{re.escape(desc)}', x)] if os.path.isdir(outdir) else []
-    )
+    """The run directory of OUTDIR named NNNNN-DESC with the highest id, or None; a '*' in DESC stands for any number
+    (train.py's 'gpus*': a run continues on another number of GPUs)."""
+    pattern = re.escape(desc).replace(r'\*', r'\d+')
+    names = os.listdir(outdir) if os.path.isdir(outdir) else []
+    runs = [x for x in names if re.fullmatch(rf'\d+-{pattern}', x)]
     return os.path.join(outdir, max(runs, key=lambda x: int(x.split('-')[0]))) if runs else None
 
 

@@ -34,6 +34,8 @@ def step_seed(seed: int, rank: int, nimg: int) -> int:
 def split_batch(batch_size: int, batch_gpu: int | None, world: int) -> tuple[int, int, int]:
     """Images per rank per step, per forward pass (at most `batch_gpu`) and the number of accumulation rounds."""
     batch_gpu_total = batch_size // world
+    if batch_gpu_total < 1:
+        raise ValueError(f'Batch size {batch_size} is not divisible by {world} ranks: fewer images than ranks')
     if batch_gpu is None or batch_gpu > batch_gpu_total:
         batch_gpu = batch_gpu_total
     rounds = batch_gpu_total // batch_gpu
