@@ -254,6 +254,7 @@ def training_loop(
         cur_nimg += batch_size
         done = cur_nimg >= total_kimg * 1000
         stop = stop_signals.poll() if stop_signals is not None else 0
+        saved = False
         if done or cur_tick == 0 or cur_nimg >= tick_start_nimg + kimg_per_tick * 1000:
             # Print status line, accumulating the same information in training_stats.
             tick_end_time = time.time()
@@ -269,7 +270,8 @@ def training_loop(
             # Save network snapshot.
             if snapshot_ticks is not None and (done or cur_tick % snapshot_ticks == 0):
                 misc.check_ddp_consistency(ema)
-                profile = None if noise_sampler.profile() is None else noise_sampler.profile().to_dict()
+                profile = noise_sampler.profile()
+                profile = None if profile is None else profile.to_dict()
                 if rank == 0:
                     checkpoint.save_snapshot(
                         run_dir, cur_nimg, net_kwargs, ema, profile, loss_kwargs=loss_kwargs, noise_kwargs=noise_kwargs,
@@ -296,14 +298,15 @@ def training_loop(
             if dump:
                 misc.check_ddp_consistency(net)
                 save_state()
+                saved = True
             tick_start_time = time.time()
             maintenance_time = tick_start_time - tick_end_time
             first_tick = False
-            stop = 0 if dump or done else stop  # The state at this step is saved already.
 
-        # Stop on a signal: save the state at this step, mid-tick, and leave the loop as if done.
-        if stop:
-            save_state()
+        # Stop on a signal: save the state at this step (mid-tick, unless the tick just saved it) and leave the loop.
+        if stop and not done:
+            if not saved:
+                save_state()
             dist.print0(f'Stopped at {cur_nimg / 1e3:g} kimg; training state saved. Resume with --resume=auto.')
         if done or stop:
             break
