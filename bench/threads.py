@@ -46,13 +46,13 @@ def train_speed(data: str, outdir: str, kimg: float, threads: str | None) -> tup
 @click.command()
 @click.option('--outdir', help='Where to write results.json and the runs', metavar='DIR', default='bench-out/threads')
 @click.option('--data', help='MNIST-5k at 16x16 (built if missing)', metavar='ZIP', default=DEFAULT_DATA)
-@click.option('--kimg', help='Images per run', metavar='KIMG', type=click.FloatRange(min=2), default=6)
-@click.option('--quick', help='A 2-kimg run per setting (rough numbers, for tests)', is_flag=True)
+@click.option('--kimg', help='Images per run', metavar='KIMG', type=click.IntRange(min=1), default=6)
+@click.option('--quick', help='A 1-kimg run per setting (rough numbers, for tests)', is_flag=True)
 def main(**opts):
     """Training img/s with torch's default threads, train.py's choice and one thread, quiet and busy."""
     ctx = click.get_current_context()
     if opts['quick']:
-        apply_quick(ctx, opts, dict(kimg=2))
+        apply_quick(ctx, opts, dict(kimg=1))
     ensure_dataset(opts['data'], ('--source=mnist5k', '--resolution=16x16'))
     rows, results = [], {}
     for condition in ('quiet', 'busy'):

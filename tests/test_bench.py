@@ -227,3 +227,21 @@ def test_flow_matching_quick(tmp_path):
     assert len(runs['infonoise/0']['density']) == 200
     again = run_module('bench.flow_matching', '--quick', f'--out={out_dir}', f'--data={data}')
     assert 'FD-MNIST' not in again.split('| t-schedule |')[0]  # Nothing retrained or re-evaluated.
+
+
+@pytest.mark.slow
+def test_threads_quick(tmp_path):
+    """bench.threads --quick: every setting trains on the quiet and the busy machine and gets its row."""
+    data = tmp_path / 'mnist.zip'
+    result = subprocess.run([sys.executable, '-m', 'bench.threads', '--quick', f'--outdir={tmp_path / "out"}',
+                             f'--data={data}'], cwd=REPO_ROOT, capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [
+        line.split(' | ')
+        for line in result.stdout.splitlines()
+        if line.startswith('| quiet') or line.startswith('| busy')
+    ]
+    assert [row[1] for row in rows] == ['torch default', 'train.py (free CPUs)', 'one thread'] * 2
+    saved = json.load(open(tmp_path / 'out' / 'results.json'))
+    assert saved['kimg'] == 1 and all(saved[f'{c}/one thread']['img_per_sec'] > 0 for c in ('quiet', 'busy'))
+    assert saved['busy/one thread']['threads'].startswith('1 (OMP_NUM_THREADS)')
