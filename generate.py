@@ -295,8 +295,7 @@ def main(**kwargs):
         loaded = dist.rank0_first(lambda: load_network(opts.network_pkl, device=device))
     except (OSError, ValueError) as e:
         raise click.ClickException(str(e)) from None
-    net = loaded.net
-    is_sequence = check_network(net, opts)
+    net, is_sequence = loaded.net, check_network(loaded.net, opts)
 
     # Build the sigma-grid and record it next to the images.
     steps_given = ctx.get_parameter_source('num_steps') != click.core.ParameterSource.DEFAULT

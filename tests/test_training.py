@@ -339,9 +339,11 @@ def assert_gradients(actual, expected, what):
 def check_steps(c, steps, world, nimg, m=None, v=None, t=0, sampler_state=None):
     """Check recorded optimizer steps of a `world`-rank run, the first taken after `nimg` images, against the oracle:
     the gradient of EDM's loss over the global batch (`edm_gradients`), the learning rate base · min(images seen /
-    ramp-up images, 1), and Adam's step from moments (m, v) after t steps: parameters within 1e-3 · lr (each entry
-    moves by about lr), moments within 1e-5 of their largest entry. `sampler_state` is the noise sampler's at the
-    first step (InfoNoise's table); later steps draw from a fresh sampler."""
+    ramp-up images, 1), and Adam's step from moments (m, v) after t steps, taken with the gradient the optimizer got
+    (checked against the oracle first; Adam divides by √v, so entries with tiny gradients would turn the oracle's
+    float32 summation differences into visible steps): parameters within 1e-3 · lr (each entry moves by about lr),
+    moments within 1e-5 of their largest entry. `sampler_state` is the noise sampler's at the first step (InfoNoise's
+    table); later steps draw from a fresh sampler."""
     m = m or [torch.zeros_like(p) for p in steps[0]['before']]
     v = v or [torch.zeros_like(p) for p in steps[0]['before']]
     for k, step in enumerate(steps):
@@ -350,8 +352,8 @@ def check_steps(c, steps, world, nimg, m=None, v=None, t=0, sampler_state=None):
         assert_gradients(step['grad'], grads, f'step after {n} images')
         lr = c['optimizer_kwargs']['lr'] * min(n / (c['lr_rampup_kimg'] * 1000), 1)
         assert step['lr'] == pytest.approx(lr, rel=1e-12, abs=0)
-        for i, (p, g) in enumerate(zip(step['before'], grads)):
-            p, m[i], v[i] = adam_step(p, g, m[i], v[i], t + k + 1, lr)
+        for i, (p, g) in enumerate(zip(step['before'], step['grad'])):
+            p, m[i], v[i] = adam_step(p, g.double(), m[i], v[i], t + k + 1, lr)
             assert (step['after'][i].double() - p).abs().max() <= 1e-3 * lr, f'parameter {i} after {n} images'
             for name, expected in (('exp_avg', m[i]), ('exp_avg_sq', v[i])):
                 err = (step[name][i].double() - expected).abs().max()
