@@ -163,7 +163,7 @@ def setup_training_config(
         if c.get('resume_state') is not None:
             resume.check_state(c, net_kwargs, not opts.allow_changes, options.CONFIG_FLAGS)
     except (OSError, ValueError) as e:
-        raise click.ClickException(str(e) if str(e).startswith('--resume') else f'--resume: {e}') from None
+        raise click.ClickException(str(e)) from None
     # A run directory holds one run: --nosubdir into one continues it in place or is refused.
     in_place = opts.resume == 'auto' or os.path.dirname(c.get('resume_state') or '') == os.path.abspath(opts.outdir)
     if opts.nosubdir and run_dir.holds_run(opts.outdir) and not (in_place or opts.dry_run):

@@ -107,7 +107,8 @@ class _RestrictedPickleModule:
     Unpickler = _RestrictedUnpickler
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception) -> str:
+    """The first line of an error's message (or its type name), for one-line messages."""
     return (str(error).splitlines() or [type(error).__name__])[0]
 
 
@@ -125,7 +126,7 @@ def _unpickle_edm(f, torch_zip: bool):
     except ValueError:
         raise
     except Exception as e:
-        raise ValueError(f'Not a readable EDM {what}: {type(e).__name__}: {_first_line(e)}') from None
+        raise ValueError(f'Not a readable EDM {what}: {type(e).__name__}: {first_line(e)}') from None
 
 
 def _collect_state_dict(obj, prefix: str = '', out: dict | None = None) -> dict:

@@ -64,10 +64,6 @@ def build_network(network_kwargs: dict, state_dict: dict, device='cpu') -> torch
     return net.eval().requires_grad_(False).to(device)
 
 
-def _first_line(error: Exception) -> str:
-    return (str(error).splitlines() or [type(error).__name__])[0]
-
-
 def _read_ours(f) -> dict:
     """Our snapshot or training state as plain data, its format and version checked; ValueError else."""
     try:
@@ -77,7 +73,7 @@ def _read_ours(f) -> dict:
             'Not a plain-data PyTorch file: it holds pickled objects (as EDM training states do)'
         ) from None
     except Exception as e:
-        raise ValueError(f'Not a readable PyTorch file: {_first_line(e)}') from None
+        raise ValueError(f'Not a readable PyTorch file: {persistence.first_line(e)}') from None
     if not isinstance(data, dict) or data.get('format') not in (SNAPSHOT_FORMAT, STATE_FORMAT):
         raise ValueError('Not an InfoNoise-EDM network snapshot or training state')
     if data.get('version') != 1:
@@ -205,7 +201,7 @@ def load_training_state(path: str, network_kwargs: dict | None) -> dict:
     except pickle.UnpicklingError:
         state = None  # Pickled objects, as in EDM's state dumps.
     except Exception as e:
-        raise ValueError(f'Cannot read training state "{path}": {_first_line(e)}') from None
+        raise ValueError(f'Cannot read training state "{path}": {persistence.first_line(e)}') from None
     if state is None:
         state = _load_edm_resume(path, network_kwargs)
     elif not isinstance(state, dict) or state.get('format') != STATE_FORMAT:
@@ -233,7 +229,7 @@ def restore(path: str, net_kwargs: dict, noise_kwargs: dict, net, ema, optimizer
                     "sampler state of the first (InfoNoise's loss buffers are per rank; the rest is shared).")  # fmt: skip
     if sampler_state is None:
         dist.print0('The training state holds no noise sampler state (EDM saves none); the noise sampler starts fresh.')
-    elif json.loads(json.dumps(state.get('noise_kwargs'))) != json.loads(json.dumps(noise_kwargs)):
+    elif not run_dir.same_config(state.get('noise_kwargs'), noise_kwargs):
         dist.print0('The training state was written with other noise sampler settings; the noise sampler starts fresh.')
     else:
         noise_sampler.load_state_dict(sampler_state)

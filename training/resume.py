@@ -42,7 +42,10 @@ def check_state(c: dnnlib.EasyDict, net_kwargs: dict, strict: bool, flags: dict[
     """Check that c.resume_state fits the config `c`: the same network, and the same data, loss and noise sampler
     unless not `strict` (--allow-changes); finite numbers; a state the noise sampler can load. Take its seed (none
     for EDM's states: random, as EDM) if `c` has none."""
-    state = checkpoint.load_training_state(c.resume_state, None)
+    try:
+        state = checkpoint.load_training_state(c.resume_state, None)
+    except (OSError, ValueError) as e:
+        raise ValueError(f'--resume: {e}') from None
     real = lambda kwargs: dict(kwargs or {}, path=os.path.realpath(str((kwargs or {}).get('path'))))  # noqa: E731
     old = dict(state, dataset_kwargs=dict(real(state.get('dataset_kwargs')), cache=c.dataset_kwargs.cache))
     new = dict(c, network_kwargs=net_kwargs, dataset_kwargs=real(c.dataset_kwargs))
