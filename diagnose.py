@@ -40,8 +40,7 @@ from infonoise.empirical_bayes import EmpiricalBayesDenoiser, denoising_rows
 from infonoise.grids import information_coordinate
 from infonoise.info_noise import InfoNoise
 from infonoise.plots import plural, save_denoising_figure, save_profile_plot
-from infonoise.profile import LogGrid, Profile, entropy_rate
-from infonoise.profile import build_profile as refresh_profile
+from infonoise.profile import LogGrid, Profile
 from infonoise.weights import WEIGHTS
 from training.checkpoint import load_network
 from training.dataset import Dataset
@@ -124,6 +123,7 @@ def build_profile(
     floor: float = ONLINE['floor'],
     stderr: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
+    build: str = ONLINE['build'],
 ) -> Profile:
     """The `Profile` that an InfoNoise refresh (Alg. 1 lines 12-16) builds from per-bin losses `mse` on `grid`,
     with their standard errors `stderr` and sample counts `count` (both optional) recorded and weighting the
@@ -138,16 +138,13 @@ def build_profile(
     mse = torch.as_tensor(mse, dtype=torch.float64)
     if mse.shape != sigma.shape or not bool(torch.isfinite(mse).all()) or not bool((mse > 0).any()):
         raise ValueError(f'Need {len(sigma)} finite errors, some positive, got shape {tuple(mse.shape)}')
-    if pivot is not None:
-        c = pivots.Pivot(float(pivot), 'fixed')
-    else:
-        rel_err = None if stderr is None else torch.as_tensor(stderr, dtype=torch.float64) / mse
-        c = pivots.calibrate(sigma, entropy_rate(mse, sigma), endpoint, rel_err, ONLINE['onset_p'], sigma_data)
-    weights = WEIGHTS[weight](sigma, sigma_data)
-    return refresh_profile(
-        grid, mse, c.value, weights, ONLINE['gate_n'], smoothing, floor, count=count, stderr=stderr,
-        raw_pivot=c.value, pivot_rule=c.rule,
+    # The refresh itself: an InfoNoise on this grid with these settings, fixed to these losses.
+    noise = InfoNoise(
+        weight=weight, sigma_data=sigma_data, sigma_min=float(grid.edges[0]), sigma_max=float(grid.edges[-1]),
+        num_bins=grid.num_bins, endpoint=endpoint, pivot=pivot, smoothing=smoothing, floor=floor, build=build,
     )  # fmt: skip
+    noise.fix_profile(mse, stderr=stderr, count=count)
+    return noise.profile()
 
 
 def info_coordinate(profile: Profile, sigma_min: float, sigma_max: float) -> torch.Tensor:

@@ -293,7 +293,8 @@ def launch_training(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, desc: str, device
 @click.option('--info-endpoint', help='InfoNoise: endpoint type (auto = detect from the data)',          type=click.Choice(['auto', 'continuous', 'discrete']), default='auto', show_default=True)
 @click.option('--info-pivot',    help='InfoNoise: fixed pivot c  [default: calibrated]', metavar='FLOAT', type=cli.FloatRange(min=0, min_open=True))
 @click.option('--info-base',     help='InfoNoise: base noise sampler for the warm-up',                         type=click.Choice(['lognormal', 'loguniform']), default='lognormal', show_default=True)
-@click.option('--info-floor',    help='InfoNoise: log-uniform mixing floor', metavar='FLOAT',           type=cli.FloatRange(min=0, max=1), default=0.05, show_default=True)
+@click.option('--info-floor',    help='InfoNoise: log-uniform floor, share of the draws', metavar='FLOAT', type=cli.FloatRange(min=0, max=1), default=0.05, show_default=True)
+@click.option('--info-build',    help='InfoNoise: law of σ (paper = Alg. 1 as written)',                       type=click.Choice(['continuous', 'paper']), default='continuous', show_default=True)
 @click.option('--info-sigma-min', help="InfoNoise: lowest σ  [default: the precond's]", metavar='FLOAT', type=cli.FloatRange(min=0, max=1e6, min_open=True))
 @click.option('--info-sigma-max', help="InfoNoise: highest σ  [default: the precond's]", metavar='FLOAT', type=cli.FloatRange(min=0, max=1e6, min_open=True))
 

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run from anywhere in the repo.
 from examples.common import UNET_KWARGS, load_images, update_ema, with_options  # noqa: E402
-from infonoise import DiscreteTimesteps, InfoNoise, prediction_loss_weight, sigma_from_alpha_bar  # noqa: E402
+from infonoise import DiscreteTimesteps  # noqa: E402
 from training.networks import SongUNet  # noqa: E402
 from training.sampling import save_image_grid  # noqa: E402
 
@@ -53,14 +53,13 @@ def main(data, steps, batch, warmup_steps, refresh_steps, bins, min_count, ddim_
     )
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    sigmas = sigma_from_alpha_bar(ALPHAS_CUMPROD)  # [T] increasing, 0.01 to 157
-    noise = InfoNoise(
-        weight=prediction_loss_weight('epsilon'), sigma_min=float(sigmas[0]), sigma_max=float(sigmas[-1]),
-        num_bins=bins,
-        min_count=min_count, warmup_steps=warmup_steps, refresh_steps=refresh_steps, callback=print,
+    # The adapter builds InfoNoise for this table: the ε-loss's weight 1/σ², σ over the table (0.01 to 157), `bins`
+    # intervals (refused if one held no timestep), warm-up under uniform timesteps.
+    timesteps = DiscreteTimesteps(
+        ALPHAS_CUMPROD, prediction='epsilon', num_bins=bins, min_count=min_count, warmup_steps=warmup_steps,
+        refresh_steps=refresh_steps, callback=print,
     )  # fmt: skip
-    timesteps = DiscreteTimesteps(ALPHAS_CUMPROD, noise, prediction='epsilon')
-    timesteps.check_bins(noise.grid.edges)  # Every interval of InfoNoise's grid must hold a timestep.
+    noise = timesteps.sampler
 
     for _ in range(steps):
         x0 = images[torch.randint(len(images), (batch,))]

@@ -60,7 +60,7 @@ def main(data, steps, batch, warmup_steps, refresh_steps, bins, min_count, nfe_s
         update_ema(ema, net, batch)
 
     profile = noise.profile()  # None if InfoNoise never refreshed: fall back to EDM's grid.
-    grid = edm_grid(nfe_steps) if profile is None else infogrid(nfe_steps, profile.sigma, profile.rate)
+    grid = edm_grid(nfe_steps) if profile is None else infogrid(nfe_steps, profile)
     with torch.no_grad():
         x = edm_sampler(ema, torch.randn(64, *images.shape[1:], generator=torch.Generator().manual_seed(0)), grid)
     save_image_grid(x.float(), out)

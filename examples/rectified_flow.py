@@ -2,7 +2,8 @@
 
 x_t = (1 − t)·x₀ + t·ε; the network predicts the velocity v = ε − x₀ and the loss is the plain velocity MSE. In VE
 terms x_t/(1 − t) = x₀ + σε with σ = t/(1 − t), the x₀-space error is t²·(velocity MSE) and the loss weighs x₀ errors
-by w(σ) = 1/t² (`infonoise.velocity_loss_weight`), which InfoNoise divides out. `FlowMatching` does the mapping.
+by w(σ) = 1/t² (`infonoise.flow_velocity_loss_weight`), which InfoNoise divides out. `FlowMatching` does the
+mapping and builds InfoNoise.
 `--schedule` also offers the usual noise samplers in t, logit-normal(0, 1) (SD3's default) and uniform t, for
 comparison.
 
@@ -19,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run from anywhere in the repo.
 from examples.common import UNET_KWARGS, load_images, update_ema, with_options  # noqa: E402
-from infonoise import FlowMatching, InfoNoise, LogNormal, velocity_loss_weight  # noqa: E402
+from infonoise import FlowMatching  # noqa: E402
 from training.networks import SongUNet  # noqa: E402
 from training.sampling import save_image_grid  # noqa: E402
 
@@ -31,13 +32,11 @@ def make_schedule(name: str, kimg: float, bins: int = 32, min_count: int = 8, re
     """A function (n, device) -> t [n], an `observe(t, velocity_mse)` hook and the InfoNoise noise sampler (None, None
     for the fixed ones)."""
     if name == 'infonoise':
-        # σ over [0.002, 1000], i.e. t over [0.002, 0.999]; warm-up under logit-normal t (= log-normal σ, (0, 1)).
-        noise = InfoNoise(
-            weight=velocity_loss_weight, sigma_min=0.002, sigma_max=1000.0, num_bins=bins, min_count=min_count,
-            base=LogNormal(0.0, 1.0), warmup_kimg=min(10.0, kimg / 6), refresh_kimg=refresh_kimg, callback=print,
-        )  # fmt: skip
-        fm = FlowMatching(noise)
-        return fm.sample_t, fm.observe, noise
+        # The adapter builds InfoNoise: the velocity loss's weight, t over [0.001, 0.999], warm-up under
+        # logit-normal(0, 1) t (= log-normal σ).
+        fm = FlowMatching(num_bins=bins, min_count=min_count, warmup_kimg=min(10.0, kimg / 6),
+                          refresh_kimg=refresh_kimg, callback=print)  # fmt: skip
+        return fm.sample_t, fm.observe, fm.sampler
     if name == 'logit-normal':  # t = sigmoid(z), z ~ N(0, 1); in σ = t/(1-t) this is ln σ ~ N(0, 1).
         return (lambda n, device: torch.sigmoid(torch.randn(n, device=device))), None, None
     if name == 'uniform':

@@ -9,8 +9,8 @@ arXiv 2602.18647). It imports only torch and numpy; `infonoise.plots` needs matp
     noise.observe(sigma, per_sample_unweighted_x0_mse)    # [N], after the forward pass
 
 Other parameterisations (VP/DDPM ε- or v-prediction, discrete `alphas_cumprod`, rectified flow) convert exactly
-with `infonoise.conversions`. After training, `infogrid(n, p.sigma, p.rate)` with `p = noise.profile()` gives
-an inference σ-grid. Every sampler follows one protocol, written in `NoiseSampler`'s docstring.
+with `infonoise.conversions`, whose adapters build InfoNoise for their objective (`DiscreteTimesteps(alphas_cumprod)`,
+`FlowMatching()`). After training, `infogrid(n, noise.profile())` gives an inference σ-grid. Every sampler follows one protocol, written in `NoiseSampler`'s docstring.
 """
 
 from infonoise.conversions import (
@@ -19,16 +19,18 @@ from infonoise.conversions import (
     epsilon_loss_weight,
     flow_sigma_from_t,
     flow_t_from_sigma,
+    flow_velocity_loss_weight,
     prediction_loss_weight,
     sigma_from_alpha_bar,
     v_loss_weight,
+    v_prediction_loss_weight,
     velocity_loss_weight,
 )
 from infonoise.grids import edm_grid, infogrid, information_coordinate, loguniform_grid
 from infonoise.info_noise import InfoNoise
 from infonoise.profile import Profile
 from infonoise.reporting import RefreshCheck
-from infonoise.samplers import LogNormal, LogUniform, Mixture, NoiseSampler, VPSampler
+from infonoise.samplers import LogNormal, LogUniform, Mixture, NoiseSampler, PiecewiseLogUniform, VPSampler
 from infonoise.weights import WEIGHTS, edm_weight, inverse_variance_weight, uniform_weight
 
 __version__ = '0.1.0'
@@ -42,6 +44,7 @@ __all__ = [
     'LogUniform',
     'Mixture',
     'NoiseSampler',
+    'PiecewiseLogUniform',
     'Profile',
     'RefreshCheck',
     'VPSampler',
@@ -50,6 +53,7 @@ __all__ = [
     'epsilon_loss_weight',
     'flow_sigma_from_t',
     'flow_t_from_sigma',
+    'flow_velocity_loss_weight',
     'infogrid',
     'information_coordinate',
     'inverse_variance_weight',
@@ -58,5 +62,6 @@ __all__ = [
     'sigma_from_alpha_bar',
     'uniform_weight',
     'v_loss_weight',
+    'v_prediction_loss_weight',
     'velocity_loss_weight',
 ]

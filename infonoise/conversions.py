@@ -23,11 +23,15 @@ F(σ(b)) − F(σ(a)) exactly; the tests check this by Monte Carlo for every ada
 """
 
 import math
+import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from infonoise.samplers import NoiseSampler, check_observation
+from infonoise.info_noise import InfoNoise
+from infonoise.profile import LogGrid
+from infonoise.samplers import LogNormal, NoiseSampler, PiecewiseLogUniform, check_observation
 
 # Names of the prediction targets, as diffusers' schedulers call them.
 PREDICTIONS = ('epsilon', 'v_prediction', 'sample')
@@ -69,17 +73,53 @@ def epsilon_loss_weight(sigma: torch.Tensor) -> torch.Tensor:
     return 1 / sigma**2
 
 
-def v_loss_weight(sigma: torch.Tensor) -> torch.Tensor:
-    """x₀-space weight of a plain v-MSE loss: w(σ) = (1 + σ²)/σ²."""
+def v_prediction_loss_weight(sigma: torch.Tensor) -> torch.Tensor:
+    """x₀-space weight of a plain MSE on diffusers' v-prediction target √ᾱ·ε − √(1−ᾱ)·x₀: w(σ) = (1 + σ²)/σ².
+    (Not the flow-matching velocity ε − x₀: that is `flow_velocity_loss_weight`.)"""
     return (1 + sigma**2) / sigma**2
 
 
 def prediction_loss_weight(prediction: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The x₀-space weight w(σ) of a plain, unweighted MSE on `prediction` (a callable for InfoNoise's weight=)."""
-    weights = {'epsilon': epsilon_loss_weight, 'v_prediction': v_loss_weight, 'sample': torch.ones_like}
+    weights = {'epsilon': epsilon_loss_weight, 'v_prediction': v_prediction_loss_weight, 'sample': torch.ones_like}
     if prediction not in weights:
         raise ValueError(f'Unknown prediction "{prediction}"; choose from {", ".join(PREDICTIONS)}')
     return weights[prediction]
+
+
+def _checked_at_once(device: torch.device) -> bool:
+    """Whether `observe` checks values at once: on the CPU reading them costs no synchronisation; elsewhere a bad
+    value becomes σ = NaN, which InfoNoise refuses at its next check."""
+    return device.type == 'cpu'
+
+
+def _check_weight(sampler: NoiseSampler, expected: Callable, what: str) -> None:
+    """ValueError unless an InfoNoise `sampler` divides out the weight `expected` (compared on its own grid)."""
+    if not isinstance(sampler, InfoNoise):
+        return
+    sigma = sampler.grid.centers
+    got, want = sampler.loss_weight(sigma).to(torch.float64), expected(sigma).to(torch.float64)
+    if not torch.allclose(got, want, rtol=1e-6, atol=0):
+        k = int(((got - want).abs() / want.abs()).argmax())
+        raise ValueError(
+            f'InfoNoise divides out w(σ) = {float(got[k]):.4g} at σ = {float(sigma[k]):.3g}, but {what} has '
+            f'x₀-space weight {float(want[k]):.4g} there; build it with weight= that function (or let the adapter '
+            'build it), or pass loss_weight= the x₀-space weight of the loss you train with'
+        )
+
+
+def _warn_range(sampler: NoiseSampler, low: float, high: float, what: str) -> None:
+    """A loud warning if an InfoNoise `sampler`'s σ range does not cover [low, high]: σ outside it is never drawn
+    after the first refresh."""
+    if isinstance(sampler, InfoNoise):
+        lo, hi = float(sampler.grid.edges[0]), float(sampler.grid.edges[-1])
+        if lo > low * (1 + 1e-9) or hi < high * (1 - 1e-9):
+            warnings.warn(
+                f'InfoNoise covers σ {lo:.4g}-{hi:.4g} but {what} spans σ {low:.4g}-{high:.4g}: the rest is never '
+                'drawn after its first refresh; let the adapter build InfoNoise, or build it on that range',
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 # Rectified flow / flow matching.
@@ -93,23 +133,55 @@ def flow_t_from_sigma(sigma: torch.Tensor) -> torch.Tensor:
     return sigma / (1 + sigma)
 
 
-def velocity_loss_weight(sigma: torch.Tensor) -> torch.Tensor:
-    """x₀-space weight of a plain velocity loss ‖v̂ − (ε − x₀)‖²: w(σ) = 1/t² = ((1 + σ)/σ)²."""
+def flow_velocity_loss_weight(sigma: torch.Tensor) -> torch.Tensor:
+    """x₀-space weight of a plain flow-matching velocity loss ‖v̂ − (ε − x₀)‖²: w(σ) = 1/t² = ((1 + σ)/σ)².
+    (Not diffusers' v-prediction: that is `v_prediction_loss_weight`.)"""
     return ((1 + sigma) / sigma) ** 2
 
 
-class FlowMatching:
-    """A noise sampler (e.g. InfoNoise(weight=velocity_loss_weight)) in rectified-flow terms.
+# Older names, kept so that code written against 0.1 runs: the same functions.
+v_loss_weight = v_prediction_loss_weight
+velocity_loss_weight = flow_velocity_loss_weight
 
+
+class FlowMatching:
+    """InfoNoise (or any noise sampler) in rectified-flow terms, x_t = (1 − t)·x₀ + t·ε.
+
+        fm = FlowMatching()                              # builds InfoNoise, see below; fm.sampler is it
         t = fm.sample_t(batch, device)                   # [N] float32 in (0, 1)
         x_t = (1 - t) * x0 + t * eps; loss = ((net(x_t, t) - (eps - x0)) ** 2).mean(dims)
         fm.observe(t, velocity_mse)                      # [N] per-sample, unweighted
 
-    t ranges over σ/(1+σ) of the noise sampler's σ range: [0.002, 80] gives t ∈ [0.0020, 0.9877].
+    With no `sampler`, it builds InfoNoise for this objective: weight = the plain velocity loss's x₀-space weight
+    (`flow_velocity_loss_weight`, or `loss_weight` if your loss is weighted), σ over [σ(t_min), σ(t_max)]
+    (t ∈ [0.001, 0.999]: Euler starts at t = 1), warm-up under logit-normal(0, 1) in t (SD3's default, = log-normal
+    (0, 1) in σ); other keyword arguments go to InfoNoise. A `sampler` given is checked instead: an InfoNoise whose
+    weight is not the loss's is refused, one whose σ range misses [t_min, t_max] warned about.
     """
 
-    def __init__(self, sampler: NoiseSampler):
+    def __init__(
+        self,
+        sampler: NoiseSampler | None = None,
+        *,
+        t_min: float = 1e-3,
+        t_max: float = 1 - 1e-3,
+        loss_weight: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        **infonoise_kwargs: Any,
+    ):
+        if not 0 < t_min < t_max < 1:
+            raise ValueError(f'Need 0 < t_min < t_max < 1, got t_min={t_min!r}, t_max={t_max!r}')
+        weight = loss_weight or flow_velocity_loss_weight
+        low, high = t_min / (1 - t_min), t_max / (1 - t_max)
+        if sampler is None:
+            kwargs = dict(weight=weight, sigma_min=low, sigma_max=high, base=LogNormal(0.0, 1.0))
+            sampler = InfoNoise(**dict(kwargs, **infonoise_kwargs))
+        elif infonoise_kwargs:
+            raise TypeError(
+                f'InfoNoise arguments ({", ".join(infonoise_kwargs)}) apply only when FlowMatching builds it'
+            )
         _check_sampler(sampler, ('sample', 'observe', 'cdf'))
+        _check_weight(sampler, weight, 'the flow velocity loss')
+        _warn_range(sampler, low, high, f't ∈ [{t_min:g}, {t_max:g}]')
         self.sampler = sampler
 
     def sample_t(self, n: int, device: torch.device | str = 'cpu') -> torch.Tensor:
@@ -118,11 +190,17 @@ class FlowMatching:
         return flow_t_from_sigma(sigma).to(torch.float32)
 
     def observe(self, t: torch.Tensor, velocity_mse: torch.Tensor) -> None:
-        """Hand the noise sampler σ = t/(1 − t) and the x₀-space MSE t²·velocity_mse (both [N], per sample, unweighted).
-        A t outside [0, 1) gives a σ that is not positive and finite, which InfoNoise refuses at its next check."""
+        """Hand the noise sampler σ = t/(1 − t) and the x₀-space MSE t²·velocity_mse (both [N], per sample,
+        unweighted). t must lie in (0, 1): on the CPU a ValueError says so at once; on an accelerator (no host
+        synchronisation per step) such a t becomes σ = NaN, which InfoNoise refuses at its next check."""
         check_observation(t, velocity_mse)
         t = t.detach().to(torch.float64)
-        self.sampler.observe(flow_sigma_from_t(t), t**2 * velocity_mse.detach().to(torch.float64))
+        inside = (t > 0) & (t < 1)
+        if _checked_at_once(t.device) and not bool(inside.all()):
+            bad = t[~inside]
+            raise ValueError(f'observe: t must lie in (0, 1), got {bad.numel()} outside, e.g. {float(bad[0]):g}')
+        sigma = torch.where(inside, flow_sigma_from_t(torch.where(inside, t, 0.5)), math.nan)
+        self.sampler.observe(sigma, t**2 * velocity_mse.detach().to(torch.float64))
 
     def cdf_t(self, t: torch.Tensor) -> torch.Tensor:
         """P(t' <= t) under the noise sampler's current law."""
@@ -137,15 +215,30 @@ class DiscreteTimesteps:
     the noise sampler gives that interval, F(e_{i+1}) − F(e_i), the exact discrete counterpart of the continuous law
     (not the nearest timestep of a continuous draw in another variable).
 
+        steps = DiscreteTimesteps(scheduler.alphas_cumprod, prediction='epsilon')   # builds InfoNoise, see below
         t = steps.sample(batch, device)                  # [N] int64 timesteps
         x_t = scheduler.add_noise(x0, eps, t); loss = ((net(x_t, t) - eps) ** 2).mean(dims)
         steps.observe(t, eps_mse)                        # [N] per-sample, unweighted, in the prediction's target
 
-    Build the InfoNoise sampler on `steps.sigma_range()` with `weight=prediction_loss_weight(prediction)`;
-    `check_bins` says whether every interval of its estimation grid holds a timestep (else it could never fill).
+    With no `sampler`, it builds InfoNoise for this table: weight = the plain `prediction` loss's x₀-space weight
+    (or `loss_weight` if your loss is weighted), σ over [σ_0, σ_{T−1}], the most intervals (at most 64, or
+    `num_bins`) that each hold a timestep, warm-up under uniform timesteps (the DDPM default); other keyword arguments
+    go to InfoNoise. A `sampler` given is checked instead: an InfoNoise with another weight or an interval that no
+    timestep falls in is refused (it would divide out the wrong weight, or never refresh), one that does not cover
+    every timestep warned about.
     """
 
-    def __init__(self, alphas_cumprod: torch.Tensor, sampler: NoiseSampler, prediction: str = 'epsilon'):
+    def __init__(
+        self,
+        alphas_cumprod: torch.Tensor,
+        sampler: NoiseSampler | str | None = None,
+        prediction: str = 'epsilon',
+        *,
+        loss_weight: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        **infonoise_kwargs: Any,
+    ):
+        if isinstance(sampler, str):  # DiscreteTimesteps(alphas_cumprod, 'v_prediction').
+            sampler, prediction = None, sampler
         alpha_bar = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
         if alpha_bar.ndim != 1 or alpha_bar.numel() < 2:
             raise ValueError(f'alphas_cumprod must be 1-D with at least 2 entries, got {tuple(alpha_bar.shape)}')
@@ -153,29 +246,57 @@ class DiscreteTimesteps:
             raise ValueError('alphas_cumprod must decrease strictly and lie in (0, 1)')
         if prediction not in PREDICTIONS:
             raise ValueError(f'Unknown prediction "{prediction}"; choose from {", ".join(PREDICTIONS)}')
-        _check_sampler(sampler, ('observe', 'cdf'))
-        self.sampler, self.prediction = sampler, prediction
+        self.prediction = prediction
         self.sigmas = sigma_from_alpha_bar(alpha_bar)  # [T] increasing
         self._cache: dict = {}  # Per device: σ_i, and the cumulative probabilities with the law they were made for.
         mid = (self.sigmas[1:] * self.sigmas[:-1]).sqrt()
         self.edges = torch.cat([torch.zeros(1, dtype=torch.float64), mid, torch.full((1,), math.inf)])  # [T + 1]
+        weight = loss_weight or prediction_loss_weight(prediction)
+        low, high = self.sigma_range()
+        if sampler is None:
+            num_bins = infonoise_kwargs.pop('num_bins', None)
+            if num_bins is None:
+                num_bins = max(k for k in range(2, 65) if self.empty_interval(LogGrid.make(k, low, high).edges) is None)
+            kwargs = dict(weight=weight, sigma_min=low, sigma_max=high, num_bins=num_bins, base=self.uniform_law())
+            sampler = InfoNoise(**dict(kwargs, **infonoise_kwargs))
+        elif infonoise_kwargs:
+            raise TypeError(
+                f'InfoNoise arguments ({", ".join(infonoise_kwargs)}) apply only when DiscreteTimesteps builds it'
+            )
+        _check_sampler(sampler, ('observe', 'cdf'))
+        _check_weight(sampler, weight, f'the plain {prediction} loss')
+        if isinstance(sampler, InfoNoise):
+            self.check_bins(sampler.grid.edges)
+            _warn_range(sampler, low, high, f'the {len(self.sigmas)} timesteps')
+        self.sampler = sampler
+
+    def uniform_law(self) -> PiecewiseLogUniform:
+        """Uniform timesteps as a law of σ: CDF i/T at the interval edges, so that each timestep gets exactly 1/T."""
+        T = len(self.sigmas)
+        points = torch.cat([self.sigmas[:1], self.edges[1:-1], self.sigmas[-1:]])
+        return PiecewiseLogUniform(points, torch.arange(T + 1, dtype=torch.float64) / T)
 
     def sigma_range(self) -> tuple[float, float]:
         """σ of the first and the last timestep: the range to build the noise sampler's bins on."""
         return float(self.sigmas[0]), float(self.sigmas[-1])
 
-    def check_bins(self, edges: torch.Tensor) -> None:
-        """Raise if an interval of the estimation grid `edges` ([K + 1], e.g. InfoNoise(...).grid.edges) holds
-        no timestep σ_i: it would never collect losses and InfoNoise would never refresh."""
+    def empty_interval(self, edges: torch.Tensor) -> int | None:
+        """The first interval of the grid `edges` ([K + 1]) that holds no timestep σ_i, or None."""
         edges = torch.as_tensor(edges, dtype=torch.float64)
         inside = self.sigmas[(self.sigmas >= edges[0]) & (self.sigmas <= edges[-1])]
         counts = torch.bincount((torch.searchsorted(edges, inside, right=True) - 1).clamp(0, edges.numel() - 2),
                                 minlength=edges.numel() - 1)  # fmt: skip
-        if bool((counts == 0).any()):
-            k = int((counts == 0).nonzero()[0])
+        return int((counts == 0).nonzero()[0]) if bool((counts == 0).any()) else None
+
+    def check_bins(self, edges: torch.Tensor) -> None:
+        """Raise if an interval of the estimation grid `edges` ([K + 1], e.g. InfoNoise(...).grid.edges) holds
+        no timestep σ_i: it would never collect losses and InfoNoise would never refresh."""
+        edges = torch.as_tensor(edges, dtype=torch.float64)
+        k = self.empty_interval(edges)
+        if k is not None:
             raise ValueError(
                 f'interval {k + 1} of {edges.numel() - 1} (σ {float(edges[k]):.3g}-{float(edges[k + 1]):.3g}) holds '
-                'no timestep; use fewer intervals or a higher sigma_min'
+                'no timestep, so InfoNoise would never refresh; use fewer intervals (num_bins) or a higher sigma_min'
             )
 
     def probabilities(self) -> torch.Tensor:
@@ -205,14 +326,21 @@ class DiscreteTimesteps:
     def observe(self, timesteps: torch.Tensor, mse: torch.Tensor) -> None:
         """Hand the noise sampler σ_i and the x₀-space MSE of per-sample losses `mse` in the prediction's target.
 
-        A timestep outside [0, T) (which indexing would wrap, e.g. −1 to T − 1) becomes σ = NaN, which InfoNoise
-        counts on the device and refuses at its next refresh check: no host synchronisation per step."""
+        A timestep outside [0, T) (which indexing would wrap, e.g. −1 to T − 1) is refused: on the CPU at once, on an
+        accelerator (no host synchronisation per step) as σ = NaN, which InfoNoise refuses at its next check."""
         if not isinstance(timesteps, torch.Tensor) or timesteps.dtype not in (torch.int32, torch.int64):
             raise ValueError(
                 f'observe: timesteps must be an int32/int64 tensor, got {getattr(timesteps, "dtype", timesteps)}'
             )
+        if timesteps.ndim != 1:
+            raise ValueError(f'observe: timesteps must be 1-D (one per sample), got shape {tuple(timesteps.shape)}')
         sigmas = self._on(timesteps.device)['sigmas']
         inside = (timesteps >= 0) & (timesteps < len(sigmas))
+        if _checked_at_once(timesteps.device) and not bool(inside.all()):
+            bad = timesteps[~inside]
+            raise ValueError(
+                f'observe: timesteps must lie in [0, {len(sigmas)}), got {bad.numel()} outside, e.g. {int(bad[0])}'
+            )
         sigma = torch.where(inside, sigmas[timesteps.clamp(0, len(sigmas) - 1)], math.nan)
         check_observation(sigma, mse)
         self.sampler.observe(sigma, x0_mse(mse.detach().to(torch.float64), sigma, self.prediction))

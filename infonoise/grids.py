@@ -19,13 +19,11 @@ steps and network evaluations of the Heun and Euler solvers.
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from infonoise.profile import Profile
+from infonoise.profile import Profile
 
 # EDM's default noise range of each discretization (EDM's ablation solver); the VP one is sigma_VP(1e-3), sigma_VP(1).
 # EDM's VP noise level (Table 1): σ(t) = √(exp(½β_d t² + β_min t) − 1), t ∈ [ε_t, 1] in training, [ε_s, 1] in sampling.
@@ -206,20 +204,51 @@ def information_coordinate(
     return u
 
 
+GRID_ENDS = ('sigma_min', 'zero')
+
+
 def infogrid(
     num_steps: int,
-    sigma: Sequence[float] | torch.Tensor,
-    rate: Sequence[float] | torch.Tensor,
-    sigma_min: float = 0.002,
-    sigma_max: float = 80.0,
+    sigma: Sequence[float] | torch.Tensor | Profile,
+    rate: Sequence[float] | torch.Tensor | None = None,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    end: str = 'sigma_min',
 ) -> torch.Tensor:
     """InfoGrid (InfoNoise paper, Eq. 19): uniform in u(sigma) = ∫_{sigma_min}^{sigma} s r(s) ds / Z.
 
-    `sigma`, `rate` tabulate the entropy-rate profile r = mmse/sigma^3 (e.g. InfoNoise's learned profile).
-    Returns sigma_max = sigma_0 > ... > sigma_{N-1} = sigma_min, then 0.
+    `sigma` is a `Profile` (e.g. InfoNoise's `profile()`, or `Profile.load(path)`), or σ points with `rate`, the
+    entropy-rate profile r = mmse/σ³ there. The range defaults to the one the profile was trained on
+    (`Profile.sigma_range()`; for bare points, the first and last σ); give `sigma_min`, `sigma_max` for another
+    (EDM's sampler uses 0.002 and 80).
+
+    `end` says how the grid reaches 0 (N = `num_steps`, N + 1 values returned):
+    - 'sigma_min' (EDM's convention, for Heun): sigma_max = σ_0 > ... > σ_{N−1} = sigma_min, then 0. Heun spends
+      2N − 1 evaluations; Euler spends N, the last of them at sigma_min only to remove noise of that size.
+    - 'zero' (for Euler): σ_0 = sigma_max and N − 1 more levels uniform in u down to u = 1/N, then 0: every one of
+      Euler's N evaluations sits at a level the profile gave a share of information, and the last step lands on 0.
     """
+    if isinstance(sigma, Profile):
+        if rate is not None:
+            raise ValueError('Give a Profile, or σ points and their rate, not both')
+        default_min, default_max = sigma.sigma_range()
+        sigma, rate = sigma.sigma, sigma.rate
+    else:
+        if rate is None:
+            raise ValueError('infogrid needs a Profile, or σ points and their rate')
+        points = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1)
+        default_min, default_max = float(points[0]), float(points[-1])
+    sigma_min = default_min if sigma_min is None else sigma_min
+    sigma_max = default_max if sigma_max is None else sigma_max
     _check(num_steps, sigma_min, sigma_max)
-    return _uniform_in(information_coordinate(sigma, rate), num_steps, sigma_min, sigma_max)
+    if end not in GRID_ENDS:
+        raise ValueError(f'end must be one of {", ".join(GRID_ENDS)}, got {end!r}')
+    u = information_coordinate(sigma, rate)
+    if end == 'sigma_min':
+        return _uniform_in(u, num_steps, sigma_min, sigma_max)
+    # N + 1 points uniform in u from sigma_max to sigma_min; the last (sigma_min) is replaced by 0.
+    grid = _uniform_in(u, num_steps + 1, sigma_min, sigma_max)
+    return torch.cat([grid[:-2], torch.zeros(1, dtype=torch.float64)])
 
 
 GRID_NAMES = ('edm', 'infogrid', 'loguniform', 'tangent', 'vp', 've', 'iddpm')
@@ -232,7 +261,7 @@ def build_grid(
     sigma_max: float,
     *,
     rho: float = 7.0,
-    profile: 'Profile | None' = None,
+    profile: Profile | None = None,
     variances: Sequence[float] | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The σ-grid `name` (one of GRID_NAMES) with `num_steps` steps on [sigma_min, sigma_max]: 'edm' uses `rho`,

@@ -22,6 +22,7 @@ InfoNoise says what it does: every refresh check produces a `RefreshCheck` (refr
 `schedule_report` tells before training whether and when InfoNoise can adapt at all.
 """
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -29,9 +30,10 @@ from typing import Any
 
 import torch
 
+from infonoise import law
 from infonoise import pivot as pivots
 from infonoise.pivot import Pivot
-from infonoise.profile import LogGrid, Profile, build_profile, entropy_rate
+from infonoise.profile import LogGrid, Profile, build_profile, entropy_rate, normalize_density
 from infonoise.reporting import RefreshCheck, schedule_report, shortest_interval
 from infonoise.samplers import (
     LogNormal,
@@ -87,6 +89,11 @@ class InfoNoise(NoiseSampler):
         refresh_steps: int | None = None,  # M in steps (calls of `observe`) instead of refresh_kimg.
         warmup_steps: int | None = None,  # N_warm in steps instead of warmup_kimg.
         callback: Callable[[RefreshCheck], None] | None = None,  # Called with every refresh check.
+        build: str = 'continuous',  # BuildSampler: 'continuous' or 'paper' (Alg. 1 as written), `infonoise.law`.
+        projection: str | None = None,  # 'lognormal': the log-normal with π_info's moments of ln σ (continuous).
+        temper: float = 1.0,  # β: π ∝ base^(1−β)·π_info^β with the warm-up base (continuous); 1 = InfoNoise.
+        reference_mse: Callable[[torch.Tensor], torch.Tensor] | None = None,  # Excess loss: subtract this mse(σ).
+        data_variance: float | None = None,  # Bound the loss by the linear estimator's σ²v/(σ² + v) (per element).
     ):
         if endpoint not in ('continuous', 'discrete'):
             raise ValueError(f'endpoint must be "continuous" or "discrete", got "{endpoint}"')
@@ -123,6 +130,23 @@ class InfoNoise(NoiseSampler):
         if pivot is not None:
             pivot = check_number('pivot', pivot, 'a finite number > 0 (or None: calibrated)', lambda v: v > 0)
         self.endpoint, self.fixed_pivot = endpoint, pivot
+        if build not in law.BUILDS:
+            raise ValueError(f'build must be one of {", ".join(law.BUILDS)}, got {build!r}')
+        if projection not in law.PROJECTIONS:
+            raise ValueError(f'projection must be None or "lognormal", got {projection!r}')
+        self.temper = check_number('temper', temper, 'a number in (0, 1]', lambda v: 0 < v <= 1)
+        if build == 'paper' and (projection is not None or self.temper != 1):
+            raise ValueError("projection and temper act on the continuous law; they need build='continuous'")
+        if reference_mse is not None and not callable(reference_mse):
+            raise ValueError('reference_mse must be a callable σ -> Bayes mse(σ), or None')
+        if data_variance is not None:
+            data_variance = check_number('data_variance', data_variance, 'a finite number > 0', lambda v: v > 0)
+        self.build, self.projection, self.reference_mse, self.data_variance = (
+            build,
+            projection,
+            reference_mse,
+            data_variance,
+        )
         # The warm-up's base: an instance as given, or EDM's log-normal, or log-uniform on the estimation grid.
         named = dict(lognormal=lambda: LogNormal(-1.2, 1.2), loguniform=lambda: LogUniform(sigma_min, sigma_max))
         if not isinstance(base, NoiseSampler) and base not in named:
@@ -148,6 +172,7 @@ class InfoNoise(NoiseSampler):
         self.nimg = 0  # Images observed, all ranks together.
         self.steps = 0  # Calls of `observe`.
         self.next_check = self.refresh_every  # Next refresh check, in images or steps (`in_steps`).
+        self.frozen = False  # A fixed law (`fix_profile`): no refresh ever replaces it.
         self.refreshes = 0
         self.pivot = float('nan')
         self.raw_pivots: list[float] = []  # Calibrated pivots of the last refreshes, for debouncing.
@@ -215,7 +240,7 @@ class InfoNoise(NoiseSampler):
         if self.clock >= self.next_check:
             self.next_check = (self.clock // self.refresh_every + 1) * self.refresh_every
             self._refuse_invalid()
-            if self.clock > self.warmup:
+            if self.clock > self.warmup and not self.frozen:
                 self.refresh()
 
     def _pooled_buffer_stats(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -250,22 +275,17 @@ class InfoNoise(NoiseSampler):
         # Relative standard error of each buffer mean; recorded at the scale of the EMA (which starts from 0).
         rel_err = ((squares / counts - means.square()).clamp(min=0) / (counts - 1).clamp(min=1)).sqrt() / means
         mse = (1 - self.ema_rate) * self.mse + self.ema_rate * means
-        sigma, widths = self.grid.centers, self.grid.widths
+        sigma = self.grid.centers
         try:
             # Sec. 4 / App. B.4: a fixed c, or calibrated (onset for continuous, power-law break for discrete
             # endpoints, `infonoise.pivot`) and debounced over the last refreshes.
             if self.fixed_pivot is not None:
                 calibrated, pivot = Pivot(self.fixed_pivot, 'fixed'), self.fixed_pivot
             else:
-                rate = entropy_rate(mse, sigma)
+                rate = entropy_rate(self.information_mse(mse), sigma)
                 calibrated = pivots.calibrate(sigma, rate, self.endpoint, rel_err, self.onset_p, self.sigma_data)
                 pivot = pivots.debounce([*self.raw_pivots, calibrated.value])
-            profile = build_profile(
-                self.grid, mse, pivot, self.loss_weight(sigma), self.gate_n, self.smoothing, self.floor,
-                refreshes=self.refreshes + 1, count=counts, stderr=rel_err * mse, raw_pivot=calibrated.value,
-                pivot_rule=calibrated.rule, nimg=self.nimg,
-            )  # fmt: skip
-            table = InverseCDFTable.build(sigma, widths, profile.phi / profile.weight)  # π ∝ φ/w (Eq. 16).
+            profile, table = self._law(mse, pivot, counts, rel_err * mse, calibrated)
         except ValueError as e:
             reason = f'degenerate profile ({e}); the previous table stays'
             return self._report(RefreshCheck(refreshed=False, reason=reason, **check))
@@ -279,6 +299,55 @@ class InfoNoise(NoiseSampler):
         check.update(refreshes=self.refreshes, pivot=profile.pivot, raw_pivot=calibrated.value)
         check.update(pivot_rule=calibrated.rule, peak=profile.peak(), ln_sigma_quantiles=quantiles)
         return self._report(RefreshCheck(refreshed=True, **check))
+
+    def information_mse(self, mse: torch.Tensor) -> torch.Tensor:
+        """The per-bin loss the rate is formed from: the estimate, less `reference_mse` (excess loss), and at most
+        the linear estimator's error σ²v/(σ² + v) for `data_variance` v (an upper bound of every mmse)."""
+        sigma = self.grid.centers
+        if self.reference_mse is not None:
+            reference = torch.as_tensor(self.reference_mse(sigma), dtype=torch.float64).reshape(sigma.shape)
+            mse = (mse - reference).clamp(min=0)
+        if self.data_variance is not None:
+            v = self.data_variance
+            mse = torch.minimum(mse, sigma**2 * v / (sigma**2 + v))
+        return mse
+
+    def _law(self, mse: torch.Tensor, pivot: float, counts, stderr, calibrated: Pivot) -> tuple[Profile, Any]:
+        """The profile and the table drawn from, for per-bin losses `mse` and pivot c (Alg. 1 lines 12–16)."""
+        grid, sigma = self.grid, self.grid.centers
+        paper = self.build == 'paper'
+        profile = build_profile(
+            grid, self.information_mse(mse), pivot, self.loss_weight(sigma), self.gate_n, self.smoothing,
+            self.floor if paper else 0.0, refreshes=self.refreshes + 1, count=counts, stderr=stderr,
+            raw_pivot=calibrated.value, pivot_rule=calibrated.rule, nimg=self.nimg,
+            sigma_range=(float(grid.edges[0]), float(grid.edges[-1])),
+        )  # fmt: skip
+        if paper:
+            return profile, InverseCDFTable.build(sigma, grid.widths, profile.phi / profile.weight)  # π ∝ φ/w.
+        base = law.base_density(self.base, grid) if self.temper != 1 else None
+        table, pi = law.continuous_law(grid, profile.pi, self.floor, self.projection, self.temper, base)
+        phi = normalize_density(pi * profile.weight, grid.widths)
+        return dataclasses.replace(profile, pi=pi, phi=phi), table
+
+    def fix_profile(
+        self, mse: torch.Tensor, stderr: torch.Tensor | None = None, count: torch.Tensor | None = None
+    ) -> None:
+        """Draw from the law of the per-bin x₀-space loss `mse` ([K] at `grid.centers`, e.g. an exact mmse) from now
+        on, with the same pivot rule, gate, division by w and floor as a refresh, and never refresh (an oracle).
+        `stderr` (its standard errors, weighting the discrete pivot rule's fit) and `count` are optional."""
+        mse = torch.as_tensor(mse, dtype=torch.float64).reshape(-1)
+        if mse.shape != self.grid.centers.shape or not bool((torch.isfinite(mse) & (mse >= 0)).all()):
+            raise ValueError(f'fix_profile: mse must be [{self.grid.num_bins}] finite values >= 0')
+        sigma = self.grid.centers
+        if self.fixed_pivot is not None:
+            calibrated = Pivot(self.fixed_pivot, 'fixed')
+        else:
+            rate = entropy_rate(self.information_mse(mse), sigma)
+            rel_err = None if stderr is None else torch.as_tensor(stderr, dtype=torch.float64) / mse
+            calibrated = pivots.calibrate(sigma, rate, self.endpoint, rel_err, self.onset_p, self.sigma_data)
+        profile, table = self._law(mse, calibrated.value, count, stderr, calibrated)
+        self.mse, self.table, self.pivot, self._profile = mse, table.to(self.device), profile.pivot, profile
+        self.refreshes, self.frozen = self.refreshes + 1, True
 
     def _report(self, check: RefreshCheck) -> bool:
         self.last_check = check

@@ -13,6 +13,7 @@ They serve as test oracles and offline diagnostics. Everything is computed in fl
 """
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -106,3 +107,40 @@ def empirical_bayes_mse(
         denoised = empirical_bayes_denoiser(clean + sigma * noise, sigma, flat, flat_sq)
         total += float(((denoised - clean) ** 2).mean(1).sum())
     return total / num_samples
+
+
+def memorisation_envelope(sigma: torch.Tensor, mse: torch.Tensor) -> torch.Tensor:
+    """The exact mmse of a finite training set with its small-σ collapse replaced: m(σ) = σ²·max_{s ≥ σ} mmse(s)/s².
+
+    Below roughly half the nearest-neighbour distance the empirical-Bayes denoiser snaps to the training point and
+    its mmse falls to 0 (memorisation), while a model that generalises keeps an error close to σ² times the share of
+    dimensions the noise still hides. For a Gaussian source mmse(σ)/σ² = mean of λ/(σ² + λ) falls with σ from 1,
+    and so does any smooth density's at small σ; a finite set's ratio instead rises from 0 to a peak. The envelope
+    (a modelling choice with no constant, not a theorem: a mixture of far-apart clusters can raise the ratio at
+    larger σ too) keeps the exact values wherever the ratio is at least that at every larger σ and holds it
+    there otherwise. `sigma` increasing, `mse` ≥ 0, both [K].
+    """
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    mse = torch.as_tensor(mse, dtype=torch.float64)
+    if sigma.ndim != 1 or sigma.shape != mse.shape or not bool((sigma[1:] > sigma[:-1]).all()):
+        raise ValueError('memorisation_envelope needs matching 1-D sigma (increasing) and mse')
+    ratio = mse / sigma**2
+    held = ratio.flip(0).cummax(0).values.flip(0)  # max over s >= σ.
+    return sigma**2 * held
+
+
+def tabulated(sigma: torch.Tensor, values: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function of σ interpolating `values` at increasing `sigma` linearly in ln σ (held beyond the ends), e.g. an
+    exact mmse for InfoNoise's `reference_mse`."""
+    x = torch.as_tensor(sigma, dtype=torch.float64).log()
+    y = torch.as_tensor(values, dtype=torch.float64)
+    if x.ndim != 1 or x.shape != y.shape or x.numel() < 2 or not bool((x[1:] > x[:-1]).all()):
+        raise ValueError('tabulated needs matching 1-D sigma (strictly increasing, >= 2) and values')
+
+    def f(s: torch.Tensor) -> torch.Tensor:
+        v = torch.as_tensor(s, dtype=torch.float64).log()
+        j = (torch.searchsorted(x.to(v.device), v, right=True) - 1).clamp(0, x.numel() - 2)
+        xs, ys = x.to(v.device), y.to(v.device)
+        return torch.lerp(ys[j], ys[j + 1], ((v - xs[j]) / (xs[j + 1] - xs[j])).clamp(0, 1))
+
+    return f

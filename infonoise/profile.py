@@ -165,6 +165,14 @@ class Profile:
     raw_pivot: float = math.nan  # c as calibrated at this refresh, before debouncing (Sec. 4)
     pivot_rule: str = ''  # infonoise.pivot.Pivot's rule: 'onset', 'break', ..., 'fixed'
     nimg: int | None = None  # Training images seen at the refresh that built it; None offline and in older files.
+    sigma_min: float = math.nan  # The trained σ range (the estimation grid's ends); NaN where unknown.
+    sigma_max: float = math.nan
+
+    def sigma_range(self) -> tuple[float, float]:
+        """The σ range the profile was trained on; where unknown (older or hand-made files), its first and last σ."""
+        if math.isfinite(self.sigma_min) and math.isfinite(self.sigma_max):
+            return self.sigma_min, self.sigma_max
+        return float(self.sigma[0]), float(self.sigma[-1])
 
     def __post_init__(self):
         shape = self.sigma.shape
@@ -182,6 +190,9 @@ class Profile:
         d.update(pivot=float(self.pivot), refreshes=int(self.refreshes), pivot_rule=self.pivot_rule)
         d.update(raw_pivot=None if math.isnan(self.raw_pivot) else float(self.raw_pivot))
         d.update(nimg=None if self.nimg is None else int(self.nimg))
+        d.update(
+            {k: None if math.isnan(getattr(self, k)) else float(getattr(self, k)) for k in ('sigma_min', 'sigma_max')}
+        )
         return d
 
     @classmethod
@@ -206,6 +217,7 @@ class Profile:
             pivot, refreshes = float(d.get('pivot', math.nan)), int(d.get('refreshes', 0))
             raw, nimg = d.get('raw_pivot'), d.get('nimg')
             raw, nimg = math.nan if raw is None else float(raw), None if nimg is None else int(nimg)
+            ends = [math.nan if d.get(k) is None else float(d[k]) for k in ('sigma_min', 'sigma_max')]
         except (TypeError, ValueError, RuntimeError, OverflowError):
             raise ValueError('Profile values must be lists of numbers (null where unknown) and numbers') from None
         if 'rate' not in d:
@@ -219,6 +231,8 @@ class Profile:
             raw_pivot=raw,
             pivot_rule=str(d.get('pivot_rule', '')),
             nimg=nimg,
+            sigma_min=ends[0],
+            sigma_max=ends[1],
         )
 
     @classmethod
@@ -271,11 +285,12 @@ def build_profile(
     raw_pivot: float = math.nan,
     pivot_rule: str = '',
     nimg: int | None = None,
+    sigma_range: tuple[float, float] | None = None,
 ) -> Profile:
     """Alg. 1 lines 12-16 from per-interval losses `mse` on `grid`: the rate r̂ = mse/σ³, the gated rate with pivot
     c = `pivot` and smoothing, ρ (Eq. 13) and its CDF u, the emphasis φ = (1 - floor) ρ + floor · (log-uniform),
     and π ∝ φ/w (Eq. 16) for the loss weights `weight` at the centres. `count` and `stderr` (per bin, NaN where
-    unknown), `raw_pivot`, `pivot_rule` and `nimg` (training images seen) are recorded as given.
+    unknown), `raw_pivot`, `pivot_rule`, `nimg` (training images seen) and `sigma_range` (the grid ends) are recorded.
 
     Raises ValueError for a degenerate profile (e.g. no positive mass after gating).
     """
@@ -302,4 +317,6 @@ def build_profile(
         raw_pivot=raw_pivot,
         pivot_rule=pivot_rule,
         nimg=nimg,
+        sigma_min=math.nan if sigma_range is None else sigma_range[0],
+        sigma_max=math.nan if sigma_range is None else sigma_range[1],
     )

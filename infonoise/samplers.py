@@ -256,3 +256,34 @@ class Mixture(NoiseSampler):
             below = self.cdf(mid.exp()) < u
             lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
         return (0.5 * (lo + hi)).exp()
+
+
+class PiecewiseLogUniform(NoiseSampler):
+    """A law given by its CDF at increasing points σ_j, linear in ln σ between them (uniform in ln σ on each piece).
+
+    `DiscreteTimesteps` uses it for uniform timesteps: through the timesteps' interval edges with CDF i/T, so each
+    timestep gets exactly 1/T.
+    """
+
+    def __init__(self, sigma: torch.Tensor, cdf: torch.Tensor):
+        self.log_sigma = torch.as_tensor(sigma, dtype=torch.float64).log()
+        self.cdf_points = torch.as_tensor(cdf, dtype=torch.float64)
+        x, c = self.log_sigma, self.cdf_points
+        if x.ndim != 1 or x.shape != c.shape or x.numel() < 2 or not bool((x[1:] > x[:-1]).all()):
+            raise ValueError('PiecewiseLogUniform needs >= 2 strictly increasing σ > 0 and one CDF value each')
+        if not bool((c[1:] >= c[:-1]).all()) or float(c[0]) != 0 or abs(float(c[-1]) - 1) > 1e-12:
+            raise ValueError('PiecewiseLogUniform: the CDF values must rise from 0 to 1')
+
+    def icdf(self, u: torch.Tensor) -> torch.Tensor:
+        x, c = self.log_sigma.to(u.device), self.cdf_points.to(u.device)
+        u = u.to(torch.float64).clamp(0, 1)
+        j = (torch.searchsorted(c, u, right=True) - 1).clamp(0, c.numel() - 2)
+        width = c[j + 1] - c[j]
+        t = ((u - c[j]) / torch.where(width > 0, width, 1.0)).clamp(0, 1)
+        return torch.lerp(x[j], x[j + 1], t).exp()
+
+    def cdf(self, sigma: torch.Tensor) -> torch.Tensor:
+        x, c = self.log_sigma.to(sigma.device), self.cdf_points.to(sigma.device)
+        v = sigma.to(torch.float64).log()
+        j = (torch.searchsorted(x, v, right=True) - 1).clamp(0, x.numel() - 2)
+        return torch.lerp(c[j], c[j + 1], ((v - x[j]) / (x[j + 1] - x[j])).clamp(0, 1))

@@ -15,7 +15,7 @@ import torch
 
 from infonoise.pivot import DEBOUNCE
 from infonoise.profile import Profile
-from infonoise.table import InverseCDFTable
+from infonoise.table import InverseCDFTable, LogLinearTable
 
 # Keys of `InfoNoise.state_dict()`; 'next_check_nimg' is the older name of 'next_check'.
 REQUIRED = ('buffer', 'ptr', 'count', 'nonfinite', 'mse', 'nimg', 'refreshes', 'pivot', 'table', 'profile')
@@ -41,20 +41,33 @@ def _number(state: dict, field: str, integer: bool = False) -> float:
     return value
 
 
-def _check_table(table: Any, num_bins: int) -> None:
-    if not isinstance(table, dict) or set(table) != {'sigma', 'cdf'}:
-        _fail('table', 'must be None or a dict of "sigma" and "cdf"')
-    sigma = _tensor(table, 'sigma', (num_bins,), torch.float64)
-    cdf = _tensor(table, 'cdf', (num_bins,), torch.float64)
-    if not bool(torch.isfinite(sigma).all() & (sigma > 0).all() & (sigma[1:] > sigma[:-1]).all()):
-        _fail('table.sigma', 'must be finite, positive and strictly increasing')
+# The saved form of each table: its tensors, the points they hang on, and how many points K bins give.
+TABLES = {'paper': (('sigma', 'cdf'), 'sigma', 0), 'continuous': (('log_sigma', 'density', 'cdf'), 'log_sigma', 2)}
+
+
+def _check_table(table: Any, num_bins: int, build: str) -> None:
+    keys, points_key, extra = TABLES[build]
+    if not isinstance(table, dict) or set(table) != set(keys):
+        # The usual cause: a state written by the other build (states before `build` existed are 'paper').
+        _fail('table', f'must be None or a dict of {", ".join(keys)} (build={build!r}; the state holds {sorted(table)})'
+              if isinstance(table, dict) else 'must be None or a dict')  # fmt: skip
+    for key in keys:
+        _tensor(table, key, (num_bins + extra,), torch.float64)
+    points, cdf = table[points_key], table['cdf']
+    if not bool(torch.isfinite(points).all() & (points[1:] > points[:-1]).all()) or (
+        points_key == 'sigma' and not bool((points > 0).all())
+    ):
+        _fail(f'table.{points_key}', 'must be finite, strictly increasing (and σ positive)')
+    if 'density' in table and not bool(torch.isfinite(table['density']).all() & (table['density'] >= 0).all()):
+        _fail('table.density', 'must be finite and >= 0')
     if not bool(torch.isfinite(cdf).all() & (cdf[1:] >= cdf[:-1]).all()) or cdf[0] != 0 or abs(cdf[-1] - 1) > 1e-9:
         _fail('table.cdf', 'must be a CDF: finite, non-decreasing, from 0 to 1')
 
 
-def check_state(state: Any, num_bins: int, buffer_size: int, in_steps: bool) -> None:
+def check_state(state: Any, num_bins: int, buffer_size: int, in_steps: bool, build: str = 'paper') -> None:
     """Raise ValueError (one line, naming the field) unless `state` is an InfoNoise state for K = `num_bins`
-    intervals of B = `buffer_size` losses, durations counted in steps if `in_steps` (else images): required keys,
+    intervals of B = `buffer_size` losses, durations counted in steps if `in_steps` (else images), whose table has
+    the form of `build` (`infonoise.law`): required keys,
     tensor shapes and dtypes, finite values where they must be, ring-buffer pointers and counts within [0, B], a
     monotone CDF table, and refreshes, table, profile and pivot that agree (a table and a profile exist exactly
     when a refresh happened)."""
@@ -102,7 +115,7 @@ def check_state(state: Any, num_bins: int, buffer_size: int, in_steps: bool) -> 
         _fail('table', f'and profile must be present exactly when refreshes > 0 (refreshes = {refreshes})')
     pivot = state['pivot']
     if refreshes > 0:
-        _check_table(state['table'], K)
+        _check_table(state['table'], K, build)
         if isinstance(pivot, bool) or not isinstance(pivot, numbers.Real) or not 0 < pivot < math.inf:
             _fail('pivot', f'must be a finite number > 0 after a refresh, got {pivot!r}')
         if not isinstance(state['profile'], dict):
@@ -126,7 +139,8 @@ def save_state(noise: Any) -> dict[str, Any]:
         invalid=noise.invalid.cpu(), mse=noise.mse.clone(), nimg=noise.nimg, steps=noise.steps,
         next_check=noise.next_check, refreshes=noise.refreshes, pivot=noise.pivot, raw_pivots=list(noise.raw_pivots),
         last_refresh_nimg=noise.last_refresh_nimg,
-        table=None if table is None else dict(sigma=table.sigma.cpu(), cdf=table.cdf.cpu()),
+        table=None if table is None else {key: getattr(table, key).cpu() for key in TABLES[noise.build][0]},
+        frozen=noise.frozen,
         profile=None if noise.profile() is None else noise.profile().to_dict(),
     )  # fmt: skip
 
@@ -134,7 +148,7 @@ def save_state(noise: Any) -> dict[str, Any]:
 def load_state(noise: Any, state: dict[str, Any]) -> None:
     """Check `state` against `noise`'s configuration (`check_state`), then restore it into `noise` (on the CPU;
     the next `sample` or `observe` moves it to its device). Fields older states lack get their defaults."""
-    check_state(state, noise.grid.num_bins, noise.buffer_size, noise.in_steps)
+    check_state(state, noise.grid.num_bins, noise.buffer_size, noise.in_steps, noise.build)
     noise._reset()
     noise.device = torch.device('cpu')
     noise.buffer, noise.ptr, noise.count = state['buffer'].clone(), state['ptr'].clone(), state['count'].clone()
@@ -146,6 +160,8 @@ def load_state(noise: Any, state: dict[str, Any]) -> None:
     # States written before debouncing existed hold no pivot history: it starts from the pivot in use.
     noise.raw_pivots = list(state.get('raw_pivots', [] if noise.refreshes == 0 else [noise.pivot]))
     noise.last_refresh_nimg = state.get('last_refresh_nimg')
+    noise.frozen = bool(state.get('frozen', False))
     if state['table'] is not None:
-        noise.table = InverseCDFTable(sigma=state['table']['sigma'].clone(), cdf=state['table']['cdf'].clone())
+        kind = InverseCDFTable if noise.build == 'paper' else LogLinearTable
+        noise.table = kind(**{key: value.clone() for key, value in state['table'].items()})
         noise._profile = Profile.from_dict(state['profile'])

@@ -171,16 +171,31 @@ def test_discrete_timesteps_observe_and_infonoise():
     torch.testing.assert_close(steps._on('cpu')['cumulative'], p.cumsum(0))
 
 
-def test_out_of_range_timesteps_are_refused_not_wrapped():
-    # Indexing would wrap −1 to the last timestep; the adapter hands the sampler σ = NaN instead (no host sync),
-    # and InfoNoise refuses it at its next refresh check.
+def test_out_of_range_timesteps_and_t_are_refused_at_once_on_the_cpu():
+    alpha_bar = ddpm_alphas_cumprod(100)
+    steps = DiscreteTimesteps(alpha_bar, Recorder())
+    with pytest.raises(ValueError, match=r'timesteps must lie in \[0, 100\), got 2 outside, e.g. -1'):
+        steps.observe(torch.tensor([-1, 0, 99, 100]), torch.ones(4))
+    with pytest.raises(ValueError, match=r'timesteps must be 1-D'):
+        steps.observe(torch.zeros(2, 2, dtype=torch.int64), torch.ones(2, 2))
+    fm = FlowMatching(Recorder())
+    for t in (1.0, 0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match=r't must lie in \(0, 1\), got 1 outside'):
+            fm.observe(torch.tensor([0.5, t]), torch.ones(2))
+
+
+def test_out_of_range_timesteps_are_refused_not_wrapped(monkeypatch):
+    # On an accelerator (simulated: no check at once) indexing would wrap −1 to the last timestep; the adapter hands
+    # the sampler σ = NaN instead (no host sync), and InfoNoise refuses it at its next refresh check.
+    monkeypatch.setattr(conversions, '_checked_at_once', lambda device: False)
     alpha_bar = ddpm_alphas_cumprod(100)
     recorder = Recorder()
     DiscreteTimesteps(alpha_bar, recorder).observe(torch.tensor([-1, 0, 99, 100]), torch.ones(4))
     sigma = recorder.seen[0][0]
     assert sigma[[0, 3]].isnan().all() and torch.equal(sigma[1:3], conversions.sigma_from_alpha_bar(alpha_bar)[[0, 99]])
     lo, hi = conversions.sigma_from_alpha_bar(alpha_bar)[[0, -1]].tolist()
-    noise = InfoNoise(sigma_min=lo, sigma_max=hi, num_bins=4, refresh_steps=2, warmup_steps=10)
+    noise = InfoNoise(conversions.epsilon_loss_weight, sigma_min=lo, sigma_max=hi, num_bins=4, refresh_steps=2,
+                      warmup_steps=10)  # fmt: skip
     steps = DiscreteTimesteps(alpha_bar, noise)
     steps.observe(torch.tensor([-1, 5]), torch.ones(2))
     with pytest.raises(ValueError, match='1 σ that are not positive and finite .*DiscreteTimesteps timestep outside'):
@@ -190,13 +205,13 @@ def test_out_of_range_timesteps_are_refused_not_wrapped():
     with pytest.raises(ValueError, match='per-sample MSE'):
         steps.observe(torch.tensor([3, 5]), torch.ones(2).mean())
     # Flow matching: t = 1 is σ = ∞, refused the same way.
-    fm = FlowMatching(InfoNoise(num_bins=4, refresh_steps=1, warmup_steps=10))
+    fm = FlowMatching(num_bins=4, refresh_steps=1, warmup_steps=10)
     with pytest.raises(ValueError, match='1 σ that are not positive and finite'):
         fm.observe(torch.tensor([0.5, 1.0]), torch.ones(2))
 
 
 def test_adapters_need_a_noise_sampler():
-    for make in (lambda: FlowMatching(object()), lambda: DiscreteTimesteps(ddpm_alphas_cumprod(10), 'lognormal')):
+    for make in (lambda: FlowMatching(object()), lambda: DiscreteTimesteps(ddpm_alphas_cumprod(10), object())):
         with pytest.raises(TypeError, match='is not a noise sampler: it has no'):
             make()
     with pytest.raises(ValueError, match='must decrease strictly and lie in'):

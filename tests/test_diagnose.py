@@ -168,7 +168,7 @@ def test_bayes_cli_writes_a_profile_that_training_and_generate_readers_take(digi
     assert PIL.Image.open(plot).format == 'PNG' and titles == ['Exact profile (empirical Bayes, 64 images)']
 
     loaded = Profile.load(str(out))  # As `generate.py --grid=infogrid --profile` reads it.
-    grid = infogrid(10, loaded.sigma, loaded.rate)
+    grid = infogrid(10, loaded)  # On the range the profile was made on.
     assert grid[0] == 80 and grid[-2] == 0.002 and grid[-1] == 0 and (grid[1:] < grid[:-1]).all()
 
 

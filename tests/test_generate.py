@@ -160,7 +160,7 @@ def test_every_grid_generates_and_records_the_grid_it_used(tmp_path, info_snapsh
     common = ['--network', info_snapshot, '--seeds', '0-2', '--steps', 5, '--device', 'cpu']
     expected = {
         'edm': grids.edm_grid(5),
-        'infogrid': grids.infogrid(5, gaussian_profile()['sigma'], gaussian_profile()['rate']),
+        'infogrid': grids.infogrid(5, gaussian_profile()['sigma'], gaussian_profile()['rate'], 0.002, 80),
         'tangent': grids.tangent_grid(5, [0.25]),  # EDMPrecond's sigma_data = 0.5 is the default scale.
         'loguniform': grids.loguniform_grid(5),
         'vp': grids.vp_grid(5, *grids.DEFAULT_RANGES['vp']),

@@ -68,7 +68,7 @@ def test_loguniform_grid_has_a_constant_ratio():
 def test_infogrid_of_the_exact_gaussian_profile_is_the_tangent_law():
     sigma, rate = gaussian_profile()
     for num_steps in (4, 18, 64):
-        info = grids.infogrid(num_steps, sigma, rate)
+        info = grids.infogrid(num_steps, sigma, rate, 0.002, 80)
         tangent = grids.tangent_grid(num_steps, LAMBDAS)
         assert torch.allclose(info[:-1], tangent[:-1], rtol=1e-4, atol=0), num_steps
 

@@ -105,8 +105,8 @@ def test_edm_weight_is_divided_out():
     assert torch.allclose(prof.phi, prof.rho, rtol=1e-9)  # φ = π·w follows ρ.
 
 
-def test_draws_follow_the_table_and_the_floor_lives_in_the_emphasis():
-    s = oracle_sampler(weight='edm', floor=0.1)
+def test_paper_build_draws_follow_the_table_and_the_floor_lives_in_the_emphasis():
+    s = oracle_sampler(weight='edm', floor=0.1, build='paper')
     feed(s, gaussian_losses, steps=160)
     prof = s.profile()
     # φ = (1 − ε)·ρ + ε·log-uniform and π ∝ φ/w: the realised emphasis stays within ε of the target.
@@ -492,7 +492,11 @@ def test_load_state_dict_refuses_broken_states():
         r'count must lie in \[0, 16\]': dict(count=torch.full((8,), -1)),
         'mse must be finite and >= 0': dict(mse=torch.full((8,), math.nan, dtype=torch.float64)),
         'table.cdf must be a CDF': dict(table=dict(table, cdf=table['cdf'].flip(0))),
-        'table.sigma must be finite, positive and strictly increasing': dict(table=dict(table, sigma=-table['sigma'])),
+        'table.log_sigma must be finite, strictly increasing': dict(table=dict(table, log_sigma=-table['log_sigma'])),
+        'table.density must be finite and >= 0': dict(table=dict(table, density=-table['density'])),
+        r"table must be None or a dict of log_sigma, density, cdf \(build='continuous'; the state holds \['cdf', 'sigma'\]": dict(
+            table=dict(sigma=table['log_sigma'][1:-1].exp(), cdf=table['cdf'][1:-1])
+        ),
         'table and profile must be present exactly when refreshes > 0': dict(table=None),
         'pivot must be a finite number > 0 after a refresh': dict(pivot=math.nan),
         r'next_check \(0\) must lie after the images': dict(next_check=0),

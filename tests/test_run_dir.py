@@ -284,3 +284,19 @@ def test_resume_auto_continues_a_run_started_on_another_number_of_gpus(tmp_path,
     assert runs(out) == [name.replace('-gpus1-', '-gpus2-')]
     assert run_dir.newest_of(str(out), name.replace('00000-', '').replace('gpus1', 'gpus*')) == str(out / runs(out)[0])
     assert run_dir.newest_of(str(out), name.replace('00000-', '').replace('gpus1', 'gpus1')) is None
+
+
+def test_runs_from_before_the_build_option_continue_with_the_papers_law():
+    from training import options, resume
+
+    old = dict(noise_kwargs=dict(class_name='infonoise.InfoNoise', weight='edm', floor=0.05))
+    upgraded = dict(noise_kwargs=run_dir.upgrade_noise_kwargs(old['noise_kwargs']))
+    assert upgraded['noise_kwargs']['build'] == 'paper' and 'build' not in old['noise_kwargs']
+    new = dict(noise_kwargs=dict(old['noise_kwargs'], build='continuous'))
+    assert resume.differences(upgraded, new, ['noise_kwargs'], options.CONFIG_FLAGS) == [
+        '--info-build: "paper" (now "continuous"; noise_kwargs.build)'
+    ]
+    assert resume.differences(upgraded, dict(noise_kwargs=dict(new['noise_kwargs'], build='paper')), ['noise_kwargs'],
+                              options.CONFIG_FLAGS) == []  # fmt: skip
+    lognormal = dict(class_name='infonoise.samplers.LogNormal', P_mean=-1.2, P_std=1.2)
+    assert run_dir.upgrade_noise_kwargs(lognormal) == lognormal and run_dir.upgrade_noise_kwargs(None) is None

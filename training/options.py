@@ -66,8 +66,8 @@ SAMPLER_KWARGS = {
 INFO_OPTIONS = dict(
     num_bins='info_bins', buffer_size='info_buffer', ema_rate='info_beta', refresh_kimg='info_refresh',
     warmup_kimg='info_warmup', min_count='info_nmin', gate_n='info_gate_n', onset_p='info_p', smoothing='info_smooth',
-    endpoint='info_endpoint', pivot='info_pivot', base='info_base', floor='info_floor', sigma_min='info_sigma_min',
-    sigma_max='info_sigma_max',
+    endpoint='info_endpoint', pivot='info_pivot', base='info_base', floor='info_floor', build='info_build',
+    sigma_min='info_sigma_min', sigma_max='info_sigma_max',
 )  # fmt: skip
 
 

@@ -66,7 +66,17 @@ def read_options(run_dir: str) -> dict:
     options = dnnlib.util.read_json(file)
     if not isinstance(options, dict):
         raise ValueError(f'"{file}" must hold a JSON object of training options')
+    options['noise_kwargs'] = upgrade_noise_kwargs(options.get('noise_kwargs'))
     return options
+
+
+def upgrade_noise_kwargs(noise_kwargs):
+    """Noise-sampler settings of an older run with the keys it lacks set to what it ran with: InfoNoise before
+    `build` existed drew from the paper's law ('paper'), so such a run continues unchanged (or is told to pass
+    --info-build=paper) instead of switching law."""
+    if isinstance(noise_kwargs, dict) and noise_kwargs.get('class_name') == 'infonoise.InfoNoise':
+        return {**noise_kwargs, 'build': noise_kwargs.get('build', 'paper')}
+    return noise_kwargs
 
 
 def next_id_dir(outdir: str, desc: str) -> str:
