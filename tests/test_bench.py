@@ -245,3 +245,64 @@ def test_threads_quick(tmp_path):
     saved = json.load(open(tmp_path / 'out' / 'results.json'))
     assert saved['kimg'] == 1 and all(saved[f'{c}/one thread']['img_per_sec'] > 0 for c in ('quiet', 'busy'))
     assert saved['busy/one thread']['threads'].startswith('1 (OMP_NUM_THREADS)')
+
+
+def test_objectives_schedules():
+    """bench.objectives.make_schedule: every noise sampler of every objective draws what its objective needs, the
+    adaptive ones through InfoNoise, the oracle from a fixed law that is not observed; ddpm has no uniform."""
+    import torch
+
+    from bench import objectives as ob
+
+    assert not ob.available('ddpm', 'uniform') and ob.available('rf', 'uniform') and ob.available('ddpm', 'oracle')
+    for objective in ob.OBJECTIVES:
+        sigma = ob.make_schedule(objective, 'infonoise', ob.Context(60)).noise.grid.centers
+        mmse = dict(sigma=sigma.tolist(), mse=(0.25 * sigma**2 / (0.25 + sigma**2)).tolist())  # A Gaussian's.
+        for name in (name for name in ob.SCHEDULES if ob.available(objective, name)):
+            schedule = ob.make_schedule(objective, name, ob.Context(60, mmse=mmse))
+            draw = schedule.sample(256, 'cpu')
+            if objective == 'ddpm':
+                assert draw.dtype == torch.int64 and 0 <= int(draw.min()) and int(draw.max()) < ob.ddpm.T
+            else:
+                assert bool((draw > 0).all()) and (objective == 'edm' or bool((draw < 1).all()))
+            assert (schedule.noise is None) == (name in ('default', 'uniform'))
+            assert (schedule.observe is None) == (name in ('default', 'uniform', 'oracle'))
+            if schedule.noise is not None:
+                density = ob.learned_density(objective, schedule)
+                assert len(density) == len(ob.DENSITY_GRID[objective]) and all_finite(density)
+                assert min(density) >= 0
+
+
+def test_objectives_report():
+    """bench.objectives.report on handcrafted cells: means, ratios to the default and kEx to its final mean."""
+    from bench.objectives import report
+
+    def cells(*curves):
+        return [dict(fd={'4': a, '8': b, '12': c}) for a, b, c in curves]
+
+    runs = dict(default=cells((40, 20, 10), (40, 20, 10)), fast=cells((20, 10, 5), (20, 10, 5)),
+                slow=cells((80, 60, 40), (80, 60, 40)))  # fmt: skip
+    rows = {line.split(' | ')[0][2:]: line.split(' | ') for line in report(runs, 'rf').splitlines()[4:]}
+    assert rows['default'][1:4] == ['10.00 [10.00, 10.00]', '1.000 [1.000, 1.000]', '12.00 [12.00, 12.00]']
+    assert rows['fast'][1:4] == ['5.00 [5.00, 5.00]', '0.500 [0.500, 0.500]', '8.00 [8.00, 8.00]']
+    assert rows['slow'][3] == '—' and rows['slow'][4] == '2 |'
+
+
+@pytest.mark.slow
+def test_objectives_quick(tmp_path):
+    """bench.objectives --quick in two processes: each objective trains two noise samplers, every cell is scored at
+    every third of its horizon, InfoNoise refreshes and its learned law is recorded, and a rerun on a subset of the
+    objectives trains nothing."""
+    out_dir, data = tmp_path / 'objectives', tmp_path / 'mnist.zip'
+    out = run_module('bench.objectives', f'--out={out_dir}', f'--data={data}', '--jobs=2')
+    assert out.count('| schedule |') == 3 and (out_dir / 'objectives.png').is_file()
+    runs = json.loads((out_dir / 'runs.json').read_text())['runs']
+    assert sorted(runs) == [f'{o}/{n}/0' for o in ('ddpm', 'edm', 'rf') for n in ('default', 'infonoise')]
+    for record in runs.values():
+        assert len(record['fd']) == 3 and all_finite(list(record['fd'].values()))
+    for objective in ('rf', 'ddpm', 'edm'):
+        infonoise = runs[f'{objective}/infonoise/0']
+        assert infonoise['refreshes'] > 0 and len(infonoise['density']) == 200 and all_finite(infonoise['density'])
+    again = run_module('bench.objectives', f'--out={out_dir}', f'--data={data}', '--objectives=edm')
+    assert 'FD-MNIST' not in again.split('### ')[0]  # A subset of the objectives: nothing retrained.
+    assert again.count('| schedule |') == 1 and '### edm' in again
