@@ -14,6 +14,12 @@ $(VENV)/.installed: requirements.txt
 
 install: $(VENV)/.installed
 
+# Optional dependencies of the real-client test (tests/test_diffusers_client.py, skipped without them); `make test`
+# installs them, `make install` does not.
+$(VENV)/.extras: $(VENV)/.installed requirements-extras.txt
+	$(PY) -m pip install --quiet -r requirements-extras.txt
+	touch $@
+
 $(DEMO_DATA): | install
 	$(PY) dataset_tool.py --source=mnist5k --dest=$(DEMO_DATA) --resolution=16x16
 
@@ -42,7 +48,7 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-test: install
+test: install $(VENV)/.extras
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q

@@ -92,8 +92,9 @@ def test_wheel_metadata(wheel):
     assert 'torch>=2.1' in requires
     assert 'numpy' in requires
     assert 'matplotlib>=3.6; extra == "plots"' in requires
+    assert 'diffusers>=0.42.1; extra == "diffusers"' in requires
     assert not [r for r in requires if '==' in r.split(';')[0]], f'pinned requirements: {requires}'
-    assert meta.get_all('Provides-Extra') == ['plots']
+    assert meta.get_all('Provides-Extra') == ['plots', 'diffusers']
 
 
 IMPORT_CHECK = """
