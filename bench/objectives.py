@@ -14,9 +14,11 @@ sampler (`--schedules`), and evaluates the EMA network every third of the horizo
 Noise samplers (`make_schedule`): `default` (rf: logit-normal(0, 1), SD3's; ddpm: uniform timesteps; edm: EDM's
 log-normal(−1.2, 1.2)); `uniform` (rf: uniform t; edm: log-uniform σ on [0.002, 80]; ddpm: the default already);
 `infonoise` (the library's InfoNoise through the objective's adapter); `infonoise-paper` (its pre-fix build,
-build='paper'); `oracle` (a law fixed from the training set's exact mmse at the grid's centres, its small-σ collapse
-replaced by the memorisation envelope, `infonoise.oracles`); and the variants `projection` (onto log-normals),
-`tempered` (π ∝ base^½·π_info^½) and `excess` (the loss above the training set's exact Bayes error, Xu et al.).
+build='paper'); `oracle` (a law fixed from the held-out error of the training set's exact Bayes denoiser at the
+grid's centres, capped by σ², `infonoise.oracles.empirical_bayes_mse(held_out=True)`: no estimation noise, no
+memorisation collapse); and the variants `projection` (onto log-normals), `tempered` (π ∝ base^½·π_info^½, the
+geometric midpoint, not tuned), `excess` (the loss above the training set's own exact Bayes error, Xu et al.) and
+`bounded` (the loss capped by σ²v/(σ² + v), v the images' mean per-pixel variance).
 
 Every cell (objective, noise sampler, seed) is cached in OUT/runs.json, so an interrupted benchmark resumes, and
 `--jobs` runs cells in parallel processes. The report (OUT/objectives.md, printed): per objective, final FD mean
@@ -55,15 +57,25 @@ from examples import rectified_flow as rf
 from examples.common import UNET_KWARGS, load_images, update_ema
 from infonoise import DiscreteTimesteps, FlowMatching, InfoNoise, LogNormal, LogUniform, edm_grid, edm_weight
 from infonoise.conversions import flow_sigma_from_t
-from infonoise.oracles import empirical_bayes_mse, memorisation_envelope, tabulated
+from infonoise.oracles import empirical_bayes_mse, tabulated
 from training.networks import EDMPrecond, SongUNet
 from training.sampling import edm_sampler
 
 OBJECTIVES = ('rf', 'ddpm', 'edm')
-SCHEDULES = ('default', 'uniform', 'infonoise', 'infonoise-paper', 'oracle', 'projection', 'tempered', 'excess')
+SCHEDULES = (
+    'default',
+    'uniform',
+    'infonoise',
+    'infonoise-paper',
+    'oracle',
+    'projection',
+    'tempered',
+    'excess',
+    'bounded',
+)
 # InfoNoise's arguments per adaptive noise sampler, on top of the bench's durations and bins (`Context.kwargs`).
 VARIANTS = {'infonoise': {}, 'infonoise-paper': dict(build='paper'), 'oracle': {}, 'excess': {},
-            'projection': dict(projection='lognormal'), 'tempered': dict(temper=0.5)}  # fmt: skip
+            'projection': dict(projection='lognormal'), 'tempered': dict(temper=0.5), 'bounded': {}}  # fmt: skip
 UNET = dict(UNET_KWARGS, model_channels=16)  # A quarter of the demo network's cost.
 LR, RAMPUP_KIMG, EMA_RATIO = 2e-3, 2.0, 0.1  # Adam's rate, its linear ramp-up; EMA half-life = 10 % of images seen.
 # Horizons, kEx: where the default noise sampler's FD has fallen near its floor (ε-prediction DDPM learns slowest).
@@ -83,7 +95,8 @@ class Context:
     steps: int
     min_count: int = 8
     num_bins: int | None = None  # None: 32, and for ddpm as many as the adapter can fill with timesteps
-    mmse: dict | None = None  # {'sigma': [K], 'mse': [K]}
+    mmse: dict | None = None  # {'sigma': [K], 'mse': [K] (the set's own), 'held_out': [K] (left out, capped by σ²)}
+    data_variance: float | None = None  # Per-element variance of the training images (`bounded`).
 
     def kwargs(self, objective: str) -> dict:
         """InfoNoise's durations in steps (warm-up a sixth of the run, a refresh every thirtieth) and bins."""
@@ -108,7 +121,10 @@ FIXED = {
 
 
 def available(objective: str, name: str) -> bool:
-    """False for a noise sampler that would duplicate another (ddpm's uniform timesteps are its default)."""
+    """False for a noise sampler that would duplicate another (ddpm's uniform timesteps are its default), and for
+    `bounded` outside ddpm: only an ε-predictor's x₀ error (σ² times its own) can exceed the bound by much."""
+    if name == 'bounded':
+        return objective == 'ddpm'
     return name not in ('default', 'uniform') or name in FIXED[objective]
 
 
@@ -119,6 +135,8 @@ def make_schedule(objective: str, name: str, context: Context) -> Schedule:
     kwargs = dict(context.kwargs(objective), **VARIANTS[name])
     if name == 'excess':
         kwargs['reference_mse'] = tabulated(context.mmse['sigma'], context.mmse['mse'])  # Linear in ln σ.
+    if name == 'bounded':
+        kwargs['data_variance'] = context.data_variance
     if objective == 'rf':
         fm = FlowMatching(**kwargs)
         schedule = Schedule(fm.sample_t, fm.observe, fm.sampler)
@@ -129,20 +147,21 @@ def make_schedule(objective: str, name: str, context: Context) -> Schedule:
         noise = InfoNoise(weight='edm', **kwargs)
         schedule = Schedule(noise.sample, noise.observe, noise)
     if name == 'oracle':
-        sigma, mse = (torch.tensor(context.mmse[key], dtype=torch.float64) for key in ('sigma', 'mse'))
-        schedule.noise.fix_profile(memorisation_envelope(sigma, mse))
+        schedule.noise.fix_profile(torch.tensor(context.mmse['held_out'], dtype=torch.float64))
         schedule.observe = None
     return schedule
 
 
 def exact_mmse(objective: str, context: Context, images: torch.Tensor, path: str, num_samples: int) -> dict:
-    """The training set's empirical-Bayes mmse at the centres of the objective's InfoNoise grid, cached in `path`."""
+    """The training set's empirical-Bayes mmse at the centres of the objective's InfoNoise grid, its own ('mse') and
+    held out ('held_out': each point left out of the posterior, capped by σ²), cached in `path`."""
     sigma = make_schedule(objective, 'infonoise', context).noise.grid.centers.tolist()
     cache = RunCache(path, dict(sigma=sigma, num_samples=num_samples))
-    if cache.get('mse') is None:
-        generator = torch.Generator().manual_seed(0)
-        cache.put('mse', [empirical_bayes_mse(s, images, num_samples, generator) for s in sigma])
-    return dict(sigma=sigma, mse=cache.get('mse'))
+    for key in ('mse', 'held_out'):
+        if cache.get(key) is None:
+            generator = torch.Generator().manual_seed(0)
+            cache.put(key, [empirical_bayes_mse(s, images, num_samples, generator, key == 'held_out') for s in sigma])
+    return dict(sigma=sigma, mse=cache.get('mse'), held_out=cache.get('held_out'))
 
 
 def make_net(objective: str) -> torch.nn.Module:
@@ -321,11 +340,12 @@ def main(ctx, **opts):
     steps = {o: max(3, round(kimg[o] * 1000 / opts['batch'])) for o in OBJECTIVES}  # Of all: the cache's settings.
     quick = dict(min_count=1, num_bins=8) if opts['quick'] else {}  # So that InfoNoise refreshes in a quick run.
     contexts = {o: Context(steps[o], **quick) for o in objectives}
-    images = load_images(opts['data']) if {'oracle', 'excess'} & set(names) else None
+    images = load_images(opts['data']) if {'oracle', 'excess', 'bounded'} & set(names) else None
     for objective in objectives if images is not None else []:  # The oracles' exact mmse, once per objective.
         path = os.path.join(opts['out'], f'mmse-{objective}.json')
         mmse = exact_mmse(objective, contexts[objective], images, path, 64 if opts['quick'] else MMSE_SAMPLES)
         contexts[objective].mmse = mmse
+        contexts[objective].data_variance = float(images.var(0).mean())  # Mean per-pixel variance.
     config = {key: opts[key] for key in ('data', 'batch', 'samples', 'nfe', 'quick')}
     cache = RunCache(os.path.join(opts['out'], 'runs.json'), dict(config, steps=steps, unet=UNET, lr=LR))
     cells = [(o, n, s) for o in objectives for n in names for s in seeds if available(o, n)]

@@ -20,14 +20,19 @@ _CHUNK_ENTRIES = 4_000_000
 
 
 def empirical_bayes_denoiser(
-    x: torch.Tensor, sigma: float | torch.Tensor, data: torch.Tensor, data_sq: torch.Tensor | None = None
+    x: torch.Tensor,
+    sigma: float | torch.Tensor,
+    data: torch.Tensor,
+    data_sq: torch.Tensor | None = None,
+    exclude: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Posterior mean Σ_i w_i x_i, w = softmax_i(-‖x - x_i‖²/(2σ²)), under the empirical prior of `data` (Eqs.
     31-32, App. D.1); float64 with the shape of x, on x's device.
 
     x is [M, ...] and data [N, ...] with the same trailing shape; σ is a scalar or one value per row of x (any
     shape with M entries). `data_sq`, the squared norms ‖x_i‖² [N] of the float64 data, may be passed to save
-    recomputing them. Float64 keeps the expanded distances accurate down to σ ~ 1e-3.
+    recomputing them. Float64 keeps the expanded distances accurate down to σ ~ 1e-3. `exclude` ([M] indices into
+    data) leaves one data point out of each row's posterior (a held-out estimate, `oracles.empirical_bayes_mse`).
     """
     if x.shape[1:] != data.shape[1:]:
         raise ValueError(f'Observations {tuple(x.shape)} and data {tuple(data.shape)} differ in trailing shape')
@@ -41,6 +46,8 @@ def empirical_bayes_denoiser(
     sq_dist = flat_x.square().sum(1, keepdim=True) + data_sq.to(flat_x.device) - 2 * flat_x @ flat_data.T
     # Rounding can make the expansion slightly negative for an x on a data point; a distance is never below 0.
     logits = -sq_dist.clamp(min=0) / (2 * sigma**2)
+    if exclude is not None:
+        logits[torch.arange(len(logits), device=logits.device), exclude.to(logits.device)] = -torch.inf
     weights = torch.exp(logits - torch.logsumexp(logits, dim=1, keepdim=True))
     return (weights @ flat_data).reshape(x.shape)
 

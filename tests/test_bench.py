@@ -255,11 +255,13 @@ def test_objectives_schedules():
     from bench import objectives as ob
 
     assert not ob.available('ddpm', 'uniform') and ob.available('rf', 'uniform') and ob.available('ddpm', 'oracle')
+    assert ob.available('ddpm', 'bounded') and not ob.available('edm', 'bounded')
     for objective in ob.OBJECTIVES:
         sigma = ob.make_schedule(objective, 'infonoise', ob.Context(60)).noise.grid.centers
-        mmse = dict(sigma=sigma.tolist(), mse=(0.25 * sigma**2 / (0.25 + sigma**2)).tolist())  # A Gaussian's.
+        gaussian = (0.25 * sigma**2 / (0.25 + sigma**2)).tolist()  # A Gaussian's mmse.
+        mmse = dict(sigma=sigma.tolist(), mse=gaussian, held_out=gaussian)
         for name in (name for name in ob.SCHEDULES if ob.available(objective, name)):
-            schedule = ob.make_schedule(objective, name, ob.Context(60, mmse=mmse))
+            schedule = ob.make_schedule(objective, name, ob.Context(60, mmse=mmse, data_variance=0.25))
             draw = schedule.sample(256, 'cpu')
             if objective == 'ddpm':
                 assert draw.dtype == torch.int64 and 0 <= int(draw.min()) and int(draw.max()) < ob.ddpm.T
