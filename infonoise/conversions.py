@@ -193,7 +193,7 @@ class FlowMatching:
         """Hand the noise sampler σ = t/(1 − t) and the x₀-space MSE t²·velocity_mse (both [N], per sample,
         unweighted). t must lie in (0, 1): on the CPU a ValueError says so at once; on an accelerator (no host
         synchronisation per step) such a t becomes σ = NaN, which InfoNoise refuses at its next check."""
-        check_observation(t, velocity_mse)
+        check_observation(t, velocity_mse, ('t', 'velocity_mse'))
         t = t.detach().to(torch.float64)
         inside = (t > 0) & (t < 1)
         if _checked_at_once(t.device) and not bool(inside.all()):
@@ -342,5 +342,5 @@ class DiscreteTimesteps:
                 f'observe: timesteps must lie in [0, {len(sigmas)}), got {bad.numel()} outside, e.g. {int(bad[0])}'
             )
         sigma = torch.where(inside, sigmas[timesteps.clamp(0, len(sigmas) - 1)], math.nan)
-        check_observation(sigma, mse)
+        check_observation(sigma, mse, ('timesteps', 'mse'))
         self.sampler.observe(sigma, x0_mse(mse.detach().to(torch.float64), sigma, self.prediction))

@@ -57,24 +57,25 @@ def check_sigma_range(sigma_min: Any, sigma_max: Any) -> tuple[float, float]:
     return float(sigma_min), float(sigma_max)
 
 
-def check_observation(sigma: Any, mse: Any) -> None:
+def check_observation(sigma: Any, mse: Any, names: tuple[str, str] = ('sigma', 'mse')) -> None:
     """Refuse what `observe` cannot use: non-tensors, non-float dtypes, σ not 1-D, an mse of another shape or
     device than σ (the common mistake: `loss.mean()` instead of the per-sample losses). Host-side metadata only:
-    no value is read, so no host synchronisation."""
-    for name, x in (('sigma', sigma), ('mse', mse)):
+    no value is read, so no host synchronisation. `names` are the caller's names of the two (an adapter's t)."""
+    for name, x in zip(names, (sigma, mse)):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f'observe: {name} must be a tensor, got {type(x).__name__}')
         if not x.is_floating_point():
             raise ValueError(f'observe: {name} must be a floating-point tensor, got {x.dtype}')
+    first, second = names
     if sigma.ndim != 1:
-        raise ValueError(f'observe: sigma must be 1-D (one σ per sample), got shape {tuple(sigma.shape)}')
+        raise ValueError(f'observe: {first} must be 1-D (one per sample), got shape {tuple(sigma.shape)}')
     if mse.shape != sigma.shape:
         raise ValueError(
-            f'observe: mse has shape {tuple(mse.shape)} but sigma {tuple(sigma.shape)}; pass the per-sample MSE '
-            '(mean over elements of each sample, one value per σ), not e.g. loss.mean()'
+            f'observe: {second} has shape {tuple(mse.shape)} but {first} {tuple(sigma.shape)}; pass the per-sample '
+            f'MSE (mean over elements of each sample, one value per {first}), not e.g. loss.mean()'
         )
     if mse.device != sigma.device:
-        raise ValueError(f'observe: mse is on {mse.device} but sigma on {sigma.device}')
+        raise ValueError(f'observe: {second} is on {mse.device} but {first} on {sigma.device}')
 
 
 def ln_sigma_strata(icdf: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -242,3 +242,24 @@ def test_infogrid_takes_the_trained_range_and_has_an_euler_end():
     torch.testing.assert_close(torch.from_numpy(levels), torch.arange(8, 0, -1, dtype=torch.float64) / 8)
     with pytest.raises(ValueError, match='end must be one of'):
         grids.infogrid(8, p, end='last')
+
+
+def test_adapters_name_their_own_arguments_in_observe_errors():
+    fm = FlowMatching(num_bins=8)
+    cases = {
+        'observe: t must be a floating-point tensor, got torch.int64': (torch.tensor([0, 1]), torch.ones(2)),
+        'observe: t must be a tensor, got list': ([0.5], torch.ones(1)),
+        r'observe: t must be 1-D \(one per sample\), got shape \(1, 2\)': (torch.full((1, 2), 0.5), torch.ones(1, 2)),
+        r'observe: velocity_mse has shape \(\) but t \(2,\); pass the per-sample MSE': (
+            torch.full((2,), 0.5),
+            torch.ones(2).mean(),
+        ),
+    }
+    for message, (t, mse) in cases.items():
+        with pytest.raises(ValueError, match=message):
+            fm.observe(t, mse)
+    steps = DiscreteTimesteps(ddpm_alphas_cumprod(), num_bins=8)
+    with pytest.raises(ValueError, match=r'observe: mse has shape \(\) but timesteps \(2,\)'):
+        steps.observe(torch.tensor([3, 5]), torch.ones(2).mean())
+    with pytest.raises(ValueError, match='observe: mse must be a floating-point tensor'):
+        steps.observe(torch.tensor([3, 5]), torch.ones(2, dtype=torch.int64))
