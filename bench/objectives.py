@@ -268,8 +268,10 @@ def report(runs: dict[str, list[dict]], objective: str) -> str:
     for name, cells in runs.items():
         ratio = fmt_ci(*ratio_ci(finals[name], finals['default']), digits=3) if target else '—'
         reach = kimg_to_reach([r['fd'] for r in cells], target) if target else '—'
-        rows.append([name, fmt_ci(*bootstrap_ci(finals[name])), ratio, reach, len(cells)])
-    headers = ['schedule', 'final FD [95 % CI]', 'ratio to default', "kEx to default's final FD", 'seeds']
+        versus = fmt_ci(*ratio_ci(finals[name], finals['infonoise']), digits=3) if 'infonoise' in finals else '—'
+        rows.append([name, fmt_ci(*bootstrap_ci(finals[name])), ratio, reach, len(cells), versus])
+    headers = ['schedule', 'final FD [95 % CI]', 'ratio to default', "kEx to default's final FD", 'seeds',
+               'ratio to infonoise']  # fmt: skip
     return f'### {objective}\n\n' + common.markdown_table(headers, rows)
 
 

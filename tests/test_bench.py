@@ -287,7 +287,10 @@ def test_objectives_report():
     rows = {line.split(' | ')[0][2:]: line.split(' | ') for line in report(runs, 'rf').splitlines()[4:]}
     assert rows['default'][1:4] == ['10.00 [10.00, 10.00]', '1.000 [1.000, 1.000]', '12.00 [12.00, 12.00]']
     assert rows['fast'][1:4] == ['5.00 [5.00, 5.00]', '0.500 [0.500, 0.500]', '8.00 [8.00, 8.00]']
-    assert rows['slow'][3] == '—' and rows['slow'][4] == '2 |'
+    assert rows['slow'][3] == '—' and rows['slow'][4] == '2' and rows['slow'][5] == '— |'  # No infonoise row here.
+    runs['infonoise'] = cells((40, 20, 10), (40, 20, 10))
+    rows = {line.split(' | ')[0][2:]: line.split(' | ') for line in report(runs, 'rf').splitlines()[4:]}
+    assert rows['fast'][5] == '0.500 [0.500, 0.500] |' and rows['infonoise'][5] == '1.000 [1.000, 1.000] |'
 
 
 @pytest.mark.slow
