@@ -79,7 +79,7 @@ def continuous_law(
         if base is None:
             raise ValueError('temper < 1 needs the base density')
         g_base = extend(base.clamp(min=0))
-        g = g_base.pow(1 - temper) * (g / LogLinearTable.build(x, g).density.max()).pow(temper)
+        g = g_base.pow(1 - temper) * g.pow(temper)  # Any scale: the table normalises.
     if projection == 'lognormal':
         g = lognormal_projection(x, g)
     elif projection is not None:
