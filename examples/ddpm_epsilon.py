@@ -54,10 +54,11 @@ def main(data, steps, batch, warmup_steps, refresh_steps, bins, min_count, ddim_
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     # The adapter builds InfoNoise for this table: the ε-loss's weight 1/σ², σ over the table (0.01 to 157), `bins`
-    # intervals (refused if one held no timestep), warm-up under uniform timesteps.
+    # intervals (refused if one held no timestep), warm-up under uniform timesteps. data_variance caps the x₀ error
+    # (σ² × the ε-error) by what any denoiser achieves (docs/library.md).
     timesteps = DiscreteTimesteps(
         ALPHAS_CUMPROD, prediction='epsilon', num_bins=bins, min_count=min_count, warmup_steps=warmup_steps,
-        refresh_steps=refresh_steps, callback=print,
+        refresh_steps=refresh_steps, callback=print, data_variance=float(images.var(0).mean()),
     )  # fmt: skip
     noise = timesteps.sampler
 

@@ -57,7 +57,9 @@ def train(images: torch.Tensor, schedule: str, steps: int, batch: int = 64, seed
     T = ddpm.config.num_train_timesteps
     timesteps = None
     if schedule == 'infonoise':
-        timesteps = DiscreteTimesteps(ddpm.alphas_cumprod, prediction='epsilon', **infonoise_kwargs)
+        # data_variance caps the x₀ error (σ² × the ε-error) by what any denoiser achieves: docs/library.md.
+        kwargs = dict(data_variance=float(images.var(0).mean()), **infonoise_kwargs)
+        timesteps = DiscreteTimesteps(ddpm.alphas_cumprod, prediction='epsilon', **kwargs)
     elif schedule != 'uniform':
         raise ValueError(f'Unknown schedule "{schedule}"; choose from {", ".join(SCHEDULES)}')
     unet = make_unet()
