@@ -116,7 +116,7 @@ def test_observe_refuses_what_it_cannot_use(sampler):
     cases = [
         ((sigma, mse.mean()), r'mse has shape \(\) but sigma \(8,\); pass the per-sample MSE'),
         ((sigma, mse[:4]), r'mse has shape \(4,\) but sigma \(8,\)'),
-        ((sigma[:, None], mse[:, None]), r'sigma must be 1-D \(one σ per sample\), got shape \(8, 1\)'),
+        ((sigma[:, None], mse[:, None]), r'sigma must be 1-D \(one per sample\), got shape \(8, 1\)'),
         ((sigma, (mse * 100).long()), 'mse must be a floating-point tensor, got torch.int64'),
         ((sigma, 0.5), 'mse must be a tensor, got float'),
         ((sigma, mse.to('meta')), 'mse is on meta but sigma on cpu'),

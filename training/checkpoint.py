@@ -210,7 +210,8 @@ def load_training_state(path: str, network_kwargs: dict | None) -> dict:
         raise ValueError(f'Training state "{path}" was written for a different network: {state["network_kwargs"]}')
     if bad := nonfinite_tensors({k: state[k] for k in ('net', 'ema', 'optimizer')}):
         raise ValueError(f'Training state "{path}" holds NaN or infinite values ({bad[0]}, {len(bad)} tensors in all)')
-    if 'noise_kwargs' in state:
+    sampler = state.get('noise_sampler')
+    if 'noise_kwargs' in state and isinstance(sampler, dict) and 'frozen' not in sampler:  # Before `build` existed.
         state['noise_kwargs'] = run_dir.upgrade_noise_kwargs(state['noise_kwargs'])
     return state
 
