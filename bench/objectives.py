@@ -38,8 +38,6 @@ import math
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
 
 import click
 import numpy as np
@@ -49,7 +47,7 @@ from matplotlib.figure import Figure
 
 from bench import common
 from bench.flow_matching import to_uint8
-from bench.seeds import RunCache, bootstrap_ci, examples_to_threshold, fmt_ci, ratio_ci
+from bench.seeds import RunCache, bootstrap_ci, examples_to_threshold, fmt_ci, ratio_ci, run_cells
 from dnnlib.cli import pick_device
 from dnnlib.util import parse_int_list
 from examples import ddpm_epsilon as ddpm
@@ -359,14 +357,8 @@ def main(ctx, **opts):
         fds = ', '.join(f'{v:.2f}' for v in record['fd'].values())
         click.echo(f'{"/".join(map(str, cell))}: FD-MNIST {fds} ({record["seconds"]:.0f} s)')
 
-    if opts['jobs'] == 1:
-        for cell in todo:
-            done(cell, run_cell(*cell, cell_opts, contexts[cell[0]]))
-    else:
-        with ProcessPoolExecutor(opts['jobs'], mp_context=get_context('spawn')) as pool:
-            futures = {pool.submit(run_cell, *cell, cell_opts, contexts[cell[0]]): cell for cell in todo}
-            for future in as_completed(futures):
-                done(futures[future], future.result())
+    jobs = [(*cell, cell_opts, contexts[cell[0]]) for cell in todo]
+    run_cells(run_cell, jobs, opts['jobs'], lambda job, record: done(job[:3], record))
     all_runs = {o: {n: [cache.get(f'{o}/{n}/{s}') for s in seeds] for n in names if (o, n, seeds[0]) in cells}
                 for o in objectives}  # fmt: skip
     tables = [report(runs, f'{o}, {kimg[o]:g} kEx') for o, runs in all_runs.items()]
