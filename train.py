@@ -112,12 +112,16 @@ def setup_training_config(
     weight = options.PRECOND_WEIGHT[opts.precond] if opts.weight == 'auto' else opts.weight
     c.loss_kwargs = dnnlib.EasyDict(class_name='training.loss.DenoisingLoss', weight=weight, sigma_data=0.5)
     sampler = options.PRECOND_SAMPLER[opts.precond] if opts.sampler == 'auto' else opts.sampler
+    if 'curriculum_switch' in given and sampler != 'curriculum':
+        raise click.ClickException('--curriculum-switch only applies to --sampler=curriculum')
     if sampler == 'infonoise':
         c.noise_kwargs = options.infonoise_kwargs(opts, weight, data.discrete)
     elif info_given := sorted(name for name in given if name.startswith('info_')):
         raise click.ClickException(f'--{info_given[0].replace("_", "-")} only applies to --sampler=infonoise')
     else:
         c.noise_kwargs = dnnlib.EasyDict(options.SAMPLER_KWARGS[sampler](opts.precond))
+        if sampler == 'curriculum':
+            c.noise_kwargs.switch_kimg = opts.curriculum_switch * max(int(opts.duration * 1000), 1)
     try:
         dnnlib.util.construct_class_by_name(**c.noise_kwargs)
     except ValueError as e:
@@ -277,8 +281,9 @@ def launch_training(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, desc: str, device
 @click.option('--cond',       help='Train class-conditional model', metavar='BOOL',                  type=bool, default=False, show_default=True)
 @click.option('--arch',       help='Network architecture',                                           type=click.Choice(['ddpmpp', 'ncsnpp', 'adm', 'ddpmpp1d']), default='ddpmpp', show_default=True)
 @click.option('--precond',    help='Preconditioning & loss function',                                type=click.Choice(['vp', 've', 'edm']), default='edm', show_default=True)
-@click.option('--sampler',    help="Training noise sampler (auto = the precond's own)",              type=click.Choice(['auto', 'lognormal', 'loguniform', 'vp', 'infonoise']), default='auto', show_default=True)
-@click.option('--weight',     help="Loss weight (auto = the precond's own)",                         type=click.Choice(['auto', 'edm', 'inverse-variance', 'uniform']), default='auto', show_default=True)
+@click.option('--sampler',    help="Training noise sampler (auto = the precond's own)",              type=click.Choice(options.SAMPLERS), default='auto', show_default=True)
+@click.option('--weight',     help="Loss weight (auto = the precond's own)",                         type=click.Choice(['auto', 'edm', 'inverse-variance', 'uniform', 'min-snr']), default='auto', show_default=True)
+@click.option('--curriculum-switch', help='Curriculum: switch to uniform t after this share of --duration', metavar='FLOAT', type=cli.FloatRange(min=0, max=1), default=0.5, show_default=True)
 
 # InfoNoise (--sampler=infonoise); docs/infonoise.md ("Defaults") says how the defaults were chosen.
 @click.option('--info-bins',     help='InfoNoise: log-spaced intervals K', metavar='INT',                type=click.IntRange(min=2), default=64, show_default=True)

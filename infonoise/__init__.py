@@ -30,23 +30,38 @@ from infonoise.grids import edm_grid, infogrid, information_coordinate, logunifo
 from infonoise.info_noise import InfoNoise
 from infonoise.profile import Profile
 from infonoise.reporting import RefreshCheck
-from infonoise.samplers import LogNormal, LogUniform, Mixture, NoiseSampler, PiecewiseLogUniform, VPSampler
-from infonoise.weights import WEIGHTS, edm_weight, inverse_variance_weight, uniform_weight
+from infonoise.samplers import (
+    Curriculum,
+    LaplaceLogSNR,
+    LogitNormal,
+    LogNormal,
+    LogUniform,
+    Mixture,
+    NoiseSampler,
+    PiecewiseLogUniform,
+    UniformT,
+    VPSampler,
+)
+from infonoise.weights import WEIGHTS, edm_weight, inverse_variance_weight, min_snr_weight, uniform_weight
 
 __version__ = '0.1.0'
 
 __all__ = [
     'WEIGHTS',
+    'Curriculum',
     'DiscreteTimesteps',
     'FlowMatching',
     'InfoNoise',
+    'LaplaceLogSNR',
     'LogNormal',
     'LogUniform',
+    'LogitNormal',
     'Mixture',
     'NoiseSampler',
     'PiecewiseLogUniform',
     'Profile',
     'RefreshCheck',
+    'UniformT',
     'VPSampler',
     'edm_grid',
     'edm_weight',
@@ -58,6 +73,7 @@ __all__ = [
     'information_coordinate',
     'inverse_variance_weight',
     'loguniform_grid',
+    'min_snr_weight',
     'prediction_loss_weight',
     'sigma_from_alpha_bar',
     'uniform_weight',

@@ -59,7 +59,15 @@ SAMPLER_KWARGS = {
     'vp': lambda precond: dict(
         class_name='infonoise.samplers.VPSampler', beta_d=VP_BETA_D, beta_min=VP_BETA_MIN, epsilon_t=VP_EPSILON_T
     ),
+    # The published rivals (infonoise/samplers.py; docs/library.md, "Rival schedules"), the same for every precond.
+    'sd3': lambda precond: dict(class_name='infonoise.samplers.LogitNormal', m=0.0, s=1.0),
+    'jit': lambda precond: dict(class_name='infonoise.samplers.LogitNormal', m=0.8, s=0.8),
+    'laplace': lambda precond: dict(class_name='infonoise.samplers.LaplaceLogSNR', mu=0.0, b=0.5),
+    'uniform-t': lambda precond: dict(class_name='infonoise.samplers.UniformT', t_min=1e-3, t_max=1 - 1e-3),
+    # train.py adds switch_kimg = --curriculum-switch × --duration.
+    'curriculum': lambda precond: dict(class_name='infonoise.samplers.Curriculum', first='sd3', second='uniform-t'),
 }
+SAMPLERS = ('auto', *SAMPLER_KWARGS, 'infonoise')
 
 
 # InfoNoise's constructor arguments and the --info-* options that set them.
@@ -93,6 +101,11 @@ CONFIG_FLAGS = dict(
     **{name: '--' + option.replace('_', '-') for name, option in INFO_OPTIONS.items()},
 )  # fmt: skip
 CONFIG_FLAGS.update({'network_kwargs.class_name': '--precond', 'noise_kwargs.class_name': '--sampler'})
+# Settings of a fixed noise sampler that --sampler chooses (sd3 and jit differ only in them), and the curriculum's switch.
+CONFIG_FLAGS.update(
+    {f'noise_kwargs.{key}': '--sampler' for key in ('m', 's', 'mu', 'b', 't_min', 't_max', 'first', 'second')}
+)
+CONFIG_FLAGS['noise_kwargs.switch_kimg'] = '--curriculum-switch × --duration'
 
 
 def check_network(c: dnnlib.EasyDict, data: dnnlib.EasyDict, opts: dnnlib.EasyDict, device: torch.device) -> None:
