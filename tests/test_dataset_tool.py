@@ -689,7 +689,7 @@ def test_sequence_split_errors(tmp_path, args, message):
 def test_sequence_options_refused_for_images(tmp_path, args):
     source = folder_of(random_images(1, 4, 4))(tmp_path)
     result = run_tool('--source', source, '--dest', tmp_path / 'out.zip', *args)
-    assert result.exit_code != 0 and 'applies to sequence sources (FASTA, TSV or ars)' in result.output
+    assert result.exit_code != 0 and 'applies to sequence sources (FASTA, TSV, ars or ecoli)' in result.output
     assert not (tmp_path / 'out.zip').exists()
 
 

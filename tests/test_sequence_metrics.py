@@ -116,3 +116,59 @@ def test_sequence_stats_collects_the_metrics():
 def test_bad_tokens_are_refused(tokens, message):
     with pytest.raises(ValueError, match=message):
         sm.base_frequencies(tokens)
+
+
+def test_gc_content_and_distance_by_hand():
+    np.testing.assert_array_equal(sm.gc_content(tok('ACGT', 'GGCC', 'ATAT')), [0.5, 1, 0])
+    # GC 1 against {0, 0.25}: half the mass moves by 1, half by 0.75.
+    assert sm.gc_distance(tok('CGCG'), tok('ATAT', 'ACTT')) == pytest.approx(0.875)
+    assert sm.gc_distance(tok('ATAT', 'ACTT'), tok('CGCG')) == pytest.approx(0.875)
+    # {0.5, 0.5} against {0, 1}: each half moves by 0.5.
+    assert sm.gc_distance(tok('ACGT', 'CAGT'), tok('ATAT', 'GCGC')) == pytest.approx(0.5)
+    assert sm.gc_distance(tok('ACGT', 'TTTT'), tok('TTTT', 'ACGT', 'TTTT', 'ACGT')) == 0
+    # Lengths may differ: GC 0.5 against 0.25 and 0.75 (length 4 and 8).
+    assert sm.gc_distance(tok('ACGT'), tok('ACTTTTTT', 'ACGTACGG')) == pytest.approx(0.25)
+
+
+def test_kmer_js_range_and_both_strands():
+    a, b = tok('AAAA', 'ACGT'), tok('CCGA', 'TTGA')
+    js = sm.kmer_js_range(a, b, ks=(1, 2, 3))
+    assert js.per_k == {k: sm.kmer_js(a, b, k) for k in (1, 2, 3)}
+    assert js.mean == pytest.approx(np.mean(list(js.per_k.values())))
+    # 'AAAA' on both strands: 'AAAA' and 'TTTT', so A and T at 1/2 each.
+    np.testing.assert_array_equal(sm.kmer_spectrum(tok('AAAA'), 1, both_strands=True), [0.5, 0, 0, 0.5])
+    # A set and its reverse complements have one strand-symmetric spectrum.
+    assert sm.kmer_js(tok('AACG'), tok('CGTT'), 2, both_strands=True) == 0
+    assert sm.kmer_js(tok('AACG'), tok('CGTT'), 2) > 0
+
+
+def test_markov_chain_reproduces_a_planted_chain():
+    from metrics.sequence_baselines import MarkovChain, PositionModel
+
+    rng = np.random.default_rng(0)
+    planted = MarkovChain(2, rng.dirichlet(np.ones(4), size=16), rng.integers(0, 4, size=(50, 2)).astype(np.uint8))
+    tokens = planted.sample(20_000, 40, np.random.default_rng(1))
+    assert tokens.dtype == np.uint8 and tokens.shape == (20_000, 40)
+    fit = MarkovChain.fit(tokens, 2, pseudocount=0.5)
+    # 760,000 transitions, about 47,500 per context: standard errors below 0.0025.
+    np.testing.assert_allclose(fit.transition, planted.transition, atol=0.01)
+    assert np.isin(sequences_as_bytes(fit.prefixes), sequences_as_bytes(planted.prefixes)).all()
+    # Same seed, same samples; order 0 is the overall base composition.
+    np.testing.assert_array_equal(
+        fit.sample(5, 40, np.random.default_rng(2)), fit.sample(5, 40, np.random.default_rng(2))
+    )
+    zero = MarkovChain.fit(tokens, 0, pseudocount=0)
+    np.testing.assert_allclose(zero.transition[0], sm.base_frequencies(tokens).mean(axis=0))
+    # Add-one smoothing: a context never followed by G still can be.
+    one = MarkovChain.fit(tok('AAAA'), 1)
+    np.testing.assert_allclose(one.transition[0], [4 / 7, 1 / 7, 1 / 7, 1 / 7])
+    np.testing.assert_allclose(one.transition[1], [0.25] * 4)
+    # The position model draws each position from its column of base frequencies.
+    model = PositionModel.fit(tok('ACGT', 'ACGA', 'CCGA', 'TCGA'))
+    freqs = sm.base_frequencies(model.sample(40_000, np.random.default_rng(3)))
+    np.testing.assert_allclose(freqs, model.freqs, atol=0.01)
+    np.testing.assert_array_equal(model.freqs[1:3], [[0, 1, 0, 0], [0, 0, 1, 0]])
+
+
+def sequences_as_bytes(tokens):
+    return [bytes(row) for row in np.asarray(tokens, dtype=np.uint8)]

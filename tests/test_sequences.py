@@ -96,7 +96,7 @@ def test_dataset_tool_tsv_and_dest_errors(tmp_path):
     result = invoke(dataset_tool.main, '--source', tmp_path / 't.tsv', '--dest', tmp_path / 't.zip')
     assert result.exit_code != 0 and 'written to one .npz' in result.output
     result = invoke(dataset_tool.main, '--source=mnist5k', '--dest', tmp_path / 'm.npz')
-    assert result.exit_code != 0 and '--source must be FASTA, TSV or ars' in result.output
+    assert result.exit_code != 0 and '--source must be FASTA, TSV, ars or ecoli' in result.output
 
 
 @pytest.mark.parametrize('num, fraction', [(1000, 0.1), (603_569, 0.1), (7, 0.5), (3, 0.1)])

