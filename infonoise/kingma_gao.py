@@ -1,10 +1,11 @@
 """Kingma & Gao's adaptive noise schedule: a rival of InfoNoise that samples σ where the weighted loss is large.
 
-Kingma & Gao, "Understanding Diffusion Objectives as the ELBO with Simple Data Augmentation" (NeurIPS 2023), App. F:
-the density of the log-SNR λ is proportional to a running average of the weighted loss in each histogram bin of λ,
-used as an importance-sampling proposal whose weights leave the training objective unchanged. It reduces the variance
-of the loss estimate; the objective's emphasis stays that of the reference law q. InfoNoise instead changes the
-emphasis itself, towards the information rate (docs/library.md, "Adaptive and learned rivals").
+Kingma & Gao, "Understanding Diffusion Objectives as the ELBO with Simple Data Augmentation" (NeurIPS 2023), the
+appendix on the adaptive noise schedule: the density of the log-SNR λ is proportional to a running average of the
+weighted loss in each histogram bin of λ, used as an importance-sampling proposal whose weights leave the training
+objective unchanged. It reduces the variance of the loss estimate; the objective's emphasis stays that of the
+reference law q. InfoNoise instead changes the emphasis itself, towards the information rate (docs/library.md,
+"Adaptive and learned rivals").
 
 Our construction is exact and draws with one uniform, without a density of q. On K log-spaced bins of σ (the end bins
 reach down to 0 and up to ∞), with Q_k = q's mass in bin k and L_k the running average of the weighted loss w(σ)·mse
@@ -16,7 +17,9 @@ maps to q's probability coordinate by the piecewise-linear map between the cumul
 
 Losses are summed per bin on the device (index_add_, no host synchronisation); a refresh check all-reduces the sums
 and counts, so every rank builds the identical law. A bin that got no loss since the last refresh keeps its previous
-L_k; at the first refresh it takes the mean of the bins that did.
+L_k; a bin never observed yet enters the law with the mean L of the others. Bins of σ are the same on both sides (an
+importance weight uses the bin of the float32 σ drawn; a draw that rounds across a bin edge, probability ~1e-7 per
+edge, gets its neighbour's weight).
 """
 
 import dataclasses
@@ -93,8 +96,8 @@ class KingmaGaoRefresh:
 
 
 def proposal_factors(Q: torch.Tensor, L: torch.Tensor, floor: float) -> torch.Tensor:
-    """g_k = (1 − ε)·L_k / Σ_j Q_j L_j + ε (Kingma & Gao App. F with a floor ε): p = q·g, Σ_k Q_k g_k = 1.
-    With no loss at all (Σ Q L = 0) the law stays q (g ≡ 1)."""
+    """g_k = (1 − ε)·L_k / Σ_j Q_j L_j + ε (Kingma & Gao's adaptive schedule with a floor ε): p = q·g, Σ_k Q_k g_k
+    = 1. With no loss at all (Σ Q L = 0) the law stays q (g ≡ 1)."""
     total = (Q * L).sum()
     if not total > 0:
         return torch.ones_like(L)

@@ -1,4 +1,4 @@
-"""KingmaGao (Kingma & Gao 2023, App. F) against its exact construction: bin masses Q_k·g_k after a planted loss
+"""KingmaGao (Kingma & Gao 2023, adaptive noise schedule) against its exact construction: bin masses Q_k·g_k after a planted loss
 profile, draws that follow its own CDF, importance weights that keep the reference objective, a bit-exact resume, the
 adapters' discrete and flow-matching ratios, and two ranks that build one law."""
 

@@ -4,9 +4,10 @@ importance weights) trains, saves and resumes bit-exactly."""
 
 import pytest
 import torch
-from conftest import TINY_NET_ARGS, train_config
+from conftest import TINY_NET_ARGS, invoke, train_config
 from test_training import tiny_config
 
+import train
 from infonoise.uncertainty import LearnedUncertainty, uncertainty_objective
 from training import training_loop as tl
 from training.loss import DenoisingLoss
@@ -113,6 +114,11 @@ def test_cli_learned_weight_and_kingma_gao(tmp_path, digits_zip):
     assert 'learned_uncertainty' not in plain['loss_kwargs'] and 'uncertainty_channels' not in plain['network_kwargs']
     with pytest.raises(Exception, match='--info-gate-n only applies'):
         train_config(*args, '--sampler=kingma-gao', '--info-gate-n=2')
+    # A real run through the command line: 63 steps of 16 (1 kimg), refreshing at every step from the second.
+    flags = ['--batch=16', '--duration=0.001', '--tick=1', '--info-refresh=0.016', '--info-warmup=0.016']
+    result = invoke(train.main, *args, '--weight=learned', '--sampler=kingma-gao', *flags)
+    assert result.exit_code == 0, result.output
+    assert 'refreshes 62' in result.output
 
 
 KINGMA_GAO = dict(class_name='infonoise.kingma_gao.KingmaGao', weight='edm', num_bins=4, refresh_kimg=0.016,
