@@ -103,19 +103,28 @@ def setup_training_config(
         c.augment_kwargs.update(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
         c.network_kwargs.augment_dim = 9
     c.network_kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16)
+    if opts.weight == 'learned':  # EDM2's u(σ); absent otherwise, so that configs and EDM pickles stay as they were.
+        c.network_kwargs.uncertainty_channels = options.UNCERTAINTY_CHANNELS
     try:
         options.check_network(c, data, opts, device)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
 
     # Loss weight and noise sampler; every noise sampler option is checked by building it once.
-    weight = options.PRECOND_WEIGHT[opts.precond] if opts.weight == 'auto' else opts.weight
+    weight = options.PRECOND_WEIGHT[opts.precond] if opts.weight in ('auto', 'learned') else opts.weight
     c.loss_kwargs = dnnlib.EasyDict(class_name='training.loss.DenoisingLoss', weight=weight, sigma_data=0.5)
+    if opts.weight == 'learned':
+        c.loss_kwargs.learned_uncertainty = True
     sampler = options.PRECOND_SAMPLER[opts.precond] if opts.sampler == 'auto' else opts.sampler
     if 'curriculum_switch' in given and sampler != 'curriculum':
         raise click.ClickException('--curriculum-switch only applies to --sampler=curriculum')
     if sampler == 'infonoise':
         c.noise_kwargs = options.infonoise_kwargs(opts, weight, data.discrete)
+    elif sampler == 'kingma-gao':
+        try:
+            c.noise_kwargs = options.kingma_gao_kwargs(opts, weight, given)
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
     elif info_given := sorted(name for name in given if name.startswith('info_')):
         raise click.ClickException(f'--{info_given[0].replace("_", "-")} only applies to --sampler=infonoise')
     else:
@@ -281,8 +290,8 @@ def launch_training(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, desc: str, device
 @click.option('--cond',       help='Train class-conditional model', metavar='BOOL',                  type=bool, default=False, show_default=True)
 @click.option('--arch',       help='Network architecture',                                           type=click.Choice(['ddpmpp', 'ncsnpp', 'adm', 'ddpmpp1d']), default='ddpmpp', show_default=True)
 @click.option('--precond',    help='Preconditioning & loss function',                                type=click.Choice(['vp', 've', 'edm']), default='edm', show_default=True)
-@click.option('--sampler',    help="Training noise sampler (auto = the precond's own)",              type=click.Choice(options.SAMPLERS), default='auto', show_default=True)
-@click.option('--weight',     help="Loss weight (auto = the precond's own)",                         type=click.Choice(['auto', 'edm', 'inverse-variance', 'uniform', 'min-snr']), default='auto', show_default=True)
+@click.option('--sampler',    help="Training noise sampler (auto = the precond's own; kingma-gao reads the --info-* options it shares)", type=click.Choice(options.SAMPLERS), default='auto', show_default=True)
+@click.option('--weight',     help="Loss weight (auto = the precond's own; learned = auto with EDM2's learned uncertainty)", type=click.Choice(['auto', 'edm', 'inverse-variance', 'uniform', 'min-snr', 'learned']), default='auto', show_default=True)
 @click.option('--curriculum-switch', help='Curriculum: switch to uniform t after this share of --duration', metavar='FLOAT', type=cli.FloatRange(min=0, max=1), default=0.5, show_default=True)
 
 # InfoNoise (--sampler=infonoise); docs/infonoise.md ("Defaults") says how the defaults were chosen.

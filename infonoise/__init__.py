@@ -28,6 +28,7 @@ from infonoise.conversions import (
 )
 from infonoise.grids import edm_grid, infogrid, information_coordinate, loguniform_grid
 from infonoise.info_noise import InfoNoise
+from infonoise.kingma_gao import KingmaGao
 from infonoise.profile import Profile
 from infonoise.reporting import RefreshCheck
 from infonoise.samplers import (
@@ -52,6 +53,7 @@ __all__ = [
     'DiscreteTimesteps',
     'FlowMatching',
     'InfoNoise',
+    'KingmaGao',
     'LaplaceLogSNR',
     'LogNormal',
     'LogUniform',

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from infonoise.info_noise import InfoNoise
+from infonoise.kingma_gao import KingmaGao
 from infonoise.profile import LogGrid
 from infonoise.samplers import LogNormal, NoiseSampler, PiecewiseLogUniform, check_observation
 
@@ -122,6 +123,14 @@ def _warn_range(sampler: NoiseSampler, low: float, high: float, what: str) -> No
             )
 
 
+def _build(builds: type[NoiseSampler], kwargs: dict, extra: dict) -> NoiseSampler:
+    """The adaptive noise sampler an adapter builds: InfoNoise, or KingmaGao with the same weight, range and base
+    (the reference law q); `extra` are the user's keyword arguments, which override."""
+    if builds not in (InfoNoise, KingmaGao):
+        raise ValueError(f'builds must be InfoNoise or KingmaGao, got {builds!r}')
+    return builds(**dict(kwargs, **extra))
+
+
 # Rectified flow / flow matching.
 def flow_sigma_from_t(t: torch.Tensor) -> torch.Tensor:
     """σ = t/(1 − t) for x_t = (1 − t)·x₀ + t·ε, t ∈ [0, 1)."""
@@ -155,8 +164,10 @@ class FlowMatching:
     With no `sampler`, it builds InfoNoise for this objective: weight = the plain velocity loss's x₀-space weight
     (`flow_velocity_loss_weight`, or `loss_weight` if your loss is weighted), σ over [σ(t_min), σ(t_max)]
     (t ∈ [0.001, 0.999]: Euler starts at t = 1), warm-up under logit-normal(0, 1) in t (SD3's default, = log-normal
-    (0, 1) in σ); other keyword arguments go to InfoNoise. A `sampler` given is checked instead: an InfoNoise whose
-    weight is not the loss's is refused, one whose σ range misses [t_min, t_max] warned about.
+    (0, 1) in σ); other keyword arguments go to InfoNoise. `builds=KingmaGao` builds Kingma & Gao's adaptive
+    schedule the same way instead (reference law q = that logit-normal), whose `importance_t` the loss is multiplied
+    by. A `sampler` given is checked instead: an InfoNoise whose weight is not the loss's is refused, one whose σ
+    range misses [t_min, t_max] warned about.
     """
 
     def __init__(
@@ -166,6 +177,7 @@ class FlowMatching:
         t_min: float = 1e-3,
         t_max: float = 1 - 1e-3,
         loss_weight: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        builds: type[NoiseSampler] = InfoNoise,
         **infonoise_kwargs: Any,
     ):
         if not 0 < t_min < t_max < 1:
@@ -174,7 +186,7 @@ class FlowMatching:
         low, high = t_min / (1 - t_min), t_max / (1 - t_max)
         if sampler is None:
             kwargs = dict(weight=weight, sigma_min=low, sigma_max=high, base=LogNormal(0.0, 1.0))
-            sampler = InfoNoise(**dict(kwargs, **infonoise_kwargs))
+            sampler = _build(builds, kwargs, infonoise_kwargs)
         elif infonoise_kwargs:
             raise TypeError(
                 f'InfoNoise arguments ({", ".join(infonoise_kwargs)}) apply only when FlowMatching builds it'
@@ -202,6 +214,11 @@ class FlowMatching:
         sigma = torch.where(inside, flow_sigma_from_t(torch.where(inside, t, 0.5)), math.nan)
         self.sampler.observe(sigma, t**2 * velocity_mse.detach().to(torch.float64))
 
+    def importance_t(self, t: torch.Tensor) -> torch.Tensor | None:
+        """The noise sampler's importance weights (`NoiseSampler.importance`) at σ = t/(1 − t): the factors of the
+        per-sample loss that keep the reference law's objective; None = all ones. t as `sample_t` drew it."""
+        return self.sampler.importance(flow_sigma_from_t(torch.as_tensor(t).detach().to(torch.float64)))
+
     def cdf_t(self, t: torch.Tensor) -> torch.Tensor:
         """P(t' <= t) under the noise sampler's current law."""
         return self.sampler.cdf(flow_sigma_from_t(torch.as_tensor(t, dtype=torch.float64)))
@@ -223,7 +240,9 @@ class DiscreteTimesteps:
     With no `sampler`, it builds InfoNoise for this table: weight = the plain `prediction` loss's x₀-space weight
     (or `loss_weight` if your loss is weighted), σ over [σ_0, σ_{T−1}], the most intervals (at most 64, or
     `num_bins`) that each hold a timestep, warm-up under uniform timesteps (the DDPM default); other keyword arguments
-    go to InfoNoise. A `sampler` given is checked instead: an InfoNoise with another weight or an interval that no
+    go to InfoNoise (`builds=KingmaGao`: Kingma & Gao's schedule, reference law the uniform timesteps, and
+    `importance(t)` the exact ratio of the timestep's reference probability to its current one).
+    A `sampler` given is checked instead: an InfoNoise with another weight or an interval that no
     timestep falls in is refused (it would divide out the wrong weight, or never refresh), one that does not cover
     every timestep warned about. For ε-prediction pass `data_variance=` (the data's mean per-pixel variance): σ²
     times a small ε-error otherwise inflates the rate at the largest σ (docs/results.md: 1.66× uniform timesteps'
@@ -237,6 +256,7 @@ class DiscreteTimesteps:
         prediction: str = 'epsilon',
         *,
         loss_weight: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        builds: type[NoiseSampler] = InfoNoise,
         **infonoise_kwargs: Any,
     ):
         if isinstance(sampler, str):  # DiscreteTimesteps(alphas_cumprod, 'v_prediction').
@@ -260,7 +280,7 @@ class DiscreteTimesteps:
             if num_bins is None:
                 num_bins = max(k for k in range(2, 65) if self.empty_interval(LogGrid.make(k, low, high).edges) is None)
             kwargs = dict(weight=weight, sigma_min=low, sigma_max=high, num_bins=num_bins, base=self.uniform_law())
-            sampler = InfoNoise(**dict(kwargs, **infonoise_kwargs))
+            sampler = _build(builds, kwargs, infonoise_kwargs)
         elif infonoise_kwargs:
             raise TypeError(
                 f'InfoNoise arguments ({", ".join(infonoise_kwargs)}) apply only when DiscreteTimesteps builds it'
@@ -316,8 +336,31 @@ class DiscreteTimesteps:
         cache = self._cache.setdefault(str(device), dict(sigmas=self.sigmas.to(device), law=(), cumulative=None))
         law = getattr(self.sampler, 'table', None)
         if cache['cumulative'] is None or cache['law'] is not law:
-            cache.update(law=law, cumulative=self.probabilities().cumsum(0).to(device))
+            probabilities = self.probabilities()
+            ratio = self.reference_ratio(probabilities)
+            cache.update(law=law, cumulative=probabilities.cumsum(0).to(device))
+            cache.update(ratio=None if ratio is None else ratio.to(device))
         return cache
+
+    def reference_ratio(self, probabilities: torch.Tensor) -> torch.Tensor | None:
+        """[T] reference probability / current probability of each timestep (float32), for a noise sampler whose
+        `importance` is not None, its reference law being its `base` (KingmaGao's q); None for the others. A timestep
+        that is never drawn gets 1."""
+        base = getattr(self.sampler, 'base', None)
+        if base is None or self.sampler.importance(self.sigmas[:1]) is None:
+            return None
+        cdf = torch.cat([torch.zeros(1, dtype=torch.float64), base.cdf(self.edges[1:-1]).cpu().to(torch.float64),
+                         torch.ones(1, dtype=torch.float64)])  # fmt: skip
+        reference = (cdf[1:] - cdf[:-1]).clamp(min=0)
+        drawn = probabilities > 0
+        return torch.where(drawn, reference / torch.where(drawn, probabilities, 1.0), 1.0).to(torch.float32)
+
+    def importance(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample factors [N] (float32) of the loss at `timesteps` (as `sample` drew them) that keep the reference
+        law's objective: the exact ratio of the timestep's reference probability to its current one; None = all
+        ones (noise samplers without importance weights)."""
+        ratio = self._on(timesteps.device)['ratio']
+        return None if ratio is None else ratio[timesteps.clamp(0, len(self.sigmas) - 1)]
 
     def sample(self, n: int, device: torch.device | str = 'cpu') -> torch.Tensor:
         """n timesteps (int64, on `device`) by inverse CDF of uniforms from torch's global RNG."""

@@ -110,6 +110,12 @@ class NoiseSampler(abc.ABC):
                                             every refresh check, a printable `RefreshCheck`); the training loop
                                             records them in stats.jsonl and prints them with --verbose.
         cdf(sigma) -> Tensor                P(σ' <= σ) (float64); default raises NotImplementedError.
+        importance(sigma) -> Tensor | None  per-sample factors [N] (float32, σ's device) that the weighted loss
+                                            must be multiplied by so that its expectation is the objective under
+                                            the noise sampler's reference law (an importance-sampling proposal
+                                            such as `KingmaGao`: q(σ)/p(σ)); None = all ones, and the loop leaves
+                                            the loss untouched. Called after `sample`, before `observe`, with the σ
+                                            drawn; no host synchronisation. Default: None.
         profile() -> Profile | None         the learned information profile (InfoNoise); None.
         schedule_report(total_nimg, batch_size) -> list[str]   lines to print before training; [].
         summary() -> str                    a few words of state for the tick line; ''.
@@ -144,6 +150,10 @@ class NoiseSampler(abc.ABC):
     def observe(self, sigma: torch.Tensor, mse: torch.Tensor) -> None:
         """Per-sample σ and unweighted MSE of the step just taken; fixed noise samplers only check their shapes."""
         check_observation(sigma, mse)
+
+    def importance(self, sigma: torch.Tensor) -> torch.Tensor | None:
+        """Factors of the weighted loss that restore the reference law's objective; None: the law is its own."""
+        return None
 
     def profile(self) -> 'Profile | None':
         """The learned information profile (InfoNoise); fixed noise samplers have none."""

@@ -17,6 +17,7 @@ import torch
 from torch.nn.functional import silu
 
 from infonoise.grids import VP_BETA_D, VP_BETA_MIN, VP_EPSILON_T, vp_sigma, vp_t
+from infonoise.uncertainty import LearnedUncertainty
 
 
 def weight_init(shape, mode, fan_in, fan_out):
@@ -523,7 +524,12 @@ class _Precond(torch.nn.Module):
         shape = dict(img_resolution=img_resolution, in_channels=img_channels, out_channels=model_out_channels)
         self.model = MODEL_TYPES[model_type](**shape, label_dim=label_dim, **model_kwargs)
 
-    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
+    def _init_uncertainty(self, uncertainty_channels):
+        # EDM2's learned uncertainty u(σ) (infonoise.uncertainty); none at 0, so state-dict names stay EDM's.
+        if uncertainty_channels:
+            self.uncertainty = LearnedUncertainty(uncertainty_channels)
+
+    def forward(self, x, sigma, class_labels=None, force_fp32=False, return_logvar=False, **model_kwargs):
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)
         if self.label_dim == 0:
@@ -540,6 +546,10 @@ class _Precond(torch.nn.Module):
         if F_x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
             raise RuntimeError(f'Model returned {F_x.dtype} instead of {dtype}')
         D_x = c_skip * x + c_out * F_x[:, : self.img_channels].to(torch.float32)
+        if return_logvar:  # Inside forward, so that DDP synchronises u's gradients with the network's.
+            if getattr(self, 'uncertainty', None) is None:
+                raise ValueError('return_logvar=True needs a network built with uncertainty_channels > 0')
+            return D_x, self.uncertainty(sigma.flatten())
         return D_x
 
     @property
@@ -564,10 +574,12 @@ class VPPrecond(_Precond):
         beta_min=VP_BETA_MIN,  # Initial slope of the noise level schedule.
         M=1000,  # Original number of timesteps in the DDPM formulation.
         epsilon_t=VP_EPSILON_T,  # Minimum t-value used during training.
+        uncertainty_channels=0,  # Channels of EDM2's learned uncertainty u(σ), 0 = none.
         model_type='SongUNet',  # Class name of the underlying model.
         **model_kwargs,  # Keyword arguments for the underlying model.
     ):
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, img_channels, model_kwargs)
+        self._init_uncertainty(uncertainty_channels)
         self.beta_d = beta_d
         self.beta_min = beta_min
         self.M = M
@@ -604,10 +616,12 @@ class VEPrecond(_Precond):
         use_fp16=False,  # Execute the underlying model at FP16 precision?
         sigma_min=0.02,  # Minimum supported noise level.
         sigma_max=100,  # Maximum supported noise level.
+        uncertainty_channels=0,  # Channels of EDM2's learned uncertainty u(σ), 0 = none.
         model_type='SongUNet',  # Class name of the underlying model.
         **model_kwargs,  # Keyword arguments for the underlying model.
     ):
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, img_channels, model_kwargs)
+        self._init_uncertainty(uncertainty_channels)
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
 
@@ -631,11 +645,13 @@ class iDDPMPrecond(_Precond):
         C_1=0.001,  # Timestep adjustment at low noise levels.
         C_2=0.008,  # Timestep adjustment at high noise levels.
         M=1000,  # Original number of timesteps in the DDPM formulation.
+        uncertainty_channels=0,  # Channels of EDM2's learned uncertainty u(σ), 0 = none.
         model_type='DhariwalUNet',  # Class name of the underlying model.
         **model_kwargs,  # Keyword arguments for the underlying model.
     ):
         # The model also predicts variances (second half of its output channels), which are ignored.
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, img_channels * 2, model_kwargs)
+        self._init_uncertainty(uncertainty_channels)
         self.C_1 = C_1
         self.C_2 = C_2
         self.M = M
@@ -684,10 +700,12 @@ class EDMPrecond(_Precond):
         sigma_min=0,  # Minimum supported noise level.
         sigma_max=float('inf'),  # Maximum supported noise level.
         sigma_data=0.5,  # Expected standard deviation of the training data.
+        uncertainty_channels=0,  # Channels of EDM2's learned uncertainty u(σ), 0 = none.
         model_type='DhariwalUNet',  # Class name of the underlying model.
         **model_kwargs,  # Keyword arguments for the underlying model.
     ):
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, img_channels, model_kwargs)
+        self._init_uncertainty(uncertainty_channels)
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
         self.sigma_data = sigma_data

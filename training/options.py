@@ -67,7 +67,7 @@ SAMPLER_KWARGS = {
     # train.py adds switch_kimg = --curriculum-switch × --duration.
     'curriculum': lambda precond: dict(class_name='infonoise.samplers.Curriculum', first='sd3', second='uniform-t'),
 }
-SAMPLERS = ('auto', *SAMPLER_KWARGS, 'infonoise')
+SAMPLERS = ('auto', *SAMPLER_KWARGS, 'kingma-gao', 'infonoise')
 
 
 # InfoNoise's constructor arguments and the --info-* options that set them.
@@ -90,6 +90,30 @@ def infonoise_kwargs(opts: dnnlib.EasyDict, weight: str, discrete_data: bool) ->
     return kwargs
 
 
+# Kingma-Gao's constructor arguments and the --info-* options that set them (the same meaning as InfoNoise's).
+KINGMA_GAO_OPTIONS = dict(
+    num_bins='info_bins', ema_rate='info_beta', refresh_kimg='info_refresh', warmup_kimg='info_warmup',
+    floor='info_floor', sigma_min='info_sigma_min', sigma_max='info_sigma_max',
+)  # fmt: skip
+
+# Channels of EDM2's learned uncertainty u(σ) for --weight=learned (EDM2's logvar_channels).
+UNCERTAINTY_CHANNELS = 128
+
+
+def kingma_gao_kwargs(opts: dnnlib.EasyDict, weight: str, given: set[str]) -> dnnlib.EasyDict:
+    """KingmaGao's constructor arguments: reference law q = the precond's own noise sampler, the loss weight, and
+    the --info-* options it shares with InfoNoise; ValueError naming an --info-* option given that it does not use."""
+    unused = sorted(name for name in given if name.startswith('info_') and name not in KINGMA_GAO_OPTIONS.values())
+    if unused:
+        raise ValueError(f'--{unused[0].replace("_", "-")} only applies to --sampler=infonoise')
+    kwargs = dnnlib.EasyDict(class_name='infonoise.kingma_gao.KingmaGao', weight=weight, sigma_data=0.5)
+    kwargs.update({name: opts[option] for name, option in KINGMA_GAO_OPTIONS.items()})
+    sigma_min, sigma_max = PRECOND_SIGMA_RANGE[opts.precond]
+    kwargs.update(sigma_min=kwargs.sigma_min or sigma_min, sigma_max=kwargs.sigma_max or sigma_max)
+    kwargs.base = PRECOND_SAMPLER[opts.precond]  # 'lognormal', 'vp' or 'loguniform': EDM's law for the precond.
+    return kwargs
+
+
 # The option behind each entry of the config, for messages that name what differs (keys dotted or by their last part).
 CONFIG_FLAGS = dict(
     path='--data', use_labels='--cond', xflip='--xflip', resolution='--data', max_size='--data', cache='--cache',
@@ -106,6 +130,7 @@ CONFIG_FLAGS.update(
     {f'noise_kwargs.{key}': '--sampler' for key in ('m', 's', 'mu', 'b', 't_min', 't_max', 'first', 'second')}
 )
 CONFIG_FLAGS['noise_kwargs.switch_kimg'] = '--curriculum-switch × --duration'
+CONFIG_FLAGS.update(uncertainty_channels='--weight', learned_uncertainty='--weight')
 
 
 def check_network(c: dnnlib.EasyDict, data: dnnlib.EasyDict, opts: dnnlib.EasyDict, device: torch.device) -> None:

@@ -229,10 +229,12 @@ def training_loop(
                 images = images.to(device).to(torch.float32) / 127.5 - 1
                 labels = labels.to(device)
                 sigma = noise_sampler.sample(images.shape[0], device)
+                importance = noise_sampler.importance(sigma)  # Under the law that drew σ, before `observe`.
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     loss, mse = loss_fn(
                         net=train_net, images=images, sigma=sigma, labels=labels, augment_pipe=augment_pipe
                     )
+                loss = loss if importance is None else loss * importance
                 noise_sampler.observe(sigma, mse.detach())
                 training_stats.report('Loss/loss', loss)
                 # Pixel sum averaged over this rank's batch, as EDM.
