@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import click
+import numpy as np
 import pytest
 
 from bench.time_to_quality import (
@@ -20,6 +21,7 @@ from bench.time_to_quality import (
     pivot_stability,
     time_to_target,
 )
+from training import sequences
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -311,3 +313,45 @@ def test_objectives_quick(tmp_path):
     again = run_module('bench.objectives', f'--out={out_dir}', f'--data={data}', '--objectives=edm')
     assert 'FD-MNIST' not in again.split('### ')[0]  # A subset of the objectives: nothing retrained.
     assert again.count('| schedule |') == 1 and '### edm' in again
+
+
+def small_domains(data_dir) -> None:
+    """Tiny stand-ins for the arena's data sets where bench.arena looks for them: 300 MNIST digits (plain and
+    binarized, by dataset_tool.py) and random 32-nt DNA for both DNA domains (no ARS parse, no download)."""
+    from bench.arena import DATA
+
+    for name, extra in (('mnist', ()), ('bmnist', ('--binarize=threshold',))):
+        path = data_dir / DATA[name]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, 'dataset_tool.py', '--source=mnist5k', '--resolution=16x16', '--max-images=300',
+                        *extra, f'--dest={path}'], cwd=REPO_ROOT, check=True, capture_output=True)  # fmt: skip
+    rng = np.random.default_rng(0)
+    for name in ('ars', 'ecoli'):
+        sequences.save_npz(str(data_dir / DATA[name]), rng.integers(0, 4, (400, 32)).astype(np.uint8))
+
+
+@pytest.mark.slow
+def test_arena_quick(tmp_path):
+    """bench.arena --quick on all five domains in two processes: every applicable schedule trains and is scored at
+    every third of its horizon, the report ranks them with a verdict, the drawn densities are recorded, and a rerun
+    trains nothing."""
+    small_domains(tmp_path)
+    out_dir = tmp_path / 'arena'
+    args = f'--out={out_dir}', f'--data-dir={tmp_path}', '--schedules=loguniform,kingma-gao,learned,infonoise'
+    out = run_module('bench.arena', *args, '--jobs=2')
+    assert out.count('| rank |') == 5 and (out_dir / 'arena.png').is_file() and 'no verdict' in out
+    runs = json.loads((out_dir / 'runs.json').read_text())['runs']
+    keys = [json.loads(k) for k in runs]
+    assert sorted((k['domain'], k['schedule']) for k in keys) == sorted(
+        [
+            (d, n)
+            for d in ('mnist', 'bmnist', 'ars', 'ecoli')
+            for n in ('loguniform', 'kingma-gao', 'learned', 'infonoise')
+        ]
+        + [('rf', 'kingma-gao'), ('rf', 'infonoise')]
+    )
+    for record in runs.values():
+        assert len(record['score']) == 3 and all_finite(record['score'].values()) and min(record['score'].values()) > 0
+        assert all_finite(record['density']) and min(record['density']) >= 0 and max(record['density']) > 0
+    again = run_module('bench.arena', *args)
+    assert '18 cells, 18 cached, 0 to train' in again and again.count('| rank |') == 5
