@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from training import networks, options
+from training import networks, networks_1d, options  # noqa: F401 (networks_1d registers SequenceUNet, as checkpoint does)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
