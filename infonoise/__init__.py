@@ -31,18 +31,8 @@ from infonoise.info_noise import InfoNoise
 from infonoise.kingma_gao import KingmaGao
 from infonoise.profile import Profile
 from infonoise.reporting import RefreshCheck
-from infonoise.samplers import (
-    Curriculum,
-    LaplaceLogSNR,
-    LogitNormal,
-    LogNormal,
-    LogUniform,
-    Mixture,
-    NoiseSampler,
-    PiecewiseLogUniform,
-    UniformT,
-    VPSampler,
-)
+from infonoise.rivals import Curriculum, LaplaceLogSNR, LogitNormal, UniformT
+from infonoise.samplers import LogNormal, LogUniform, Mixture, NoiseSampler, PiecewiseLogUniform, VPSampler
 from infonoise.weights import WEIGHTS, edm_weight, inverse_variance_weight, min_snr_weight, uniform_weight
 
 __version__ = '0.1.0'

@@ -213,7 +213,7 @@ def test_train_dry_run_accepts_each_rival(tmp_path, digits_zip, sampler, class_n
     args = [*cli_args(tmp_path, digits_zip), f'--sampler={sampler}', '--weight=min-snr', '--duration=0.01']
     result = CliRunner().invoke(train.main, [str(a) for a in [*args, '--dry-run']])
     assert result.exit_code == 0, result.output
-    assert f'infonoise.samplers.{class_name} (' in result.output and '(weight min-snr)' in result.output
+    assert f'infonoise.rivals.{class_name} (' in result.output and '(weight min-snr)' in result.output
     assert f'-edm-{sampler}-gpus1-' in result.output and not (tmp_path / 'runs').exists()
     config = train_config(*args)
     assert config['loss_kwargs']['weight'] == 'min-snr'

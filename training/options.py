@@ -60,12 +60,12 @@ SAMPLER_KWARGS = {
         class_name='infonoise.samplers.VPSampler', beta_d=VP_BETA_D, beta_min=VP_BETA_MIN, epsilon_t=VP_EPSILON_T
     ),
     # The published rivals (infonoise/samplers.py; docs/library.md, "Rival schedules"), the same for every precond.
-    'sd3': lambda precond: dict(class_name='infonoise.samplers.LogitNormal', m=0.0, s=1.0),
-    'jit': lambda precond: dict(class_name='infonoise.samplers.LogitNormal', m=0.8, s=0.8),
-    'laplace': lambda precond: dict(class_name='infonoise.samplers.LaplaceLogSNR', mu=0.0, b=0.5),
-    'uniform-t': lambda precond: dict(class_name='infonoise.samplers.UniformT', t_min=1e-3, t_max=1 - 1e-3),
+    'sd3': lambda precond: dict(class_name='infonoise.rivals.LogitNormal', m=0.0, s=1.0),
+    'jit': lambda precond: dict(class_name='infonoise.rivals.LogitNormal', m=0.8, s=0.8),
+    'laplace': lambda precond: dict(class_name='infonoise.rivals.LaplaceLogSNR', mu=0.0, b=0.5),
+    'uniform-t': lambda precond: dict(class_name='infonoise.rivals.UniformT', t_min=1e-3, t_max=1 - 1e-3),
     # train.py adds switch_kimg = --curriculum-switch × --duration.
-    'curriculum': lambda precond: dict(class_name='infonoise.samplers.Curriculum', first='sd3', second='uniform-t'),
+    'curriculum': lambda precond: dict(class_name='infonoise.rivals.Curriculum', first='sd3', second='uniform-t'),
 }
 SAMPLERS = ('auto', *SAMPLER_KWARGS, 'kingma-gao', 'infonoise')
 
