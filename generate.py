@@ -157,8 +157,9 @@ def resolve_grid(opts: dnnlib.EasyDict, steps_given: bool, loaded) -> tuple[torc
 
 
 def check_options(ctx: click.Context, opts: dnnlib.EasyDict) -> None:
-    """Checks that need no network: --disc against --grid (EDM's name for it), --profile and --variances against
-    --grid, and an output layout whose folder fid.py can read (no grid PNG inside it). Sets opts.grid from --disc."""
+    """Checks that need no network: --disc against --grid (EDM's name for it), --guide-network against --guidance,
+    --profile and --variances against --grid, and an output layout whose folder fid.py can read (no grid PNG inside
+    it). Sets opts.grid from --disc."""
     if opts.discretization is not None:
         if ctx.get_parameter_source('grid') != click.core.ParameterSource.DEFAULT and opts.grid != opts.discretization:
             raise click.ClickException(f'--disc={opts.discretization} contradicts --grid={opts.grid}; give one of them')
