@@ -11,7 +11,9 @@ under torchrun the seeds are split across ranks as EDM does. The grid used is wr
 binarised data (the InfoNoise paper's discrete-endpoint experiments), and is recorded in grid.json. A sequence network
 (DNA, --arch=ddpmpp1d) writes OUTDIR/sequences.fasta instead of PNGs, each sample decoded to its nearest one-hot
 sequence (argmax over the four bases), and `--npz` then holds the sequences in the sequence dataset format of
-training/sequences.py.
+training/sequences.py. `--guidance=W` runs the guided denoiser of Karras et al. 2024 ("Guiding a Diffusion Model
+with a Bad Version of Itself"): autoguidance with `--guide-network` (a weaker network of the same data), else
+classifier-free guidance with the network's own null-label output; W = 1 is the unguided sampler, bit for bit.
 """
 
 import json
@@ -155,12 +157,17 @@ def resolve_grid(opts: dnnlib.EasyDict, steps_given: bool, loaded) -> tuple[torc
 
 
 def check_options(ctx: click.Context, opts: dnnlib.EasyDict) -> None:
-    """Checks that need no network: --disc against --grid (EDM's name for it), --profile and --variances against
-    --grid, and an output layout whose folder fid.py can read (no grid PNG inside it). Sets opts.grid from --disc."""
+    """Checks that need no network: --disc against --grid (EDM's name for it), --guide-network against --guidance,
+    --profile and --variances against --grid, and an output layout whose folder fid.py can read (no grid PNG inside
+    it). Sets opts.grid from --disc."""
     if opts.discretization is not None:
         if ctx.get_parameter_source('grid') != click.core.ParameterSource.DEFAULT and opts.grid != opts.discretization:
             raise click.ClickException(f'--disc={opts.discretization} contradicts --grid={opts.grid}; give one of them')
         opts.grid = opts.discretization
+    if opts.guide_network is not None and opts.guidance == 1:
+        raise click.ClickException(
+            '--guide-network has no effect with --guidance=1 (the unguided sampler); give W != 1'
+        )
     if opts.profile is not None and opts.grid != 'infogrid':
         raise click.ClickException(f'--profile is used by --grid=infogrid, not --grid={opts.grid}')
     if opts.variances is not None and opts.grid != 'tangent':
@@ -190,6 +197,36 @@ def check_network(net, opts: dnnlib.EasyDict) -> bool:
     return is_sequence
 
 
+def load_guide(opts: dnnlib.EasyDict, loaded, device: torch.device):
+    """The guide of --guidance: the --guide-network (autoguidance), or None for classifier-free guidance (the main
+    network under the null label); nothing at W = 1. One-line errors for a guide that cannot guide this network."""
+    net = loaded.net
+    if opts.guidance == 1:
+        return None
+    if opts.guide_network is None:
+        if not net.label_dim:
+            raise click.ClickException(
+                f'--guidance={opts.guidance:g} without --guide-network is classifier-free guidance, which needs a '
+                'class-conditional network; this one is unconditional: give --guide-network'
+            )
+        if not (loaded.network_kwargs or {}).get('label_dropout'):
+            dist.print0('Warning: classifier-free guidance, but the network was trained without label dropout (its '
+                        'file says so): its output for the null label is untrained')  # fmt: skip
+        return None
+    dist.print0(f'Loading guide network from "{opts.guide_network}"...')
+    try:
+        guide = dist.rank0_first(lambda: load_network(opts.guide_network, device=device)).net
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f'--guide-network: {e}') from None
+    for name, what in (('img_resolution', 'resolution'), ('img_channels', 'channels'), ('label_dim', 'label_dim')):
+        if int(getattr(guide, name)) != int(getattr(net, name)):
+            raise click.ClickException(
+                f'--guide-network has {what} {int(getattr(guide, name))}, the network {int(getattr(net, name))}; '
+                'the guide must be a network of the same data'
+            )
+    return guide
+
+
 def pick_solver(opts: dnnlib.EasyDict, churn: dict) -> dict:
     """`sample_seeds` keyword arguments: EDM's solver (`edm_sampler`), or its ablation solver (`ablation_sampler`)
     for another σ(t) or s(t)."""
@@ -204,8 +241,11 @@ def write_grid_record(opts: dnnlib.EasyDict, sigmas: torch.Tensor, grid_info: di
     churn = {k: v if math.isfinite(v) else str(v) for k, v in churn.items()}  # Strict JSON has no inf.
     record = dict(
         grid_info, network=opts.network_pkl, solver=opts.solver, schedule=opts.schedule, scaling=opts.scaling,
-        num_steps=len(sigmas) - 1, nfe=nfe, **churn, binarize=opts.binarize, sigmas=sigmas.tolist(),
+        num_steps=len(sigmas) - 1, nfe=nfe, **churn, binarize=opts.binarize, guidance=opts.guidance,
+        sigmas=sigmas.tolist(),
     )  # fmt: skip
+    if opts.guidance != 1:  # NFE above counts the main network; guidance doubles it.
+        record.update(guide=opts.guide_network or 'null label (classifier-free)')
     with atomic_write(os.path.join(opts.outdir, 'grid.json'), 'w', encoding='utf-8') as f:
         json.dump(record, f, indent=2, allow_nan=False)
 
@@ -250,6 +290,9 @@ NON_NEGATIVE_INT = click.IntRange(min=0)
 @click.option('--grid-pad',               help='White pixels between and around the images of the sample grid', metavar='INT', type=click.IntRange(min=0, max=256), default=0)
 @click.option('--npz',                    help='Also save all images (uint8 NHWC "arr_0") or sequences, seeds and labels in one .npz', metavar='FILE')
 @click.option('--binarize',               help='Threshold samples at 0 in [-1, 1] (pixels 0/255)', is_flag=True)
+# Guidance (Karras et al. 2024).
+@click.option('--guidance',               help='Guidance weight W, 1 = none', metavar='FLOAT', type=cli.FLOAT, default=1)
+@click.option('--guide-network',          help='Guide of autoguidance  [default: the null label (CFG)]', metavar='PATH|URL')
 @click.option('--device',                 help='Device  [default: cuda if available, else cpu]', type=click.Choice(['cuda', 'cpu']))
 # fmt: on
 def main(**kwargs):
@@ -270,6 +313,12 @@ def main(**kwargs):
         --network=training-runs/00000-mnist5k-16x16-uncond-ddpmpp-edm-infonoise-gpus1-batch64-fp32/network-snapshot-000120.pt
 
     \b
+    # Autoguidance (W = 2) by an earlier snapshot of the same run
+    python generate.py --outdir=out-guided --seeds=0-63 --guidance=2 \\
+        --network=training-runs/.../network-snapshot-000120.pt \\
+        --guide-network=training-runs/.../network-snapshot-000030.pt
+
+    \b
     # Generate 1024 images using 2 GPUs, also as one .npz for FID tools
     torchrun --standalone --nproc_per_node=2 generate.py --outdir=out --seeds=0-1023 --batch=64 \\
         --npz=out.npz --network=https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl
@@ -278,7 +327,9 @@ def main(**kwargs):
     discretization, and is always clamped to the range the network supports, as in EDM. With Heun's solver,
     N steps cost 2N-1 network evaluations (NFE); with Euler's, N. The grid used is written to OUTDIR/grid.json.
     --profile (InfoGrid) defaults to the InfoNoise profile stored in the network file; --variances (tangent) to
-    one scale, the network's sigma_data.
+    one scale, the network's sigma_data. --guidance=W != 1 calls a guide at every step: the --guide-network
+    (autoguidance), else the network itself with the null (all-zero) label (classifier-free guidance, for a
+    class-conditional network trained with train.py --label-dropout).
     """
     ctx = click.get_current_context()
     opts = dnnlib.EasyDict(kwargs)
@@ -296,6 +347,7 @@ def main(**kwargs):
     except (OSError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     net, is_sequence = loaded.net, check_network(loaded.net, opts)
+    guide = load_guide(opts, loaded, device)
 
     # Build the sigma-grid and record it next to the images.
     steps_given = ctx.get_parameter_source('num_steps') != click.core.ParameterSource.DEFAULT
@@ -310,10 +362,13 @@ def main(**kwargs):
             write_grid_record(opts, sigmas, grid_info, nfe, churn)
 
     # Generate, writing each batch's images as it comes (sequences are collected and written at the end).
-    how = f'{opts.grid} grid, {opts.solver}, {num_steps} steps, {nfe} NFE'
+    how = f'{opts.grid} grid, {opts.solver}, {num_steps} steps, {nfe} NFE' + (
+        f', guidance {opts.guidance:g}' if opts.guidance != 1 else ''
+    )
     dist.print0(f'Generating {len(seeds)} images to "{outdir}" ({how})...')
     rank_labels, rank_tokens = {}, {}
-    kwargs = dict(class_idx=opts.class_idx, binarize=opts.binarize, **pick_solver(opts, churn))
+    kwargs = dict(class_idx=opts.class_idx, binarize=opts.binarize, guidance=opts.guidance, guide=guide)
+    kwargs.update(pick_solver(opts, churn))
     with cli.disk_errors(f'the images in "{outdir}"'):
         for batch_seeds, images, labels in generate_images(net, seeds, sigmas, device, opts.max_batch_size, **kwargs):
             if labels is not None:

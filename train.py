@@ -103,6 +103,10 @@ def setup_training_config(
         c.augment_kwargs.update(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
         c.network_kwargs.augment_dim = 9
     c.network_kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16)
+    if opts.label_dropout > 0:  # EDM's own network option; absent at 0, so that configs stay EDM's.
+        if not opts.cond:
+            raise click.ClickException('--label-dropout drops class labels; it needs --cond=1')
+        c.network_kwargs.label_dropout = opts.label_dropout
     if opts.weight == 'learned':  # EDM2's u(σ); absent otherwise, so that configs and EDM pickles stay as they were.
         c.network_kwargs.uncertainty_channels = options.UNCERTAINTY_CHANNELS
     try:
@@ -324,6 +328,7 @@ def launch_training(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, desc: str, device
 @click.option('--lr-rampup',  help='Learning rate ramp-up', metavar='KIMG',                          type=cli.FloatRange(min=0), default=10000, show_default=True)
 @click.option('--ema',        help='EMA half-life', metavar='MIMG',                                  type=cli.FloatRange(min=0), default=0.5, show_default=True)
 @click.option('--dropout',    help='Dropout probability', metavar='FLOAT',                           type=cli.FloatRange(min=0, max=1), default=0.13, show_default=True)
+@click.option('--label-dropout', help='Probability of training on the null label, for classifier-free guidance', metavar='FLOAT', type=cli.FloatRange(min=0, max=1), default=0, show_default=True)
 @click.option('--augment',    help='Augment probability', metavar='FLOAT',                           type=cli.FloatRange(min=0, max=1), default=0.12, show_default=True)
 @click.option('--xflip',      help='Enable dataset x-flips', metavar='BOOL',                         type=bool, default=False, show_default=True)
 

@@ -355,3 +355,17 @@ def test_arena_quick(tmp_path):
         assert all_finite(record['density']) and min(record['density']) >= 0 and max(record['density']) > 0
     again = run_module('bench.arena', *args)
     assert '18 cells, 18 cached, 0 to train' in again and again.count('| rank |') == 5
+
+
+@pytest.mark.slow
+def test_guidance_sweep_quick(tmp_path):
+    """bench.guidance_sweep --quick on two tiny random 16x16 networks (about 10 s): a row per w, w = 1 first."""
+    from test_guidance import tiny_snapshot
+
+    final, early = tiny_snapshot(tmp_path / 'final.pt', resolution=16), tiny_snapshot(tmp_path / 'early.pt', 16, seed=1)
+    out = run_module('bench.guidance_sweep', f'--final={final}', f'--early={early}', f'--data={tmp_path / "mnist.zip"}',
+                     f'--outdir={tmp_path / "out"}')  # fmt: skip
+    results = load_results(tmp_path / 'out')
+    assert [row['guidance'] for row in results['rows']] == [1, 2] and all_finite(r['fd'] for r in results['rows'])
+    assert results['real_floor'] < min(row['fd'] for row in results['rows']) and os.path.isfile(results['plot'])
+    assert '| 2 |' in out and '| 64 real images |' in out

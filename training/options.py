@@ -118,7 +118,7 @@ def kingma_gao_kwargs(opts: dnnlib.EasyDict, weight: str, given: set[str]) -> dn
 CONFIG_FLAGS = dict(
     path='--data', use_labels='--cond', xflip='--xflip', resolution='--data', max_size='--data', cache='--cache',
     model_type='--arch', model_channels='--cbase', channel_mult='--cres', num_blocks='--blocks',
-    attn_resolutions='--attn', dropout='--dropout', use_fp16='--fp16', augment_dim='--augment', p='--augment',
+    attn_resolutions='--attn', dropout='--dropout', label_dropout='--label-dropout', use_fp16='--fp16', augment_dim='--augment', p='--augment',
     augment_kwargs='--augment', weight='--weight', lr='--lr', total_kimg='--duration', ema_halflife_kimg='--ema',
     lr_rampup_kimg='--lr-rampup', batch_size='--batch', batch_gpu='--batch-gpu', loss_scaling='--ls', bf16='--bf16',
     compile='--compile', seed='--seed', transfer='--transfer', ema_rampup_ratio='--transfer', verbose='--verbose',

@@ -7,7 +7,8 @@ ablations (EDM Table 1, Algorithm 1): the same ODE integrated in a time t with n
 scaling s(t), and Heun's correction evaluated at t + alpha h. Both run on whatever sigma-grid they are given (see
 `infonoise.grids`); they never build one. `StackedRandomGenerator` gives every sample its own seeded generator,
 so an image depends only on its seed, not on the batch it was drawn in; `generate_images` splits seeds across
-ranks in batches as EDM's generate.py does.
+ranks in batches as EDM's generate.py does. `GuidedDenoiser` is the guided denoiser of autoguidance and
+classifier-free guidance (Karras et al. 2024), which the solvers run in place of the network.
 """
 
 import dataclasses
@@ -318,6 +319,42 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, grid_w: int |
     save_image(tile_images(images_to_uint8(images), grid_w), path)
 
 
+class GuidedDenoiser:
+    """D_w(x; σ, c) = D_guide(x; σ, c') + w (D_main(x; σ, c) - D_guide(x; σ, c')) (Karras et al. 2024, "Guiding a
+    Diffusion Model with a Bad Version of Itself", Eq. 1 and §3), in float64. Autoguidance: the guide is a weaker
+    network of the same data and c' = c. Classifier-free guidance (`null_label`): the guide is the main network itself
+    and c' the all-zero label vector, the label a network trained with label dropout sees for "no class". Anything
+    else (`round_sigma`, `img_shape`, `label_dim`, ...) is the main network's, so that the solvers take it as a net.
+    """
+
+    def __init__(self, net, guide, guidance: float, null_label: bool = False):
+        self.net, self.guide, self.guidance, self.null_label = net, guide, float(guidance), null_label
+
+    def __getattr__(self, name: str):  # Only for names the instance lacks.
+        if 'net' not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__['net'], name)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        D_main = self.net(x, sigma, class_labels).to(torch.float64)
+        guide_labels = torch.zeros_like(class_labels) if self.null_label and class_labels is not None else class_labels
+        D_guide = self.guide(x, sigma, guide_labels).to(torch.float64)
+        return D_guide + self.guidance * (D_main - D_guide)
+
+
+def guided_denoiser(net, guidance: float = 1, guide=None):
+    """The denoiser the solvers run: `net` itself at guidance 1 (the guide is neither called nor needed, so the
+    samples are the unguided ones bit for bit), else `GuidedDenoiser` with `guide` (autoguidance) or, without one,
+    with `net` under the null label (classifier-free guidance, which needs a class-conditional `net`)."""
+    if guidance == 1:
+        return net
+    if guide is not None:
+        return GuidedDenoiser(net, guide, guidance)
+    if not net.label_dim:
+        raise ValueError('Classifier-free guidance needs a class-conditional network; this one is unconditional')
+    return GuidedDenoiser(net, net, guidance, null_label=True)
+
+
 @torch.no_grad()
 def sample_seeds(
     net,
@@ -327,12 +364,15 @@ def sample_seeds(
     class_idx: int | None = None,
     sampler: Callable = edm_sampler,
     binarize: bool = False,
+    guidance: float = 1,
+    guide=None,
     **sampler_kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Samples of `seeds` from the solver `sampler` (EDM's name) on the σ-grid `sigmas`, each from its own seed's
     generator, and their class indices (None for an unconditional network). Labels are drawn even with `class_idx`,
     so that the noise that follows matches EDM's. `binarize` thresholds at 0 (x >= 0 is pixel >= 128 under EDM's
-    x*127.5 + 128, the rule dataset_tool.py --binarize=threshold applies to the data)."""
+    x*127.5 + 128, the rule dataset_tool.py --binarize=threshold applies to the data). `guidance` and `guide` choose
+    the denoiser (`guided_denoiser`); the random draws are the same whatever they are."""
     rnd = StackedRandomGenerator(device, seeds)
     latents = rnd.randn([len(seeds), *net.img_shape], device=device)
     labels = class_labels = None
@@ -341,7 +381,8 @@ def sample_seeds(
         if class_idx is not None:
             labels[:] = class_idx
         class_labels = torch.eye(net.label_dim, device=device)[labels]
-    images = sampler(net, latents, sigmas, class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
+    denoiser = guided_denoiser(net, guidance, guide)
+    images = sampler(denoiser, latents, sigmas, class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
     return (torch.where(images >= 0, 1.0, -1.0) if binarize else images), labels
 
 
@@ -355,9 +396,9 @@ def generate_images(
     **sample_kwargs,
 ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
     """This rank's samples of `seeds` in batches of at most `max_batch_size` (EDM's split across ranks): yields
-    (batch seeds, float samples in [-1, 1], class indices or None). `sample_kwargs` go to
-    `sample_seeds` (class_idx, the solver `sampler`, binarize and the solver's options). Every rank must
-    exhaust the iterator: each batch starts at a barrier, as in EDM."""
+    (batch seeds, float samples in [-1, 1], class indices or None). `sample_kwargs` go to `sample_seeds` (class_idx,
+    the solver `sampler`, binarize, guidance and guide, and the solver's options). Every rank must exhaust the
+    iterator: each batch starts at a barrier, as in EDM."""
     for batch_seeds in tqdm.tqdm(
         dist.split_batches(seeds, max_batch_size), unit='batch', disable=(dist.get_rank() != 0 or not progress)
     ):
