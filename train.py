@@ -20,7 +20,7 @@ from dnnlib import cli
 from infonoise.pivot import is_discrete
 from torch_utils import distributed as dist
 from torch_utils import misc
-from training import checkpoint, options, resume, run_dir, training_loop
+from training import checkpoint, live_log, options, resume, run_dir, training_loop
 from training.dataset import CorruptImageError
 
 warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')  # False warning printed by PyTorch.
@@ -148,6 +148,9 @@ def setup_training_config(
     c.update(loss_scaling=opts.ls, cudnn_benchmark=opts.bench, bf16=opts.bf16, compile=opts.compile)
     c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump)
     c.update(snapshot_grid=opts.snap_grid, snapshot_grid_scale=opts.snap_grid_scale, verbose=opts.verbose)
+    c.tensorboard = opts.tensorboard
+    if opts.tensorboard and (missing := live_log.tensorboard_missing()):
+        raise click.ClickException(missing)
     if opts.fp16 and opts.bf16:
         raise click.ClickException('--fp16 and --bf16 are mutually exclusive')
     batch_gpu = opts.batch_gpu or opts.batch // world_size
@@ -351,6 +354,7 @@ def launch_training(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, desc: str, device
 @click.option('--snap-grid',  help='Sample grid of the first N seeds with each snapshot, 0 = off', metavar='N', type=click.IntRange(min=0, max=1024), default=0, show_default=True)
 @click.option('--snap-grid-scale', help='Enlarge each image of the sample grid by this factor', metavar='INT', type=click.IntRange(min=1, max=16), default=1, show_default=True)
 @click.option('--verbose',    help='Print every InfoNoise refresh check (stats.jsonl holds them all)', is_flag=True)
+@click.option('--tensorboard', help='Also log each tick to TensorBoard in the run directory (pip install tensorboard)', is_flag=True)
 @click.option('--seed',       help="Random seed  [default: random, or the resumed run's]", metavar='INT', type=int)
 @click.option('--transfer',   help='Transfer learning from network snapshot or EDM pickle', metavar='PT|PKL|URL', type=str)
 @click.option('--resume',     help="Resume from a training state (ours or EDM's) or run directory; auto = continue this command's newest run in place", metavar='PT|DIR|auto', type=str)

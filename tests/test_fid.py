@@ -125,7 +125,7 @@ def test_bad_detectors_give_one_line_errors(tmp_path, detector_path):
     (tmp_path / 'net.pkl').write_bytes(b'\x80\x04\x95' + bytes(20))
     (tmp_path / 'text.pt').write_text('hello')
     cases = {
-        'inception': 'Unknown detector "inception"',
+        'vgg16': 'Unknown detector "vgg16"',
         str(tmp_path / 'net.pkl'): 'is a Python pickle',
         str(tmp_path / 'text.pt'): 'is not a TorchScript archive',
         str(tmp_path / 'state.pt'): 'saved with torch.save?',
@@ -260,7 +260,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, data, detector_path):
         (calc + [tmp_path / 'none', '--ref', good_ref], 'Dataset not found'),
         (calc + [tmp_path / 'no-images.npz', '--ref', good_ref, '--num', 2], 'holds no uint8 NHWC image array'),
         (calc + [rgba, '--ref', good_ref, '--num', 2], 'have 4 channels; expected 1 or 3'),
-        (calc + [data['zip'], '--ref', good_ref, '--detector', 'inception'], 'Unknown detector "inception"'),
+        (calc + [data['zip'], '--ref', good_ref, '--detector', 'vgg16'], 'Unknown detector "vgg16"'),
         (['ref', '--data', one_image, '--dest', tmp_path / 'one.npz', '--detector', detector_path],
          'Found 1 images, but need at least 2'),
     ]  # fmt: skip

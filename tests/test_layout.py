@@ -19,8 +19,9 @@ PIPELINE = {
     'diagnose',
     'bench',
     'examples',
+    'tools',
 }
-CLIS_AND_SCRIPTS = {'train', 'generate', 'fid', 'dataset_tool', 'diagnose', 'bench', 'examples'}
+CLIS_AND_SCRIPTS = {'train', 'generate', 'fid', 'dataset_tool', 'diagnose', 'bench', 'examples', 'tools'}
 
 
 def imported_packages(path: str) -> set[str]:
@@ -110,6 +111,13 @@ def test_library_imports_only_torch_numpy_and_the_standard_library():
     for path in modules('infonoise'):
         extra = {'matplotlib'} if os.path.basename(path) == 'plots.py' else set()
         assert imported_packages(path) <= allowed | extra, (path, imported_packages(path) - allowed - extra)
+
+
+def test_tools_read_run_directories_without_the_pipeline():
+    # tools/ (python -m tools.plot_stats) reads files a run wrote; it needs no torch and no part of the pipeline.
+    allowed = {'numpy', 'matplotlib', *sys.stdlib_module_names}
+    for path in modules('tools'):
+        assert imported_packages(path) <= allowed, (path, imported_packages(path) - allowed)
 
 
 def test_the_scan_sees_imports(tmp_path):

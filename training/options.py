@@ -122,6 +122,7 @@ CONFIG_FLAGS = dict(
     augment_kwargs='--augment', weight='--weight', lr='--lr', total_kimg='--duration', ema_halflife_kimg='--ema',
     lr_rampup_kimg='--lr-rampup', batch_size='--batch', batch_gpu='--batch-gpu', loss_scaling='--ls', bf16='--bf16',
     compile='--compile', seed='--seed', transfer='--transfer', ema_rampup_ratio='--transfer', verbose='--verbose',
+    tensorboard='--tensorboard',
     **{name: '--' + option.replace('_', '-') for name, option in INFO_OPTIONS.items()},
 )  # fmt: skip
 CONFIG_FLAGS.update({'network_kwargs.class_name': '--precond', 'noise_kwargs.class_name': '--sampler'})

@@ -22,7 +22,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc, training_stats
-from training import checkpoint, sampling
+from training import checkpoint, live_log, sampling
 from training import run_dir as rundir
 
 
@@ -116,6 +116,7 @@ def training_loop(
     snapshot_grid=0,  # Images in the sample grid saved with each snapshot, 0 = none.
     snapshot_grid_scale=1,  # Enlargement of each image in that grid.
     verbose=False,  # Print every event of the noise sampler (InfoNoise's refresh checks); stats.jsonl has them all.
+    tensorboard=False,  # Also write each tick's statistics as TensorBoard events into run_dir (rank 0)?
     transfer=None,  # Network to initialise from (our snapshot or an EDM pickle), None = none.
     resume_state=None,  # Training state to resume from, None = start fresh.
     bf16=False,  # Run the network under bfloat16 autocast?
@@ -206,6 +207,8 @@ def training_loop(
     first_tick = True
     stats_jsonl = None
     tick_loss = training_stats.Collector(regex='Loss/loss')  # The loss over each tick, for the status line.
+    sigma_bin_loss = live_log.SigmaBinLoss(device)
+    tensorboard_log = live_log.TensorBoardLog(run_dir) if tensorboard and rank == 0 else None
 
     def save_state() -> None:  # On every rank: each rank's noise sampler state is its own (InfoNoise bins its losses).
         sampler_ranks = dist.all_gather_object(noise_sampler.state_dict()) if world > 1 else None
@@ -237,6 +240,7 @@ def training_loop(
                 loss = loss if importance is None else loss * importance
                 noise_sampler.observe(sigma, mse.detach())
                 training_stats.report('Loss/loss', loss)
+                sigma_bin_loss.add(sigma, loss)
                 # Pixel sum averaged over this rank's batch, as EDM.
                 loss.sum().mul(loss_scaling * pixels_per_image / batch_gpu_total).backward()
 
@@ -268,6 +272,8 @@ def training_loop(
                                     noise_sampler.summary(), device))  # fmt: skip
             for name, value in noise_sampler.describe().items():
                 training_stats.report0(f'Noise/{name}', value)
+            training_stats.report0('Progress/lr', lr)
+            sigma_bin_loss.report()
 
             # Save network snapshot.
             if snapshot_ticks is not None and (done or cur_tick % snapshot_ticks == 0):
@@ -291,6 +297,8 @@ def training_loop(
                 line.update({'Noise/events': [event_record(event) for event in events]} if events else {})
                 stats_jsonl.write(json.dumps(line) + '\n')
                 stats_jsonl.flush()
+                if tensorboard_log is not None:
+                    tensorboard_log.tick(line, cur_nimg, events, noise_sampler)
             events.clear()
 
             # Update state, then save a full dump of it.
@@ -316,6 +324,8 @@ def training_loop(
     # Done.
     if stats_jsonl is not None:
         stats_jsonl.close()
+    if tensorboard_log is not None:
+        tensorboard_log.close()
     dist.print0()
     dist.print0('Exiting...')
     return dnnlib.EasyDict(net=net, ema=ema, noise_sampler=noise_sampler, cur_nimg=cur_nimg, stopped=stop)
