@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
+from training import checkpoint, run_dir
+
 __all__ = [
     'SIGMA_REL_MAX', 'sigma_rel_to_gamma', 'gamma_to_sigma_rel', 'parse_sigma_rels', 'power_beta', 'kernel_dot',
     'solve_coefficients', 'kernel_residual', 'combine', 'PowerFunctionEMA', 'reconstruct_run',
@@ -153,8 +155,6 @@ def reconstruct_run(directory: str, sigma_rels: Sequence[float], at_kimg: int | 
     per σ_rel, reconstructed from all its phema-NNNNNN.pt files up to then. Each also holds
     phema = {sigma_rel, gamma, residual}: the kernel residual relative to the target kernel's norm. ValueError of one
     line for a run with no profiles, σ_rel out of range, or a time with no stored profiles."""
-    from training import checkpoint, run_dir  # Here: the math above needs neither.
-
     found = run_dir.find(directory, 'phema')
     if not found:
         raise ValueError(f'{directory} holds no post-hoc EMA profiles (phema-*.pt); train with --ema-profiles')
