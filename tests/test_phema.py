@@ -3,6 +3,10 @@ power-function average, the reconstruction of tracked and untracked profiles, an
 --ema-profiles that stores profile files, resumes bitwise and feeds reconstruct_ema.py and generate.py."""
 
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -156,13 +160,21 @@ def assert_equal(a, b, where='file'):
 
 @pytest.fixture(scope='module')
 def phema_runs(tmp_path_factory, digits_zip):
-    """A 3-kimg run straight through, and the same run stopped at 1 kimg and continued by --resume=auto."""
+    """A 3-kimg run straight through, and the same run stopped by SIGTERM after its first stored profiles (mid-tick)
+    and continued by --resume=auto."""
     import train
 
     root = tmp_path_factory.mktemp('phema')
-    for kimg in (1, 3):
-        result = invoke(train.main, *train_args(root / 'resumed', digits_zip, kimg, '--resume=auto'))
-        assert result.exit_code == 0, result.output
+    cmd = [sys.executable, 'train.py', *train_args(root / 'resumed', digits_zip, 3, '--resume=auto')]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not list(root.glob('resumed/0*/phema-000001.pt')):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate()[0]
+    assert proc.returncode == 128 + signal.SIGTERM and 'Stopped at' in output, output[-2000:]
+    result = invoke(train.main, *train_args(root / 'resumed', digits_zip, 3, '--resume=auto'))
+    assert result.exit_code == 0, result.output
     result = invoke(train.main, *train_args(root / 'straight', digits_zip, 3))
     assert result.exit_code == 0, result.output
     (resumed,) = (root / 'resumed').glob('0*')
