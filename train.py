@@ -20,7 +20,7 @@ from dnnlib import cli
 from infonoise.pivot import is_discrete
 from torch_utils import distributed as dist
 from torch_utils import misc
-from training import checkpoint, live_log, options, resume, run_dir, training_loop
+from training import checkpoint, live_log, options, phema, resume, run_dir, training_loop
 from training.dataset import CorruptImageError
 
 warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')  # False warning printed by PyTorch.
@@ -143,6 +143,10 @@ def setup_training_config(
     # Training options.
     c.total_kimg = max(int(opts.duration * 1000), 1)
     c.ema_halflife_kimg = opts.ema * 1000
+    if opts.ema_profiles is not None:  # Absent otherwise, so that EDM's configs stay as they were.
+        c.ema_profiles, c.ema_profile_every = opts.ema_profiles, opts.ema_profile_every
+    elif 'ema_profile_every' in given:
+        raise click.ClickException('--ema-profile-every only applies with --ema-profiles')
     c.lr_rampup_kimg = opts.lr_rampup
     c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu)
     c.update(loss_scaling=opts.ls, cudnn_benchmark=opts.bench, bf16=opts.bf16, compile=opts.compile)
@@ -206,6 +210,14 @@ def run_description(opts: dnnlib.EasyDict, world_size: int | None) -> str:
     return desc if opts.desc is None else f'{desc}-{opts.desc}'
 
 
+def phema_summary(c: dnnlib.EasyDict) -> str:
+    """What --ema-profiles tracks and how often it stores it, for the options summary."""
+    if not c.get('ema_profiles'):
+        return 'no'
+    every = 'snapshot' if c.ema_profile_every is None else f'{c.ema_profile_every} kimg'
+    return f'σ_rel {", ".join(f"{s:g}" for s in c.ema_profiles)}, stored every {every}'
+
+
 def print_options(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, device: torch.device, threads: str) -> None:
     """The resolved config and a summary of what this run will do."""
     settings = ', '.join(f'{k}={v}' for k, v in c.noise_kwargs.items() if k != 'class_name')
@@ -226,6 +238,7 @@ def print_options(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, device: torch.devic
         ('Batch size', c.batch_size),
         ('Learning rate', f'{c.optimizer_kwargs.lr:g} (ramp-up {c.lr_rampup_kimg:g} kimg)'),
         ('EMA half-life', f'{c.ema_halflife_kimg:g} kimg'),
+        ('Post-hoc EMA', phema_summary(c)),
         ('Precision', precision(opts)),
         ('Resume', c.get('resume_state') or 'no'),
     ]:
@@ -330,6 +343,8 @@ def launch_training(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, desc: str, device
 @click.option('--lr',         help='Learning rate', metavar='FLOAT',                                 type=cli.FloatRange(min=0, min_open=True), default=10e-4, show_default=True)
 @click.option('--lr-rampup',  help='Learning rate ramp-up', metavar='KIMG',                          type=cli.FloatRange(min=0), default=10000, show_default=True)
 @click.option('--ema',        help='EMA half-life', metavar='MIMG',                                  type=cli.FloatRange(min=0), default=0.5, show_default=True)
+@click.option('--ema-profiles', help="Post-hoc EMA: track power-function EMA profiles of these σ_rel (EDM2)  [default: none]", metavar='LIST', type=phema.parse_sigma_rels)
+@click.option('--ema-profile-every', help='Post-hoc EMA: store the profiles this often  [default: with each snapshot]', metavar='KIMG', type=click.IntRange(min=1))
 @click.option('--dropout',    help='Dropout probability', metavar='FLOAT',                           type=cli.FloatRange(min=0, max=1), default=0.13, show_default=True)
 @click.option('--label-dropout', help='Probability of training on the null label, for classifier-free guidance', metavar='FLOAT', type=cli.FloatRange(min=0, max=1), default=0, show_default=True)
 @click.option('--augment',    help='Augment probability', metavar='FLOAT',                           type=cli.FloatRange(min=0, max=1), default=0.12, show_default=True)

@@ -1,4 +1,5 @@
-"""Checkpoints of a training run: network snapshots, training states and InfoNoise's information profiles, written and read.
+"""Checkpoints of a training run: network snapshots, training states, InfoNoise's information profiles and post-hoc EMA
+profile files, written and read.
 
 A snapshot (`network-snapshot-NNNNNN.pt`) holds the EMA network's constructor kwargs and weights and what generation
 needs (loss, noise sampler, learned profile); a training state (`training-state-NNNNNN.pt`) holds everything an exact
@@ -22,6 +23,7 @@ from training import networks, networks_1d, run_dir  # noqa: F401 (networks_1d a
 
 SNAPSHOT_FORMAT = 'infonoise-edm-snapshot'
 STATE_FORMAT = 'infonoise-edm-training-state'
+PHEMA_FORMAT = 'infonoise-edm-phema'
 EDM_PICKLE_SOURCE = 'edm-pickle'
 
 
@@ -129,17 +131,46 @@ def cpu_state_dict(module: torch.nn.Module) -> dict:
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
+def snapshot_record(nimg: int, net_kwargs: dict, ema: dict, profile: dict | None, **kwargs) -> dict:
+    """The contents of a network snapshot: EMA weights `ema` (a state dict), the run's loss/noise/augment/dataset
+    kwargs (`kwargs`) and the learned profile."""
+    snapshot = dict(format=SNAPSHOT_FORMAT, version=1, network_kwargs=net_kwargs, ema=ema)
+    snapshot.update({name: dict(value) if value is not None else None for name, value in kwargs.items()})
+    snapshot.update(kimg=nimg // 1000, profile=profile)
+    return snapshot
+
+
 def save_snapshot(
     directory: str, nimg: int, net_kwargs: dict, ema: torch.nn.Module, profile: dict | None, **kwargs
 ) -> None:
     """network-snapshot-NNNNNN.pt: the EMA network and the run's loss/noise/augment/dataset kwargs (`kwargs`), and the
     learned profile, also as profile-NNNNNN.json (what `generate.py --profile` reads) and .png."""
-    snapshot = dict(format=SNAPSHOT_FORMAT, version=1, network_kwargs=net_kwargs, ema=cpu_state_dict(ema))
-    snapshot.update({name: dict(value) if value is not None else None for name, value in kwargs.items()})
-    snapshot.update(kimg=nimg // 1000, profile=profile)
+    snapshot = snapshot_record(nimg, net_kwargs, cpu_state_dict(ema), profile, **kwargs)
     save_atomic(snapshot, run_dir.path(directory, 'network-snapshot', nimg))
     if profile is not None:
         save_profile(profile, run_dir.path(directory, 'profile', nimg))
+
+
+def save_phema(directory: str, nimg: int, net_kwargs: dict, profiles: list[dict], profile: dict | None, **kwargs):
+    """phema-NNNNNN.pt: the post-hoc EMA profiles at `nimg` images (each σ_rel, γ and EMA weights, from
+    PowerFunctionEMA.profiles) with what a network snapshot holds besides its weights, so that reconstruct_ema.py
+    writes complete snapshots from these files alone."""
+    record = snapshot_record(nimg, net_kwargs, None, profile, **kwargs)
+    record.update(format=PHEMA_FORMAT, nimg=nimg, profiles=profiles)
+    del record['ema']
+    save_atomic(record, run_dir.path(directory, 'phema', nimg))
+
+
+def load_phema(path: str, mmap: bool = False) -> dict:
+    """A phema-NNNNNN.pt file as plain data, its format checked (`mmap`: tensors read only when used); ValueError
+    (one line) else."""
+    try:
+        data = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+    except Exception as e:
+        raise ValueError(f'Cannot read "{path}": {persistence.first_line(e)}') from None
+    if not isinstance(data, dict) or data.get('format') != PHEMA_FORMAT or data.get('version') != 1:
+        raise ValueError(f'"{path}" is not a post-hoc EMA profile file (version 1)')
+    return data
 
 
 def save_profile(profile: dict, json_path: str) -> None:

@@ -132,6 +132,7 @@ CONFIG_FLAGS.update(
 )
 CONFIG_FLAGS['noise_kwargs.switch_kimg'] = '--curriculum-switch × --duration'
 CONFIG_FLAGS.update(uncertainty_channels='--weight', learned_uncertainty='--weight')
+CONFIG_FLAGS.update(ema_profiles='--ema-profiles', ema_profile_every='--ema-profile-every')
 
 
 def check_network(c: dnnlib.EasyDict, data: dnnlib.EasyDict, opts: dnnlib.EasyDict, device: torch.device) -> None:
@@ -161,8 +162,8 @@ def check_network(c: dnnlib.EasyDict, data: dnnlib.EasyDict, opts: dnnlib.EasyDi
             params = sum(p.numel() for p in dnnlib.util.construct_class_by_name(**kwargs).parameters())
     except Exception as e:
         raise ValueError(f'Cannot build the network from these options: {e}'.splitlines()[0]) from None
-    # Weights, EMA, gradients and Adam's two moments: five float32 copies.
-    need, have = params * 20, device_memory(device)
+    # Weights, EMA, gradients and Adam's two moments: five float32 copies, and one per post-hoc EMA profile.
+    need, have = params * 4 * (5 + len(opts.get('ema_profiles') or [])), device_memory(device)
     if need > have:
         raise ValueError(
             f'The network has {params:,} parameters: {need / 2**30:.1f} GiB for weights, EMA, gradients and Adam, '

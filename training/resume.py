@@ -15,7 +15,7 @@ from training import checkpoint, run_dir
 # how often it reports and saves; none changes what the run computes. A new seed is refused on its own.
 AUTO_RESUME_FREE = ('run_dir', 'resume_state', 'seed', 'total_kimg', 'data_loader_kwargs', 'cudnn_benchmark',
                     'kimg_per_tick', 'snapshot_ticks', 'state_dump_ticks', 'snapshot_grid', 'snapshot_grid_scale',
-                    'verbose', 'tensorboard')  # fmt: skip
+                    'verbose', 'tensorboard', 'ema_profile_every')  # fmt: skip
 
 
 def differences(old: dict, new: dict, groups, flags: dict[str, str]) -> list[str]:

@@ -1,8 +1,8 @@
 """The run directory: the one place that knows what a training run writes and under which names.
 
 EDM's layout: OUTDIR/NNNNN-DESC/ with `training_options.json`, `log.txt`, `stats.jsonl` and, per kimg done,
-`network-snapshot-NNNNNN.pt` (EDM: `.pkl`), `training-state-NNNNNN.pt`; ours adds `profile-NNNNNN.json/.png` and
-`samples-NNNNNN.png`. NNNNNN grows a digit past 999,999 kimg, so files are ordered by number, never by name.
+`network-snapshot-NNNNNN.pt` (EDM: `.pkl`), `training-state-NNNNNN.pt`; ours adds `profile-NNNNNN.json/.png`,
+`samples-NNNNNN.png` and, with --ema-profiles, `phema-NNNNNN.pt` (post-hoc EMA profiles, training/phema.py). NNNNNN grows a digit past 999,999 kimg, so files are ordered by number, never by name.
 
 A run directory belongs to one process at a time: `lock` holds an exclusive lock for the life of the process, so a
 second launch (a requeued job while the first still runs) says who holds it and trains nothing.
@@ -23,7 +23,7 @@ OPTIONS = 'training_options.json'
 LOG = 'log.txt'
 STATS = 'stats.jsonl'
 LOCK = '.lock'
-KINDS = {'network-snapshot': 'pt', 'training-state': 'pt', 'profile': 'json', 'samples': 'png'}
+KINDS = {'network-snapshot': 'pt', 'training-state': 'pt', 'profile': 'json', 'samples': 'png', 'phema': 'pt'}
 
 
 def path(run_dir: str, kind: str, nimg: int, ext: str | None = None) -> str:

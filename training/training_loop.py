@@ -22,7 +22,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc, training_stats
-from training import checkpoint, live_log, sampling
+from training import checkpoint, live_log, phema, sampling
 from training import run_dir as rundir
 
 
@@ -108,6 +108,8 @@ def training_loop(
     total_kimg=200000,  # Training duration, measured in thousands of training images.
     ema_halflife_kimg=500,  # Half-life of the exponential moving average (EMA) of model weights.
     ema_rampup_ratio=0.05,  # EMA ramp-up coefficient, None = no ramp-up.
+    ema_profiles=None,  # Post-hoc EMA (EDM2): σ_rel of each power-function EMA profile to track, None = none.
+    ema_profile_every=None,  # How often to store those profiles (whole kimg), None = with each network snapshot.
     lr_rampup_kimg=10000,  # Learning rate ramp-up duration.
     loss_scaling=1,  # Loss scaling factor for reducing FP16 under/overflows.
     kimg_per_tick=50,  # Interval of progress prints.
@@ -185,6 +187,15 @@ def training_loop(
         cur_nimg = int(state['cur_nimg'])
         cur_tick, tick_start_nimg = int(state.get('cur_tick', 0)), int(state.get('tick_start_nimg', cur_nimg))
 
+    # Post-hoc EMA profiles, continued from the training state when it tracked the same σ_rel values.
+    profiles = phema.PowerFunctionEMA(net, ema_profiles) if ema_profiles else None
+    if profiles is not None and resume_state is not None:
+        if state.get('phema') is not None and state['phema']['sigma_rels'] == profiles.sigma_rels:
+            profiles.load_state_dict(state['phema'])
+        else:
+            dist.print0(f'The training state tracks no post-hoc EMA profiles of σ_rel {profiles.sigma_rels}: they '
+                        'start from the resumed weights, as if those had been the weights since the first step.')  # fmt: skip
+
     # Distribute and optionally compile the network that takes gradient steps.
     ddp = net
     if world > 1:
@@ -218,6 +229,18 @@ def training_loop(
                 network_kwargs=net_kwargs, noise_kwargs=noise_kwargs, loss_kwargs=loss_kwargs,
                 dataset_kwargs=dataset_kwargs, augment_kwargs=augment_kwargs, optimizer_kwargs=optimizer_kwargs,
                 seed=seed, cur_tick=cur_tick, tick_start_nimg=tick_start_nimg,
+                **({} if profiles is None else dict(phema=profiles.state_dict())),
+            )  # fmt: skip
+
+    def save_profiles() -> None:  # On every rank (the consistency check is collective); rank 0 writes.
+        for ema_copy in profiles.emas:
+            misc.check_ddp_consistency(ema_copy)
+        profile = noise_sampler.profile()
+        if rank == 0:
+            checkpoint.save_phema(
+                run_dir, cur_nimg, net_kwargs, profiles.profiles(), None if profile is None else profile.to_dict(),
+                loss_kwargs=loss_kwargs, noise_kwargs=noise_kwargs, augment_kwargs=augment_kwargs,
+                dataset_kwargs=dataset_kwargs,
             )  # fmt: skip
 
     while True:
@@ -255,10 +278,18 @@ def training_loop(
 
         # Update EMA.
         update_ema(ema, net, cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio)
+        if profiles is not None:
+            profiles.update(net, cur_nimg + batch_size, batch_size)  # Time t of Eq. 127: images seen after the step.
 
-        # Perform maintenance tasks once per tick.
+        # Store the post-hoc EMA profiles at every multiple of ema_profile_every, whatever the ticks.
         cur_nimg += batch_size
         done = cur_nimg >= total_kimg * 1000
+        if profiles is not None and ema_profile_every is not None:
+            every = ema_profile_every * 1000  # Whole kimg: one file per kimg name at most.
+            if done or cur_nimg // every > (cur_nimg - batch_size) // every:
+                save_profiles()
+
+        # Perform maintenance tasks once per tick.
         stop = stop_signals.poll() if stop_signals is not None else 0
         saved = False
         if done or cur_tick == 0 or cur_nimg >= tick_start_nimg + kimg_per_tick * 1000:
@@ -288,6 +319,8 @@ def training_loop(
                     if snapshot_grid:
                         grid_path = rundir.path(run_dir, 'samples', cur_nimg)
                         sampling.save_snapshot_grid(ema, snapshot_grid, grid_path, device, snapshot_grid_scale)
+                if profiles is not None and ema_profile_every is None:
+                    save_profiles()
 
             # Update logs before the state dump, so that a run stopped in between measures this tick again.
             training_stats.default_collector.update()
@@ -328,4 +361,5 @@ def training_loop(
         tensorboard_log.close()
     dist.print0()
     dist.print0('Exiting...')
-    return dnnlib.EasyDict(net=net, ema=ema, noise_sampler=noise_sampler, cur_nimg=cur_nimg, stopped=stop)
+    return dnnlib.EasyDict(net=net, ema=ema, noise_sampler=noise_sampler, cur_nimg=cur_nimg, stopped=stop,
+                           phema=profiles)  # fmt: skip
