@@ -349,8 +349,7 @@ def plot(all_runs: dict[str, dict[str, list[dict]]], path: str) -> None:
         d = DOMAINS[domain]
         edges = T_EDGES if d.kind == 'rf' else LN_SIGMA_EDGES
         for name, cells in runs.items():
-            i = SCHEDULES.index(name)
-            color, style = f'C{i % 10}', '-' if i < 10 else '--'
+            color, style = ('black', '-') if name == 'infonoise' else (f'C{SCHEDULES.index(name)}', '-')
             kimg = [float(k) for k in cells[0]['score']]
             curves = np.array([list(r['score'].values()) for r in cells])
             bands = np.array([bootstrap_ci(c)[1:] for c in curves.T]) if len(cells) > 1 else None
