@@ -335,9 +335,9 @@ def report(domain: str, runs: dict[str, list[dict]], kimg: float, references: di
     unit = 'FD-MNIST' if d.score == 'fd' else 'k-mer JS (mbit)'
     headers = ['rank', 'schedule', f'final {unit} [95 % CI]', f'ratio to {d.default}', f"kEx to {d.default}'s final",
                'ratio to infonoise', 'seeds']  # fmt: skip
-    return (
-        f'### {domain}, {kimg:g} kEx\n\n' + common.markdown_table(headers, rows) + '\n\n' + verdict(finals, d.default)
-    )
+    trivial = '; '.join(f'{name} {value:.3g}' for name, value in references.items())
+    return (f'### {domain}, {kimg:g} kEx\n\n' + common.markdown_table(headers, rows) + '\n\n'
+            + verdict(finals, d.default) + f'\n\nReferences at the same sample size: {trivial}.')  # fmt: skip
 
 
 def plot(all_runs: dict[str, dict[str, list[dict]]], path: str) -> None:

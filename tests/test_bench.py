@@ -355,6 +355,7 @@ def test_arena_quick(tmp_path):
         assert all_finite(record['density']) and min(record['density']) >= 0 and max(record['density']) > 0
     again = run_module('bench.arena', *args)
     assert '18 cells, 18 cached, 0 to train' in again and again.count('| rank |') == 5
+    assert again.count('References at the same sample size: ') == 5 and 'Markov chain, order 5' in again
 
 
 @pytest.mark.slow
