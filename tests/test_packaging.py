@@ -93,8 +93,9 @@ def test_wheel_metadata(wheel):
     assert 'numpy' in requires
     assert 'matplotlib>=3.6; extra == "plots"' in requires
     assert 'diffusers>=0.42.1; extra == "diffusers"' in requires
+    assert 'tensorboard>=2.20.0; extra == "tensorboard"' in requires
     assert not [r for r in requires if '==' in r.split(';')[0]], f'pinned requirements: {requires}'
-    assert meta.get_all('Provides-Extra') == ['plots', 'diffusers']
+    assert meta.get_all('Provides-Extra') == ['plots', 'diffusers', 'tensorboard']
 
 
 IMPORT_CHECK = """
