@@ -35,6 +35,7 @@ from infonoise.samplers import (
     LogUniform,
     NoiseSampler,
     VPSampler,
+    check_durations,
     check_int,
     check_number,
     check_observation,
@@ -132,19 +133,9 @@ class KingmaGao(NoiseSampler):
         warmup_steps: int | None = None,  # Warm-up in steps instead of warmup_kimg.
         callback: Callable[[KingmaGaoRefresh], None] | None = None,  # Called with every refresh check.
     ):
-        if (refresh_steps is None) != (warmup_steps is None):
-            raise ValueError('Give refresh_steps and warmup_steps together (durations in steps), or neither')
-        self.in_steps = refresh_steps is not None
-        if self.in_steps and (refresh_kimg is not None or warmup_kimg is not None):
-            raise ValueError('Give durations in images (refresh_kimg, warmup_kimg) or in steps, not both')
-        if self.in_steps:
-            self.refresh_every = check_int('refresh_steps', refresh_steps, 1)
-            self.warmup = check_int('warmup_steps', warmup_steps, 0)
-        else:
-            refresh = 50.0 if refresh_kimg is None else refresh_kimg
-            warmup = 0.0 if warmup_kimg is None else warmup_kimg
-            self.refresh_every = 1000 * check_number('refresh_kimg', refresh, 'a finite number > 0', lambda v: v > 0)
-            self.warmup = 1000 * check_number('warmup_kimg', warmup, 'a finite number >= 0', lambda v: v >= 0)
+        self.in_steps, self.refresh_every, self.warmup = check_durations(
+            refresh_kimg, warmup_kimg, refresh_steps, warmup_steps, default_warmup_kimg=0.0
+        )
         sigma_min, sigma_max = check_sigma_range(sigma_min, sigma_max)
         self.sigma_data = check_number('sigma_data', sigma_data, 'a finite number > 0', lambda v: v > 0)
         self.weight_fn = resolve_weight(weight, self.sigma_data)

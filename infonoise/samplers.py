@@ -51,6 +51,24 @@ def check_int(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
+def check_durations(
+    refresh_kimg: Any, warmup_kimg: Any, refresh_steps: Any, warmup_steps: Any, default_warmup_kimg: float
+) -> tuple[bool, float, float]:
+    """An adaptive sampler's refresh period and warm-up, given in thousands of images (refresh 50 kimg and
+    `default_warmup_kimg` when left None) or in steps, both or neither: (in_steps, refresh_every, warmup) in images
+    or in steps. ValueError for a mixture of the two or a value out of range."""
+    if (refresh_steps is None) != (warmup_steps is None):
+        raise ValueError('Give refresh_steps and warmup_steps together (durations in steps), or neither')
+    if refresh_steps is not None:
+        if refresh_kimg is not None or warmup_kimg is not None:
+            raise ValueError('Give durations in images (refresh_kimg, warmup_kimg) or in steps, not both')
+        return True, check_int('refresh_steps', refresh_steps, 1), check_int('warmup_steps', warmup_steps, 0)
+    refresh = 50.0 if refresh_kimg is None else refresh_kimg
+    warmup = default_warmup_kimg if warmup_kimg is None else warmup_kimg
+    return (False, 1000 * check_number('refresh_kimg', refresh, 'a finite number > 0', lambda v: v > 0),
+            1000 * check_number('warmup_kimg', warmup, 'a finite number >= 0', lambda v: v >= 0))  # fmt: skip
+
+
 def check_sigma_range(sigma_min: Any, sigma_max: Any) -> tuple[float, float]:
     """(sigma_min, sigma_max) as floats if 0 < sigma_min < sigma_max < inf; else ValueError naming both."""
     numbers_ok = all(not isinstance(v, bool) and isinstance(v, numbers.Real) for v in (sigma_min, sigma_max))
