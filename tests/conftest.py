@@ -107,3 +107,22 @@ def train_config(*args) -> dict:
     ctx = train.main.make_context('train.py', [str(a) for a in args])
     opts, given = train.options_of(ctx)
     return json.loads(json.dumps(train.setup_training_config(opts, given)))
+
+
+def assert_equal(a, b, where='state'):
+    """Bitwise equality of nested dicts/lists/tuples of tensors and plain values; the message names the first
+    difference's path (`where.key[i]`)."""
+    import torch  # Here, not at the top: torch must not load before OMP_NUM_THREADS is set above.
+
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_equal(a[key], b[key], f'{where}.{key}')
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal(x, y, f'{where}[{i}]')
+    else:
+        assert a == b, where

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_NET_ARGS, invoke, train_config
+from conftest import TINY_NET_ARGS, assert_equal, invoke, train_config
 
 from training import phema
 
@@ -143,19 +143,6 @@ def train_args(outdir, data, kimg, *extra):
     ]  # fmt: skip
 
 
-def assert_equal(a, b, where='file'):
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_equal(a[key], b[key], f'{where}.{key}')
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_equal(x, y, f'{where}[{i}]')
-    else:
-        assert a == b, where
 
 
 @pytest.fixture(scope='module')

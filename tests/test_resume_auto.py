@@ -14,7 +14,7 @@ import PIL.Image
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY_NET_ARGS
+from conftest import TINY_NET_ARGS, assert_equal
 
 import train
 from training.run_dir import state_nimg
@@ -62,21 +62,6 @@ def load_state(path):
     state = torch.load(path, map_location='cpu', weights_only=True)
     state.pop('dataset_kwargs', None)
     return state
-
-
-def assert_equal(a, b, where='state'):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_equal(a[key], b[key], f'{where}.{key}')
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_equal(x, y, f'{where}[{i}]')
-    else:
-        assert a == b, where
 
 
 def test_resume_auto_killed_twice_equals_uninterrupted(tmp_path, digits_zip):
