@@ -7,7 +7,7 @@ differ only by guidance; the FD of as many real images is printed as the floor. 
 table and the run record) and OUTDIR/guidance.png (FD-MNIST against w).
 
     python -m bench.guidance_sweep --final=runs/.../network-snapshot-000180.pt \\
-        --early=runs/.../network-snapshot-000030.pt --outdir=bench-results/guidance
+        --early=runs/.../network-snapshot-000030.pt --outdir=bench-out/guidance
 """
 
 import os
@@ -71,7 +71,7 @@ def plot(path: str, weights: list[float], scores: list[float], floor: float, lab
     '--outdir',
     help='Where to write results.json and .png',
     metavar='DIR',
-    default=os.path.join('bench-results', 'guidance'),
+    default=os.path.join('bench-out', 'guidance'),
     show_default=True,
 )
 @click.option(
