@@ -65,8 +65,9 @@ class LaplaceLogSNR(NoiseSampler):
     & Guo, "Improved Noise Schedule for Diffusion Training", ICCV 2025, arXiv 2407.03297, Sec. 2: the Laplace p(λ)).
 
     It puts the draws around λ = μ (σ = e^(−μ/2); μ = 0 is SNR = 1, where signal and noise trade places) with
-    exponential tails. Defaults μ = 0, b = 0.5, not checked against the paper's tables (they could not be read when
-    this was written); pass the values you trust.
+    exponential tails. Defaults μ = 0, b = 0.5: the defaults of public implementations of the schedule (λ(t) =
+    μ − b·sign(½ − t)·ln(1 − 2|½ − t|) for uniform t, the inverse CDF of this law), not read off the paper itself,
+    which could not be read offline; pass other values if your reference differs.
     Exact in both directions: σ falls as λ rises, so P(σ' <= σ) = 1 − F_λ(−2 ln σ) and σ(u) = exp(−F_λ⁻¹(1 − u)/2).
     """
 
