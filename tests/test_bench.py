@@ -378,9 +378,9 @@ def test_phema_sweep_quick(tmp_path):
     ones exactly (kernel residual 0), next to the classic EMA snapshot (about 20 s)."""
     out = run_module('bench.phema_sweep', f'--outdir={tmp_path / "out"}', f'--data={tmp_path / "mnist.zip"}')
     assert '| σ_rel | γ | kernel residual | FD-MNIST |' in out and '| 0.05 (tracked) |' in out
-    results = load_results(tmp_path / 'out')
-    assert [r['sigma_rel'] for r in results['rows']] == [0.05, 0.1, 0.2] and results['kimg'] == 1
-    assert [r['tracked'] for r in results['rows']] == [True, True, False]
-    assert results['rows'][0]['residual'] < 1e-6 and 0 < results['rows'][2]['residual'] < 1
-    assert all_finite([r['fd'] for r in results['rows']] + [results['classic_ema']])
-    assert os.path.isfile(results['plot'])
+    (run,) = load_results(tmp_path / 'out')['runs']
+    assert [r['sigma_rel'] for r in run['rows']] == [0.05, 0.1, 0.2] and run['kimg'] == 1
+    assert [r['tracked'] for r in run['rows']] == [True, True, False]
+    assert run['rows'][0]['residual'] < 1e-6 and 0 < run['rows'][2]['residual'] < 1
+    assert all_finite([r['fd'] for r in run['rows']] + [run['classic_ema']])
+    assert os.path.isfile(load_results(tmp_path / 'out')['plot'])
