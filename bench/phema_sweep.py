@@ -23,6 +23,7 @@ import time
 import click
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 import dnnlib
 from bench.common import (
@@ -74,8 +75,12 @@ def plot(runs: list[dict], floor: float, path: str) -> None:
         if run['classic_ema'] is not None:
             ax.axhline(run['classic_ema'], color=color, ls='--', lw=1, label=f'{run["label"]}: classic EMA snapshot')
     ax.axhline(floor, color='0.5', linestyle=':', label='real digits (floor)')
-    ax.set(xscale='log', yscale='log', xlabel='σ_rel (open squares: tracked)', ylabel='FD-MNIST',
-           title='Post-hoc EMA sweep')  # fmt: skip
+    ax.set(xscale='log', xlabel='σ_rel (open squares: tracked)', ylabel='FD-MNIST', title='Post-hoc EMA sweep')
+    ax.set_ylim(bottom=0)
+    ax.set_xticks(sorted({r['sigma_rel'] for run in runs for r in run['rows']}))
+    ax.xaxis.set_major_formatter(ScalarFormatter())  # Plain numbers, no crowded minor labels.
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.tick_params(axis='x', labelsize=7)
     ax.grid(alpha=0.3, which='both')
     ax.legend(fontsize=7)
     fig.tight_layout()
