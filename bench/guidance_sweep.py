@@ -53,7 +53,8 @@ def plot(path: str, weights: list[float], scores: list[float], floor: float, lab
     ax.plot(weights, scores, 'o-', label=label)
     ax.axhline(floor, color='gray', linestyle='--', label='real images (floor)')
     ax.set(xlabel='guidance weight w', ylabel='FD-MNIST', title='Autoguidance by an early snapshot')
-    ax.legend()
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8, loc='lower right')
     FigureCanvasAgg(fig).print_png(path)
 
 
@@ -128,7 +129,13 @@ def main(**opts):
     )
     click.echo(table)
     png = os.path.join(opts['outdir'], 'guidance.png')
-    plot(png, [r['guidance'] for r in rows], [r['fd'] for r in rows], floor, os.path.basename(opts['final']))
+    plot(
+        png,
+        [r['guidance'] for r in rows],
+        [r['fd'] for r in rows],
+        floor,
+        f'{os.path.basename(opts["final"])} guided by {os.path.basename(opts["early"])}',
+    )
     settings = {k: opts[k] for k in ('final', 'early', 'data', 'weights', 'num', 'steps')}
     write_json(os.path.join(opts['outdir'], 'results.json'), dict(
         settings=settings, rows=rows, real_floor=floor, table=table, plot=png,
