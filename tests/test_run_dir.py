@@ -99,7 +99,14 @@ def test_signal_saves_a_state_and_the_relaunch_ends_equal(tmp_path, digits_zip, 
         assert_equal(torch.load(path, weights_only=True)['ema'],
                      torch.load(run_dir.path(directory, 'network-snapshot', kimg * 1000), weights_only=True)['ema'])  # fmt: skip
     assert ticks(directory) == ticks(straight)
-    assert [json.loads(line)['Progress/tick']['mean'] for line in open(directory / run_dir.STATS)] == [0, 1, 2]
+    lines = [json.loads(line) for line in open(directory / run_dir.STATS)]
+    assert [line['Progress/tick']['mean'] for line in lines] == [0, 1, 2]
+    # Each tick's speed counts the images its launch trained: the resumed tick only those after the stop.
+    ends = [round(line['Progress/kimg']['mean'] * 1000) for line in lines]
+    for start, end, line in zip([0, *ends], ends, lines):
+        trained = end - (stopped if start <= stopped < end else start)
+        timed = line['Timing/img_per_sec']['mean'] * line['Timing/sec_per_tick']['mean']
+        assert timed == pytest.approx(max(trained, 1), rel=1e-6), (start, end, stopped)
 
 
 def test_finished_run_relaunched_changes_no_byte(tmp_path, digits_zip, straight):

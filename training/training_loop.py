@@ -186,6 +186,7 @@ def training_loop(
         state = checkpoint.restore(resume_state, net_kwargs, noise_kwargs, net, ema, optimizer, noise_sampler)
         cur_nimg = int(state['cur_nimg'])
         cur_tick, tick_start_nimg = int(state.get('cur_tick', 0)), int(state.get('tick_start_nimg', cur_nimg))
+    timed_from_nimg = cur_nimg  # A tick's speed counts the images this launch trained in it (a resumed tick: fewer).
 
     # Post-hoc EMA profiles, continued from the training state when it tracked the same σ_rel values.
     profiles = phema.PowerFunctionEMA(net, ema_profiles) if ema_profiles else None
@@ -297,7 +298,7 @@ def training_loop(
             tick_end_time = time.time()
             tick_loss.update()
             timing = dict(total_sec=tick_end_time - start_time, tick_sec=tick_end_time - tick_start_time,
-                          tick_nimg=max(cur_nimg - tick_start_nimg, 1), maintenance_sec=maintenance_time,
+                          tick_nimg=max(cur_nimg - timed_from_nimg, 1), maintenance_sec=maintenance_time,
                           first=first_tick)  # fmt: skip
             dist.print0(status_line(cur_tick, cur_nimg, total_kimg * 1000, timing, tick_loss.mean('Loss/loss'),
                                     noise_sampler.summary(), device))  # fmt: skip
@@ -337,7 +338,7 @@ def training_loop(
             # Update state, then save a full dump of it.
             dump = state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0
             cur_tick += 1
-            tick_start_nimg = cur_nimg
+            tick_start_nimg = timed_from_nimg = cur_nimg
             if dump:
                 misc.check_ddp_consistency(net)
                 save_state()
