@@ -143,8 +143,6 @@ def train_args(outdir, data, kimg, *extra):
     ]  # fmt: skip
 
 
-
-
 @pytest.fixture(scope='module')
 def phema_runs(tmp_path_factory, digits_zip):
     """A 3-kimg run straight through, and the same run stopped by SIGTERM after its first stored profiles (mid-tick)
